@@ -1,0 +1,3 @@
+from deconcnn_cli.cli import main
+
+main()

@@ -1,0 +1,37 @@
+"""Typer root: wires the subcommands and renders errors. No logic lives here."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from deconcnn_cli.commands import train as train_cmd
+from deconcnn_cli.errors import DeconError
+
+app = typer.Typer(
+    name="decon",
+    help="Run a training-dynamics experiment: train, sweep, monitor, verify, export.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.command("train", no_args_is_help=False)(train_cmd.train)
+
+
+@app.callback()
+def _root() -> None:
+    """decon: one command from a sweep definition to a clean dataset."""
+
+
+def render_error(exc: DeconError) -> None:
+    typer.echo(f"error: {exc.message}", err=True)
+    if exc.hint:
+        typer.echo(f"hint: {exc.hint}", err=True)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except DeconError as exc:  # raised outside a command's own handler
+        render_error(exc)
+        sys.exit(exc.exit_code)

@@ -1,0 +1,49 @@
+"""Reusable option aliases and completions shared by the commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from deconcnn_cli.config import profile_names, variant_names
+
+
+def complete_variant(incomplete: str) -> list[str]:
+    return [v for v in variant_names() if v.startswith(incomplete)]
+
+
+def complete_profile(incomplete: str) -> list[str]:
+    return [p for p in profile_names() if p.startswith(incomplete)]
+
+
+VariantOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--variant",
+        "-v",
+        help="loss_lin_slope variant profile (base, bn_off, ...).",
+        autocompletion=complete_variant,
+    ),
+]
+ProfileOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--profile",
+        "-p",
+        help="Extra profile (name in profiles/ or a .toml path), "
+        "layered in order after the variant.",
+        autocompletion=complete_profile,
+    ),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override any field: --set optim.lr=0.05 (TOML value)."),
+]
+RootOpt = Annotated[
+    Path, typer.Option("--root", help="Folder holding run directories (one per run_id).")
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bar (batch jobs): one line per event.")
+]

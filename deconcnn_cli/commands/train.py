@@ -1,0 +1,174 @@
+"""``decon train``: one run of the protocol; parse -> library -> render."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as RichProgress
+
+from deconcnn_cli.commands.options import ProfileOpt, QuietOpt, RootOpt, SetOpt, VariantOpt
+from deconcnn_cli.config import RunConfig, load_run_config, load_saved_config, run_id
+from deconcnn_cli.errors import DeconError, RunDirError
+from deconcnn_cli.training.metrics import TERMINAL_STATES, read_json
+from deconcnn_cli.training.rundir import CONFIG_FILE, prepare_run_dir, run_lock
+
+
+def _flags(**values: Any) -> dict[str, Any]:
+    """Dedicated flags -> a nested config layer (only the flags the user gave)."""
+    paths = {
+        "lr": ("optim", "lr"),
+        "wd": ("optim", "weight_decay"),
+        "seed": ("seed",),
+        "epochs": ("schedule", "epochs"),
+        "dataset": ("data", "dataset"),
+        "data_dir": ("data", "data_dir"),
+        "download": ("data", "download"),
+        "batch_size": ("data", "batch_size"),
+        "device": ("device",),
+        "precision": ("precision",),
+    }
+    layer: dict[str, Any] = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        *parents, leaf = paths[name]
+        node = layer
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = str(value) if isinstance(value, Path) else value
+    return layer
+
+
+def resolve_config(
+    variant: str | None,
+    profile: list[str] | None,
+    set_: list[str] | None,
+    run_dir: Path | None,
+    flags: dict[str, Any],
+) -> RunConfig:
+    if run_dir is not None and (run_dir / CONFIG_FILE).exists() and not (variant or profile):
+        # resume an existing run: its saved config is the base; flags may only re-state it
+        saved = load_saved_config(run_dir / CONFIG_FILE)
+        base = saved.model_dump(mode="json", exclude_none=True)
+        from deconcnn_cli.config import build_config, parse_override
+
+        layers = [(str(run_dir / CONFIG_FILE), base)]
+        layers += [(f"--set {t}", parse_override(t)) for t in set_ or []]
+        if flags:
+            layers.append(("command-line flags", flags))
+        return build_config(layers)
+    if run_dir is not None and not (variant or profile):
+        raise RunDirError(f"{run_dir} has no {CONFIG_FILE}", "give --variant to start a new run")
+    return load_run_config(
+        variant=variant if (variant or profile) else "base",
+        profiles=profile,
+        overrides=set_,
+        flags=flags,
+    )
+
+
+def train(
+    variant: VariantOpt = None,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (optim.lr).")] = None,
+    wd: Annotated[float | None, typer.Option(help="Weight decay (optim.weight_decay).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Run seed (the only randomness).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="schedule.epochs.")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="cifar10 | cifar100 | digits (offline, bundled).")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where CIFAR lives.")] = None,
+    download: Annotated[
+        bool | None, typer.Option("--download/--no-download", help="Download CIFAR if missing.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="data.batch_size.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda[:N].")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto | fp32 | fp16 | bf16.")] = None,
+    root: RootOpt = Path("runs"),
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="Exact run directory (resume one).")
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop (checkpointed, resumable) after this many steps.")
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train one run (or resume it from its newest valid checkpoint)."""
+    console = Console(stderr=True)
+    try:
+        flags = _flags(
+            lr=lr,
+            wd=wd,
+            seed=seed,
+            epochs=epochs,
+            dataset=dataset,
+            data_dir=data_dir,
+            download=download,
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+        )
+        cfg = resolve_config(variant, profile, set_, run_dir, flags)
+        target = run_dir if run_dir is not None else root / run_id(cfg)
+        status = read_json(target / "status.json") or {}
+        if status.get("state") in TERMINAL_STATES:
+            typer.echo(f"{target}: already {status['state']} at step {status.get('step')}")
+            return
+        prepare_run_dir(cfg, target)
+        with run_lock(target):
+            result = _run(cfg, target, console, quiet, max_steps)
+    except DeconError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        if exc.hint:
+            typer.echo(f"hint: {exc.hint}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    typer.echo(
+        f"{result.state}: {target} (step {result.steps_done}) {result.reason or ''}".rstrip()
+    )
+    if result.state == "interrupted":
+        code = 128 + result.signal_number if result.signal_number else 3
+        sys.stdout.flush()
+        raise typer.Exit(code)
+
+
+def _run(cfg: RunConfig, target: Path, console: Console, quiet: bool, max_steps: int | None):
+    from deconcnn_cli.training.loop import Progress, train_run
+
+    if quiet:
+        typer.echo(f"training {target}")
+        return train_run(cfg, target, stop_after_steps=max_steps)
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("epoch {task.fields[epoch]:.2f} loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[rate]:.1f} step/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with RichProgress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(target.name, total=None, epoch=0.0, loss=float("nan"), rate=0.0)
+
+        def on_progress(p: Progress) -> None:
+            bar.update(
+                task,
+                completed=p.step,
+                total=p.total_steps,
+                epoch=p.epoch,
+                loss=p.loss_train_nats,
+                rate=p.steps_per_s,
+            )
+
+        return train_run(cfg, target, on_progress=on_progress, stop_after_steps=max_steps)

@@ -1,0 +1,22 @@
+"""Typed errors. Library code raises these; only the CLI edge prints them."""
+
+from __future__ import annotations
+
+
+class DeconError(Exception):
+    """An error the user can act on: a message and a hint saying what to do next."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class ConfigError(DeconError):
+    """A profile, override or flag that does not make a valid run config."""
+
+
+class RunDirError(DeconError):
+    """A run directory that is missing, foreign or unreadable."""

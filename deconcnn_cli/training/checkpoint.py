@@ -1,0 +1,101 @@
+"""Checkpoints: atomic, checksummed, the last two kept; loading falls back past corrupt ones.
+
+``checkpoints/ckpt_<step:09d>.pt`` holds everything a resume needs (model, optimizer,
+scheduler, scaler, the next step, RNG states, the analysis warm-start state and the resolved
+config); ``ckpt_<step:09d>.sha256`` beside it is written after the checkpoint itself, so a
+checkpoint without a matching checksum is never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deconcnn_cli.training.metrics import atomic_write_bytes
+
+KEEP_LAST = 2
+_NAME = re.compile(r"^ckpt_(\d{9})\.pt$")
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(next_step, path) pairs, newest first."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch_cpu": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch_cpu"])
+    if "torch_cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch_cuda"])
+
+
+def save_checkpoint(run_dir: Path, next_step: int, state: dict[str, Any]) -> Path:
+    """Write ``state`` for resuming at ``next_step``; prune to the last ``KEEP_LAST``."""
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save({**state, "next_step": next_step, "rng": rng_states()}, buf)
+    data = buf.getvalue()
+    path = folder / f"ckpt_{next_step:09d}.pt"
+    atomic_write_bytes(path, data)
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_write_bytes(path.with_suffix(".sha256"), f"{digest}  {path.name}\n".encode())
+    for _, old in list_checkpoints(run_dir)[KEEP_LAST:]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".sha256").unlink(missing_ok=True)
+    return path
+
+
+def _verified_bytes(path: Path) -> bytes | None:
+    try:
+        data = path.read_bytes()
+        expected = path.with_suffix(".sha256").read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+    return data if hashlib.sha256(data).hexdigest() == expected else None
+
+
+def load_latest_checkpoint(
+    run_dir: Path, map_location: torch.device | str = "cpu"
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """The newest checkpoint whose checksum verifies and that loads, plus notes on skipped ones."""
+    skipped: list[str] = []
+    for _, path in list_checkpoints(run_dir):
+        data = _verified_bytes(path)
+        if data is None:
+            skipped.append(f"{path.name}: missing or mismatched checksum")
+            continue
+        try:
+            state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+        except Exception as exc:  # a corrupt pickle: fall back to the previous checkpoint
+            skipped.append(f"{path.name}: unreadable ({exc})")
+            continue
+        return state, skipped
+    return None, skipped

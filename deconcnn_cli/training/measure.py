@@ -1,0 +1,202 @@
+"""Glue between the loop and the pure analysis core: inputs on the cadences, rows out.
+
+Every random draw here (probe batch, Hutchinson probes, noise batches) comes from a generator
+seeded by ``(seed, stream, step)``, so metrics are reproducible and a resume replays them.
+A metric that fails is logged as NaN with a reason; it never stops training.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from deconcnn_cli.analysis import hessian, noise, powerlaw, spectral
+from deconcnn_cli.config import RunConfig
+from deconcnn_cli.training.data import (
+    DataSplits,
+    augment_batch,
+    derive_seed,
+    normalize,
+)
+from deconcnn_cli.training.metrics import RunWriter, atomic_write_json, read_stream
+
+NAN = float("nan")
+
+
+def probe_batch(splits: DataSplits, cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed curvature probe batch: ``n_probe`` training images, no augmentation."""
+    n = min(cfg.analysis.n_probe, splits.n_train)
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "probe", 0))
+    rows = torch.randperm(splits.n_train, generator=gen)[:n].sort().values.to(splits.train_x.device)
+    return normalize(splits.train_x[rows], splits.mean, splits.std), splits.train_y[rows]
+
+
+def curvature_row(
+    model: torch.nn.Module,
+    probe: tuple[torch.Tensor, torch.Tensor],
+    cfg: RunConfig,
+    step: int,
+    state: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    x, y = probe
+    gen = torch.Generator(device=x.device).manual_seed(derive_seed(cfg.seed, "hutchinson", step))
+    res = hessian.evaluate_curvature(
+        model,
+        x,
+        y,
+        chunk_size=cfg.data.batch_size,
+        n_probes=cfg.analysis.hutchinson_probes,
+        generator=gen,
+        v0=state.get("eigenvector"),
+        tol=cfg.analysis.lanczos_tol,
+        max_hvp=cfg.analysis.lanczos_max_hvp,
+    )
+    row = {
+        "step": step,
+        "lambda_max": res.lambda_max,
+        "hutch_trace": res.hutch_trace,
+        "hutch_trace_sem": res.hutch_trace_sem,
+        "n_hvp": res.n_hvp,
+        "_warnings": [f"curvature: {res.reason}"] if res.reason else [],
+    }
+    vector = res.eigenvector if res.eigenvector is not None else state.get("eigenvector")
+    return row, {**state, "eigenvector": vector}
+
+
+def noise_batches(
+    splits: DataSplits, cfg: RunConfig, step: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``noise_k`` independent training-size batches, augmented as training batches are."""
+    device = splits.train_x.device
+    b = min(cfg.data.batch_size, splits.n_train)
+    out = []
+    for i in range(cfg.analysis.noise_k):
+        seed = derive_seed(cfg.seed, f"noise{i}", step)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        rows = torch.randperm(splits.n_train, generator=gen, device=device)[:b]
+        x = splits.train_x[rows]
+        if cfg.data.augmentation == "crop_flip":
+            x = augment_batch(x, gen, out_size=cfg.data.image_size)
+        out.append((normalize(x, splits.mean, splits.std), splits.train_y[rows]))
+    return out
+
+
+def noise_row(
+    model: torch.nn.Module,
+    splits: DataSplits,
+    cfg: RunConfig,
+    step: int,
+    losses: list[float],
+    spe: int,
+) -> dict[str, Any]:
+    res = noise.gradient_noise(model, noise_batches(splits, cfg, step))
+    tail = np.asarray(losses[-2 * spe :], dtype=np.float64)
+    window = _smooth_window(spe)
+    if len(tail) > window and np.all(np.isfinite(tail)) and np.all(tail > 0):
+        r = spectral.log_residuals(tail, window)
+        rp, slope = spectral.residual_power(tail, window=window), spectral.psd_tail(r)
+    else:
+        rp, slope = NAN, NAN
+    return {
+        "step": step,
+        "grad_noise_trace": res.grad_noise_trace,
+        "gradient_variance": res.gradient_variance,
+        "grad_norm_sq_unbiased": res.grad_norm_sq_unbiased,
+        "grad_noise_scale": res.grad_noise_scale,
+        "residual_power": rp,
+        "psd_tail": slope,
+    }
+
+
+def _smooth_window(spe: int) -> int:
+    """Centred smoother / burn-in window: about a quarter epoch, odd, at least 3 steps."""
+    w = max(3, spe // 4)
+    return w if w % 2 else w + 1
+
+
+def shape_row(losses: list[float], cfg: RunConfig, spe: int) -> dict[str, Any]:
+    """Loss-curve shape so far: burn-in, alpha_early, alpha_full (+ offset form)."""
+    steps = np.arange(len(losses))
+    loss = np.asarray(losses, dtype=np.float64)
+    burn = powerlaw.burn_in_step(
+        steps, loss, window_steps=_smooth_window(spe), threshold=cfg.analysis.burn_in_ce_nats
+    )
+    early = powerlaw.alpha_early(
+        steps, loss, steps_per_epoch=spe, epoch_window=cfg.analysis.alpha_early_epochs
+    )
+    full = powerlaw.alpha_full(steps, loss, burn_in=burn)
+    offset = None
+    if full is not None:
+        keep = steps >= burn
+        try:
+            offset = powerlaw.fit_power_law_offset(steps[keep] + 1.0, loss[keep])
+        except ValueError:
+            offset = None
+    return {
+        "burn_in_step": burn,
+        "alpha_early": early.exponent if early else NAN,
+        "alpha_early_r2": early.r2 if early else NAN,
+        "alpha_full": full.exponent if full else NAN,
+        "power_law_r2": full.r2 if full else NAN,
+        "power_law_rmse": full.rmse if full else NAN,
+        "offset_alpha": offset.exponent if offset else NAN,
+        "offset_c": offset.offset if offset else NAN,
+        "offset_r2": offset.r2 if offset else NAN,
+    }
+
+
+def read_step_losses(writer: RunWriter) -> list[float]:
+    """Per-step train losses already on disk (after a resume's truncation)."""
+    return [float(r["loss_train_nats"]) for r in read_stream(writer.streams["step"].path)]
+
+
+def _last(rows: list[dict[str, str]], key: str) -> float | None:
+    for row in reversed(rows):
+        if row.get(key) not in (None, ""):
+            return float(row[key])
+    return None
+
+
+def write_summary(
+    writer: RunWriter, cfg: RunConfig, state: str, steps_done: int, spe: int, losses: list[float]
+) -> dict[str, Any]:
+    """``summary.json``: the run's final numbers, from its streams."""
+    val = read_stream(writer.streams["val"].path)
+    shape = read_stream(writer.streams["shape"].path)
+    best_ce, best_epoch = None, None
+    finite = [(float(r["loss_val_nats"]), float(r["epoch"])) for r in val]
+    finite = [(c, e) for c, e in finite if math.isfinite(c)]
+    if finite:
+        best_ce, best_epoch = min(finite)
+    knee_epoch = None
+    loss = np.asarray(losses, dtype=np.float64)
+    if len(loss) >= 16 and np.all(np.isfinite(loss)) and np.all(loss > 0):
+        knee = powerlaw.find_knee(np.arange(1, len(loss) + 1, dtype=np.float64), loss)
+        if knee is not None and knee.breakpoint_t is not None:
+            knee_epoch = knee.breakpoint_t / spe
+    summary = {
+        "state": state,
+        "steps_done": steps_done,
+        "epochs_done": steps_done / spe,
+        "final_loss_train_nats": losses[-1] if losses else None,
+        "final_loss_val_nats": float(val[-1]["loss_val_nats"]) if val else None,
+        "final_acc_val": float(val[-1]["acc_val"]) if val else None,
+        "best_val_ce": best_ce,
+        "best_val_epoch": best_epoch,
+        "knee_epoch": knee_epoch,
+        "alpha_early": _last(shape, "alpha_early"),
+        "alpha_full": _last(shape, "alpha_full"),
+        "power_law_r2": _last(shape, "power_law_r2"),
+        "burn_in_step": _last(shape, "burn_in_step"),
+        "precision": writer.status.get("precision"),
+        "attempts": writer.status.get("attempt"),
+    }
+    summary = {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+        for k, v in summary.items()
+    }
+    atomic_write_json(writer.run_dir / "summary.json", summary)
+    return summary

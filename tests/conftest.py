@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny CPU runs of the real CLI and loop."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A run small enough for CPU tests: smoke profile (digits, width 1/8, 3 epochs) at 8x8 pixels.
+TINY = ["-p", "smoke", "--set", "data.image_size=8", "--quiet"]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m deconcnn_cli ...`` in a real subprocess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "deconcnn_cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        env=env,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def tiny_args() -> list[str]:
+    return list(TINY)
