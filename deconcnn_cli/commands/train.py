@@ -20,8 +20,15 @@ from rich.progress import Progress as RichProgress
 from deconcnn_cli.commands.options import ProfileOpt, QuietOpt, RootOpt, SetOpt, VariantOpt
 from deconcnn_cli.config import RunConfig, load_run_config, load_saved_config, run_id
 from deconcnn_cli.errors import DeconError, RunDirError
+from deconcnn_cli.training.data import check_available
 from deconcnn_cli.training.metrics import TERMINAL_STATES, read_json
-from deconcnn_cli.training.rundir import CONFIG_FILE, prepare_run_dir, run_lock
+from deconcnn_cli.training.rundir import (
+    CONFIG_FILE,
+    prepare_run_dir,
+    resolve_device,
+    resolve_precision,
+    run_lock,
+)
 
 
 def _flags(**values: Any) -> dict[str, Any]:
@@ -126,6 +133,8 @@ def train(
         if status.get("state") in TERMINAL_STATES:
             typer.echo(f"{target}: already {status['state']} at step {status.get('step')}")
             return
+        check_available(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download)
+        resolve_precision(cfg.precision, resolve_device(cfg.device))  # fail before writing
         prepare_run_dir(cfg, target)
         with run_lock(target):
             result = _run(cfg, target, console, quiet, max_steps)

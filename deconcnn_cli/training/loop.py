@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from deconcnn_cli.training.models import build_model
 from deconcnn_cli.training.rundir import Precision, resolve_device, resolve_precision
 
 LN2 = math.log(2.0)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,9 @@ def train_run(
         writer.status["last_checkpoint_step"] = next_step
 
     stop_signal: list[int] = []
-    previous = {s: signal.signal(s, lambda n, _f: stop_signal.append(n)) for s in STOP_SIGNALS}
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, lambda n, _f: stop_signal.append(n)) for s in STOP_SIGNALS}
 
     buf_loss = torch.zeros(cad.flush_every_steps, device=device)
     buf_correct = torch.zeros(cad.flush_every_steps, device=device)
@@ -317,10 +320,23 @@ def train_run(
             if epoch_end:
                 done_epochs = epoch + 1
                 if cad.noise_every_epochs and done_epochs % cad.noise_every_epochs == 0:
-                    row = measure.noise_row(model, splits, cfg, step, losses, spe)
+                    row = measure.guarded(
+                        writer,
+                        "noise",
+                        step,
+                        measure.noise_row,
+                        model,
+                        splits,
+                        cfg,
+                        step,
+                        losses,
+                        spe,
+                    )
                     writer.streams["noise"].append([{**row, "epoch": done_epochs}])
                 if cad.shape_every_epochs and done_epochs % cad.shape_every_epochs == 0:
-                    row = measure.shape_row(losses, cfg, spe)
+                    row = measure.guarded(
+                        writer, "shape", step, measure.shape_row, losses, cfg, spe
+                    )
                     writer.streams["shape"].append([{**row, "step": step, "epoch": done_epochs}])
                 if done_epochs % cad.checkpoint_every_epochs == 0 or step == total_steps - 1:
                     checkpoint(step + 1)

@@ -8,6 +8,7 @@ A metric that fails is logged as NaN with a reason; it never stops training.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,9 +22,22 @@ from deconcnn_cli.training.data import (
     derive_seed,
     normalize,
 )
-from deconcnn_cli.training.metrics import RunWriter, atomic_write_json, read_stream
+from deconcnn_cli.training.metrics import STREAMS, RunWriter, atomic_write_json, read_stream
 
 NAN = float("nan")
+
+
+def guarded(
+    writer: RunWriter, stream: str, step: int, fn: Callable[..., dict[str, Any]], *args: Any
+) -> dict[str, Any]:
+    """``fn(*args)``, or a row of NaN plus a warning event if it raises: never stops training."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # a metric's failure is data, not a crash
+        writer.log_event(
+            "warning", f"{stream} metrics failed: {type(exc).__name__}: {exc}", step=step
+        )
+        return {c: NAN for c in STREAMS[stream] if c not in ("step", "epoch")} | {"step": step}
 
 
 def probe_batch(splits: DataSplits, cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,34 @@
+# Two entry points (see README): `make demo` and `make test`. Both create .venv themselves.
+PYTHON ?= python3
+VENV   ?= .venv
+# Exact torch pins for this machine kind (they install from local disk); the package itself
+# accepts a range (pyproject.toml). Override on other machines: make demo TORCH_PINS="torch".
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+BIN = $(VENV)/bin
+
+.PHONY: demo test install install-dev lint bench clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q $(TORCH_PINS)
+	$(BIN)/pip install -q -e .
+
+install-dev: $(BIN)/python
+	$(BIN)/pip install -q $(TORCH_PINS)
+	$(BIN)/pip install -q -e '.[dev]'
+
+# The main job on its embedded default: a short run on the offline digits dataset.
+demo: install
+	$(BIN)/decon train --variant base --profile smoke --root runs/demo
+
+test: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q
+
+bench: install-dev
+	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_augment.py

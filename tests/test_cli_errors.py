@@ -1,0 +1,71 @@
+"""Bad input: `error: ...` naming file and field, a hint, exit 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from deconcnn_cli.cli import app
+from tests.conftest import run_cli
+
+
+def _assert_clean_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert err.startswith("error: ") and "hint: " in err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err
+
+
+@pytest.mark.parametrize(
+    ("profile_text", "needles"),
+    [
+        ("[model]\nwidht_mult = 2.0\n", ["model.widht_mult", "valid keys"]),
+        ('[optim]\nlr = "fast"\n', ["optim.lr"]),
+        ("[optim]\nlr = -0.1\n", ["optim.lr", "greater than 0"]),
+        ("[model\n", ["malformed TOML"]),
+    ],
+)
+def test_bad_profile(tmp_path: Path, profile_text: str, needles: list[str]):
+    prof = tmp_path / "p.toml"
+    prof.write_text(profile_text)
+    root = tmp_path / "runs"
+    proc = run_cli("train", "-v", "base", "-p", str(prof), "--root", str(root))
+    _assert_clean_error(proc.returncode, proc.stderr, str(prof), *needles)
+    assert not root.exists()  # nothing written
+
+
+def test_negative_lr_flag_missing_file_unknown_variant(tmp_path: Path):
+    runner = CliRunner()
+    root = tmp_path / "runs"
+    res = runner.invoke(app, ["train", "-v", "base", "--lr", "-1", "--root", str(root)])
+    _assert_clean_error(res.exit_code, res.stderr, "optim.lr", "command-line flags")
+    res = runner.invoke(app, ["train", "-p", str(tmp_path / "nope.toml"), "--root", str(root)])
+    _assert_clean_error(res.exit_code, res.stderr, "nope.toml", "not found")
+    res = runner.invoke(app, ["train", "-v", "wide", "--root", str(root)])
+    _assert_clean_error(res.exit_code, res.stderr, "unknown variant", "bn_off")
+    res = runner.invoke(app, ["train", "--set", "optim.lr", "--root", str(root)])
+    _assert_clean_error(res.exit_code, res.stderr, "bad override")
+    assert not root.exists()
+
+
+def test_missing_cifar_data_is_a_clean_error(tmp_path: Path):
+    root = tmp_path / "runs"
+    res = CliRunner().invoke(
+        app, ["train", "-v", "base", "--data-dir", str(tmp_path / "nodata"), "--root", str(root)]
+    )
+    _assert_clean_error(res.exit_code, res.stderr, "nodata", "--download")
+
+
+def test_run_dir_without_config(tmp_path: Path):
+    res = CliRunner().invoke(app, ["train", "--run-dir", str(tmp_path / "empty")])
+    _assert_clean_error(res.exit_code, res.stderr, "config.json")
+
+
+def test_help_everywhere():
+    runner = CliRunner()
+    assert "train" in runner.invoke(app, ["--help"]).stdout
+    out = runner.invoke(app, ["train", "--help"]).stdout
+    assert "--variant" in out and "--set" in out
