@@ -107,9 +107,10 @@ def noise_row(
     spe: int,
 ) -> dict[str, Any]:
     res = noise.gradient_noise(model, noise_batches(splits, cfg, step))
-    tail = np.asarray(losses[-2 * spe :], dtype=np.float64)
     window = _smooth_window(spe)
-    if len(tail) > window and np.all(np.isfinite(tail)) and np.all(tail > 0):
+    # 2 epochs of residuals: the smoother trims window // 2 samples at each end
+    tail = np.asarray(losses[-(2 * spe + 2 * (window // 2)) :], dtype=np.float64)
+    if len(tail) > window + 1 and np.all(np.isfinite(tail)) and np.all(tail > 0):
         r = spectral.log_residuals(tail, window)
         rp, slope = spectral.residual_power(tail, window=window), spectral.psd_tail(r)
     else:
@@ -186,11 +187,16 @@ def write_summary(
     if finite:
         best_ce, best_epoch = min(finite)
     knee_epoch = None
+    burn_in = _last(shape, "burn_in_step")
     loss = np.asarray(losses, dtype=np.float64)
-    if len(loss) >= 16 and np.all(np.isfinite(loss)) and np.all(loss > 0):
-        knee = powerlaw.find_knee(np.arange(1, len(loss) + 1, dtype=np.float64), loss)
-        if knee is not None and knee.breakpoint_t is not None:
-            knee_epoch = knee.breakpoint_t / spe
+    if burn_in is not None and math.isfinite(burn_in) and np.all(np.isfinite(loss)):
+        t = np.arange(1, len(loss) + 1, dtype=np.float64)[int(burn_in) :]
+        try:  # the knee is sought over the alpha_full window (burn-in to the end)
+            knee = powerlaw.find_knee(t, loss[int(burn_in) :])
+            if knee.breakpoint_t is not None:
+                knee_epoch = (knee.breakpoint_t - 1) / spe
+        except ValueError:  # too few bins: no knee can be told
+            knee_epoch = None
     summary = {
         "state": state,
         "steps_done": steps_done,
@@ -204,7 +210,7 @@ def write_summary(
         "alpha_early": _last(shape, "alpha_early"),
         "alpha_full": _last(shape, "alpha_full"),
         "power_law_r2": _last(shape, "power_law_r2"),
-        "burn_in_step": _last(shape, "burn_in_step"),
+        "burn_in_step": None if burn_in is None else int(burn_in),
         "precision": writer.status.get("precision"),
         "attempts": writer.status.get("attempt"),
     }

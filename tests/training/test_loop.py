@@ -117,3 +117,23 @@ def test_lr_factor_and_val_positions_units():
     assert lr_factor(5, warmup_steps=0, total_steps=10) == pytest.approx(0.5)
     assert val_steps_in_epoch(352, 4) == {87, 175, 263, 351}
     assert val_steps_in_epoch(13, 4) == {3, 6, 9, 12}
+
+
+def test_train_command_on_cifar_format_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The real torchvision CIFAR-10 loader, through `decon train`, on generated files."""
+    from typer.testing import CliRunner
+
+    from deconcnn_cli.cli import app
+    from tests.training.cifar_fixture import patch_cifar10_checksums, write_cifar10_fixture
+
+    data = write_cifar10_fixture(tmp_path / "data", n_per_batch=40)  # 200 train images
+    patch_cifar10_checksums(monkeypatch, data)
+    root = tmp_path / "runs"
+    args = ["train", "-v", "base", "-p", "smoke", "--dataset", "cifar10", "--data-dir", str(data)]
+    args += ["--epochs", "1", "--set", "schedule.warmup_epochs=0.5", "--root", str(root), "-q"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    (run,) = list(root.iterdir())
+    steps = read_stream(run / "metrics" / "step.csv")
+    assert len(steps) == 2  # 180 train images (20 held out) / batch 128 -> 2 steps
+    assert json.loads((run / "config.json").read_text())["config"]["data"]["dataset"] == "cifar10"
