@@ -2,7 +2,8 @@
 
 Both train the same model on the same device-resident data with the same batches
 (``train_batch``); the plain loop does forward, backward, optimizer and LR-scheduler step and
-one validation pass per epoch (the protocol's work) and nothing else. `decon train` runs its real loop (``train_run``) with per-step logging, block
+one validation pass per epoch (the protocol's work) and nothing else. `decon train` runs
+its real loop (``train_run``) with per-step logging, block
 flushes, status heartbeats, one validation and one checkpoint per epoch. Both timings
 include set-up (data, model); the analysis
 cadences are off here (their cost is measured by bench_metrics.py). The two are interleaved
@@ -119,7 +120,8 @@ def main() -> None:
     p, d = statistics.median(plain), statistics.median(decon)
     print(
         f"model width {args.width}, digits {args.image_size}px, batch 128, "
-        f"{args.epochs} epochs x {args.reps} interleaved reps, torch threads {torch.get_num_threads()}"
+        f"{args.epochs} epochs x {args.reps} interleaved reps, "
+        f"torch threads {torch.get_num_threads()}"
     )
     print(f"{'loop':<28}{'steps/s (median)':>18}{'all reps':>40}")
     print(f"{'plain PyTorch':<28}{1 / p:>18.2f}{str([round(1 / x, 2) for x in plain]):>40}")
