@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = ["-p", "smoke", "--set", "data.image_size=8", "--quiet"]
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """``python -m deconcnn_cli ...`` in a real subprocess."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.run(
@@ -31,3 +33,12 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
 @pytest.fixture
 def tiny_args() -> list[str]:
     return list(TINY)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """In-process torch on one thread: on a 2-core machine shared with subprocess runs, two
+    spinning OpenMP threads slow every op by orders of magnitude (see docs/performance.md)."""
+    import torch
+
+    torch.set_num_threads(1)
