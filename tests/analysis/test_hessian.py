@@ -1,0 +1,323 @@
+"""Tests for deconcnn_cli.analysis.hessian against dense Hessians of tiny networks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from deconcnn_cli.analysis.hessian import (
+    HessianOperator,
+    evaluate_curvature,
+    hutchinson_trace,
+    preserved_model_state,
+    top_hessian_eigenvalue,
+)
+
+HVP_REL_TOL = 1e-5  # HVP vs dense Hessian, float64
+EIG_REL_TOL = 1e-3  # protocol: lambda_max to 1e-3 relative
+TRACE_N_SE = 3.0  # pooled trace estimate within this many standard errors of the truth
+SEM_CALIBRATION_FACTOR = 1.5  # empirical std of the estimate vs mean reported sem
+N_SEEDS = 40
+N_PROBES = 32
+CHUNK = 4  # 10 examples -> chunks of 4, 4, 2
+
+
+def tiny_cnn(*, bn: bool = True, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """Conv(1->2, 3x3) [+BN] + tanh + linear(32 -> 3): about 120 parameters."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            nn.Conv2d(1, 2, 3),
+            nn.BatchNorm2d(2) if bn else nn.Identity(),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(2 * 4 * 4, 3),
+        )
+        if bn:  # non-trivial affine and running statistics
+            model[1].weight.data.uniform_(0.5, 1.5)
+            model[1].bias.data.uniform_(-0.5, 0.5)
+            model[1].running_mean.uniform_(-1, 1)
+    return model.to(dtype)
+
+
+def probe_batch(n: int = 10, seed: int = 1, dtype: torch.dtype = torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 6, 6, generator=gen, dtype=torch.float64).to(dtype)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    return x, y
+
+
+def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Explicit train-mode Hessian (float64) of the chunk-weighted mean CE."""
+    model = model.double()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for p in model.parameters() if p.requires_grad]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    x = x.double()
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        pieces = flat.split([s.numel() for s in shapes])
+        state = {n: t.view(s) for n, t, s in zip(names, pieces, shapes, strict=True)}
+        state.update({n: b.clone() for n, b in buffers.items()})
+        total = flat.new_zeros(())
+        for start in range(0, len(x), chunk):
+            out = functional_call(model, state, (x[start : start + chunk],))
+            total = total + F.cross_entropy(out, y[start : start + chunk]) * (len(out) / len(x))
+        return total
+
+    with preserved_model_state(model, train=True):
+        return torch.autograd.functional.hessian(loss, theta)
+
+
+class MatrixHVP:
+    """An HVPOperator for an explicit symmetric matrix."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.matrix, self.n_params = matrix, matrix.shape[0]
+        self.device, self.dtype = matrix.device, matrix.dtype
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matrix @ v.to(self.dtype)
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "buffers": [b.detach().clone() for b in model.buffers()],
+        "grads": [(p.grad, None if p.grad is None else p.grad.clone()) for p in model.parameters()],
+        "modes": [m.training for m in model.modules()],
+    }
+
+
+def assert_state_equal(model: nn.Module, before: dict) -> None:
+    for p, saved in zip(model.parameters(), before["params"], strict=True):
+        torch.testing.assert_close(p.detach(), saved, rtol=0, atol=0, equal_nan=True)
+    for b, saved in zip(model.buffers(), before["buffers"], strict=True):
+        torch.testing.assert_close(b, saved, rtol=0, atol=0, equal_nan=True)
+    for p, (ref, value) in zip(model.parameters(), before["grads"], strict=True):
+        assert p.grad is ref
+        if ref is not None:
+            assert torch.equal(p.grad, value) and p.grad.grad_fn is None
+    assert [m.training for m in model.modules()] == before["modes"]
+
+
+@pytest.mark.parametrize("bn", [True, False])
+def test_hvp_matches_dense_hessian(bn: bool) -> None:
+    model, (x, y) = tiny_cnn(bn=bn), probe_batch()
+    hessian = dense_hessian(model, x, y, CHUNK)
+    gen = torch.Generator().manual_seed(2)
+    with preserved_model_state(model, train=True):
+        op = HessianOperator(model, x, y, chunk_size=CHUNK)
+        assert op.n_params == hessian.shape[0]
+        for _ in range(5):
+            v = torch.randn(op.n_params, generator=gen, dtype=torch.float64)
+            expected = hessian @ v
+            assert (op(v) - expected).norm() / expected.norm() < HVP_REL_TOL
+    assert op.n_hvp == 5
+
+
+def test_chunk_weights_give_the_mean_loss_without_bn() -> None:
+    model, (x, y) = tiny_cnn(bn=False), probe_batch()
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    whole = HessianOperator(model, x, y, chunk_size=len(x))
+    uneven = HessianOperator(model, x, y, chunk_size=3)  # 3, 3, 3, 1
+    assert math.isclose(whole.loss, uneven.loss, rel_tol=1e-12)
+    assert (whole(v) - uneven(v)).norm() / whole(v).norm() < HVP_REL_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_top_eigenvalue_matches_dense(dtype: torch.dtype) -> None:
+    model, (x, y) = tiny_cnn(dtype=dtype), probe_batch(dtype=dtype)
+    truth = float(np.linalg.eigvalsh(dense_hessian(tiny_cnn(), *probe_batch(), CHUNK).numpy())[-1])
+    with preserved_model_state(model, train=True):
+        op = HessianOperator(model, x, y, chunk_size=CHUNK)
+        cold = top_hessian_eigenvalue(op)
+        warm = top_hessian_eigenvalue(op, v0=cold.vector)
+    for result in (cold, warm):
+        assert result.converged and result.reason == ""
+        assert abs(result.value - truth) / abs(truth) < EIG_REL_TOL
+    assert cold.vector.dtype == torch.float32 and cold.vector.device.type == "cpu"
+    assert math.isclose(float(cold.vector.double().norm()), 1.0, rel_tol=1e-6)
+    assert warm.n_hvp < cold.n_hvp
+
+
+def test_eigenvalue_cap_gives_nan_with_reason() -> None:
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(60, 60, generator=gen, dtype=torch.float64)
+    result = top_hessian_eigenvalue(MatrixHVP((a + a.T) / 2), ncv=3, max_hvp=3)
+    assert math.isnan(result.value) and not result.converged and result.vector is None
+    assert "max_hvp=3" in result.reason and result.n_hvp == 3
+
+
+@pytest.mark.parametrize("deflate", [False, True])
+def test_hutchinson_unbiased_and_sem_calibrated(deflate: bool) -> None:
+    model, (x, y) = tiny_cnn(), probe_batch()
+    hessian = dense_hessian(model, x, y, CHUNK)
+    truth = float(torch.trace(hessian))
+    eigvals, eigvecs = torch.linalg.eigh(hessian)
+    kwargs = (
+        {"deflation_vectors": eigvecs[:, -1:], "deflation_values": [float(eigvals[-1])]}
+        if deflate
+        else {}
+    )
+    with preserved_model_state(model, train=True):
+        op = HessianOperator(model, x, y, chunk_size=CHUNK)
+        runs = [
+            hutchinson_trace(
+                op, n_probes=N_PROBES, generator=torch.Generator().manual_seed(s), **kwargs
+            )
+            for s in range(N_SEEDS)
+        ]
+    means = np.array([r.mean for r in runs])
+    sems = np.array([r.sem for r in runs])
+    assert all(r.n_hvp == N_PROBES and r.reason == "" for r in runs)
+    pooled_se = means.std(ddof=1) / math.sqrt(N_SEEDS)
+    assert abs(means.mean() - truth) < TRACE_N_SE * pooled_se
+    ratio = means.std(ddof=1) / sems.mean()
+    assert 1 / SEM_CALIBRATION_FACTOR < ratio < SEM_CALIBRATION_FACTOR
+
+
+def test_deflation_lowers_sem_on_a_dominant_eigenvalue() -> None:
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(80, 80, generator=gen, dtype=torch.float64) * 0.1
+    u = torch.linalg.qr(torch.randn(80, 1, generator=gen, dtype=torch.float64))[0]
+    matrix = 20.0 * u @ u.T + (a + a.T) / 2
+    eigvals, eigvecs = torch.linalg.eigh(matrix)
+    op = MatrixHVP(matrix)
+    plain = hutchinson_trace(op, n_probes=N_PROBES, generator=torch.Generator().manual_seed(0))
+    deflated = hutchinson_trace(
+        op,
+        n_probes=N_PROBES,
+        generator=torch.Generator().manual_seed(0),
+        deflation_vectors=eigvecs[:, -1:],
+        deflation_values=[float(eigvals[-1])],
+    )
+    truth = float(torch.trace(matrix))
+    assert deflated.sem < 0.5 * plain.sem
+    assert abs(deflated.mean - truth) < TRACE_N_SE * deflated.sem
+
+
+def test_evaluate_curvature_restores_state_and_is_deterministic() -> None:
+    model, (x, y) = tiny_cnn(dtype=torch.float32), probe_batch(dtype=torch.float32)
+    model[1].eval()  # a submodule in eval mode must come back in eval mode
+    model[0].weight.grad = torch.randn_like(model[0].weight)
+    modes_seen = []
+    model[1].register_forward_hook(lambda m, i, o: modes_seen.append(m.training))
+    before = snapshot(model)
+    with torch.no_grad():  # callers may hold no_grad; curvature must still work
+        first = evaluate_curvature(
+            model, x, y, chunk_size=CHUNK, n_probes=8, generator=torch.Generator().manual_seed(0)
+        )
+    assert_state_equal(model, before)
+    assert modes_seen and all(modes_seen)  # evaluated in train mode
+    second = evaluate_curvature(
+        model, x, y, chunk_size=CHUNK, n_probes=8, generator=torch.Generator().manual_seed(0)
+    )
+    assert first.reason == "" and math.isfinite(first.lambda_max)
+    assert (first.lambda_max, first.hutch_trace, first.hutch_trace_sem, first.n_hvp) == (
+        second.lambda_max,
+        second.hutch_trace,
+        second.hutch_trace_sem,
+        second.n_hvp,
+    )
+    model.eval()
+    before = snapshot(model)
+    warm = evaluate_curvature(
+        model,
+        x,
+        y,
+        chunk_size=CHUNK,
+        n_probes=8,
+        generator=torch.Generator().manual_seed(0),
+        v0=first.eigenvector,
+    )
+    assert_state_equal(model, before)
+    assert warm.n_hvp < first.n_hvp
+    assert abs(warm.lambda_max - first.lambda_max) / first.lambda_max < EIG_REL_TOL
+
+
+def test_evaluate_curvature_ignores_an_outer_autocast() -> None:
+    model, (x, y) = tiny_cnn(dtype=torch.float32), probe_batch(dtype=torch.float32)
+    plain = evaluate_curvature(
+        model, x, y, chunk_size=CHUNK, n_probes=4, generator=torch.Generator().manual_seed(0)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = evaluate_curvature(
+            model, x, y, chunk_size=CHUNK, n_probes=4, generator=torch.Generator().manual_seed(0)
+        )
+    assert cast.lambda_max == plain.lambda_max and cast.hutch_trace == plain.hutch_trace
+
+
+class _SqrtAtZero(nn.Module):
+    """Finite loss, infinite gradient: logits + sqrt(w) with w = 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = tiny_cnn(dtype=torch.float32)
+        self.w = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + torch.sqrt(self.w)
+
+
+@pytest.mark.parametrize("failure", ["nan_weights", "inf_gradient"])
+def test_non_finite_gives_nan_and_reason(failure: str) -> None:
+    x, y = probe_batch(dtype=torch.float32)
+    if failure == "nan_weights":
+        model = tiny_cnn(dtype=torch.float32)
+        with torch.no_grad():
+            model[4].weight[0, 0] = math.nan
+    else:
+        model = _SqrtAtZero()
+    before = snapshot(model)
+    result = evaluate_curvature(
+        model, x, y, chunk_size=CHUNK, n_probes=4, generator=torch.Generator().manual_seed(0)
+    )
+    assert_state_equal(model, before)
+    assert math.isnan(result.lambda_max) and math.isnan(result.hutch_trace)
+    assert math.isnan(result.hutch_trace_sem) and result.eigenvector is None
+    assert "non-finite" in result.reason
+
+
+def test_bad_arguments_raise_value_error() -> None:
+    model, (x, y) = tiny_cnn(), probe_batch()
+    gen = torch.Generator()
+    with pytest.raises(ValueError, match="chunk_size"):
+        evaluate_curvature(model, x, y, chunk_size=0, n_probes=4, generator=gen)
+    with pytest.raises(ValueError, match="n_probes"):
+        evaluate_curvature(model, x, y, chunk_size=4, n_probes=1, generator=gen)
+    with pytest.raises(ValueError, match="lengths"):
+        evaluate_curvature(model, x, y[:5], chunk_size=4, n_probes=4, generator=gen)
+    with pytest.raises(ValueError, match="v0"):
+        evaluate_curvature(model, x, y, chunk_size=4, n_probes=4, generator=gen, v0=torch.ones(3))
+    op = MatrixHVP(torch.eye(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="orthonormal"):
+        hutchinson_trace(
+            op,
+            n_probes=4,
+            generator=gen,
+            deflation_vectors=torch.ones(5, 1),
+            deflation_values=[1.0],
+        )
+    with pytest.raises(ValueError, match="both"):
+        hutchinson_trace(op, n_probes=4, generator=gen, deflation_values=[1.0])
+    with pytest.raises(ValueError, match="tol"):
+        top_hessian_eigenvalue(op, tol=0.0)
+
+
+def test_half_precision_inputs_are_cast_to_the_parameter_dtype() -> None:
+    model, (x, y) = tiny_cnn(dtype=torch.float32), probe_batch(dtype=torch.float16)
+    kwargs = {"chunk_size": CHUNK, "n_probes": 4}
+    half = evaluate_curvature(model, x, y, generator=torch.Generator().manual_seed(0), **kwargs)
+    full = evaluate_curvature(
+        model, x.float(), y, generator=torch.Generator().manual_seed(0), **kwargs
+    )
+    assert half.reason == "" and half.lambda_max == full.lambda_max
+    assert half.hutch_trace == full.hutch_trace
