@@ -34,47 +34,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import cifar_shaped_loop, tiled_digits  # noqa: E402  (bench/ sibling)
 
 from deconcnn_cli.analysis import hessian, noise
 from deconcnn_cli.config import RunConfig, load_run_config
-from deconcnn_cli.training import loop as loop_mod
 from deconcnn_cli.training import measure
-from deconcnn_cli.training.data import DataSplits, load_splits, steps_per_epoch, train_batch
-from deconcnn_cli.training.loop import build_optimizer
+from deconcnn_cli.training.data import steps_per_epoch, train_batch
+from deconcnn_cli.training.loop import build_optimizer, train_run
 from deconcnn_cli.training.models import build_model
 from deconcnn_cli.training.rundir import prepare_run_dir
 
 CIFAR_STEPS = 17_600
 CIFAR_SPE = 352
 N_CURV, N_NOISE, N_SHAPE = 36, 25, 50
-
-
-def tiled_digits(cfg: RunConfig, n_train: int = 45_000) -> DataSplits:
-    """Digits at the config's size, tiled so the training split has CIFAR's step count."""
-    d = cfg.data
-    base = load_splits(
-        "digits",
-        None,
-        val_fraction=d.val_fraction,
-        split_seed=0,
-        image_size=d.image_size,
-        download=False,
-        device=torch.device("cpu"),
-    )
-    reps = -(-n_train // base.n_train)
-    idx = torch.arange(reps * base.n_train)[:n_train]
-    return DataSplits(
-        train_x=base.train_x.repeat(reps, 1, 1, 1)[idx],
-        train_y=base.train_y.repeat(reps)[idx],
-        val_x=base.val_x,
-        val_y=base.val_y,
-        num_classes=base.num_classes,
-        mean=base.mean,
-        std=base.std,
-        name="digits-tiled",
-        train_indices=idx,
-        val_indices=base.val_indices,
-    )
 
 
 def make_config(width: float, metrics_on: bool) -> RunConfig:
@@ -181,18 +153,13 @@ def unit_costs(width: float, reps: int) -> dict[str, float]:
 def direct_run(width: float) -> tuple[float, float]:
     """Seconds for 1,408 steps with metrics on and off (real loop, CIFAR-shaped data)."""
     times = {}
-    original = loop_mod.load_splits
     for on in (False, True):
         cfg = make_config(width, metrics_on=on)
-        loop_mod.load_splits = lambda *a, _cfg=cfg, **k: tiled_digits(_cfg)
-        try:
-            with tempfile.TemporaryDirectory() as tmp:
-                prepare_run_dir(cfg, Path(tmp) / "r")
-                t0 = time.perf_counter()
-                loop_mod.train_run(cfg, Path(tmp) / "r")
-                times[on] = time.perf_counter() - t0
-        finally:
-            loop_mod.load_splits = original
+        with cifar_shaped_loop(cfg), tempfile.TemporaryDirectory() as tmp:
+            prepare_run_dir(cfg, Path(tmp) / "r")
+            t0 = time.perf_counter()
+            train_run(cfg, Path(tmp) / "r")
+            times[on] = time.perf_counter() - t0
     return times[False], times[True]
 
 

@@ -189,8 +189,8 @@ def train_run(
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, lambda n, _f: stop_signal.append(n)) for s in STOP_SIGNALS}
 
-    buf_loss = torch.zeros(cad.flush_every_steps, device=device)
-    buf_correct = torch.zeros(cad.flush_every_steps, device=device)
+    buf_loss: list[torch.Tensor] = []  # 0-d device tensors: no copy kernel, no sync per step
+    buf_correct: list[torch.Tensor] = []
     buf_rows: list[dict[str, Any]] = []  # host-known fields of the buffered steps
     t_block, steps_block = time.perf_counter(), 0
     last_grad_norm = torch.zeros((), device=device)
@@ -200,8 +200,9 @@ def train_run(
         nonlocal buf_rows, t_block, steps_block
         if not buf_rows:
             return None
-        n = len(buf_rows)
-        host = torch.stack([buf_loss[:n], buf_correct[:n]]).cpu().tolist()  # one sync
+        host = torch.stack([torch.stack(buf_loss), torch.stack(buf_correct).float()]).tolist()
+        buf_loss.clear()  # the .tolist() above is the block's one host sync
+        buf_correct.clear()
         bad = None
         for i, row in enumerate(buf_rows):
             nats = host[0][i]
@@ -263,20 +264,20 @@ def train_run(
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
             if cfg.grad_clip_norm is not None:
                 last_grad_norm = torch.nn.utils.clip_grad_norm_(
                     model.parameters(), cfg.grad_clip_norm
                 )
             elif position in val_positions:
-                last_grad_norm = global_norm(grads)
+                last_grad_norm = global_norm(
+                    [p.grad for p in model.parameters() if p.grad is not None]
+                )
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
 
-            i = len(buf_rows)
-            buf_loss[i] = loss.detach()
-            buf_correct[i] = (logits.detach().argmax(1) == y).sum()
+            buf_loss.append(loss.detach())
+            buf_correct.append((logits.detach().argmax(1) == y).sum())
             buf_rows.append(
                 {
                     "step": step,
