@@ -42,3 +42,16 @@ def _one_torch_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests run where CUDA is visible; elsewhere they are deselected, and said so."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if gpu:
+        items[:] = [item for item in items if "gpu" not in item.keywords]
+        config.hook.pytest_deselected(items=gpu)
+        print(f"\n{len(gpu)} gpu-marked test(s) deselected: no CUDA device on this machine")

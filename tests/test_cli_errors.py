@@ -69,3 +69,16 @@ def test_help_everywhere():
     assert "train" in runner.invoke(app, ["--help"]).stdout
     out = runner.invoke(app, ["train", "--help"]).stdout
     assert "--variant" in out and "--set" in out
+
+
+def test_fp16_without_cuda_is_refused_before_writing(tmp_path: Path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: fp16 is valid here")
+    root = tmp_path / "runs"
+    res = CliRunner().invoke(
+        app, ["train", "-v", "base", "-p", "smoke", "--precision", "fp16", "--root", str(root)]
+    )
+    _assert_clean_error(res.exit_code, res.stderr, "fp16")
+    assert not root.exists()

@@ -71,7 +71,9 @@ def test_run_id_is_stable_and_tracks_result_affecting_fields():
     c = load_run_config(variant="base", flags={"seed": 2})
     assert config_hash(a) != config_hash(c)
     # where the data lives, or the device, does not change the run's identity
-    d = load_run_config(variant="base", flags={"seed": 1, "device": "cpu", "data": {"data_dir": "/x"}})
+    d = load_run_config(
+        variant="base", flags={"seed": 1, "device": "cpu", "data": {"data_dir": "/x"}}
+    )
     assert config_hash(a) == config_hash(d)
     e = load_run_config(variant="base", flags={"seed": 1, "optim": {"momentum": 0.8}})
     assert config_hash(a) != config_hash(e)

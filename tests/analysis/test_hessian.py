@@ -18,6 +18,7 @@ from deconcnn_cli.analysis.hessian import (
     preserved_model_state,
     top_hessian_eigenvalue,
 )
+from deconcnn_cli.analysis.lanczos import lanczos_top
 
 HVP_REL_TOL = 1e-5  # HVP vs dense Hessian, float64
 EIG_REL_TOL = 1e-3  # protocol: lambda_max to 1e-3 relative
@@ -25,6 +26,7 @@ TRACE_N_SE = 3.0  # pooled trace estimate within this many standard errors of th
 SEM_CALIBRATION_FACTOR = 1.5  # empirical std of the estimate vs mean reported sem
 N_SEEDS = 40
 N_PROBES = 32
+N_KRYLOV_SEEDS = 400  # Krylov-deflated estimator: many cheap seeds on an explicit matrix
 CHUNK = 4  # 10 examples -> chunks of 4, 4, 2
 
 
@@ -143,17 +145,93 @@ def test_top_eigenvalue_matches_dense(dtype: torch.dtype) -> None:
     for result in (cold, warm):
         assert result.converged and result.reason == ""
         assert abs(result.value - truth) / abs(truth) < EIG_REL_TOL
+        assert result.error_bound <= EIG_REL_TOL * abs(result.value)
+        slack = 1e-9 if dtype == torch.float64 else 1e-5  # fp32 HVPs of a float64 truth
+        assert abs(result.value - truth) <= result.error_bound + slack * abs(truth)
     assert cold.vector.dtype == torch.float32 and cold.vector.device.type == "cpu"
     assert math.isclose(float(cold.vector.double().norm()), 1.0, rel_tol=1e-6)
     assert warm.n_hvp < cold.n_hvp
 
 
+def random_spectrum_matrix(n: int, top: list[float], bulk: float, seed: int) -> torch.Tensor:
+    """Symmetric ``n x n`` matrix: eigenvalues ``top`` plus a Gaussian bulk of scale ``bulk``."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
+    rest = torch.randn(n - len(top), generator=gen, dtype=torch.float64) * bulk
+    values = torch.cat([torch.tensor(top, dtype=torch.float64), rest])
+    return u @ torch.diag(values) @ u.T
+
+
+@pytest.mark.parametrize("tol", [1e-2, 1e-3, 1e-6])
+def test_lanczos_error_bound_holds_against_dense(tol: float) -> None:
+    """The a-posteriori bound covers the true error, which then meets the tolerance."""
+    spectra = [([10.0, 9.0, 8.0], 1.0), ([5.0, 4.99, 1.0], 0.5), ([3.0], 1.0), ([2.0, -8.0], 1.0)]
+    for seed, (top, bulk) in enumerate(spectra):
+        matrix = random_spectrum_matrix(120, top, bulk, seed)
+        truth = float(torch.linalg.eigvalsh(matrix)[-1])
+        result = lanczos_top(MatrixHVP(matrix), tol=tol, max_hvp=120)
+        assert result.converged, result.reason
+        error = abs(result.value - truth)
+        assert result.value <= truth + 1e-12 * abs(truth)  # a Ritz value never overshoots
+        assert error <= result.error_bound + 1e-12 * abs(truth)
+        assert error <= tol * abs(truth) * (1 + 1e-9)
+
+
+def test_lanczos_basis_is_orthonormal_and_tridiagonalises() -> None:
+    matrix = random_spectrum_matrix(80, [6.0, 5.0], 1.0, 7)
+    result = lanczos_top(MatrixHVP(matrix), tol=1e-8, max_hvp=40)
+    q = result.basis
+    assert q.dtype == torch.float64 and q.shape == (80, result.n_hvp)
+    torch.testing.assert_close(
+        q.T @ q, torch.eye(q.shape[1], dtype=torch.float64), atol=1e-12, rtol=0
+    )
+    np.testing.assert_allclose((q.T @ matrix @ q).numpy(), result.tridiagonal, atol=1e-10)
+    assert math.isclose(
+        float(result.vector.double() @ matrix @ result.vector.double()), result.value, rel_tol=1e-6
+    )
+
+
+def test_warm_start_needs_fewer_hvps() -> None:
+    matrix = random_spectrum_matrix(200, [10.0, 8.0, 6.0], 1.0, 8)
+    cold = lanczos_top(MatrixHVP(matrix), tol=1e-3)
+    gen = torch.Generator().manual_seed(9)
+    nearby = matrix + 0.05 * random_spectrum_matrix(200, [], 1.0, 10)  # a later "step"
+    truth = float(torch.linalg.eigvalsh(nearby)[-1])
+    warm = lanczos_top(MatrixHVP(nearby), v0=cold.vector, tol=1e-3)
+    fresh = lanczos_top(MatrixHVP(nearby), v0=torch.randn(200, generator=gen), tol=1e-3)
+    assert warm.converged and fresh.converged
+    assert warm.n_hvp < fresh.n_hvp
+    assert abs(warm.value - truth) <= 1e-3 * truth
+
+
 def test_eigenvalue_cap_gives_nan_with_reason() -> None:
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(60, 60, generator=gen, dtype=torch.float64)
-    result = top_hessian_eigenvalue(MatrixHVP((a + a.T) / 2), ncv=3, max_hvp=3)
-    assert math.isnan(result.value) and not result.converged and result.vector is None
-    assert "max_hvp=3" in result.reason and result.n_hvp == 3
+    result = top_hessian_eigenvalue(MatrixHVP((a + a.T) / 2), max_hvp=3)
+    assert math.isnan(result.value) and not result.converged and result.n_hvp == 3
+    assert "max_hvp=3" in result.reason
+    # the Ritz pair and the Krylov basis survive: a warm start and a deflation basis
+    assert math.isfinite(result.ritz_value) and result.vector is not None
+    assert result.basis.shape == (60, 3) and result.tridiagonal.shape == (3, 3)
+
+
+def test_non_converged_lanczos_still_reports_the_trace() -> None:
+    model, (x, y) = tiny_cnn(), probe_batch()
+    truth = float(torch.trace(dense_hessian(tiny_cnn(), x, y, CHUNK)))
+    result = evaluate_curvature(
+        model,
+        x,
+        y,
+        chunk_size=CHUNK,
+        n_probes=64,
+        generator=torch.Generator().manual_seed(0),
+        tol=1e-9,
+        max_hvp=2,
+    )
+    assert math.isnan(result.lambda_max) and "max_hvp=2" in result.reason
+    assert math.isfinite(result.hutch_trace) and result.n_hvp == 2 + 64
+    assert abs(result.hutch_trace - truth) < 4 * result.hutch_trace_sem
+    assert result.eigenvector is not None
 
 
 @pytest.mark.parametrize("deflate", [False, True])
@@ -182,6 +260,48 @@ def test_hutchinson_unbiased_and_sem_calibrated(deflate: bool) -> None:
     assert abs(means.mean() - truth) < TRACE_N_SE * pooled_se
     ratio = means.std(ddof=1) / sems.mean()
     assert 1 / SEM_CALIBRATION_FACTOR < ratio < SEM_CALIBRATION_FACTOR
+
+
+def per_probe_variance(matrix: torch.Tensor) -> float:
+    """Exact variance of ``z^T A z`` for Rademacher ``z``: ``2 (|A|_F^2 - sum_i A_ii^2)``."""
+    return float(2 * (matrix.square().sum() - matrix.diagonal().square().sum()))
+
+
+@pytest.mark.parametrize("max_hvp", [1, 4, 12])
+def test_krylov_deflated_trace_unbiased_and_sem_calibrated(max_hvp: int) -> None:
+    """tr(T) + Hutchinson on (I - QQ^T) H (I - QQ^T): unbiased, sem honest, over many seeds."""
+    matrix = random_spectrum_matrix(100, [12.0, 9.0, 7.0, 5.0], 1.0, 11)
+    truth = float(torch.trace(matrix))
+    lz = lanczos_top(MatrixHVP(matrix), tol=1e-9, max_hvp=max_hvp)
+    q, t = lz.basis, lz.tridiagonal
+    proj = torch.eye(100, dtype=torch.float64) - q @ q.T
+    deflated = proj @ matrix @ proj
+    # the split is exact: tr H = tr(T) + tr(P H P)
+    assert math.isclose(float(np.trace(t)) + float(torch.trace(deflated)), truth, rel_tol=1e-12)
+    m = 4
+    runs = [
+        hutchinson_trace(
+            MatrixHVP(matrix),
+            n_probes=m,
+            generator=torch.Generator().manual_seed(s),
+            deflation_vectors=q,
+            deflation_values=np.diag(t).tolist(),
+        )
+        for s in range(N_KRYLOV_SEEDS)
+    ]
+    means = np.array([r.mean for r in runs])
+    sems = np.array([r.sem for r in runs])
+    pooled_se = means.std(ddof=1) / math.sqrt(N_KRYLOV_SEEDS)
+    assert abs(means.mean() - truth) < TRACE_N_SE * pooled_se
+    # the estimate's spread matches the exact variance of the deflated estimator ...
+    exact_sd = math.sqrt(per_probe_variance(deflated) / m)
+    assert 1 / 1.15 < means.std(ddof=1) / exact_sd < 1.15
+    # ... and the reported sem (E[sem^2] is exact: sample variance is unbiased)
+    assert 1 / 1.15 < math.sqrt(np.mean(sems**2)) / exact_sd < 1.15
+    ratio = means.std(ddof=1) / sems.mean()
+    assert 1 / SEM_CALIBRATION_FACTOR < ratio < SEM_CALIBRATION_FACTOR
+    if max_hvp > 1:  # deflating the outliers beats plain Hutchinson
+        assert per_probe_variance(deflated) < 0.5 * per_probe_variance(matrix)
 
 
 def test_deflation_lowers_sem_on_a_dominant_eigenvalue() -> None:

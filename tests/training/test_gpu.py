@@ -1,0 +1,36 @@
+"""CUDA path: mixed precision chosen by the hardware, recorded, and resumable. Runs only
+where a CUDA device is visible (deselected elsewhere, with a note; see conftest.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY, run_cli
+
+pytestmark = pytest.mark.gpu
+
+
+def _only_run(root: Path) -> Path:
+    (run,) = [p for p in root.iterdir() if p.is_dir()]
+    return run
+
+
+def test_cuda_run_uses_amp_and_resumes(tmp_path: Path):
+    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    args = ["train", "-v", "base", *TINY, "--device", "cuda"]
+    stopped = run_cli(*args, "--root", str(tmp_path / "a"), "--max-steps", "20")
+    assert stopped.returncode == 3, stopped.stderr
+    run = _only_run(tmp_path / "a")
+    assert run_cli("train", "--run-dir", str(run), "-q").returncode == 0
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "completed" and status["precision"] == expected
+    assert status["device"].startswith("cuda")
+    full = run_cli(*args, "--root", str(tmp_path / "b"))
+    assert full.returncode == 0, full.stderr
+    a = (run / "metrics" / "step.csv").read_text().splitlines()
+    b = (_only_run(tmp_path / "b") / "metrics" / "step.csv").read_text().splitlines()
+    assert len(a) == len(b) == 40  # header + 39 steps, none doubled or missing after resume
