@@ -2,13 +2,14 @@
 
 Two measurements, side by side in one run:
 
-1. **Unit costs** (interleaved repetitions, medians): one training step (batch 128), one
-   curvature evaluation (defaults: n_probe 256, Lanczos warm-started from the previous
-   eigenvector, Hutchinson probes), one gradient-noise evaluation (k = 8), one loss-curve-shape
+1. **Unit costs** (medians): one training step (batch 128, median over the steps between
+   evaluations), one curvature evaluation at the defaults (cold at initialisation, as at step
+   0 of a run; then warm-started from the eigenvector of the evaluation ``--between`` steps
+   earlier, 500 as in a run), one gradient-noise evaluation (k = 8), one loss-curve-shape
    update on a 17,600-step curve. From them, the overhead a 50-epoch CIFAR-10 run would see:
-   352 steps/epoch x 50 = 17,600 steps, curvature at step 0 and every 500 steps (36
-   evaluations), noise every 2 epochs (25), shape every epoch (50):
-   ``overhead = (36 C_curv + 25 C_noise + 50 C_shape) / (17,600 C_step)``.
+   352 steps/epoch x 50 = 17,600 steps, curvature at step 0 (cold) and every 500 steps (35
+   warm), noise every 2 epochs (25), shape every epoch (50):
+   ``overhead = (C_cold + 35 C_curv + 25 C_noise + 50 C_shape) / (17,600 C_step)``.
    Every unit is measured on the same model, so the ratio transfers; absolute times do not.
 2. **A direct run** (``--direct``): the real loop (``train_run``) on a CIFAR-shaped dataset
    (the digits tiled to 45,000 training images, 32 px: 352 steps per epoch), 1,408 steps =
@@ -17,10 +18,13 @@ Two measurements, side by side in one run:
    Its ratio carries one extra curvature evaluation per 1,408 steps vs the full run's
    average (3 vs 2.9) and is printed beside the model's prediction for the same window.
 
-Accuracy at the defaults: lambda_max relative error against a tight Lanczos (tol 1e-10),
-the trace's relative standard error, HVPs per evaluation, one HVP's time vs one step.
+Accuracy at the defaults: lambda_max relative error against ARPACK (``eigsh``, tol 1e-9, an
+implementation independent of ours), the trace's relative standard error (``--compare-old``:
+also that of the previous defaults, probe 256 and 32 eigenvector-deflated probes, at the same
+parameters), HVPs per evaluation, one HVP's time vs one step.
 
-    python bench/bench_metrics.py [--width 0.25] [--reps 3] [--direct]
+    python bench/bench_metrics.py [--width 0.25] [--reps 3] [--between 500] [--compare-old]
+                                  [--direct]
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _common import cifar_shaped_loop, tiled_digits  # noqa: E402  (bench/ sibling)
+from scipy.sparse.linalg import LinearOperator, eigsh
 
 from deconcnn_cli.analysis import hessian, noise
 from deconcnn_cli.config import RunConfig, load_run_config
@@ -76,7 +81,41 @@ def median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def unit_costs(width: float, reps: int) -> dict[str, float]:
+def tight_lambda(op: hessian.HessianOperator) -> tuple[float, int]:
+    """Reference lambda_max from ARPACK (``eigsh``, tol 1e-9): independent of our Lanczos."""
+    count = [0]
+
+    def matvec(v: np.ndarray) -> np.ndarray:
+        count[0] += 1
+        out = op(torch.from_numpy(np.asarray(v, dtype=np.float64).reshape(-1)))
+        return out.detach().to(torch.float64).numpy()
+
+    n = op.n_params
+    lin = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
+    values = eigsh(lin, k=1, which="LA", tol=1e-9, ncv=20, maxiter=400)[0]
+    return float(values[0]), count[0]
+
+
+def old_estimator_rel_sem(model, splits, cfg: RunConfig, seed: int) -> float:
+    """The previous defaults' trace rel. SEM at the same parameters: probe 256, 32 probes
+    deflated by the top eigenvector only."""
+    cfg_old = cfg.model_copy(update={"analysis": cfg.analysis.model_copy(update={"n_probe": 256})})
+    x, y = measure.probe_batch(splits, cfg_old)
+    with hessian.preserved_model_state(model, train=True):
+        op = hessian.HessianOperator(model, x, y, chunk_size=cfg.data.batch_size)
+        eig = hessian.top_hessian_eigenvalue(op, tol=1e-4, max_hvp=60)
+        vec = eig.vector.double() / eig.vector.double().norm()
+        tr = hessian.hutchinson_trace(
+            op,
+            n_probes=32,
+            generator=torch.Generator().manual_seed(seed),
+            deflation_vectors=vec[:, None],
+            deflation_values=[eig.ritz_value],
+        )
+    return tr.sem / abs(tr.mean)
+
+
+def unit_costs(width: float, reps: int, between: int, compare_old: bool) -> dict[str, float]:
     cfg = make_config(width, metrics_on=True)
     splits = tiled_digits(cfg, n_train=4096)
     spe = steps_per_epoch(splits.n_train, 128)
@@ -103,31 +142,41 @@ def unit_costs(width: float, reps: int) -> dict[str, float]:
         opt.step()
         step_no[0] += 1
 
-    for _ in range(30):  # leave the initial transient
-        train_step()
     probe = measure.probe_batch(splits, cfg)
+    x, y = probe
+    chunk = min(cfg.data.batch_size, x.shape[0])
     state: dict = {"eigenvector": None}
-    row, state = measure.curvature_row(model, probe, cfg, 0, state)  # cold start
-    for _ in range(10):  # move a little: the next evaluation is warm-started, as in a run
-        train_step()
     results: dict[str, list[float]] = {"step": [], "curv": [], "noise": [], "shape": [], "hvp": []}
     curv_rows = []
+
+    def curvature(step: int) -> float:
+        nonlocal state
+        t0 = time.perf_counter()
+        r, state = measure.curvature_row(model, probe, cfg, step, state)
+        seconds = time.perf_counter() - t0
+        with hessian.preserved_model_state(model, train=True):  # same parameters, tight tol
+            op = hessian.HessianOperator(model, x, y, chunk_size=chunk)
+            tight, tight_n = tight_lambda(op)
+        curv_rows.append({**r, "tight": tight, "tight_n_hvp": tight_n})
+        return seconds
+
+    cold = curvature(0)  # at initialisation, cold start: as at step 0 of a run
     losses = list(
         np.exp(-0.3 * np.log(np.arange(1, CIFAR_STEPS + 1)))
         * 2.3
         * (1 + 0.05 * np.random.default_rng(0).standard_normal(CIFAR_STEPS))
     )
-    x, y = probe
-    chunk = min(cfg.data.batch_size, x.shape[0])
-    for _ in range(reps):
-        results["step"].append(median_time(train_step, 5))
-        t0 = time.perf_counter()
-        r, _ = measure.curvature_row(model, probe, cfg, 500, state)
-        results["curv"].append(time.perf_counter() - t0)
-        with hessian.preserved_model_state(model, train=True):  # same parameters, tight tol
-            op = hessian.HessianOperator(model, x, y, chunk_size=chunk)
-            tight = hessian.top_hessian_eigenvalue(op, tol=1e-10, max_hvp=400)
-        curv_rows.append({**r, "tight": tight.value, "tight_n_hvp": tight.n_hvp})
+    old_rel_sem = []
+    for rep in range(reps):
+        step_times = []
+        for _ in range(between):  # as far as a run moves between two evaluations
+            t0 = time.perf_counter()
+            train_step()
+            step_times.append(time.perf_counter() - t0)
+        results["step"].append(statistics.median(step_times))
+        results["curv"].append(curvature(step_no[0]))  # warm start from `between` steps ago
+        if compare_old:
+            old_rel_sem.append(old_estimator_rel_sem(model, splits, cfg, rep))
         t0 = time.perf_counter()
         noise.gradient_noise(model, measure.noise_batches(splits, cfg, 704))
         results["noise"].append(time.perf_counter() - t0)
@@ -139,14 +188,19 @@ def unit_costs(width: float, reps: int) -> dict[str, float]:
             v = torch.randn(op.n_params)
             results["hvp"].append(median_time(lambda op=op, v=v: op(v), 3))
     out = {k: statistics.median(v) for k, v in results.items()}
-    out["lambda_rel_err"] = max(
-        abs(r["lambda_max"] - r["tight"]) / abs(r["tight"]) for r in curv_rows
-    )
+    out["curv_cold"] = cold
+    warm = curv_rows[1:]
+    err = [abs(r["lambda_max"] - r["tight"]) / abs(r["tight"]) for r in curv_rows]
+    out["lambda_rel_err"] = max(err)
     out["trace_rel_sem"] = statistics.median(
-        r["hutch_trace_sem"] / abs(r["hutch_trace"]) for r in curv_rows
+        r["hutch_trace_sem"] / abs(r["hutch_trace"]) for r in warm
     )
-    out["n_hvp"] = statistics.median(r["n_hvp"] for r in curv_rows)
+    out["old_trace_rel_sem"] = statistics.median(old_rel_sem) if old_rel_sem else float("nan")
+    out["n_hvp"] = statistics.median(r["n_hvp"] for r in warm)
+    out["n_hvp_max"] = max(r["n_hvp"] for r in warm)
+    out["n_hvp_cold"] = curv_rows[0]["n_hvp"]
     out["tight_n_hvp"] = statistics.median(r["tight_n_hvp"] for r in curv_rows)
+    out["rows"] = curv_rows
     return out
 
 
@@ -167,33 +221,60 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--between", type=int, default=500, help="training steps between two evaluations"
+    )
+    ap.add_argument("--compare-old", action="store_true", help="old trace estimator's SEM")
     ap.add_argument("--direct", action="store_true")
     args = ap.parse_args()
-    u = unit_costs(args.width, args.reps)
+    u = unit_costs(args.width, args.reps, args.between, args.compare_old)
     s = u["step"]
+    a = load_run_config(variant="base").analysis
     print(f"ResNet-18 width {args.width}, 32 px, batch 128, CPU threads {torch.get_num_threads()}")
+    print(
+        f"defaults: n_probe {a.n_probe}, hutchinson_probes {a.hutchinson_probes}, "
+        f"lanczos_tol {a.lanczos_tol:g}, lanczos_max_hvp {a.lanczos_max_hvp}; "
+        f"warm starts {args.between} steps apart"
+    )
     print(f"{'unit':<34}{'seconds (median)':>18}{'step-equivalents':>18}")
     for key, label in [
         ("step", "train step"),
         ("hvp", "one HVP (cached graph, probe batch)"),
+        ("curv_cold", "curvature evaluation (cold, init)"),
         ("curv", "curvature evaluation (warm)"),
         ("noise", "noise evaluation (k=8)"),
         ("shape", "shape update (17,600 steps)"),
     ]:
         print(f"{label:<34}{u[key]:>18.4f}{u[key] / s:>18.1f}")
-    cost = N_CURV * u["curv"] + N_NOISE * u["noise"] + N_SHAPE * u["shape"]
+    curv = u["curv_cold"] + (N_CURV - 1) * u["curv"]  # step 0 cold, then warm every 500
+    cost = curv + N_NOISE * u["noise"] + N_SHAPE * u["shape"]
     print(
         f"predicted overhead of a 50-epoch CIFAR run: {cost / (CIFAR_STEPS * s):.2%}"
-        f"  (curvature {N_CURV * u['curv'] / (CIFAR_STEPS * s):.2%},"
+        f"  (curvature {curv / (CIFAR_STEPS * s):.2%},"
         f" noise {N_NOISE * u['noise'] / (CIFAR_STEPS * s):.2%},"
         f" shape {N_SHAPE * u['shape'] / (CIFAR_STEPS * s):.2%}); target <= 5%, never > 10%"
     )
-    print(f"HVPs per curvature evaluation: {u['n_hvp']:.0f} (tight Lanczos: {u['tight_n_hvp']})")
-    print(f"lambda_max relative error vs tight Lanczos: {u['lambda_rel_err']:.2e} (target 1e-3)")
-    print(f"hutch_trace relative SEM: {u['trace_rel_sem']:.2%}")
+    print(
+        f"HVPs per curvature evaluation: warm median {u['n_hvp']:.0f} (max {u['n_hvp_max']}),"
+        f" cold {u['n_hvp_cold']} (ARPACK reference: {u['tight_n_hvp']:.0f})"
+    )
+    print(
+        f"lambda_max relative error vs ARPACK tol 1e-9: max {u['lambda_rel_err']:.2e} (target 1e-3)"
+    )
+    print(f"hutch_trace relative SEM: {u['trace_rel_sem']:.2%} (warm evaluations, median)")
+    if args.compare_old:
+        print(
+            f"old estimator (probe 256, 32 probes, eigenvector-deflated) at the same parameters:"
+            f" {u['old_trace_rel_sem']:.2%}"
+        )
+    for r in u["rows"]:
+        print(
+            f"  step {r['step']:>5}: lambda_max {r['lambda_max']:.5g} (ARPACK {r['tight']:.5g}),"
+            f" trace {r['hutch_trace']:.4g} +- {r['hutch_trace_sem']:.2g}, n_hvp {r['n_hvp']}"
+        )
     if args.direct:
         off, on = direct_run(args.width)
-        window = (3 * u["curv"] + 2 * u["noise"] + 4 * u["shape"]) / (1408 * s)
+        window = (u["curv_cold"] + 2 * u["curv"] + 2 * u["noise"] + 4 * u["shape"]) / (1408 * s)
         print(
             f"direct run, 1,408 steps: metrics off {off:.1f}s, on {on:.1f}s, "
             f"overhead {(on - off) / off:.2%} (model for this window: {window:.2%})"

@@ -4,6 +4,10 @@ Pure functions (no I/O, no printing). The Hessian is that of the mean cross-entr
 fixed probe batch (no weight-decay term) w.r.t. every trainable parameter, with the model in
 train mode (BatchNorm uses per-chunk batch statistics), fp32 without autocast. The
 first-order graph is built once per evaluation and reused by every HVP.
+
+``lambda_max`` comes from a warm-started Lanczos run (:mod:`.lanczos`) that stops on an
+a-posteriori error bound; the trace is ``tr(Q^T H Q)`` over its Krylov basis ``Q`` (exact,
+free) plus Hutchinson on the deflated operator ``(I - QQ^T) H (I - QQ^T)``.
 """
 
 from __future__ import annotations
@@ -12,31 +16,24 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.sparse.linalg import ArpackError, LinearOperator, eigsh
 from torch import nn
 
-DEFAULT_TOL = 1e-4  # ARPACK residual tolerance relative to |lambda|; bounds the eigenvalue error
-DEFAULT_MAX_HVP = 100  # HVP cap for one Lanczos run; reaching it gives NaN, never a guess
-DEFAULT_NCV = 6  # Lanczos basis size: small, so a good warm start converges in few HVPs
-DEFAULT_DEFLATE = True  # deflate the trace with the Lanczos eigenvector (measured: docs/)
-_ORTHONORMAL_ATOL = 1e-3
-_COLD_START_SEED = 0
+from deconcnn_cli.analysis.lanczos import (
+    DEFAULT_MAX_HVP,
+    DEFAULT_TOL,
+    HVPOperator,
+    LanczosResult,
+    lanczos_top,
+)
 
+DEFAULT_DEFLATE = True  # deflate the trace with the Lanczos Krylov basis (measured: docs/)
+_ORTHONORMAL_ATOL = 1e-6
 
-@dataclass(frozen=True)
-class EigenResult:
-    """Top (largest algebraic) Hessian eigenvalue; ``value`` NaN and ``reason`` on failure."""
-
-    value: float
-    vector: torch.Tensor | None  # flat, float32, CPU, unit norm; None on failure
-    n_hvp: int
-    converged: bool
-    reason: str  # "" on success
+EigenResult = LanczosResult  # top Hessian eigenvalue (see :mod:`.lanczos`)
 
 
 @dataclass(frozen=True)
@@ -57,22 +54,8 @@ class CurvatureResult:
     hutch_trace: float
     hutch_trace_sem: float
     n_hvp: int
-    eigenvector: torch.Tensor | None  # warm start for the next evaluation; None on failure
+    eigenvector: torch.Tensor | None  # top Ritz vector: next warm start; None if non-finite
     reason: str  # "" on success, else why some values are NaN
-
-
-class HVPOperator(Protocol):
-    """Maps a flat vector ``v`` to ``H @ v`` (e.g. :class:`HessianOperator`)."""
-
-    n_params: int
-    device: torch.device
-    dtype: torch.dtype
-
-    def __call__(self, v: torch.Tensor) -> torch.Tensor: ...
-
-
-class _LanczosStop(Exception):
-    """Raised inside the Lanczos matvec to abort with a reason (cap or non-finite product)."""
 
 
 @contextlib.contextmanager
@@ -177,65 +160,29 @@ def top_hessian_eigenvalue(
     v0: torch.Tensor | np.ndarray | None = None,
     tol: float = DEFAULT_TOL,
     max_hvp: int = DEFAULT_MAX_HVP,
-    ncv: int = DEFAULT_NCV,
 ) -> EigenResult:
-    """Largest algebraic eigenvalue by Lanczos (``scipy.sparse.linalg.eigsh``, ``which="LA"``).
+    """Largest algebraic eigenvalue by Lanczos with full reorthogonalisation.
 
     Parameters
     ----------
     hvp : HVPOperator
-        Hessian-vector product; float64 on the numpy side, ``hvp.dtype`` on the device.
+        Hessian-vector product; the Lanczos vectors are float64 on ``hvp.device``.
     v0 : tensor or array, optional
         Warm start (the previous eigenvector); ignored if zero or non-finite. Without it a
         fixed-seed Gaussian vector is used, so results are deterministic.
     tol : float
-        ARPACK stops at residual ``|H v - theta v| <= tol * |theta|``; the eigenvalue error
-        is at most the residual, so the relative accuracy is ``tol`` or better.
+        Relative accuracy: stop when the a-posteriori bound ``min(r, r**2 / gap)`` on
+        ``|theta - lambda|`` is at most ``tol * |theta|`` (:mod:`.lanczos`).
     max_hvp : int
-        HVP cap; reaching it returns NaN with a reason.
-    ncv : int
-        Lanczos basis size (clipped to ``n_params``); convergence is checked every
-        ``ncv - 1`` HVPs, so small values let a good warm start stop early.
+        HVP cap; reaching it returns ``value`` NaN with a reason (the Ritz vector and the
+        Krylov basis are still returned).
 
     Returns
     -------
     EigenResult
+        A :class:`~deconcnn_cli.analysis.lanczos.LanczosResult`.
     """
-    n = hvp.n_params
-    if n < 2:
-        raise ValueError(f"need at least 2 parameters, got {n}")
-    if not 0 < tol < 1:
-        raise ValueError(f"tol must be in (0, 1), got {tol}")
-    if not 2 <= ncv <= max_hvp:
-        raise ValueError(f"need 2 <= ncv <= max_hvp, got ncv={ncv}, max_hvp={max_hvp}")
-    start = _start_vector(v0, n)
-    count = 0
-
-    def matvec(x: np.ndarray) -> np.ndarray:
-        nonlocal count
-        if count >= max_hvp:
-            raise _LanczosStop(f"Lanczos did not converge within max_hvp={max_hvp} HVPs")
-        count += 1
-        out = hvp(torch.from_numpy(np.array(x, dtype=np.float64).reshape(-1)))
-        out = out.detach().to("cpu", torch.float64).numpy()
-        if not np.all(np.isfinite(out)):
-            raise _LanczosStop("non-finite Hessian-vector product in Lanczos")
-        return out
-
-    operator = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
-    try:
-        values, vectors = eigsh(
-            operator, k=1, which="LA", v0=start, ncv=min(ncv, n), tol=tol, maxiter=max_hvp
-        )
-    except _LanczosStop as stop:
-        return _failed_eigen(count, str(stop))
-    except ArpackError as err:
-        return _failed_eigen(count, f"ARPACK failed after {count} HVPs: {err}")
-    value, vector = float(values[0]), vectors[:, 0]
-    if not (math.isfinite(value) and np.all(np.isfinite(vector))):
-        return _failed_eigen(count, "non-finite Lanczos eigenpair")
-    vector = torch.from_numpy(vector / np.linalg.norm(vector)).to(torch.float32)
-    return EigenResult(value=value, vector=vector, n_hvp=count, converged=True, reason="")
+    return lanczos_top(hvp, v0=v0, tol=tol, max_hvp=max_hvp)
 
 
 def hutchinson_trace(
@@ -248,10 +195,12 @@ def hutchinson_trace(
 ) -> TraceResult:
     """Hutchinson trace from a fixed number of Rademacher probes, optionally deflated.
 
-    With orthonormal columns ``V`` (shape ``(n_params, r)``) and their Rayleigh quotients
-    ``v_i^T H v_i`` (``deflation_values``) the estimate is ``sum(deflation_values) +
-    mean_j w_j^T H w_j`` with ``w_j = (I - V V^T) z_j``: unbiased for any orthonormal ``V``,
-    and of lower variance when ``V`` spans dominant eigenvectors.
+    With orthonormal columns ``Q`` (shape ``(n_params, r)``) and their Rayleigh quotients
+    ``q_i^T H q_i`` (``deflation_values``; for a Lanczos basis the diagonal of ``T``) the
+    estimate is ``sum(deflation_values) + mean_j w_j^T H w_j`` with ``w_j = (I - QQ^T) z_j``.
+    Since ``tr H = tr(Q^T H Q) + tr((I - QQ^T) H (I - QQ^T))`` for any orthonormal ``Q``, and
+    ``E[z z^T] = I``, it is unbiased for any ``Q`` chosen independently of the probes, and of
+    lower variance when ``Q`` spans the dominant eigenvectors (Hutch++-style deflation).
 
     Parameters
     ----------
@@ -262,12 +211,13 @@ def hutchinson_trace(
     generator : torch.Generator
         Source of the probes (drawn on its device): same state, same estimate.
     deflation_vectors, deflation_values : optional
-        Both or neither.
+        Both or neither. The projection is done in float64.
 
     Returns
     -------
     TraceResult
-        ``sem = std(samples, ddof=1) / sqrt(m)``; NaN with a reason on non-finite products.
+        ``sem = std(samples, ddof=1) / sqrt(m)``, the standard error of the Hutchinson part
+        (the deflated part is exact); NaN with a reason on non-finite products.
     """
     if n_probes < 2:
         raise ValueError(f"n_probes must be >= 2 (the standard error needs it), got {n_probes}")
@@ -276,10 +226,11 @@ def hutchinson_trace(
     with torch.autocast(hvp.device.type, enabled=False):
         for _ in range(n_probes):
             z = torch.randint(0, 2, (hvp.n_params,), generator=generator, device=generator.device)
-            z = (2 * z - 1).to(device=hvp.device, dtype=hvp.dtype)
+            z = (2 * z - 1).to(device=hvp.device, dtype=torch.float64)
             if basis is not None:
                 z = z - basis @ (basis.T @ z)
-            samples.append(torch.dot(z, hvp(z)).to(torch.float64))
+            hz = hvp(z.to(hvp.dtype)).detach().to(torch.float64)
+            samples.append(torch.dot(z, hz))
     values = torch.stack(samples).cpu().numpy()
     if not np.all(np.isfinite(values)):
         return TraceResult(math.nan, math.nan, n_probes, "non-finite Hessian-vector product")
@@ -298,21 +249,24 @@ def evaluate_curvature(
     v0: torch.Tensor | np.ndarray | None = None,
     tol: float = DEFAULT_TOL,
     max_hvp: int = DEFAULT_MAX_HVP,
-    ncv: int = DEFAULT_NCV,
     deflate: bool = DEFAULT_DEFLATE,
 ) -> CurvatureResult:
-    """``lambda_max`` and Hutchinson trace on a probe batch; the model is left as found.
+    """``lambda_max`` and Krylov-deflated Hutchinson trace; the model is left as found.
 
     Train mode, one first-order graph shared by Lanczos and Hutchinson, then buffers, modes
     and ``.grad`` restored. Numerical failure gives NaN and a reason, never an exception;
     bad arguments raise ``ValueError``. Arguments are those of :class:`HessianOperator`,
     :func:`top_hessian_eigenvalue` (pass the previous ``eigenvector`` as ``v0``) and
-    :func:`hutchinson_trace`; ``deflate`` deflates the trace with the Lanczos eigenvector
-    (no extra HVP).
+    :func:`hutchinson_trace`. With ``deflate`` the trace is ``tr(T)`` (exact on the Lanczos
+    Krylov basis ``Q``) plus Hutchinson on ``(I - QQ^T) H (I - QQ^T)``; this holds whether or
+    not Lanczos converged, so a non-converged run still gives a trace (``lambda_max`` NaN).
 
     Returns
     -------
     CurvatureResult
+        ``n_hvp`` counts Lanczos and Hutchinson products; ``eigenvector`` is the top Ritz
+        vector (warm start for the next evaluation, also after a non-converged run) and None
+        only after a non-finite product.
     """
     if n_probes < 2:
         raise ValueError(f"n_probes must be >= 2, got {n_probes}")
@@ -321,14 +275,14 @@ def evaluate_curvature(
         if not math.isfinite(operator.loss):
             reason = f"non-finite probe loss ({operator.loss})"
             return CurvatureResult(math.nan, math.nan, math.nan, 0, None, reason)
-        eig = top_hessian_eigenvalue(operator, v0=v0, tol=tol, max_hvp=max_hvp, ncv=ncv)
-        defl = deflate and eig.vector is not None
+        eig = top_hessian_eigenvalue(operator, v0=v0, tol=tol, max_hvp=max_hvp)
+        defl = deflate and eig.basis is not None
         trace = hutchinson_trace(
             operator,
             n_probes=n_probes,
             generator=generator,
-            deflation_vectors=eig.vector if defl else None,
-            deflation_values=[eig.value] if defl else None,
+            deflation_vectors=eig.basis if defl else None,
+            deflation_values=np.diag(eig.tridiagonal).tolist() if defl else None,
         )
         del operator
     return CurvatureResult(
@@ -352,23 +306,6 @@ def _to_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> tor
     return x.to(device, dtype) if x.is_floating_point() else x.to(device)
 
 
-def _start_vector(v0: torch.Tensor | np.ndarray | None, n: int) -> np.ndarray:
-    if v0 is not None:
-        start = np.asarray(torch.as_tensor(v0).detach().cpu(), dtype=np.float64).reshape(-1)
-        if start.shape != (n,):
-            raise ValueError(f"v0 must have {n} elements, got {start.size}")
-        norm = np.linalg.norm(start)
-        if np.isfinite(norm) and norm > 0:
-            return start / norm
-    gen = torch.Generator().manual_seed(_COLD_START_SEED)
-    start = torch.randn(n, generator=gen, dtype=torch.float64).numpy()
-    return start / np.linalg.norm(start)
-
-
-def _failed_eigen(n_hvp: int, reason: str) -> EigenResult:
-    return EigenResult(value=math.nan, vector=None, n_hvp=n_hvp, converged=False, reason=reason)
-
-
 def _deflation(
     hvp: HVPOperator, vectors: torch.Tensor | None, values: Sequence[float] | None
 ) -> tuple[torch.Tensor | None, float]:
@@ -377,14 +314,14 @@ def _deflation(
         return None, 0.0
     if vectors is None or values is None:
         raise ValueError("pass both deflation_vectors and deflation_values, or neither")
-    basis = torch.as_tensor(vectors).to(device=hvp.device, dtype=hvp.dtype)
+    basis = torch.as_tensor(vectors).to(device=hvp.device, dtype=torch.float64)
     basis = basis[:, None] if basis.ndim == 1 else basis
     if basis.shape != (hvp.n_params, len(values)):
         raise ValueError(
             f"deflation_vectors must have shape ({hvp.n_params}, {len(values)}), "
             f"got {tuple(basis.shape)}"
         )
-    gram = (basis.T.to(torch.float64) @ basis.to(torch.float64)).cpu()
+    gram = (basis.T @ basis).cpu()
     if not torch.allclose(
         gram, torch.eye(len(values), dtype=torch.float64), atol=_ORTHONORMAL_ATOL
     ):
