@@ -29,6 +29,7 @@ test: install-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
 
-bench: install-dev
-	$(BIN)/python bench/bench_train.py
-	$(BIN)/python bench/bench_augment.py
+bench: install-dev  # side-by-side speed ratios, see docs/performance.md
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_train.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_augment.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_metrics.py
