@@ -82,3 +82,16 @@ def test_fp16_without_cuda_is_refused_before_writing(tmp_path: Path):
     )
     _assert_clean_error(res.exit_code, res.stderr, "fp16")
     assert not root.exists()
+
+
+def test_changing_a_runs_config_on_resume_is_refused_and_loses_nothing(tmp_path: Path):
+    from tests.conftest import TINY
+
+    root = tmp_path / "runs"
+    first = run_cli("train", "-v", "base", *TINY, "--root", str(root), "--max-steps", "2")
+    assert first.returncode == 3, first.stderr
+    (run,) = list(root.iterdir())
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    res = run_cli("train", "--run-dir", str(run), "--lr", "0.2", "-q")
+    _assert_clean_error(res.returncode, res.stderr, "different run", "optim.lr")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

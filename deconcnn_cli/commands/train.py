@@ -18,7 +18,14 @@ from rich.progress import (
 from rich.progress import Progress as RichProgress
 
 from deconcnn_cli.commands.options import ProfileOpt, QuietOpt, RootOpt, SetOpt, VariantOpt
-from deconcnn_cli.config import RunConfig, load_run_config, load_saved_config, run_id
+from deconcnn_cli.config import (
+    RunConfig,
+    build_config,
+    load_run_config,
+    load_saved_config,
+    parse_override,
+    run_id,
+)
 from deconcnn_cli.errors import DeconError, RunDirError
 from deconcnn_cli.training.data import check_available
 from deconcnn_cli.training.metrics import TERMINAL_STATES, read_json
@@ -68,8 +75,6 @@ def resolve_config(
         # resume an existing run: its saved config is the base; flags may only re-state it
         saved = load_saved_config(run_dir / CONFIG_FILE)
         base = saved.model_dump(mode="json", exclude_none=True)
-        from deconcnn_cli.config import build_config, parse_override
-
         layers = [(str(run_dir / CONFIG_FILE), base)]
         layers += [(f"--set {t}", parse_override(t)) for t in set_ or []]
         if flags:

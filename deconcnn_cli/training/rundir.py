@@ -12,7 +12,13 @@ from typing import Any
 
 import torch
 
-from deconcnn_cli.config import RunConfig, config_hash, identity_dict, run_id
+from deconcnn_cli.config import (
+    RunConfig,
+    config_hash,
+    identity_dict,
+    load_saved_config,
+    run_id,
+)
 from deconcnn_cli.errors import ConfigError, RunDirError
 from deconcnn_cli.training.metrics import atomic_write_json, read_json
 
@@ -77,8 +83,6 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
         if saved is None:
             raise RunDirError(f"{path}: unreadable config", "inspect or move the run directory")
         if saved.get("config_hash") != config_hash(cfg):
-            from deconcnn_cli.config import load_saved_config
-
             differing = _diff(identity_dict(load_saved_config(path)), identity_dict(cfg))
             raise RunDirError(
                 f"{run_dir} holds a different run (config differs in {', '.join(differing)})",
