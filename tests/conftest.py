@@ -30,6 +30,12 @@ def run_cli(
     )
 
 
+def only_run(root: Path) -> Path:
+    """The single run directory under ``root`` (fails if there is not exactly one)."""
+    (run,) = [p for p in root.iterdir() if p.is_dir()]
+    return run
+
+
 @pytest.fixture
 def tiny_args() -> list[str]:
     return list(TINY)

@@ -27,7 +27,13 @@ from deconcnn_cli.training.checkpoint import (
     restore_rng_states,
     save_checkpoint,
 )
-from deconcnn_cli.training.data import load_splits, steps_per_epoch, train_batch, val_batches
+from deconcnn_cli.training.data import (
+    DataSplits,
+    load_splits,
+    steps_per_epoch,
+    train_batch,
+    val_batches,
+)
 from deconcnn_cli.training.metrics import RunWriter
 from deconcnn_cli.training.models import build_model
 from deconcnn_cli.training.rundir import Precision, resolve_device, resolve_precision
@@ -83,7 +89,9 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optim
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, splits: Any, batch_size: int, prec: Precision) -> tuple:
+def evaluate(
+    model: torch.nn.Module, splits: DataSplits, batch_size: int, prec: Precision
+) -> tuple[float, float]:
     """Mean CE (nats) and accuracy over the full validation split, in eval mode."""
     was_training = model.training
     model.eval()

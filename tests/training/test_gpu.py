@@ -9,14 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, only_run, run_cli
 
 pytestmark = pytest.mark.gpu
-
-
-def _only_run(root: Path) -> Path:
-    (run,) = [p for p in root.iterdir() if p.is_dir()]
-    return run
 
 
 def test_cuda_run_uses_amp_and_resumes(tmp_path: Path):
@@ -24,7 +19,7 @@ def test_cuda_run_uses_amp_and_resumes(tmp_path: Path):
     args = ["train", "-v", "base", *TINY, "--device", "cuda"]
     stopped = run_cli(*args, "--root", str(tmp_path / "a"), "--max-steps", "20")
     assert stopped.returncode == 3, stopped.stderr
-    run = _only_run(tmp_path / "a")
+    run = only_run(tmp_path / "a")
     assert run_cli("train", "--run-dir", str(run), "-q").returncode == 0
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "completed" and status["precision"] == expected
@@ -32,5 +27,5 @@ def test_cuda_run_uses_amp_and_resumes(tmp_path: Path):
     full = run_cli(*args, "--root", str(tmp_path / "b"))
     assert full.returncode == 0, full.stderr
     a = (run / "metrics" / "step.csv").read_text().splitlines()
-    b = (_only_run(tmp_path / "b") / "metrics" / "step.csv").read_text().splitlines()
+    b = (only_run(tmp_path / "b") / "metrics" / "step.csv").read_text().splitlines()
     assert len(a) == len(b) == 40  # header + 39 steps, none doubled or missing after resume

@@ -14,15 +14,10 @@ import pytest
 import torch
 
 from deconcnn_cli.training.checkpoint import list_checkpoints, load_latest_checkpoint
-from tests.conftest import REPO, TINY, run_cli
+from tests.conftest import REPO, TINY, only_run, run_cli
 
 ARGS = ["train", "--variant", "base", *TINY, "--seed", "3"]
 STREAMS = ("step", "val", "curvature", "noise", "shape")
-
-
-def _only_run(root: Path) -> Path:
-    (run,) = [p for p in root.iterdir() if p.is_dir()]
-    return run
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -55,7 +50,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ref")
     proc = run_cli(*ARGS, "--root", str(root))
     assert proc.returncode == 0, proc.stderr
-    return _only_run(root)
+    return only_run(root)
 
 
 def test_sigkill_then_resume_is_bit_identical(reference: Path, tmp_path: Path):
@@ -72,7 +67,7 @@ def test_sigkill_then_resume_is_bit_identical(reference: Path, tmp_path: Path):
     _wait_for(past_checkpoint, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path)
     assert json.loads((run / "status.json").read_text())["state"] == "running"  # died mid-run
 
     resumed = run_cli("train", "--run-dir", str(run), "--quiet")
@@ -99,7 +94,7 @@ def test_sigterm_checkpoints_and_exits_resumably(reference: Path, tmp_path: Path
     )
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path)
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "interrupted" and "SIGTERM" in status["reason"]
     assert list_checkpoints(run)[0][0] == status["step"]  # checkpoint at the stop step
@@ -113,7 +108,7 @@ def test_sigterm_checkpoints_and_exits_resumably(reference: Path, tmp_path: Path
 def test_corrupt_newest_checkpoint_falls_back(reference: Path, tmp_path: Path):
     proc = run_cli(*ARGS, "--root", str(tmp_path), "--max-steps", "30")
     assert proc.returncode == 3, proc.stderr  # stopped on request, resumable
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path)
     (newest_step, newest), (older_step, _) = list_checkpoints(run)[:2]
     assert newest_step == 30 and older_step == 26
     data = bytearray(newest.read_bytes())
@@ -134,7 +129,7 @@ def test_huge_lr_is_recorded_as_diverged(tmp_path: Path):
     proc = run_cli(*ARGS, "--root", str(tmp_path), "--lr", "1e6")
     assert proc.returncode == 0, proc.stderr  # a result, not an error
     assert "diverged" in proc.stdout
-    run = _only_run(tmp_path)
+    run = only_run(tmp_path)
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "diverged" and "non-finite" in status["reason"]
     summary = json.loads((run / "summary.json").read_text())
