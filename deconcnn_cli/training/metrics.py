@@ -8,10 +8,8 @@ resume cuts away. Layout: docs/run-directory.md.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
-import math
 import os
 import socket
 import time
@@ -19,84 +17,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Stream name -> columns. "step" is the optimizer step (from 0) the row belongs to.
-STREAMS: dict[str, tuple[str, ...]] = {
-    "step": ("step", "epoch", "loss_train_nats", "loss_train_bits", "acc_train", "lr", "wd"),
-    "val": ("step", "epoch", "loss_val_nats", "acc_val", "grad_norm", "weight_norm"),
-    "curvature": ("step", "epoch", "lambda_max", "hutch_trace", "hutch_trace_sem", "n_hvp"),
-    "noise": (
-        "step",
-        "epoch",
-        "grad_noise_trace",
-        "gradient_variance",
-        "grad_norm_sq_unbiased",
-        "grad_noise_scale",
-        "residual_power",
-        "psd_tail",
-    ),
-    "shape": (
-        "step",
-        "epoch",
-        "burn_in_step",
-        "alpha_early",
-        "alpha_early_r2",
-        "alpha_full",
-        "power_law_r2",
-        "power_law_rmse",
-        "offset_alpha",
-        "offset_c",
-        "offset_r2",
-    ),
-}
+from deconcnn_cli.contract import (
+    STATES,
+    STREAMS,
+    TERMINAL_STATES,
+    atomic_write_bytes,
+    atomic_write_json,
+    complete_lines,
+    format_cell,
+    read_json,
+    read_stream,
+)
 
-STATES = ("running", "interrupted", "completed", "diverged", "failed")
-TERMINAL_STATES = ("completed", "diverged")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else repr(value)  # repr: shortest exact float
-    return str(value)
-
-
-def _complete_lines(path: Path) -> list[str]:
-    """The file's whole lines (a partial last line, from a crash mid-write, is dropped)."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    lines = text.split("\n")
-    return lines[:-1]  # last element is "" after a final newline, or a partial line
-
-
-def read_stream(path: Path) -> list[dict[str, str]]:
-    """Rows of a metric stream as dicts of strings; tolerant of a partial last line."""
-    lines = _complete_lines(path)
-    if not lines:
-        return []
-    return list(csv.DictReader(io.StringIO("\n".join(lines) + "\n")))
+__all__ = [
+    "STATES",
+    "STREAMS",
+    "TERMINAL_STATES",
+    "MetricStream",
+    "RunWriter",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "read_json",
+    "read_stream",
+]
 
 
 @dataclass
@@ -112,7 +55,7 @@ class MetricStream:
         if new:
             buf.write(",".join(self.columns) + "\n")
         for row in rows:
-            buf.write(",".join(_fmt(row.get(c)) for c in self.columns) + "\n")
+            buf.write(",".join(format_cell(row.get(c)) for c in self.columns) + "\n")
         with open(self.path, "a") as f:
             f.write(buf.getvalue())
             f.flush()
@@ -120,7 +63,7 @@ class MetricStream:
 
     def truncate_before(self, next_step: int) -> None:
         """Keep only whole rows with ``step < next_step`` (what the checkpoint already covers)."""
-        lines = _complete_lines(self.path)
+        lines = complete_lines(self.path)
         if not lines:
             if self.path.exists():
                 self.path.unlink()

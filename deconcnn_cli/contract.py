@@ -1,0 +1,256 @@
+"""The run directory as a contract: names, states, exit codes and readers. No torch.
+
+``decon train`` writes a run directory; every later command (monitor, recover, verify, export,
+report) judges the run from these files alone, from another process or host, while the run
+lives or after it died. Everything those commands need to know about the layout lives here,
+so they import this small module and never load torch. Layout: docs/run-directory.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# ---- file names (relative to the run directory)
+CONFIG_FILE = "config.json"
+STATUS_FILE = "status.json"
+ATTEMPTS_FILE = "attempts.jsonl"
+EVENTS_FILE = "events.jsonl"
+SUMMARY_FILE = "summary.json"
+LOCK_FILE = ".lock"
+OWNER_FILE = "owner.json"
+LOG_FILE = "train.log"
+METRICS_DIR = "metrics"
+CHECKPOINT_DIR = "checkpoints"
+
+# ---- metric streams: name -> columns. "step" is the optimizer step (from 0) the row belongs to.
+STREAMS: dict[str, tuple[str, ...]] = {
+    "step": ("step", "epoch", "loss_train_nats", "loss_train_bits", "acc_train", "lr", "wd"),
+    "val": ("step", "epoch", "loss_val_nats", "acc_val", "grad_norm", "weight_norm"),
+    "curvature": ("step", "epoch", "lambda_max", "hutch_trace", "hutch_trace_sem", "n_hvp"),
+    "noise": (
+        "step",
+        "epoch",
+        "grad_noise_trace",
+        "gradient_variance",
+        "grad_norm_sq_unbiased",
+        "grad_noise_scale",
+        "residual_power",
+        "psd_tail",
+    ),
+    "shape": (
+        "step",
+        "epoch",
+        "burn_in_step",
+        "alpha_early",
+        "alpha_early_r2",
+        "alpha_full",
+        "power_law_r2",
+        "power_law_rmse",
+        "offset_alpha",
+        "offset_c",
+        "offset_r2",
+        "alpha_early_lr",
+        "alpha_full_lr",
+        "power_law_r2_lr",
+    ),
+}
+
+# ---- run states as written to status.json by the run itself
+RUNNING = "running"
+INTERRUPTED = "interrupted"  # stopped by a signal or --max-steps, checkpointed at `step`
+COMPLETED = "completed"
+DIVERGED = "diverged"  # a non-finite training loss: a result, never retried
+FAILED = "failed"  # an exception; `reason` and `exception` hold it
+STATES = (RUNNING, INTERRUPTED, COMPLETED, DIVERGED, FAILED)
+TERMINAL_STATES = (COMPLETED, DIVERGED)
+# ---- states only an observer derives (never written by the run)
+STALLED = "stalled"  # status says running but the heartbeat is older than STALLED_AFTER_S
+MISSING = "missing"  # no run directory / no status.json
+
+# ---- liveness: a live run rewrites status.json's heartbeat every HEARTBEAT_EVERY_S seconds
+# from a timer thread, independent of step time; a `running` run whose heartbeat is older than
+# STALLED_AFTER_S (several missed beats, with room for shared-filesystem caching and clock skew
+# between hosts) is dead or hung.
+HEARTBEAT_EVERY_S = 15.0
+STALLED_AFTER_S = 120.0
+
+# ---- exit codes of `decon train` (documented in docs/run-directory.md)
+EXIT_OK = 0  # completed, diverged (a result), or already terminal
+EXIT_FAILED = 1  # an exception during the run (status `failed`)
+EXIT_BAD_INPUT = 2  # bad config/flags/profile: nothing written
+EXIT_STOPPED = 3  # stopped by --max-steps (checkpointed, resumable)
+EXIT_OWNED = 4  # another live process owns this run directory
+# a stop signal gives 128 + signal number (SIGTERM 143, SIGUSR2 140, SIGINT 130)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file + fsync + rename: readers see old or new."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when it is missing or unreadable."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file; a partial or corrupt line (a crash mid-write) is skipped."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def complete_lines(path: Path) -> list[str]:
+    """The file's whole lines (a partial last line, from a crash mid-write, is dropped)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return text.split("\n")[:-1]  # last element is "" after a final newline, or a partial line
+
+
+def read_stream(path: Path) -> list[dict[str, str]]:
+    """Rows of a metric stream as dicts of strings; tolerant of a partial last line.
+
+    Cell encoding: ``""`` = not defined yet, ``"nan"`` = could not be computed (reason in
+    events.jsonl), otherwise a Python ``repr`` float or an int.
+    """
+    lines = complete_lines(path)
+    if not lines:
+        return []
+    return list(csv.DictReader(io.StringIO("\n".join(lines) + "\n")))
+
+
+def format_cell(value: Any) -> str:
+    """A value as a stream cell: None -> "" (not defined yet), NaN -> "nan", floats by repr."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else repr(value)  # repr: shortest exact float
+    return str(value)
+
+
+def parse_cell(text: str | None) -> float | None:
+    """Inverse of :func:`format_cell` for numbers: "" -> None, "nan" -> NaN."""
+    if text is None or text == "":
+        return None
+    return float(text)
+
+
+def stream_path(run_dir: Path, name: str) -> Path:
+    return run_dir / METRICS_DIR / f"{name}.csv"
+
+
+@dataclass(frozen=True)
+class RunView:
+    """What an observer can tell about one run from its directory alone."""
+
+    run_dir: Path
+    run_id: str
+    state: str  # one of STATES, or STALLED / MISSING
+    written_state: str | None  # the state as status.json has it
+    step: int
+    total_steps: int | None
+    epoch: float
+    heartbeat_age_s: float | None
+    attempt: int
+    reason: str | None
+    status: dict[str, Any]
+
+    @property
+    def live(self) -> bool:
+        return self.state == RUNNING
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+def derive_state(status: dict[str, Any] | None, now: float | None = None) -> str:
+    """The run's state as an observer sees it: ``running`` with a stale heartbeat is stalled."""
+    if not status:
+        return MISSING
+    state = status.get("state")
+    if state not in STATES:
+        return MISSING
+    if state == RUNNING:
+        beat = status.get("heartbeat_unix")
+        now = time.time() if now is None else now
+        if not isinstance(beat, int | float) or now - beat > STALLED_AFTER_S:
+            return STALLED
+    return state
+
+
+def view_run(run_dir: Path, now: float | None = None) -> RunView:
+    """Read ``status.json`` (one small file) and derive the run's observable state."""
+    now = time.time() if now is None else now
+    status = read_json(run_dir / STATUS_FILE) or {}
+    beat = status.get("heartbeat_unix")
+    total = status.get("total_steps")
+    return RunView(
+        run_dir=run_dir,
+        run_id=run_dir.name,
+        state=derive_state(status, now),
+        written_state=status.get("state"),
+        step=int(status.get("step") or 0),
+        total_steps=int(total) if total is not None else None,
+        epoch=float(status.get("epoch") or 0.0),
+        heartbeat_age_s=(now - beat) if isinstance(beat, int | float) else None,
+        attempt=int(status.get("attempt") or 0),
+        reason=status.get("reason"),
+        status=status,
+    )
+
+
+def read_config(run_dir: Path) -> dict[str, Any] | None:
+    """``config.json``: ``{"run_id", "config_hash", "config": {...resolved RunConfig...}}``."""
+    return read_json(run_dir / CONFIG_FILE)
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    return read_json(run_dir / SUMMARY_FILE)
+
+
+def read_attempts(run_dir: Path) -> list[dict[str, Any]]:
+    return read_jsonl(run_dir / ATTEMPTS_FILE)
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    return read_jsonl(run_dir / EVENTS_FILE)
