@@ -42,12 +42,11 @@ from _common import cifar_shaped_loop, tiled_digits  # noqa: E402  (bench/ sibli
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from deconcnn_cli.analysis import hessian, noise
-from deconcnn_cli.config import RunConfig, load_run_config
+from deconcnn_cli.config import RunConfig, load_run_config, prepare_run_dir
 from deconcnn_cli.training import measure
 from deconcnn_cli.training.data import steps_per_epoch, train_batch
 from deconcnn_cli.training.loop import build_optimizer, train_run
 from deconcnn_cli.training.models import build_model
-from deconcnn_cli.training.rundir import prepare_run_dir
 
 CIFAR_STEPS = 17_600
 CIFAR_SPE = 352

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from _common import cifar_shaped_loop, tiled_digits  # noqa: E402  (bench/ sibling)
 
-from deconcnn_cli.config import load_run_config
+from deconcnn_cli.config import load_run_config, prepare_run_dir
 from deconcnn_cli.training.data import steps_per_epoch, train_batch
+from deconcnn_cli.training.device import Precision
 from deconcnn_cli.training.loop import build_optimizer, evaluate, lr_factor, train_run
 from deconcnn_cli.training.models import build_model
-from deconcnn_cli.training.rundir import Precision, prepare_run_dir
 
 
 def make_config(args: argparse.Namespace):

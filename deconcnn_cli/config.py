@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from deconcnn_cli.errors import ConfigError
+from deconcnn_cli.contract import CONFIG_FILE, atomic_write_json, read_json
+from deconcnn_cli.errors import ConfigError, RunDirError
 
 
 class _Strict(BaseModel):
@@ -282,3 +283,45 @@ def load_saved_config(path: Path) -> RunConfig:
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read saved config: {exc}") from exc
     return build_config([(str(path), data.get("config", data))])
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory's config.json (torch-free: `decon sweep submit` creates run directories)
+
+
+def config_record(cfg: RunConfig) -> dict[str, Any]:
+    """What ``config.json`` holds: ``{"run_id", "config_hash", "config"}``."""
+    return {
+        "run_id": run_id(cfg),
+        "config_hash": config_hash(cfg),
+        "config": cfg.model_dump(mode="json"),
+    }
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+    """Create ``run_dir`` with its ``config.json``, or check an existing one is the same run."""
+    path = run_dir / CONFIG_FILE
+    if path.exists():
+        saved = read_json(path)
+        if saved is None:
+            raise RunDirError(f"{path}: unreadable config", "inspect or move the run directory")
+        if saved.get("config_hash") != config_hash(cfg):
+            differing = _diff(identity_dict(load_saved_config(path)), identity_dict(cfg))
+            raise RunDirError(
+                f"{run_dir} holds a different run (config differs in {', '.join(differing)})",
+                "use a different --root/--run-dir, or resume it without changing its config",
+            )
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, config_record(cfg))
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out

@@ -30,6 +30,13 @@ OWNER_FILE = "owner.json"
 LOG_FILE = "train.log"
 METRICS_DIR = "metrics"
 CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_PATTERN = r"^ckpt_(\d{9})\.pt$"  # ckpt_<next_step:09d>.pt (+ .sha256 beside it)
+TEMP_MARK = ".tmp"  # atomic writes go through ".<name>.tmp<pid>"; leftovers are orphans
+
+
+def checkpoint_name(next_step: int) -> str:
+    return f"ckpt_{next_step:09d}.pt"
+
 
 # ---- metric streams: name -> columns. "step" is the optimizer step (from 0) the row belongs to.
 STREAMS: dict[str, tuple[str, ...]] = {
@@ -90,6 +97,65 @@ EXIT_BAD_INPUT = 2  # bad config/flags/profile: nothing written
 EXIT_STOPPED = 3  # stopped by --max-steps (checkpointed, resumable)
 EXIT_OWNED = 4  # another live process owns this run directory
 # a stop signal gives 128 + signal number (SIGTERM 143, SIGUSR2 140, SIGINT 130)
+
+
+def exit_code_for(state: str, signal_number: int | None = None) -> int:
+    """The exit code of ``decon train`` for a run that ended in ``state``."""
+    if state in (COMPLETED, DIVERGED):
+        return EXIT_OK
+    if state == INTERRUPTED:
+        return 128 + signal_number if signal_number else EXIT_STOPPED
+    return EXIT_FAILED
+
+
+# ---- threads: a launcher that starts several runs on one allocation sets this env var to
+# their number; each run then takes its share of the CPUs it was given (see default_threads).
+CONCURRENT_RUNS_ENV = "DECON_CONCURRENT_RUNS"
+
+
+def default_threads(environ: dict[str, str] | None = None) -> int:
+    """Intra-op threads for one run: the CPUs this process is given (``SLURM_CPUS_PER_TASK``,
+    else the affinity mask), divided by ``$DECON_CONCURRENT_RUNS`` when set; at least 1."""
+    env = os.environ if environ is None else environ
+    try:
+        cpus = int(env.get("SLURM_CPUS_PER_TASK", ""))
+    except ValueError:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    cpus = cpus or os.cpu_count() or 1
+    try:
+        runs = max(1, int(env.get(CONCURRENT_RUNS_ENV, "1")))
+    except ValueError:
+        runs = 1
+    return max(1, cpus // runs)
+
+
+# ---- ownership: owner.json names the process training the run (written when it takes the
+# run, removed when it ends). Decidable from any host; see docs/run-directory.md "Ownership".
+def owner_is_live(
+    owner: dict[str, Any] | None,
+    status: dict[str, Any] | None,
+    *,
+    this_host: str,
+    pid_alive: Any,
+    now: float | None = None,
+) -> bool:
+    """Whether the process ``owner.json`` names still owns the run.
+
+    On this host its pid is asked directly (``pid_alive(pid)``). On another host only the
+    heartbeat can tell: the owner is live while the newest of its claim time and its
+    status.json heartbeat (when status names the same host and pid) is at most
+    ``STALLED_AFTER_S`` old.
+    """
+    if not owner or not isinstance(owner.get("pid"), int):
+        return False
+    if owner.get("host") == this_host:
+        return bool(pid_alive(owner["pid"]))
+    now = time.time() if now is None else now
+    beats = [owner.get("claimed_unix")]
+    if status and status.get("host") == owner.get("host") and status.get("pid") == owner["pid"]:
+        beats.append(status.get("heartbeat_unix"))
+    beats = [b for b in beats if isinstance(b, int | float)]
+    return bool(beats) and now - max(beats) <= STALLED_AFTER_S
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

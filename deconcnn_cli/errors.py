@@ -20,3 +20,13 @@ class ConfigError(DeconError):
 
 class RunDirError(DeconError):
     """A run directory that is missing, foreign or unreadable."""
+
+
+class RunOwnedError(DeconError):
+    """Another live process (this host or another) owns the run directory."""
+
+    exit_code = 4
+
+
+class PrecisionError(DeconError):
+    """The run's stored precision cannot run on this device (a resume is refused)."""

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+import traceback
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,18 +25,24 @@ from deconcnn_cli.config import (
     load_run_config,
     load_saved_config,
     parse_override,
+    prepare_run_dir,
     run_id,
 )
-from deconcnn_cli.errors import DeconError, RunDirError
-from deconcnn_cli.training.data import check_available
-from deconcnn_cli.training.metrics import TERMINAL_STATES, read_json
-from deconcnn_cli.training.rundir import (
+from deconcnn_cli.contract import (
     CONFIG_FILE,
-    prepare_run_dir,
-    resolve_device,
-    resolve_precision,
-    run_lock,
+    EXIT_FAILED,
+    STATUS_FILE,
+    TERMINAL_STATES,
+    default_threads,
+    read_json,
 )
+from deconcnn_cli.errors import ConfigError, DeconError, RunDirError
+from deconcnn_cli.training.data import check_available
+from deconcnn_cli.training.device import resolve_device, resolve_precision
+from deconcnn_cli.training.rundir import own_run
+
+if TYPE_CHECKING:
+    from deconcnn_cli.training.loop import RunResult
 
 
 def _flags(**values: Any) -> dict[str, Any]:
@@ -115,10 +122,23 @@ def train(
     max_steps: Annotated[
         int | None, typer.Option(help="Stop (checkpointed, resumable) after this many steps.")
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="Torch intra-op threads [default: SLURM_CPUS_PER_TASK, else the CPUs this "
+            "process may use, divided by $DECON_CONCURRENT_RUNS].",
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train one run (or resume it from its newest valid checkpoint)."""
+    """Train one run (or resume it from its newest valid checkpoint).
+
+    Exit codes: 0 completed, diverged or already final; 1 failed (see status.json and
+    events.jsonl); 2 bad input; 3 stopped by --max-steps; 4 another process owns the run;
+    128+N stopped by signal N (checkpointed, resumable).
+    """
     console = Console(stderr=True)
+    target: Path | None = None
     try:
         flags = _flags(
             lr=lr,
@@ -133,36 +153,54 @@ def train(
             precision=precision,
         )
         cfg = resolve_config(variant, profile, set_, run_dir, flags)
+        if threads is not None and threads < 1:
+            raise ConfigError(f"--threads: {threads} is not a thread count", "give 1 or more")
         target = run_dir if run_dir is not None else root / run_id(cfg)
-        status = read_json(target / "status.json") or {}
+        status = read_json(target / STATUS_FILE) or {}
         if status.get("state") in TERMINAL_STATES:
             typer.echo(f"{target}: already {status['state']} at step {status.get('step')}")
             return
         check_available(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download)
-        resolve_precision(cfg.precision, resolve_device(cfg.device))  # fail before writing
+        # fail before writing: the device must run the precision (the run's stored one if any)
+        resolve_precision(cfg.precision, resolve_device(cfg.device), status.get("precision"))
         prepare_run_dir(cfg, target)
-        with run_lock(target):
-            result = _run(cfg, target, console, quiet, max_steps)
+        with own_run(target):
+            result = _run(cfg, target, console, quiet, max_steps, threads or default_threads())
     except DeconError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         if exc.hint:
             typer.echo(f"hint: {exc.hint}", err=True)
         raise typer.Exit(exc.exit_code) from None
+    except Exception as exc:  # recorded in the run directory by the loop; shown for the job log
+        traceback.print_exc()
+        typer.echo(f"error: run failed: {type(exc).__name__}: {exc}", err=True)
+        if target is not None:
+            typer.echo(f"hint: see {target / STATUS_FILE} and events.jsonl there", err=True)
+        raise typer.Exit(EXIT_FAILED) from None
+    if result.already:
+        typer.echo(f"{target}: already {result.state} at step {result.steps_done}")
+        return
     typer.echo(
         f"{result.state}: {target} (step {result.steps_done}) {result.reason or ''}".rstrip()
     )
-    if result.state == "interrupted":
-        code = 128 + result.signal_number if result.signal_number else 3
+    if result.exit_code:
         sys.stdout.flush()
-        raise typer.Exit(code)
+        raise typer.Exit(result.exit_code)
 
 
-def _run(cfg: RunConfig, target: Path, console: Console, quiet: bool, max_steps: int | None):
+def _run(
+    cfg: RunConfig,
+    target: Path,
+    console: Console,
+    quiet: bool,
+    max_steps: int | None,
+    threads: int,
+) -> RunResult:
     from deconcnn_cli.training.loop import Progress, train_run
 
     if quiet:
-        typer.echo(f"training {target}")
-        return train_run(cfg, target, stop_after_steps=max_steps)
+        typer.echo(f"training {target} ({threads} thread{'s' if threads > 1 else ''})")
+        return train_run(cfg, target, threads=threads, stop_after_steps=max_steps)
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -185,4 +223,6 @@ def _run(cfg: RunConfig, target: Path, console: Console, quiet: bool, max_steps:
                 rate=p.steps_per_s,
             )
 
-        return train_run(cfg, target, on_progress=on_progress, stop_after_steps=max_steps)
+        return train_run(
+            cfg, target, threads=threads, on_progress=on_progress, stop_after_steps=max_steps
+        )

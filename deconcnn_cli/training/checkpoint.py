@@ -18,14 +18,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from deconcnn_cli.training.metrics import atomic_write_bytes
+from deconcnn_cli.contract import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_PATTERN,
+    atomic_write_bytes,
+    checkpoint_name,
+)
 
 KEEP_LAST = 2
-_NAME = re.compile(r"^ckpt_(\d{9})\.pt$")
+_NAME = re.compile(CHECKPOINT_PATTERN)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+    return run_dir / CHECKPOINT_DIR
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -49,11 +54,18 @@ def rng_states() -> dict[str, Any]:
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
+    """Restore the saved generators. States are CPU byte tensors (``torch.set_rng_state`` and
+    ``torch.cuda.set_rng_state`` take nothing else); CUDA states are restored for the devices
+    both hosts have, so a requeue onto a node with another GPU count still resumes. (Nothing
+    in a run draws from these global generators: data and metrics use seeded generators of
+    their own; they are kept for code that might.)"""
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch_cpu"])
-    if "torch_cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["torch_cuda"])
+    torch.set_rng_state(states["torch_cpu"].cpu())
+    saved = states.get("torch_cuda") or []
+    if saved and torch.cuda.is_available():
+        for index in range(min(len(saved), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(saved[index].cpu(), index)
 
 
 def save_checkpoint(run_dir: Path, next_step: int, state: dict[str, Any]) -> Path:
@@ -63,7 +75,7 @@ def save_checkpoint(run_dir: Path, next_step: int, state: dict[str, Any]) -> Pat
     buf = io.BytesIO()
     torch.save({**state, "next_step": next_step, "rng": rng_states()}, buf)
     data = buf.getvalue()
-    path = folder / f"ckpt_{next_step:09d}.pt"
+    path = folder / checkpoint_name(next_step)
     atomic_write_bytes(path, data)
     digest = hashlib.sha256(data).hexdigest()
     atomic_write_bytes(path.with_suffix(".sha256"), f"{digest}  {path.name}\n".encode())
@@ -82,10 +94,12 @@ def _verified_bytes(path: Path) -> bytes | None:
     return data if hashlib.sha256(data).hexdigest() == expected else None
 
 
-def load_latest_checkpoint(
-    run_dir: Path, map_location: torch.device | str = "cpu"
-) -> tuple[dict[str, Any] | None, list[str]]:
-    """The newest checkpoint whose checksum verifies and that loads, plus notes on skipped ones."""
+def load_latest_checkpoint(run_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """The newest checkpoint whose checksum verifies and that loads, plus notes on skipped ones.
+
+    Everything is loaded onto the CPU: RNG states must stay CPU tensors, and
+    ``load_state_dict`` copies model/optimizer/scaler state onto the parameters' device.
+    """
     skipped: list[str] = []
     for _, path in list_checkpoints(run_dir):
         data = _verified_bytes(path)
@@ -93,7 +107,7 @@ def load_latest_checkpoint(
             skipped.append(f"{path.name}: missing or mismatched checksum")
             continue
         try:
-            state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
         except Exception as exc:  # a corrupt pickle: fall back to the previous checkpoint
             skipped.append(f"{path.name}: unreadable ({exc})")
             continue

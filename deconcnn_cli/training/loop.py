@@ -1,18 +1,21 @@
 """One training run of the measurement protocol, top to bottom.
 
 Plain PyTorch. Per-step values are accumulated on the device and flushed to the run directory
-in blocks (no host sync per step); cadenced work (validation, curvature, noise, loss-curve
-shape, checkpoints) is written inline where it happens. The batch at step ``t`` is a pure
-function of ``(seed, t)``, so a resumed run replays exactly what an uninterrupted one does.
+in blocks (no host sync per step). What happens after step ``t`` (flush, validation, noise,
+shape, checkpoint, stop) is decided in one pure function, :func:`after_step`; the loop in
+:func:`train_run` reads as the sequence of named actions it asks for. The batch at step ``t``
+is a pure function of ``(seed, t)`` and every metric draws from generators seeded by the
+step, so a resumed run writes exactly the rows an uninterrupted one does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from deconcnn_cli.config import RunConfig
+from deconcnn_cli.contract import (
+    COMPLETED,
+    DIVERGED,
+    HEARTBEAT_EVERY_S,
+    INTERRUPTED,
+    TERMINAL_STATES,
+    exit_code_for,
+)
 from deconcnn_cli.training import measure
 from deconcnn_cli.training.checkpoint import (
     load_latest_checkpoint,
@@ -34,9 +45,9 @@ from deconcnn_cli.training.data import (
     train_batch,
     val_batches,
 )
-from deconcnn_cli.training.metrics import RunWriter
+from deconcnn_cli.training.device import Precision, exact_fp32, resolve_device, resolve_precision
 from deconcnn_cli.training.models import build_model
-from deconcnn_cli.training.rundir import Precision, resolve_device, resolve_precision
+from deconcnn_cli.training.writer import RunWriter
 
 LN2 = math.log(2.0)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
@@ -53,10 +64,98 @@ class Progress:
 
 @dataclass(frozen=True)
 class RunResult:
-    state: str  # completed | diverged | interrupted
+    state: str  # completed | diverged | interrupted (or the terminal state it already had)
     steps_done: int
     reason: str | None = None
     signal_number: int | None = None
+    already: bool = False  # the run was already terminal: nothing was done
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code_for(self.state, self.signal_number)
+
+
+# ---------------------------------------------------------------------------------------------
+# The schedule and the end-of-step decision (pure)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The step geometry of one run and its cadences, in steps and epochs."""
+
+    steps_per_epoch: int
+    total_steps: int
+    val_positions: frozenset[int]  # positions within an epoch after which validation runs
+    curvature_every_steps: int  # 0 = off; else at step 0 and every N steps (before the step)
+    noise_every_epochs: int
+    shape_every_epochs: int
+    checkpoint_every_epochs: int
+    flush_every_steps: int
+
+    @classmethod
+    def of(cls, cfg: RunConfig, spe: int) -> Schedule:
+        c = cfg.cadence
+        return cls(
+            steps_per_epoch=spe,
+            total_steps=cfg.schedule.epochs * spe,
+            val_positions=frozenset(val_steps_in_epoch(spe, c.val_per_epoch)),
+            curvature_every_steps=c.curvature_every_steps,
+            noise_every_epochs=c.noise_every_epochs,
+            shape_every_epochs=c.shape_every_epochs,
+            checkpoint_every_epochs=c.checkpoint_every_epochs,
+            flush_every_steps=c.flush_every_steps,
+        )
+
+
+@dataclass(frozen=True)
+class EndOfStep:
+    """What happens after a step, in this order: flush, validate, noise, shape, checkpoint, stop."""
+
+    flush: bool = False
+    validate: bool = False
+    noise: bool = False
+    shape: bool = False
+    checkpoint: bool = False
+    stop: str | None = None  # COMPLETED, INTERRUPTED or None (go on)
+
+
+def curvature_due(step: int, s: Schedule) -> bool:
+    """Curvature runs before step ``step`` (at step 0 and every ``curvature_every_steps``)."""
+    return bool(s.curvature_every_steps) and step % s.curvature_every_steps == 0
+
+
+def after_step(step: int, s: Schedule, *, buffered: int, stop_requested: bool) -> EndOfStep:
+    """The actions after step ``step`` (counted from 0) with ``buffered`` unflushed rows.
+
+    - validation at the epoch's validation positions; noise and shape at their epoch ends;
+    - the final step completes the run (even when a stop was asked for at that moment);
+    - otherwise a requested stop interrupts it, with a checkpoint at ``step + 1``;
+    - a checkpoint at every ``checkpoint_every_epochs`` epoch end and at the final step;
+    - a flush whenever the block is full, and before anything that reads the per-step rows
+      or must find them on disk: validation, noise, shape, a checkpoint, a stop, and the
+      curvature evaluation before the next step (so no metric row lies past a divergence).
+    """
+    spe = s.steps_per_epoch
+    position, done_epochs = step % spe, step // spe + 1
+    epoch_end = position == spe - 1
+    validate = position in s.val_positions
+    noise = epoch_end and bool(s.noise_every_epochs) and done_epochs % s.noise_every_epochs == 0
+    shape = epoch_end and bool(s.shape_every_epochs) and done_epochs % s.shape_every_epochs == 0
+    if step >= s.total_steps - 1:
+        stop: str | None = COMPLETED
+    else:
+        stop = INTERRUPTED if stop_requested else None
+    checkpoint = (epoch_end and done_epochs % s.checkpoint_every_epochs == 0) or stop is not None
+    flush = buffered > 0 and (
+        buffered >= s.flush_every_steps
+        or validate
+        or noise
+        or shape
+        or checkpoint
+        or stop is not None
+        or curvature_due(step + 1, s)
+    )
+    return EndOfStep(flush, validate, noise, shape, checkpoint, stop)
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
@@ -111,267 +210,353 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
 
 
+# ---------------------------------------------------------------------------------------------
+# Stop signals
+
+
+class StopSignals:
+    """Records SIGTERM / SIGUSR2 / SIGINT from the first line of a run (SLURM sends USR2, whose
+    default action kills); the loop stops at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.received)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopSignals]:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {
+                s: signal.signal(s, lambda n, _f: self.received.append(n)) for s in STOP_SIGNALS
+            }
+        try:
+            yield self
+        finally:
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: its state and the named actions the loop performs
+
+
+class _Run:
+    """Model, optimizer, data and buffers of one attempt, restored from the newest checkpoint."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, writer: RunWriter) -> None:
+        self.cfg, self.run_dir, self.writer = cfg, run_dir, writer
+        self.device = resolve_device(cfg.device)
+        self.prec = resolve_precision(cfg.precision, self.device, writer.status.get("precision"))
+        self.splits = load_splits(
+            cfg.data.dataset,
+            cfg.data.data_dir,
+            val_fraction=cfg.data.val_fraction,
+            split_seed=cfg.data.split_seed,
+            image_size=cfg.data.image_size,
+            download=cfg.data.download,
+            device=self.device,
+        )
+        spe = steps_per_epoch(self.splits.n_train, cfg.data.batch_size)
+        self.sched = Schedule.of(cfg, spe)
+        warmup_steps = round(cfg.schedule.warmup_epochs * spe)
+        total = self.sched.total_steps
+
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model, self.splits.num_classes).to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, warmup_steps=warmup_steps, total_steps=total)
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.prec.use_scaler)
+        self.probe = measure.probe_batch(self.splits, cfg)
+        self.analysis_state: dict[str, Any] = {"eigenvector": None}
+        self.start_step = 0
+        self.last_checkpoint_step: int | None = None
+        self._restore()
+
+        self.losses = measure.read_step_losses(writer)
+        self.buf_loss: list[torch.Tensor] = []  # 0-d device tensors: no sync per step
+        self.buf_correct: list[torch.Tensor] = []
+        self.buf_rows: list[dict[str, Any]] = []  # host-known fields of the buffered steps
+        self.t_block, self.steps_block = time.perf_counter(), 0
+        self.last_grad_norm = torch.zeros((), device=self.device)
+        self.steps_done = self.start_step
+
+    def _restore(self) -> None:
+        """Resume from the newest valid checkpoint; cut the streams and events back to it."""
+        state, skipped = load_latest_checkpoint(self.run_dir)
+        for note in skipped:
+            self.writer.log_event("warning", f"skipped checkpoint {note}")
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.analysis_state = {
+                k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                for k, v in state["analysis"].items()
+            }
+            restore_rng_states(state["rng"])
+            self.start_step = self.last_checkpoint_step = state["next_step"]
+        self.writer.truncate_before(self.start_step)  # replayed rows are never doubled
+
+    # ---- actions, in the order the loop takes them
+    def measure_curvature(self, step: int) -> None:
+        def evaluate_curvature() -> dict[str, Any]:
+            row, self.analysis_state = measure.curvature_row(
+                self.model, self.probe, self.cfg, step, self.analysis_state
+            )
+            return row
+
+        row = measure.guarded(self.writer, "curvature", step, evaluate_curvature)
+        self.writer.streams["curvature"].append(
+            [{**row, "epoch": step / self.sched.steps_per_epoch}]
+        )
+        for warning in row.get("_warnings", []):
+            self.writer.log_event("warning", warning, step=step)
+
+    def train_step(self, step: int) -> None:
+        cfg, spe = self.cfg, self.sched.steps_per_epoch
+        x, y = train_batch(
+            self.splits,
+            step=step,
+            steps_per_epoch=spe,
+            batch_size=cfg.data.batch_size,
+            seed=cfg.seed,
+            augment=cfg.data.augmentation == "crop_flip",
+            image_size=cfg.data.image_size,
+        )
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        lr_now = self.optimizer.param_groups[0]["lr"]
+        with self.prec.autocast():
+            logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        params = self.model.parameters()
+        if cfg.grad_clip_norm is not None:
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+        elif step % spe in self.sched.val_positions:
+            self.last_grad_norm = global_norm([p.grad for p in params if p.grad is not None])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+
+        self.buf_loss.append(loss.detach())
+        self.buf_correct.append((logits.detach().argmax(1) == y).sum())
+        self.buf_rows.append(
+            {
+                "step": step,
+                "epoch": (step + 1) / spe,
+                "lr": lr_now,
+                "wd": cfg.optim.weight_decay,
+                "_batch": y.shape[0],
+            }
+        )
+        self.steps_block += 1
+
+    def flush(self, on_progress: Callable[[Progress], None] | None) -> int | None:
+        """Write the buffered per-step rows; return the first non-finite step, if any."""
+        if not self.buf_rows:
+            return None
+        host = torch.stack([torch.stack(self.buf_loss), torch.stack(self.buf_correct).float()])
+        values = host.tolist()  # the block's one host sync
+        self.buf_loss.clear()
+        self.buf_correct.clear()
+        rows, bad = self.buf_rows, None
+        for i, row in enumerate(rows):
+            nats = values[0][i]
+            row.update(
+                loss_train_nats=nats,
+                loss_train_bits=nats / LN2,
+                acc_train=values[1][i] / row.pop("_batch"),
+            )
+            if not math.isfinite(nats):
+                bad, rows = row["step"], rows[: i + 1]
+                break
+        self.writer.streams["step"].append(rows)
+        self.losses.extend(r["loss_train_nats"] for r in rows)
+        elapsed = time.perf_counter() - self.t_block
+        rate = self.steps_block / elapsed if elapsed > 0 else 0.0
+        self.steps_done = rows[-1]["step"] + 1
+        spe, total = self.sched.steps_per_epoch, self.sched.total_steps
+        self.writer.write_status(
+            step=self.steps_done, epoch=self.steps_done / spe, steps_per_s=rate
+        )
+        if on_progress is not None:
+            last = rows[-1]["loss_train_nats"]
+            on_progress(Progress(self.steps_done, total, self.steps_done / spe, last, rate))
+        self.buf_rows, self.t_block, self.steps_block = [], time.perf_counter(), 0
+        return bad
+
+    def validate(self, step: int) -> None:
+        loss_val, acc_val = evaluate(self.model, self.splits, self.cfg.data.batch_size, self.prec)
+        weight_norm = global_norm([p.detach() for p in self.model.parameters()])
+        row = {
+            "step": step,
+            "epoch": (step + 1) / self.sched.steps_per_epoch,
+            "loss_val_nats": loss_val,
+            "acc_val": acc_val,
+            "grad_norm": float(self.last_grad_norm),
+            "weight_norm": float(weight_norm),
+        }
+        self.writer.streams["val"].append([row])
+
+    def measure_noise(self, step: int) -> None:
+        spe = self.sched.steps_per_epoch
+        args = (self.model, self.splits, self.cfg, step, self.losses, spe)
+        row = measure.guarded(self.writer, "noise", step, measure.noise_row, *args)
+        self.writer.streams["noise"].append([{**row, "epoch": (step + 1) // spe}])
+
+    def measure_shape(self, step: int) -> None:
+        spe = self.sched.steps_per_epoch
+        row = measure.guarded(
+            self.writer, "shape", step, measure.shape_row, self.losses, self.cfg, spe
+        )
+        self.writer.streams["shape"].append([{**row, "step": step, "epoch": (step + 1) // spe}])
+
+    def checkpoint(self, next_step: int) -> None:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "analysis": self.analysis_state,
+            "config": self.cfg.model_dump(mode="json"),
+            "precision": self.prec.name,
+        }
+        save_checkpoint(self.run_dir, next_step, state)
+        self.last_checkpoint_step = next_step
+        self.writer.write_status(last_checkpoint_step=next_step)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run, top to bottom
+
+
 def train_run(
     cfg: RunConfig,
     run_dir: Path,
     *,
+    threads: int | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     stop_after_steps: int | None = None,
+    heartbeat_every_s: float = HEARTBEAT_EVERY_S,
 ) -> RunResult:
-    """Train (or resume) the run in ``run_dir``; the directory must already hold its config."""
-    device = resolve_device(cfg.device)
-    prec = resolve_precision(cfg.precision, device)
-    writer = RunWriter(run_dir)
-    splits = load_splits(
-        cfg.data.dataset,
-        cfg.data.data_dir,
-        val_fraction=cfg.data.val_fraction,
-        split_seed=cfg.data.split_seed,
-        image_size=cfg.data.image_size,
-        download=cfg.data.download,
-        device=device,
-    )
-    spe = steps_per_epoch(splits.n_train, cfg.data.batch_size)
-    total_steps = cfg.schedule.epochs * spe
-    warmup_steps = round(cfg.schedule.warmup_epochs * spe)
-    val_positions = val_steps_in_epoch(spe, cfg.cadence.val_per_epoch)
-    cad = cfg.cadence
+    """Train (or resume) the run in ``run_dir``; the directory must already hold its config.
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, splits.num_classes).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup_steps=warmup_steps, total_steps=total_steps)
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=prec.use_scaler)
-    probe = measure.probe_batch(splits, cfg)
-    analysis_state: dict[str, Any] = {"eigenvector": None}
+    The caller owns the directory (:func:`deconcnn_cli.training.rundir.own_run`). Every
+    attempt is recorded from its first line: a failure anywhere (data loading, checkpoint
+    restore, a step) leaves ``failed`` with the exception in status.json, an ``error`` event
+    with its traceback, and the attempt's end line, then re-raises.
+    """
+    writer = RunWriter(run_dir, heartbeat_every_s=heartbeat_every_s)
+    if writer.status.get("state") in TERMINAL_STATES:  # re-checked by the owner: nothing to do
+        state = writer.status["state"]
+        return RunResult(state, int(writer.status.get("step") or 0), already=True)
+    stops = StopSignals()
+    with stops.installed():
+        writer.begin(threads=threads)
+        try:
+            if threads:
+                torch.set_num_threads(threads)
+            for orphan in writer.remove_orphans():
+                writer.log_event("warning", f"removed orphan temp file {orphan}")
+            run = _Run(cfg, run_dir, writer)
+            return _train(run, stops, stop_after_steps, on_progress)
+        except BaseException as exc:
+            writer.record_failure(exc, steps_done=int(writer.status.get("step") or 0))
+            raise
+        finally:
+            writer.stop_heartbeat()
 
-    # ---- resume from the newest valid checkpoint, if any
-    start_step = 0
-    state, skipped = load_latest_checkpoint(run_dir, map_location=device)
-    for note in skipped:
-        writer.log_event("warning", f"skipped checkpoint {note}")
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        analysis_state = state["analysis"]
-        restore_rng_states(state["rng"])
-        start_step = state["next_step"]
-    writer.truncate_before(start_step)  # rows past the checkpoint are replayed, never doubled
-    losses = measure.read_step_losses(writer)
-    attempt = writer.start_attempt(resumed_from_step=start_step)
+
+def _train(
+    run: _Run,
+    stops: StopSignals,
+    stop_after_steps: int | None,
+    on_progress: Callable[[Progress], None] | None,
+) -> RunResult:
+    writer, s = run.writer, run.sched
+    writer.record_start(resumed_from_step=run.start_step)
     writer.write_status(
-        state="running",
-        step=start_step,
-        epoch=start_step / spe,
-        total_steps=total_steps,
-        steps_per_epoch=spe,
-        attempt=attempt,
-        reason=None,
-        precision=prec.name,
-        device=str(device),
+        step=run.start_step,
+        epoch=run.start_step / s.steps_per_epoch,
+        total_steps=s.total_steps,
+        steps_per_epoch=s.steps_per_epoch,
+        precision=run.prec.name,
+        device=str(run.device),
+        last_checkpoint_step=run.last_checkpoint_step,
+        steps_per_s=None,
     )
 
-    def checkpoint(next_step: int) -> None:
-        save_checkpoint(
-            run_dir,
-            next_step,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "analysis": analysis_state,
-                "config": cfg.model_dump(mode="json"),
-            },
-        )
-        writer.status["last_checkpoint_step"] = next_step
-
-    stop_signal: list[int] = []
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {s: signal.signal(s, lambda n, _f: stop_signal.append(n)) for s in STOP_SIGNALS}
-
-    buf_loss: list[torch.Tensor] = []  # 0-d device tensors: no copy kernel, no sync per step
-    buf_correct: list[torch.Tensor] = []
-    buf_rows: list[dict[str, Any]] = []  # host-known fields of the buffered steps
-    t_block, steps_block = time.perf_counter(), 0
-    last_grad_norm = torch.zeros((), device=device)
-
-    def flush() -> int | None:
-        """Write the buffered per-step rows; return the first non-finite step, if any."""
-        nonlocal buf_rows, t_block, steps_block
-        if not buf_rows:
-            return None
-        host = torch.stack([torch.stack(buf_loss), torch.stack(buf_correct).float()]).tolist()
-        buf_loss.clear()  # the .tolist() above is the block's one host sync
-        buf_correct.clear()
-        bad = None
-        for i, row in enumerate(buf_rows):
-            nats = host[0][i]
-            row.update(
-                loss_train_nats=nats,
-                loss_train_bits=nats / LN2,
-                acc_train=host[1][i] / row.pop("_batch"),
-            )
-            if not math.isfinite(nats):
-                bad = row["step"]
-                buf_rows = buf_rows[: i + 1]
-                break
-        writer.streams["step"].append(buf_rows)
-        losses.extend(r["loss_train_nats"] for r in buf_rows)
-        elapsed = time.perf_counter() - t_block
-        rate = steps_block / elapsed if elapsed > 0 else 0.0
-        last = buf_rows[-1]
-        writer.write_status(step=last["step"] + 1, epoch=(last["step"] + 1) / spe, steps_per_s=rate)
-        if on_progress is not None:
-            on_progress(
-                Progress(
-                    last["step"] + 1,
-                    total_steps,
-                    (last["step"] + 1) / spe,
-                    last["loss_train_nats"],
-                    rate,
-                )
-            )
-        buf_rows, t_block, steps_block = [], time.perf_counter(), 0
-        return bad
-
-    result: RunResult | None = None
-    model.train()
-    try:
-        for step in range(start_step, total_steps):
-            epoch, position = divmod(step, spe)
-
-            if cad.curvature_every_steps and step % cad.curvature_every_steps == 0:
-                row, analysis_state = measure.curvature_row(model, probe, cfg, step, analysis_state)
-                writer.streams["curvature"].append([{**row, "epoch": step / spe}])
-                for warning in row.pop("_warnings", []):
-                    writer.log_event("warning", warning, step=step)
-
-            x, y = train_batch(
-                splits,
-                step=step,
-                steps_per_epoch=spe,
-                batch_size=cfg.data.batch_size,
-                seed=cfg.seed,
-                augment=cfg.data.augmentation == "crop_flip",
-                image_size=cfg.data.image_size,
-            )
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            lr_now = optimizer.param_groups[0]["lr"]
-            with prec.autocast():
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            if cfg.grad_clip_norm is not None:
-                last_grad_norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), cfg.grad_clip_norm
-                )
-            elif position in val_positions:
-                last_grad_norm = global_norm(
-                    [p.grad for p in model.parameters() if p.grad is not None]
-                )
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-
-            buf_loss.append(loss.detach())
-            buf_correct.append((logits.detach().argmax(1) == y).sum())
-            buf_rows.append(
-                {
-                    "step": step,
-                    "epoch": (step + 1) / spe,
-                    "lr": lr_now,
-                    "wd": cfg.optim.weight_decay,
-                    "_batch": y.shape[0],
-                }
-            )
-            steps_block += 1
-
-            epoch_end = position == spe - 1
-            must_flush = (
-                len(buf_rows) == cad.flush_every_steps
-                or position in val_positions
-                or step == total_steps - 1
-                or bool(stop_signal)
-            )
-            if must_flush and (bad := flush()) is not None:
-                result = RunResult(
-                    "diverged", bad + 1, reason=f"non-finite training loss at step {bad}"
-                )
-                break
-
-            if position in val_positions:
-                loss_val, acc_val = evaluate(model, splits, cfg.data.batch_size, prec)
-                weight_norm = global_norm([p.detach() for p in model.parameters()])
-                writer.streams["val"].append(
-                    [
-                        {
-                            "step": step,
-                            "epoch": (step + 1) / spe,
-                            "loss_val_nats": loss_val,
-                            "acc_val": acc_val,
-                            "grad_norm": float(last_grad_norm),
-                            "weight_norm": float(weight_norm),
-                        }
-                    ]
-                )
-
-            if epoch_end:
-                done_epochs = epoch + 1
-                if cad.noise_every_epochs and done_epochs % cad.noise_every_epochs == 0:
-                    row = measure.guarded(
-                        writer,
-                        "noise",
-                        step,
-                        measure.noise_row,
-                        model,
-                        splits,
-                        cfg,
-                        step,
-                        losses,
-                        spe,
-                    )
-                    writer.streams["noise"].append([{**row, "epoch": done_epochs}])
-                if cad.shape_every_epochs and done_epochs % cad.shape_every_epochs == 0:
-                    row = measure.guarded(
-                        writer, "shape", step, measure.shape_row, losses, cfg, spe
-                    )
-                    writer.streams["shape"].append([{**row, "step": step, "epoch": done_epochs}])
-                if done_epochs % cad.checkpoint_every_epochs == 0 or step == total_steps - 1:
-                    checkpoint(step + 1)
-
-            if stop_signal or (stop_after_steps is not None and step + 1 >= stop_after_steps):
-                if not epoch_end:
-                    checkpoint(step + 1)
-                sig = stop_signal[0] if stop_signal else None
-                reason = f"signal {signal.Signals(sig).name}" if sig else "stop_after_steps"
-                result = RunResult("interrupted", step + 1, reason=reason, signal_number=sig)
-                break
-        else:
-            result = RunResult("completed", total_steps)
-    except BaseException as exc:
-        writer.write_status(state="failed", reason=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-    writer.write_status(
+    if stops.requested and run.start_step < s.total_steps:  # a signal during set-up
+        sig = stops.received[0]
+        result = RunResult(INTERRUPTED, run.start_step, f"signal {signal.Signals(sig).name}", sig)
+    else:
+        fp32_training = exact_fp32() if run.prec.name == "fp32" else contextlib.nullcontext()
+        with fp32_training:
+            result = _loop(run, stops, stop_after_steps, on_progress)
+    if result.state in (COMPLETED, DIVERGED):
+        spe = s.steps_per_epoch
+        measure.write_summary(writer, run.cfg, result.state, result.steps_done, spe, run.losses)
+    writer.finish(
         state=result.state,
+        steps_done=result.steps_done,
+        exit_code=result.exit_code,
         reason=result.reason,
         step=result.steps_done,
-        epoch=result.steps_done / spe,
+        epoch=result.steps_done / s.steps_per_epoch,
     )
-    if result.state in ("completed", "diverged"):
-        measure.write_summary(writer, cfg, result.state, result.steps_done, spe, losses)
     return result
+
+
+def _loop(
+    run: _Run,
+    stops: StopSignals,
+    stop_after_steps: int | None,
+    on_progress: Callable[[Progress], None] | None,
+) -> RunResult:
+    """Steps from the resume point until the schedule, a stop or a divergence ends the run."""
+    s = run.sched
+
+    def decide(step: int) -> EndOfStep:
+        asked = stops.requested or (stop_after_steps is not None and step + 1 >= stop_after_steps)
+        return after_step(step, s, buffered=len(run.buf_rows), stop_requested=asked)
+
+    run.model.train()
+    for step in range(run.start_step, s.total_steps):
+        if curvature_due(step, s):
+            run.measure_curvature(step)
+        run.train_step(step)
+
+        plan = decide(step)
+        bad = run.flush(on_progress) if plan.flush else None
+        if bad is None:
+            if plan.validate:
+                run.validate(step)
+            if plan.noise:
+                run.measure_noise(step)
+            if plan.shape:
+                run.measure_shape(step)
+            if plan.stop is None and stops.requested:  # arrived during this step's work
+                plan = decide(step)
+                bad = run.flush(on_progress) if plan.flush else None
+        if bad is not None:
+            return RunResult(DIVERGED, bad + 1, f"non-finite training loss at step {bad}")
+        if plan.checkpoint:
+            run.checkpoint(step + 1)
+        if plan.stop == INTERRUPTED:
+            sig = stops.received[0] if stops.received else None
+            reason = f"signal {signal.Signals(sig).name}" if sig else "stop_after_steps"
+            return RunResult(INTERRUPTED, step + 1, reason, sig)
+        if plan.stop == COMPLETED:
+            return RunResult(COMPLETED, step + 1)
+    return RunResult(COMPLETED, s.total_steps)  # every step was already done (resumed at the end)

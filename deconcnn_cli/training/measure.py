@@ -7,6 +7,7 @@ A metric that fails is logged as NaN with a reason; it never stops training.
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Callable
 from typing import Any
@@ -16,13 +17,15 @@ import torch
 
 from deconcnn_cli.analysis import hessian, noise, powerlaw, spectral
 from deconcnn_cli.config import RunConfig
+from deconcnn_cli.contract import STREAMS, atomic_write_json, read_stream
 from deconcnn_cli.training.data import (
     DataSplits,
     augment_batch,
     derive_seed,
     normalize,
 )
-from deconcnn_cli.training.metrics import STREAMS, RunWriter, atomic_write_json, read_stream
+from deconcnn_cli.training.device import exact_fp32
+from deconcnn_cli.training.writer import RunWriter
 
 NAN = float("nan")
 
@@ -30,12 +33,26 @@ NAN = float("nan")
 def guarded(
     writer: RunWriter, stream: str, step: int, fn: Callable[..., dict[str, Any]], *args: Any
 ) -> dict[str, Any]:
-    """``fn(*args)``, or a row of NaN plus a warning event if it raises: never stops training."""
+    """``fn(*args)`` with TF32 off, or a row of NaN plus a warning event if it raises.
+
+    The one failure path of every metric (curvature, noise, shape): a failure is data, never a
+    crash. A CUDA out-of-memory error (two runs sharing a card) frees the cached memory the
+    failed evaluation left before training goes on; the event names the exception class.
+    """
     try:
-        return fn(*args)
-    except Exception as exc:  # a metric's failure is data, not a crash
+        with exact_fp32():
+            return fn(*args)
+    except Exception as exc:
+        name = type(exc).__name__
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            del exc  # drop the traceback's frames (and the tensors they hold) before freeing
+            gc.collect()
+            torch.cuda.empty_cache()
+            message = "CUDA out of memory (cache freed)"
+        else:
+            message = str(exc)
         writer.log_event(
-            "warning", f"{stream} metrics failed: {type(exc).__name__}: {exc}", step=step
+            "warning", f"{stream} metrics failed: {name}: {message}", step=step, exception_type=name
         )
         return {c: NAN for c in STREAMS[stream] if c not in ("step", "epoch")} | {"step": step}
 

@@ -1,125 +1,137 @@
-"""Opening a run directory for training: identity check, lock, device and precision."""
+"""Owning a run directory: one process trains a run at a time, decidable from any host.
+
+No torch here. The rule (docs/run-directory.md, "Ownership"):
+
+1. ``flock`` on ``.lock`` (exclusive, non-blocking). Held by another process on this host:
+   the run is owned (``RunOwnedError``, exit 4). On a filesystem without working ``flock``
+   (``OSError`` such as ENOLCK / EOPNOTSUPP: Lustre ``noflock``, some NFS mounts) the lock is
+   skipped and step 2 alone decides.
+2. ``owner.json`` names the owner (host, pid, claim time). It is live when it names this
+   host and its pid exists (unless we hold the flock, which a live owner on this host would
+   hold), or names another host and its heartbeat is at most ``STALLED_AFTER_S`` old
+   (:func:`deconcnn_cli.contract.owner_is_live`). A live owner other than this process:
+   refused. Otherwise this process writes its own ``owner.json`` and, without flock, re-reads
+   it after a short pause to confirm that no other process claimed it at the same moment.
+3. On leaving, ``owner.json`` is removed when it still names this process.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import os
+import socket
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from deconcnn_cli.config import (
-    RunConfig,
-    config_hash,
-    identity_dict,
-    load_saved_config,
-    run_id,
+from deconcnn_cli.config import config_record, prepare_run_dir
+from deconcnn_cli.contract import (
+    LOCK_FILE,
+    OWNER_FILE,
+    STATUS_FILE,
+    atomic_write_json,
+    owner_is_live,
+    read_json,
 )
-from deconcnn_cli.errors import ConfigError, RunDirError
-from deconcnn_cli.training.metrics import atomic_write_json, read_json
+from deconcnn_cli.errors import RunOwnedError
 
-CONFIG_FILE = "config.json"
+try:
+    import fcntl
+except ImportError:  # not POSIX: no flock, the owner file decides
+    fcntl = None  # type: ignore[assignment]
 
+__all__ = ["config_record", "own_run", "pid_alive", "prepare_run_dir"]
 
-@dataclass(frozen=True)
-class Precision:
-    name: str  # fp32 | fp16 | bf16
-    device_type: str
-
-    @property
-    def use_scaler(self) -> bool:
-        return self.name == "fp16"
-
-    def autocast(self) -> Any:
-        if self.name == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.float16 if self.name == "fp16" else torch.bfloat16
-        return torch.autocast(self.device_type, dtype=dtype)
+NO_FLOCK_ERRNOS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+CLAIM_SETTLE_S = 0.2  # without flock: re-read owner.json this long after writing it
 
 
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pid_alive(pid: int) -> bool:
     try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise ConfigError(f"device: {spec!r} is not a device", "use auto, cpu or cuda[:N]") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "device: cuda requested but no CUDA device is visible", "use --device cpu"
-        )
-    return device
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
-def resolve_precision(spec: str, device: torch.device) -> Precision:
-    """auto: fp32 on CPU; on CUDA bf16 where supported, else fp16 with a grad scaler (RTX8000)."""
-    if spec == "auto":
-        if device.type != "cuda":
-            spec = "fp32"
-        else:
-            spec = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if spec == "fp16" and device.type != "cuda":
-        raise ConfigError("precision: fp16 needs a CUDA device", "use fp32 or bf16 on the CPU")
-    return Precision(spec, device.type)
+def _describe(owner: dict[str, Any] | None) -> str:
+    if not owner:
+        return "another process"
+    return f"pid {owner.get('pid')} on {owner.get('host')}"
 
 
-def config_record(cfg: RunConfig) -> dict[str, Any]:
-    return {
-        "run_id": run_id(cfg),
-        "config_hash": config_hash(cfg),
-        "config": cfg.model_dump(mode="json"),
-    }
-
-
-def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
-    """Create ``run_dir`` with its config, or check an existing one is the same run."""
-    path = run_dir / CONFIG_FILE
-    if path.exists():
-        saved = read_json(path)
-        if saved is None:
-            raise RunDirError(f"{path}: unreadable config", "inspect or move the run directory")
-        if saved.get("config_hash") != config_hash(cfg):
-            differing = _diff(identity_dict(load_saved_config(path)), identity_dict(cfg))
-            raise RunDirError(
-                f"{run_dir} holds a different run (config differs in {', '.join(differing)})",
-                "use a different --root/--run-dir, or resume it without changing its config",
-            )
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, config_record(cfg))
-
-
-def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append(f"{prefix}{key}")
-    return out
+def _try_flock(fd: int) -> bool:
+    """True: we hold the lock. False: this filesystem has no working flock."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise
+    except OSError as exc:
+        if exc.errno in NO_FLOCK_ERRNOS:
+            return False
+        raise
+    return True
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Exclusive lock: two processes never train the same run at once."""
-    path = run_dir / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def own_run(run_dir: Path) -> Iterator[str]:
+    """Own ``run_dir`` for the block; yields the lock mode (``"flock"`` or ``"owner-file"``).
+
+    Raises ``RunOwnedError`` (exit code 4) when another live process owns it.
+    """
+    host, pid = socket.gethostname(), os.getpid()
+    owner_path = run_dir / OWNER_FILE
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            flocked = _try_flock(fd)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
-            raise RunDirError(
-                f"{run_dir} is being trained by {holder}",
-                "wait for it, or stop that process first",
+            raise RunOwnedError(
+                f"{run_dir} is being trained by {_describe(read_json(owner_path))}",
+                "wait for it to end, or stop that process first",
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
-        yield
+        owner = read_json(owner_path)
+        same_host = owner is not None and owner.get("host") == host
+        if (
+            owner is not None
+            and not (same_host and owner.get("pid") == pid)
+            and not (flocked and same_host)  # we hold the flock: that owner is gone
+            and owner_is_live(
+                owner, read_json(run_dir / STATUS_FILE), this_host=host, pid_alive=pid_alive
+            )
+        ):
+            raise RunOwnedError(
+                f"{run_dir} is being trained by {_describe(owner)} (owner.json is live)",
+                "wait for it to end; a dead owner on another host is taken over once its "
+                "heartbeat is older than the stalled threshold (docs/run-directory.md)",
+            )
+        mine = {
+            "host": host,
+            "pid": pid,
+            "claimed_unix": time.time(),
+            "lock": "flock" if flocked else "owner-file",
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        }
+        atomic_write_json(owner_path, mine)
+        if not flocked:
+            time.sleep(CLAIM_SETTLE_S)
+            now = read_json(owner_path)
+            if not now or (now.get("host"), now.get("pid")) != (host, pid):
+                raise RunOwnedError(
+                    f"{run_dir} was claimed at the same moment by {_describe(now)}",
+                    "only one process may train a run; this one steps back",
+                )
+        try:
+            yield mine["lock"]
+        finally:
+            current = read_json(owner_path)
+            if current and (current.get("host"), current.get("pid")) == (host, pid):
+                owner_path.unlink(missing_ok=True)
     finally:
-        os.close(fd)
+        os.close(fd)  # releases the flock

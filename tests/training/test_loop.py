@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from deconcnn_cli.config import load_run_config, run_id
+from deconcnn_cli.contract import read_stream
 from deconcnn_cli.training.loop import lr_factor, val_steps_in_epoch
-from deconcnn_cli.training.metrics import read_stream
 from tests.conftest import TINY, run_cli
 
 SPE = 13  # digits: 1797 images, 180 held out -> 1617 train -> ceil(1617 / 128) = 13

@@ -1,0 +1,111 @@
+"""Device, precision and float32 exactness: what the hardware can run, chosen once per run.
+
+Precision ``auto`` is resolved at a run's first start and stored in status.json; every later
+attempt uses the stored value and is refused (``PrecisionError``) on a device that cannot run
+it natively, so a requeue onto another GPU kind never switches precision mid-run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from deconcnn_cli.errors import ConfigError, PrecisionError
+
+NATIVE_BF16_MAJOR = 8  # bf16 tensor cores from Ampere (sm_80); Turing (RTX8000, sm_75) emulates
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # fp32 | fp16 | bf16
+    device_type: str
+
+    @property
+    def use_scaler(self) -> bool:
+        return self.name == "fp16"
+
+    def autocast(self) -> Any:
+        if self.name == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.name == "fp16" else torch.bfloat16
+        return torch.autocast(self.device_type, dtype=dtype)
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ConfigError(f"device: {spec!r} is not a device", "use auto, cpu or cuda[:N]") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "device: cuda requested but no CUDA device is visible", "use --device cpu"
+        )
+    return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 runs natively: on the CPU, or on a GPU of compute capability 8.0 or newer."""
+    if device.type != "cuda":
+        return True
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= NATIVE_BF16_MAJOR
+
+
+def _capability(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def resolve_precision(spec: str, device: torch.device, stored: str | None = None) -> Precision:
+    """The run's precision on ``device``.
+
+    ``stored`` (the precision an earlier attempt of this run chose) wins over ``spec`` and is
+    refused where the device cannot run it. ``auto``: fp32 on the CPU; on CUDA bf16 where it
+    is native (compute capability >= 8.0), else fp16 with a grad scaler. Note that
+    ``torch.cuda.is_bf16_supported()`` also counts emulation, so it is not asked.
+    """
+    if stored is not None:
+        if stored == "fp16" and device.type != "cuda":
+            raise PrecisionError(
+                f"this run trains in fp16 (chosen at its first start); {device} cannot run it",
+                "resume it on a CUDA device",
+            )
+        if stored == "bf16" and not native_bf16(device):
+            raise PrecisionError(
+                f"this run trains in bf16 (chosen at its first start); {device} "
+                f"({_capability(device)}) has no native bf16",
+                "resume it on a GPU of compute capability 8.0 or newer (A100, H100, ...)",
+            )
+        return Precision(stored, device.type)
+    if spec == "auto":
+        native = "bf16" if native_bf16(device) else "fp16"
+        spec = "fp32" if device.type != "cuda" else native
+    if spec == "fp16" and device.type != "cuda":
+        raise ConfigError("precision: fp16 needs a CUDA device", "use fp32 or bf16 on the CPU")
+    if spec == "bf16" and not native_bf16(device):
+        raise ConfigError(
+            f"precision: bf16 is emulated on {device} ({_capability(device)})",
+            "use fp16 (with a grad scaler) or auto",
+        )
+    return Precision(spec, device.type)
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """TF32 off for cuBLAS matmuls and cuDNN convolutions inside the block (restored after):
+    on Ampere and later, TF32 carries ~1e-3 relative error, as large as the Lanczos
+    tolerance. A no-op on the CPU, where the flags have no effect."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
