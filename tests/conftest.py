@@ -18,8 +18,8 @@ TINY = ["-p", "smoke", "--set", "data.image_size=8", "--quiet"]
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 600
 ) -> subprocess.CompletedProcess:
-    """``python -m deconcnn_cli ...`` in a real subprocess."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    """``python -m deconcnn_cli ...`` in a real subprocess, on one torch thread."""
+    env = subprocess_env()
     return subprocess.run(
         [sys.executable, "-m", "deconcnn_cli", *args],
         capture_output=True,
@@ -28,6 +28,18 @@ def run_cli(
         env=env,
         timeout=timeout,
     )
+
+
+def subprocess_env() -> dict[str, str]:
+    """One thread per subprocess run: the test suite is several runs sharing this machine, so
+    it says so the way a launcher does (``$DECON_CONCURRENT_RUNS``, see contract.py)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "DECON_CONCURRENT_RUNS": str(cpus or 1),
+    }
 
 
 def only_run(root: Path) -> Path:

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from deconcnn_cli.contract import read_attempts, read_events, read_stream
 from deconcnn_cli.training.checkpoint import list_checkpoints, load_latest_checkpoint
-from tests.conftest import REPO, TINY, only_run, run_cli
+from tests.conftest import REPO, TINY, only_run, run_cli, subprocess_env
 
 ARGS = ["train", "--variant", "base", *TINY, "--seed", "3"]
 STREAMS = ("step", "val", "curvature", "noise", "shape")
@@ -27,11 +28,10 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 
 def _start(root: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "deconcnn_cli", *ARGS, "--root", str(root)],
         cwd=REPO,
-        env=env,
+        env=subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -139,3 +139,103 @@ def test_huge_lr_is_recorded_as_diverged(tmp_path: Path):
     assert int(rows[-1].split(",")[0]) == status["step"] - 1
     again = run_cli("train", "--run-dir", str(run), "--quiet")  # never retried
     assert again.returncode == 0 and "already diverged" in again.stdout
+
+
+# ---- stops at any step (issue 6 items 1 and 7), in-process for speed; compared with the
+# subprocess reference above (both on one torch thread)
+
+
+def _cfg(*overrides: str):
+    from deconcnn_cli.config import load_run_config
+
+    return load_run_config(
+        variant="base",
+        profiles=["smoke"],
+        overrides=["data.image_size=8", *overrides],
+        flags={"seed": 3},
+    )
+
+
+def _segment(cfg, run: Path, stop_after: int | None):
+    from deconcnn_cli.config import prepare_run_dir
+    from deconcnn_cli.training.loop import train_run
+
+    prepare_run_dir(cfg, run)
+    return train_run(cfg, run, stop_after_steps=stop_after)
+
+
+def _assert_streams_equal(run: Path, reference: Path) -> None:
+    for name in STREAMS:
+        got = (run / "metrics" / f"{name}.csv").read_text()
+        assert got == (reference / "metrics" / f"{name}.csv").read_text(), name
+
+
+def test_stop_at_any_step_then_resume_gives_identical_streams(reference: Path, tmp_path: Path):
+    """Stops at steps that are neither flush (8) nor validation (3, 6, 9, 12) boundaries."""
+    cfg, run = _cfg(), tmp_path / "run"
+    for stop in (5, 17, 31):
+        result = _segment(cfg, run, stop)
+        assert (result.state, result.steps_done, result.exit_code) == ("interrupted", stop, 3)
+        rows = read_stream(run / "metrics" / "step.csv")
+        assert [int(r["step"]) for r in rows] == list(range(stop))  # the stop step's row too
+        status = json.loads((run / "status.json").read_text())
+        assert status["state"] == "interrupted" and status["step"] == stop
+        assert status["last_checkpoint_step"] == stop == list_checkpoints(run)[0][0]
+    orphan = run / "checkpoints" / ".ckpt_000000099.pt.tmp4242"  # a save killed by SIGKILL
+    orphan.write_bytes(b"x" * 1000)
+    assert _segment(cfg, run, None).state == "completed"
+    assert not orphan.exists()
+    _assert_streams_equal(run, reference)
+    events = [e for e in read_events(run) if "step" in e]
+    keys = [(e["message"], e["step"]) for e in events]
+    assert len(keys) == len(set(keys))  # no warning repeated by a resume
+    attempts = read_attempts(run)
+    starts = [a for a in attempts if a.get("event") != "end"]
+    ends = [a for a in attempts if a.get("event") == "end"]
+    assert [a["resumed_from_step"] for a in starts] == [0, 5, 17, 31]
+    assert [(a["state"], a["exit_code"]) for a in ends] == [("interrupted", 3)] * 3 + [
+        ("completed", 0)
+    ]
+
+
+def test_stop_at_non_checkpoint_epoch_end_and_on_the_final_step(reference: Path, tmp_path: Path):
+    cfg, run = _cfg("cadence.checkpoint_every_epochs=2"), tmp_path / "run"
+    result = _segment(cfg, run, 13)  # the end of epoch 1, which is no checkpoint epoch
+    assert (result.state, result.steps_done) == ("interrupted", 13)
+    assert [s for s, _ in list_checkpoints(run)] == [13]
+    assert json.loads((run / "status.json").read_text())["last_checkpoint_step"] == 13
+    result = _segment(cfg, run, 39)  # a stop asked for on the final step completes the run
+    assert (result.state, result.steps_done, result.exit_code) == ("completed", 39, 0)
+    assert json.loads((run / "summary.json").read_text())["state"] == "completed"
+    _assert_streams_equal(run, reference)
+
+
+def test_failure_during_setup_is_recorded(tmp_path: Path, mocker):
+    """Data loading fails before the first step: status, attempt lines and the traceback."""
+    cfg, run = _cfg(), tmp_path / "run"
+    mocker.patch("deconcnn_cli.training.loop.load_splits", side_effect=OSError("data volume gone"))
+    with pytest.raises(OSError, match="data volume gone"):
+        _segment(cfg, run, None)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and status["reason"] == "OSError: data volume gone"
+    assert status["exception_type"] == "OSError" and status["attempt"] == 1
+    start, end = read_attempts(run)
+    assert start["attempt"] == end["attempt"] == 1 and start["pid"] == os.getpid()
+    assert end["event"] == "end" and end["exit_code"] == 1
+    assert end["exception_type"] == "OSError" and end["state"] == "failed"
+    (error,) = [e for e in read_events(run) if e["level"] == "error"]
+    assert "data volume gone" in error["traceback"] and "load_splits" in error["traceback"]
+
+
+def test_a_failing_curvature_evaluation_is_a_nan_row(tmp_path: Path, mocker):
+    """A CUDA OOM inside curvature (two runs on one card) no longer kills the run."""
+    cfg, run = _cfg("schedule.epochs=1", "schedule.warmup_epochs=0.5"), tmp_path / "run"
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    mocker.patch("deconcnn_cli.training.measure.curvature_row", side_effect=oom)
+    freed = mocker.patch("torch.cuda.empty_cache")
+    assert _segment(cfg, run, None).state == "completed"
+    rows = read_stream(run / "metrics" / "curvature.csv")
+    assert [int(r["step"]) for r in rows] == [0, 10]
+    assert all(r["lambda_max"] == "nan" and r["hutch_trace"] == "nan" for r in rows)
+    warnings = [e for e in read_events(run) if e.get("exception_type") == "OutOfMemoryError"]
+    assert [e["step"] for e in warnings] == [0, 10] and freed.call_count == 2
