@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deconcnn_cli.contract import read_attempts, read_events, read_stream
+from deconcnn_cli.contract import read_attempts, read_events, read_json, read_stream
 from deconcnn_cli.training.checkpoint import list_checkpoints, load_latest_checkpoint
 from tests.conftest import REPO, TINY, only_run, run_cli, subprocess_env
 
@@ -239,3 +240,52 @@ def test_a_failing_curvature_evaluation_is_a_nan_row(tmp_path: Path, mocker):
     assert all(r["lambda_max"] == "nan" and r["hutch_trace"] == "nan" for r in rows)
     warnings = [e for e in read_events(run) if e.get("exception_type") == "OutOfMemoryError"]
     assert [e["step"] for e in warnings] == [0, 10] and freed.call_count == 2
+
+
+def _start_resume(run: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "deconcnn_cli", "train", "--run-dir", str(run), "--quiet"],
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _running_as(root: Path, proc: subprocess.Popen) -> bool:
+    runs = [p for p in root.iterdir() if p.is_dir()]
+    status = (read_json(runs[0] / "status.json") or {}) if runs else {}
+    return status.get("state") == "running" and status.get("pid") == proc.pid
+
+
+@pytest.mark.slow
+def test_sigterm_at_random_moments_then_resume_is_identical(reference: Path, tmp_path: Path):
+    """Real subprocesses stopped by SIGTERM at seeded random moments (set-up included), each
+    resumed; a second process on a live run is refused with exit code 4."""
+    rng = random.Random(6)
+    proc = _start(tmp_path)
+    _wait_for(lambda: _running_as(tmp_path, proc), proc)
+    run = only_run(tmp_path)
+    second = run_cli("train", "--run-dir", str(run), "--quiet")
+    assert second.returncode == 4, second.stderr
+    assert f"pid {proc.pid}" in second.stderr and "Traceback" not in second.stderr
+    codes = []
+    for attempt in range(4):
+        if attempt:
+            proc = _start_resume(run)
+            _wait_for(lambda p=proc: _running_as(tmp_path, p), proc)
+        time.sleep(rng.uniform(0.0, 4.0))
+        proc.send_signal(signal.SIGTERM)
+        codes.append(proc.wait(timeout=300))
+        status = read_json(run / "status.json")
+        if codes[-1] == 0:  # it finished before the signal
+            break
+        assert codes[-1] == 128 + signal.SIGTERM, proc.stderr.read().decode()
+        assert status["state"] == "interrupted" and "SIGTERM" in status["reason"]
+        assert status["last_checkpoint_step"] in (None, status["step"])
+        if status["step"]:
+            assert list_checkpoints(run)[0][0] == status["step"]
+    assert run_cli("train", "--run-dir", str(run), "--quiet").returncode == 0
+    _assert_streams_equal(run, reference)
+    ends = [a for a in read_attempts(run) if a.get("event") == "end"]
+    assert [a["exit_code"] for a in ends][: len(codes)] == codes
