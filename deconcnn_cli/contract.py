@@ -76,7 +76,7 @@ RUNNING = "running"
 INTERRUPTED = "interrupted"  # stopped by a signal or --max-steps, checkpointed at `step`
 COMPLETED = "completed"
 DIVERGED = "diverged"  # a non-finite training loss: a result, never retried
-FAILED = "failed"  # an exception; `reason` and `exception` hold it
+FAILED = "failed"  # an exception; `reason` and `exception_type` hold it
 STATES = (RUNNING, INTERRUPTED, COMPLETED, DIVERGED, FAILED)
 TERMINAL_STATES = (COMPLETED, DIVERGED)
 # ---- states only an observer derives (never written by the run)

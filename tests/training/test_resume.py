@@ -138,6 +138,9 @@ def test_huge_lr_is_recorded_as_diverged(tmp_path: Path):
     rows = (run / "metrics" / "step.csv").read_text().splitlines()
     assert rows[-1].split(",")[2] in ("nan", "inf", "-inf")  # the diverging step is kept
     assert int(rows[-1].split(",")[0]) == status["step"] - 1
+    for name in ("val", "curvature", "noise", "shape"):  # no metric row past the divergence
+        rows_of = read_stream(run / "metrics" / f"{name}.csv")
+        assert all(int(r["step"]) < status["step"] for r in rows_of), name
     again = run_cli("train", "--run-dir", str(run), "--quiet")  # never retried
     assert again.returncode == 0 and "already diverged" in again.stdout
 
@@ -289,3 +292,48 @@ def test_sigterm_at_random_moments_then_resume_is_identical(reference: Path, tmp
     _assert_streams_equal(run, reference)
     ends = [a for a in read_attempts(run) if a.get("event") == "end"]
     assert [a["exit_code"] for a in ends][: len(codes)] == codes
+
+
+def test_last_checkpoint_step_never_names_a_skipped_checkpoint(tmp_path: Path):
+    from deconcnn_cli.training.loop import train_run
+
+    cfg, run = _cfg(), tmp_path / "run"
+    _segment(cfg, run, 30)
+    (newest_step, newest), (older_step, _) = list_checkpoints(run)[:2]
+    assert (newest_step, older_step) == (30, 26)
+    newest.write_bytes(b"truncated by a full disk")
+    seen = []
+    status_path = run / "status.json"
+    train_run(
+        cfg,
+        run,
+        stop_after_steps=31,
+        on_progress=lambda p: seen.append((p.step, read_json(status_path)["last_checkpoint_step"])),
+    )
+    assert seen[0] == (30, 26)  # resumed from 26: the corrupt 30 is not named
+    assert read_json(status_path)["last_checkpoint_step"] == 31
+
+
+def test_a_run_dir_holding_only_config_json_starts_with_threads(tmp_path: Path):
+    """What `decon sweep submit` leaves (config.json only, written without torch) starts."""
+    from deconcnn_cli.config import prepare_run_dir
+
+    run = tmp_path / "run"
+    prepare_run_dir(_cfg(), run)
+    assert [p.name for p in run.iterdir()] == ["config.json"]
+    proc = run_cli("train", "--run-dir", str(run), "--threads", "1", "--max-steps", "2", "-q")
+    assert proc.returncode == 3, proc.stderr
+    status = read_json(run / "status.json")
+    assert status["threads"] == 1 and status["step"] == 2 and status["state"] == "interrupted"
+    assert read_attempts(run)[0]["threads"] == 1
+
+
+def test_contract_and_run_dir_creation_do_not_import_torch():
+    code = (
+        "import sys\n"
+        "import deconcnn_cli.contract, deconcnn_cli.config, deconcnn_cli.training.rundir\n"
+        "from deconcnn_cli.config import prepare_run_dir, config_record\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
