@@ -10,7 +10,9 @@ No torch here. The rule (docs/run-directory.md, "Ownership"):
    host and its pid exists (unless we hold the flock, which a live owner on this host would
    hold), or names another host and its heartbeat is at most ``STALLED_AFTER_S`` old
    (:func:`deconcnn_cli.contract.owner_is_live`). A live owner other than this process:
-   refused. Otherwise this process writes its own ``owner.json`` and, without flock, re-reads
+   refused — unless it is an earlier incarnation of this same SLURM job (same
+   ``SLURM_JOB_ID``, another ``SLURM_RESTART_COUNT``), which a requeue guarantees is gone.
+   Otherwise this process writes its own ``owner.json`` and, without flock, re-reads
    it after a short pause to confirm that no other process claimed it at the same moment.
 3. On leaving, ``owner.json`` is removed when it still names this process.
 """
@@ -64,6 +66,17 @@ def _describe(owner: dict[str, Any] | None) -> str:
     return f"pid {owner.get('pid')} on {owner.get('host')}"
 
 
+def _earlier_incarnation(owner: dict[str, Any]) -> bool:
+    """The owner is an earlier run of this very SLURM job (same job id, another restart
+    count): SLURM starts a requeued job only once the previous one is gone."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return (
+        job is not None
+        and owner.get("slurm_job_id") == job
+        and owner.get("slurm_restart_count") != os.environ.get("SLURM_RESTART_COUNT")
+    )
+
+
 def _try_flock(fd: int) -> bool:
     """True: we hold the lock. False: this filesystem has no working flock."""
     if fcntl is None:
@@ -102,6 +115,7 @@ def own_run(run_dir: Path) -> Iterator[str]:
             owner is not None
             and not (same_host and owner.get("pid") == pid)
             and not (flocked and same_host)  # we hold the flock: that owner is gone
+            and not _earlier_incarnation(owner)  # SLURM requeued this job: it is gone
             and owner_is_live(
                 owner, read_json(run_dir / STATUS_FILE), this_host=host, pid_alive=pid_alive
             )
@@ -117,6 +131,7 @@ def own_run(run_dir: Path) -> Iterator[str]:
             "claimed_unix": time.time(),
             "lock": "flock" if flocked else "owner-file",
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
         }
         atomic_write_json(owner_path, mine)
         if not flocked:

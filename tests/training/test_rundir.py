@@ -134,3 +134,19 @@ def test_exit_codes():
     assert exit_code_for("failed") == 1
     assert exit_code_for("interrupted") == 3
     assert exit_code_for("interrupted", 15) == 143 and exit_code_for("interrupted", 12) == 140
+
+
+def test_an_earlier_incarnation_of_this_slurm_job_is_taken_over(tmp_path: Path, monkeypatch):
+    """After a node failure, SLURM requeues the job elsewhere at once: its owner.json still
+    has a fresh heartbeat, but the same job id with an older restart count is gone."""
+    now = time.time()
+    owner = {"host": "gpu-node-7", "pid": 4242, "claimed_unix": now - 5}
+    _write_owner(tmp_path, **owner, slurm_job_id="9001", slurm_restart_count=None)
+    monkeypatch.setenv("SLURM_JOB_ID", "9001")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with own_run(tmp_path):
+        mine = read_json(tmp_path / OWNER_FILE)
+        assert mine["host"] == HOST and mine["slurm_restart_count"] == "1"
+    _write_owner(tmp_path, **owner, slurm_job_id="9002", slurm_restart_count=None)
+    with pytest.raises(RunOwnedError), own_run(tmp_path):  # another job: still refused
+        pass
