@@ -462,11 +462,12 @@ def train_run(
         state = writer.status["state"]
         return RunResult(state, int(writer.status.get("step") or 0), already=True)
     stops = StopSignals()
+    threads_before = torch.get_num_threads()
     with stops.installed():
         writer.begin(threads=threads)
         try:
             if threads:
-                torch.set_num_threads(threads)
+                torch.set_num_threads(threads)  # restored below: the caller's process is theirs
             for orphan in writer.remove_orphans():
                 writer.log_event("warning", f"removed orphan temp file {orphan}")
             run = _Run(cfg, run_dir, writer)
@@ -476,6 +477,7 @@ def train_run(
             raise
         finally:
             writer.stop_heartbeat()
+            torch.set_num_threads(threads_before)
 
 
 def _train(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from deconcnn_cli.config import load_run_config, run_id
-from deconcnn_cli.contract import read_stream
+from deconcnn_cli.contract import read_attempts, read_stream
 from deconcnn_cli.training.loop import lr_factor, val_steps_in_epoch
 from tests.conftest import TINY, run_cli
 
@@ -99,7 +99,14 @@ def test_status_summary_and_attempts(run_dir: Path):
     assert summary["state"] == "completed" and summary["steps_done"] == TOTAL
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["run_id"] == run_dir.name
-    assert len((run_dir / "attempts.jsonl").read_text().splitlines()) == 1
+    start, end = read_attempts(run_dir)  # one attempt: its start line and its end line
+    assert start["attempt"] == end["attempt"] == 1 and start["resumed_from_step"] == 0
+    assert (end["event"], end["state"], end["steps_done"], end["exit_code"]) == (
+        "end",
+        "completed",
+        TOTAL,
+        0,
+    )
 
 
 def test_rerunning_a_completed_run_changes_nothing(run_dir: Path):

@@ -218,9 +218,16 @@ def test_failure_during_setup_is_recorded(tmp_path: Path, mocker):
     """Data loading fails before the first step: status, attempt lines and the traceback."""
     cfg, run = _cfg(), tmp_path / "run"
     mocker.patch("deconcnn_cli.training.loop.load_splits", side_effect=OSError("data volume gone"))
+    from deconcnn_cli.config import prepare_run_dir
+    from deconcnn_cli.training.loop import train_run
+
+    prepare_run_dir(cfg, run)
+    threads_before = torch.get_num_threads()
     with pytest.raises(OSError, match="data volume gone"):
-        _segment(cfg, run, None)
+        train_run(cfg, run, threads=threads_before + 1)
+    assert torch.get_num_threads() == threads_before  # the caller's process is left as it was
     status = json.loads((run / "status.json").read_text())
+    assert status["threads"] == threads_before + 1
     assert status["state"] == "failed" and status["reason"] == "OSError: data volume gone"
     assert status["exception_type"] == "OSError" and status["attempt"] == 1
     start, end = read_attempts(run)
