@@ -33,3 +33,4 @@ bench: install-dev  # side-by-side speed ratios, see docs/performance.md
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_train.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_augment.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_metrics.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_concurrent.py

@@ -468,6 +468,12 @@ def train_run(
         try:
             if threads:
                 torch.set_num_threads(threads)  # restored below: the caller's process is theirs
+            if threads and writer.previous_threads and writer.previous_threads != threads:
+                writer.log_event(
+                    "warning",
+                    f"{threads} threads, the previous attempt had {writer.previous_threads}: "
+                    "CPU results can differ in the last bits from an uninterrupted run",
+                )
             for orphan in writer.remove_orphans():
                 writer.log_event("warning", f"removed orphan temp file {orphan}")
             run = _Run(cfg, run_dir, writer)

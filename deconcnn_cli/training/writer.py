@@ -100,6 +100,7 @@ class RunWriter:
         }
         self.status: dict[str, Any] = read_json(run_dir / STATUS_FILE) or {}
         self.attempt = 0
+        self.previous_threads: int | None = None  # of the previous attempt, once begun
         self.heartbeat_every_s = heartbeat_every_s
         self._status_lock = threading.Lock()
         self._beat_stop = threading.Event()
@@ -143,8 +144,11 @@ class RunWriter:
     # ---- attempts
     def begin(self, *, threads: int | None) -> int:
         """Mark the run ``running`` under this process (first line of an attempt)."""
-        previous = [int(a.get("attempt") or 0) for a in read_jsonl(self.run_dir / ATTEMPTS_FILE)]
+        lines = read_jsonl(self.run_dir / ATTEMPTS_FILE)
+        previous = [int(a.get("attempt") or 0) for a in lines]
         self.attempt = max([int(self.status.get("attempt") or 0), *previous]) + 1
+        starts = [a for a in lines if a.get("event") != "end"]
+        self.previous_threads = starts[-1].get("threads") if starts else None
         self.write_status(
             state=RUNNING,
             attempt=self.attempt,

@@ -333,6 +333,11 @@ def test_a_run_dir_holding_only_config_json_starts_with_threads(tmp_path: Path):
     status = read_json(run / "status.json")
     assert status["threads"] == 1 and status["step"] == 2 and status["state"] == "interrupted"
     assert read_attempts(run)[0]["threads"] == 1
+    again = run_cli("train", "--run-dir", str(run), "--threads", "2", "--max-steps", "3", "-q")
+    assert again.returncode == 3, again.stderr
+    assert [a["threads"] for a in read_attempts(run) if a.get("event") != "end"] == [1, 2]
+    (warning,) = [e for e in read_events(run) if "previous attempt had 1" in e["message"]]
+    assert warning["attempt"] == 2
 
 
 def test_contract_and_run_dir_creation_do_not_import_torch():

@@ -55,6 +55,7 @@ def test_attempt_numbers_lines_and_failure_record(tmp_path: Path):
     first.finish(state="interrupted", steps_done=7, exit_code=143, step=7)
     second = RunWriter(tmp_path, heartbeat_every_s=60)
     assert second.begin(threads=2) == 2
+    assert second.previous_threads == 1  # the loop warns: CPU bits depend on the thread count
     try:
         raise MemoryError("host out of memory")
     except MemoryError as exc:
