@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,7 @@ def owner_is_live(
     status: dict[str, Any] | None,
     *,
     this_host: str,
-    pid_alive: Any,
+    pid_alive: Callable[[int], bool],
     now: float | None = None,
 ) -> bool:
     """Whether the process ``owner.json`` names still owns the run.
