@@ -58,7 +58,8 @@ def slurm_unavailable() -> str | None:
     except (OSError, subprocess.SubprocessError) as exc:
         return f"scontrol ping failed: {exc}"
     if out.returncode != 0 or "UP" not in out.stdout:
-        return f"no SLURM controller answers: {(out.stderr or out.stdout).strip()[:200]}"
+        lines = (out.stderr or out.stdout).strip().splitlines() or ["no answer"]
+        return f"no SLURM controller answers ({lines[-1].strip()[:160]})"
     return None
 
 
