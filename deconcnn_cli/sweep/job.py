@@ -27,6 +27,7 @@ from typing import Any
 from deconcnn_cli import contract
 
 POLL_S = 0.5  # how often the job looks at its children
+RESEND_EVERY_S = 2.0  # how often a stop signal is repeated to a child that has not exited
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
@@ -80,9 +81,17 @@ def _start(run_dir: Path, threads: int) -> _Child:
         stdout=log,
         stderr=subprocess.STDOUT,
         env=child_env(threads),
+        preexec_fn=_ignore_usr2,
     )
     _log(f"started {run_dir.name} (pid {proc.pid}, {threads} threads)")
     return _Child(run_dir, proc, log)
+
+
+def _ignore_usr2() -> None:
+    """In the child before exec: SLURM signals every process of the step, and USR2's default
+    action kills. A run still importing torch would die without a word; ignored, the signal
+    is harmless until the run installs its own handler (the job then sends it again)."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 def _reap(child: _Child, code: int) -> None:
@@ -91,9 +100,15 @@ def _reap(child: _Child, code: int) -> None:
     _log(f"{child.run_dir.name} exited {code} ({state})")
 
 
-def _wait_children(children: list[_Child], timeout_s: float) -> list[_Child]:
-    """Poll until every child exited or ``timeout_s`` passed; the ones still alive."""
+def _wait_children(
+    children: list[_Child], timeout_s: float, resend: int | None = None
+) -> list[_Child]:
+    """Poll until every child exited or ``timeout_s`` passed; the ones still alive.
+
+    ``resend``: signal the children still alive every RESEND_EVERY_S (one that was starting
+    up when the first signal came ignored it)."""
     deadline = time.monotonic() + timeout_s
+    next_send = time.monotonic()
     alive = list(children)
     while alive and time.monotonic() < deadline:
         for child in list(alive):
@@ -101,6 +116,11 @@ def _wait_children(children: list[_Child], timeout_s: float) -> list[_Child]:
             if code is not None:
                 _reap(child, code)
                 alive.remove(child)
+        if alive and resend is not None and time.monotonic() >= next_send:
+            for child in alive:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(resend)
+            next_send = time.monotonic() + RESEND_EVERY_S
         if alive:
             time.sleep(POLL_S)
     return alive
@@ -154,10 +174,7 @@ class RunGroup:
 
         alive = [c for c in self._children if c.proc.poll() is None]
         _log(f"stop signal: asking {len(alive)} run(s) to checkpoint")
-        for child in alive:
-            with contextlib.suppress(ProcessLookupError):
-                child.proc.send_signal(signal.SIGUSR2)
-        left = _wait_children(alive, self.grace_s)
+        left = _wait_children(alive, self.grace_s, resend=signal.SIGUSR2)
         for child in left:
             _log(f"{child.run_dir.name} did not exit within {self.grace_s:.0f} s")
         fresh = RunGroup(list(self.run_dirs), self.max_attempts, self.grace_s)
