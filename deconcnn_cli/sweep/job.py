@@ -161,13 +161,36 @@ class RunGroup:
             else:
                 todo.append(d)
         threads = max(1, cpus // max(1, len(todo)))
+        terminated = self._on_sigterm()
         self._children = [_start(d, threads) for d in todo]
         _wait_children(self._children, float("inf"))
+        if terminated:  # cancelled, or requeued without the hook (preemption, scontrol)
+            _log("SIGTERM: the runs saved; exiting without a result for the scheduler to act")
+            sys.exit(128 + signal.SIGTERM)
         states = {Path(d).name: contract.view_run(Path(d)).state for d in self.run_dirs}
         bad = {k: v for k, v in states.items() if v not in contract.TERMINAL_STATES}
         if bad:  # an honest failure status: the scheduler records FAILED
             raise RuntimeError(f"runs not finished: {bad}")
         return states
+
+    def _on_sigterm(self) -> list[int]:
+        """On SIGTERM pass it to the runs (they checkpoint and exit) and remember it: the job
+        must then neither return nor raise, or submitit records a result for a job SLURM is
+        requeueing (research notes, design B)."""
+        seen: list[int] = []
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum: int, frame: Any) -> None:
+            seen.append(signum)
+            for child in self._children:
+                if child.proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        child.proc.send_signal(signal.SIGTERM)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, handler)
+        return seen
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         import submitit  # job side only
