@@ -30,3 +30,13 @@ class RunOwnedError(DeconError):
 
 class PrecisionError(DeconError):
     """The run's stored precision cannot run on this device (a resume is refused)."""
+
+
+class SweepError(DeconError):
+    """A sweep root that is missing, foreign, locked or asked for something it cannot do."""
+
+
+class SchedulerError(DeconError):
+    """The scheduler is unreachable or refused a submission (exit 5)."""
+
+    exit_code = 5

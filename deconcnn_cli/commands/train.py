@@ -125,8 +125,9 @@ def train(
     threads: Annotated[
         int | None,
         typer.Option(
-            help="Torch intra-op threads [default: SLURM_CPUS_PER_TASK, else the CPUs this "
-            "process may use, divided by $DECON_CONCURRENT_RUNS].",
+            min=1,
+            help="Torch intra-op threads (default: SLURM_CPUS_PER_TASK, else the CPUs this "
+            "process may use, divided by $DECON_CONCURRENT_RUNS).",
         ),
     ] = None,
     quiet: QuietOpt = False,
