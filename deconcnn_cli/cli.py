@@ -6,7 +6,9 @@ import sys
 
 import typer
 
+from deconcnn_cli.commands import monitor as monitor_cmd
 from deconcnn_cli.commands import train as train_cmd
+from deconcnn_cli.commands import verify as verify_cmd
 from deconcnn_cli.errors import DeconError
 
 app = typer.Typer(
@@ -16,6 +18,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("train", no_args_is_help=False)(train_cmd.train)
+app.command("monitor")(monitor_cmd.monitor)
+app.command("verify")(verify_cmd.verify)
 
 
 @app.callback()

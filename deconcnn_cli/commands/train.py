@@ -26,16 +26,9 @@ from deconcnn_cli.config import (
     parse_override,
     run_id,
 )
+from deconcnn_cli.contract import CONFIG_FILE
 from deconcnn_cli.errors import DeconError, RunDirError
-from deconcnn_cli.training.data import check_available
 from deconcnn_cli.training.metrics import TERMINAL_STATES, read_json
-from deconcnn_cli.training.rundir import (
-    CONFIG_FILE,
-    prepare_run_dir,
-    resolve_device,
-    resolve_precision,
-    run_lock,
-)
 
 
 def _flags(**values: Any) -> dict[str, Any]:
@@ -138,6 +131,16 @@ def train(
         if status.get("state") in TERMINAL_STATES:
             typer.echo(f"{target}: already {status['state']} at step {status.get('step')}")
             return
+        # torch loads here, not at import: `decon monitor/verify` share this CLI and must
+        # answer in well under a second
+        from deconcnn_cli.training.data import check_available
+        from deconcnn_cli.training.rundir import (
+            prepare_run_dir,
+            resolve_device,
+            resolve_precision,
+            run_lock,
+        )
+
         check_available(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download)
         resolve_precision(cfg.precision, resolve_device(cfg.device))  # fail before writing
         prepare_run_dir(cfg, target)
