@@ -7,6 +7,7 @@ import sys
 import typer
 
 from deconcnn_cli.commands import monitor as monitor_cmd
+from deconcnn_cli.commands import recover as recover_cmd
 from deconcnn_cli.commands import train as train_cmd
 from deconcnn_cli.commands import verify as verify_cmd
 from deconcnn_cli.errors import DeconError
@@ -20,6 +21,7 @@ app = typer.Typer(
 app.command("train", no_args_is_help=False)(train_cmd.train)
 app.command("monitor")(monitor_cmd.monitor)
 app.command("verify")(verify_cmd.verify)
+app.command("recover")(recover_cmd.recover)
 
 
 @app.callback()

@@ -42,9 +42,7 @@ def _duration(seconds: float | None) -> str:
 
 def render_report(report: SweepReport, show_failed: bool) -> Group:
     sched = report.scheduler
-    counts = "  ".join(
-        f"[{_STYLE[s]}]{s} {n}[/]" for s, n in report.counts.items() if n or s != "stalled"
-    )
+    counts = "  ".join(f"[{_STYLE[s]}]{s} {n}[/]" for s, n in report.counts.items() if n)
     head = [
         Text.from_markup(f"[bold]{report.grid}[/] at {report.root}: {len(report.rows)} runs"),
         Text.from_markup(counts),

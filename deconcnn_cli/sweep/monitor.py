@@ -17,8 +17,9 @@ from typing import Any
 
 from deconcnn_cli import contract
 from deconcnn_cli.sweep import classify as C
-from deconcnn_cli.sweep.observe import JOBS_DIR, JobRef, SweepView, load_sweep
+from deconcnn_cli.sweep.observe import JobRef, SweepView, load_sweep
 from deconcnn_cli.sweep.scheduler import CACHE_TTL_S, SchedulerSnapshot, scheduler_snapshot
+from deconcnn_cli.sweep.store import JOBS_DIR
 
 LOG_TAIL_LINES = 15
 _TAIL_BYTES = 16384
@@ -38,6 +39,7 @@ class RunRow:
     gpu_hours: float
     gpu_hours_wasted: float
     job_id: str | None
+    job_state: str | None  # the scheduler's word for the run's latest job, if it answered
     heartbeat_age_s: float | None
 
 
@@ -165,6 +167,7 @@ def observe_sweep(
                 gpu_hours=used_s * share / 3600.0,
                 gpu_hours_wasted=wasted_s * share / 3600.0,
                 job_id=ref.job_id if ref else None,
+                job_state=ob.job_state,
                 heartbeat_age_s=view.heartbeat_age_s if view else None,
             )
         )

@@ -7,25 +7,17 @@ pointed at any root (and refuses one that is not a sweep). No torch.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deconcnn_cli.errors import DeconError
+from deconcnn_cli.errors import SweepError
+from deconcnn_cli.sweep.store import RUNS_DIR, SweepStore
 
-MANIFEST_FILE = "sweep.json"
-RUNS_DIR = "runs"
-JOBS_DIR = "jobs"
-SCHEDULER_CACHE_FILE = ".scheduler_cache.json"
 RECOVER_LOG_FILE = "recover.jsonl"  # one line per action `decon recover` took (append-only)
 
 
-class NotASweepError(DeconError):
-    """A --root without a readable sweep manifest."""
-
-
-class UnknownRunError(DeconError):
+class UnknownRunError(SweepError):
     """A run id that is not part of the sweep's manifest."""
 
 
@@ -72,27 +64,9 @@ class SweepView:
 
 
 def load_sweep(root: Path) -> SweepView:
-    """Read ``<root>/sweep.json``; raise :class:`NotASweepError` when there is none."""
-    path = Path(root) / MANIFEST_FILE
-    if not path.is_file():
-        raise NotASweepError(
-            f"{root} is not a sweep root (no {MANIFEST_FILE})",
-            hint="pass the --root given to `decon submit`, or create one with "
-            "`decon submit --grid NAME --root DIR`",
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NotASweepError(
-            f"{path} is not a readable sweep manifest: {exc}",
-            hint="restore it from a backup; decon never rewrites a manifest it cannot read",
-        ) from exc
-    runs = manifest.get("runs") if isinstance(manifest, dict) else None
-    if not isinstance(runs, dict):
-        raise NotASweepError(
-            f"{path} has no 'runs' table",
-            hint="a manifest is written by `decon submit` (docs/sweep-root.md)",
-        )
+    """Read ``<root>/sweep.json``; :class:`SweepError` when root is not a sweep."""
+    manifest = SweepStore(root).read_manifest()  # SweepError when root is not a sweep
+    runs = manifest["runs"]
     jobs_by_run: dict[str, JobRef] = {}
     for sub in manifest.get("submissions") or []:
         if not isinstance(sub, dict):

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from deconcnn_cli.contract import atomic_write_json, read_json
-from deconcnn_cli.sweep.observe import SCHEDULER_CACHE_FILE, JobRef
+from deconcnn_cli.sweep.observe import JobRef
+from deconcnn_cli.sweep.store import SCHEDULER_CACHE_FILE
 
 CACHE_TTL_S = 30.0
 QUERY_TIMEOUT_S = 60.0
