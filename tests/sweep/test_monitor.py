@@ -123,7 +123,10 @@ def test_counts_states_and_causes(sweep: tuple[Path, Path]) -> None:
     # one batched query per refresh, every job of the sweep in it
     assert out["scheduler"]["calls"] == 2 and not out["scheduler"]["from_cache"]
     assert len(calls_made(calls)) == 2 and " -j 100 " in calls_made(calls)[0]
-    assert out["gpu_hours_wasted"] == pytest.approx(1.0, abs=0.01)  # e's failed hour, alone
+    # e's failed hour (ended by its end line) + i's hour up to its last heartbeat, each alone
+    assert out["gpu_hours_wasted"] == pytest.approx(2.0, abs=0.01)
+    used = {r["run_id"]: r["gpu_hours"] for r in out["runs"]}
+    assert used["b_running"] == pytest.approx(0.5, abs=0.01)  # an hour on a shared GPU
     # a second shell within the TTL reads the cache: no scheduler call
     again = _monitor(root)
     assert again["scheduler"]["calls"] == 0 and again["scheduler"]["from_cache"]
