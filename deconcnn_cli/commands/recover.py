@@ -10,12 +10,13 @@ import typer
 
 from deconcnn_cli.commands.options import JsonOpt, SweepRootOpt
 from deconcnn_cli.commands.render import exit_on_error
-from deconcnn_cli.sweep.recover import PERSON, RecoverPlan, apply_recovery, plan_recovery
-
-# exit codes of `decon recover` (docs/cluster.md): 0 nothing left for a person,
-# 1 some runs are left for a person (listed), 2 bad input (not a sweep, unknown run id)
-EXIT_RECOVERED = 0
-EXIT_NEEDS_PERSON = 1
+from deconcnn_cli.sweep.recover import (
+    EXIT_NEEDS_PERSON,
+    EXIT_RECOVERED,
+    PERSON,
+    RecoverPlan,
+    recover_sweep,
+)
 
 _VERB = {
     "resume": "resume from its newest checkpoint",
@@ -50,8 +51,7 @@ def recover(
 ) -> None:
     """Resume, rerun alone, retry once or hand to a person: each unfinished run by its cause."""
     with exit_on_error():
-        plan = plan_recovery(root, run_ids or None)
-        new_jobs = {} if dry_run else apply_recovery(plan)
+        plan, new_jobs = recover_sweep(root, run_ids or None, dry_run=dry_run)
     if as_json:
         typer.echo(json.dumps({**plan.to_json(), "dry_run": dry_run, "new_jobs": new_jobs}))
     else:

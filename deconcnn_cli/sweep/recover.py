@@ -22,6 +22,9 @@ After the limit for the same cause (``MAX_SAME_CAUSE`` = K = 3) the run is left 
 and the plan says so. Every action taken is appended to ``<root>/recover.jsonl`` (time, run,
 cause, action, job ids), which is also where the counts come from; submissions go through
 ``sweep.submit.submit_runs`` and are recorded in the manifest with their reason. No torch.
+
+Exit codes of ``decon recover``: ``EXIT_RECOVERED`` 0 (nothing left for a person),
+``EXIT_NEEDS_PERSON`` 1 (some runs are, each listed with why), 2 bad input.
 """
 
 from __future__ import annotations
@@ -40,7 +43,10 @@ from deconcnn_cli.sweep import classify as C
 from deconcnn_cli.sweep.monitor import RunRow, SweepReport, last_traceback, observe_sweep
 from deconcnn_cli.sweep.observe import RECOVER_LOG_FILE, SweepView, load_sweep
 from deconcnn_cli.sweep.scheduler import cancel_jobs
+from deconcnn_cli.sweep.store import SweepStore
 
+EXIT_RECOVERED = 0
+EXIT_NEEDS_PERSON = 1
 MAX_SAME_CAUSE = 3  # K: recoveries of one run for one cause before a person must look
 MAX_RETRIES = {C.EXCEPTION: 1, C.OOM_CGROUP: 1, C.OOM_CUDA: 1}
 
@@ -192,11 +198,15 @@ def _submission_of(sweep: SweepView, run_id: str) -> tuple[str, str]:
 def apply_recovery(plan: RecoverPlan) -> dict[str, list[str]]:
     """Carry out the plan: cancel hung jobs, resubmit runs (alone after an OOM), record all.
 
-    Returns run_id -> the new job ids. Submission goes through ``submit_runs``.
+    Call under the sweep lock (:func:`recover_sweep` does). Returns run_id -> new job ids.
+    Submission goes through ``sweep.submit.submit_runs``, which records each submission in the
+    manifest with its reason and still skips a run that is live or queued.
     """
-    from deconcnn_cli.sweep import submit  # the submission side (executors, manifest record)
+    from deconcnn_cli.sweep import submit  # the submission side: executors, manifest record
+    from deconcnn_cli.sweep.grid import load_resources
 
     sweep = load_sweep(plan.root)
+    store = SweepStore(plan.root)
     new_jobs: dict[str, list[str]] = {}
     cancel = [a for a in plan.actions if a.action == CANCEL]
     if cancel:
@@ -206,21 +216,44 @@ def apply_recovery(plan: RecoverPlan) -> dict[str, list[str]]:
         if a.action in (RESUME, RETRY, ALONE):
             executor, resources = _submission_of(sweep, a.run_id)
             groups.setdefault((executor, resources, a.action == ALONE), []).append(a)
+    error = None
+    done: list[Action] = list(cancel)
     for (executor, resources, alone), actions in sorted(groups.items()):
         causes = Counter(a.cause for a in actions)
         reason = "recover: " + ", ".join(f"{n} {c}" for c, n in sorted(causes.items()))
         if alone:
             reason += " (rerun alone on its GPU; batch size and config unchanged)"
-        jobs = submit.submit_runs(
-            sweep.root,
+        result = submit.submit_runs(
+            store,
             [a.run_id for a in actions],
-            resources,
+            load_resources(resources),
             executor,
             alone=alone,
             reason=reason,
         )
-        for job in jobs:
+        for job in (result.submission or {}).get("jobs", []):
             for rid in job.get("run_ids", []):
                 new_jobs.setdefault(rid, []).append(str(job.get("job_id")))
-    _log_actions(sweep.root, [a for a in plan.actions if a.action != PERSON], new_jobs)
+        done += [a for a in actions if a.run_id in new_jobs]
+        if result.error is not None:  # part of the jobs went in: record those, then say so
+            error = result.error
+            break
+    _log_actions(sweep.root, done, new_jobs)
+    if error is not None:
+        raise error
     return new_jobs
+
+
+def recover_sweep(
+    root: Path, run_ids: list[str] | None = None, *, dry_run: bool = False
+) -> tuple[RecoverPlan, dict[str, list[str]]]:
+    """Plan (and unless ``dry_run`` apply) recovery; applying holds the sweep lock, so two
+    recovers (or a recover and a submit) never submit a run twice."""
+    if dry_run:
+        return plan_recovery(root, run_ids), {}
+    load_sweep(root)  # bad input fails before the lock file is created
+    if run_ids:
+        load_sweep(root).check_run_ids(run_ids)
+    with SweepStore(root).lock():
+        plan = plan_recovery(root, run_ids)
+        return plan, apply_recovery(plan)
