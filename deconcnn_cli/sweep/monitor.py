@@ -8,6 +8,8 @@ action, the tail of its log or traceback and the command that fixes it. No torch
 
 from __future__ import annotations
 
+import os
+import socket
 import statistics
 import time
 from collections import Counter
@@ -18,7 +20,12 @@ from typing import Any
 from deconcnn_cli import contract
 from deconcnn_cli.sweep import classify as C
 from deconcnn_cli.sweep.observe import JobRef, SweepView, load_sweep
-from deconcnn_cli.sweep.scheduler import CACHE_TTL_S, SchedulerSnapshot, scheduler_snapshot
+from deconcnn_cli.sweep.scheduler import (
+    CACHE_TTL_S,
+    JobRecord,
+    SchedulerSnapshot,
+    scheduler_snapshot,
+)
 from deconcnn_cli.sweep.store import JOBS_DIR
 
 LOG_TAIL_LINES = 15
@@ -40,6 +47,7 @@ class RunRow:
     gpu_hours_wasted: float
     job_id: str | None
     job_state: str | None  # the scheduler's word for the run's latest job, if it answered
+    executor: str | None  # "slurm" | "local": who ran the latest job
     heartbeat_age_s: float | None
 
 
@@ -122,6 +130,21 @@ def attempt_seconds(
     return used, wasted
 
 
+def local_job(ref: JobRef, view: contract.RunView | None) -> JobRecord | None:
+    """A local runner as a scheduler record: live while its process is (on this host);
+    ``PENDING`` for a run it has not started yet. None when it is gone or on another host."""
+    if ref.pid is None or ref.host != socket.gethostname():
+        return None
+    try:
+        os.kill(ref.pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, owned by someone else
+    started = view is not None and view.written_state is not None
+    return JobRecord(ref.job_id, "RUNNING" if started else "PENDING", source="local")
+
+
 def _gpu_share(ref: JobRef | None) -> float:
     """The GPU fraction a run holds: its job's one GPU shared by the job's runs."""
     return 1.0 / len(ref.run_ids) if ref is not None and ref.run_ids else 1.0
@@ -146,7 +169,8 @@ def observe_sweep(
         if view is not None and view.state == contract.MISSING and not view.status:
             view = None
         ref = sweep.jobs_by_run.get(run_id)
-        ob = C.classify_run(run_id, view, snap.job(ref))
+        job = snap.job(ref) if ref is None or ref.executor == "slurm" else local_job(ref, view)
+        ob = C.classify_run(run_id, view, job)
         status = view.status if view else {}
         used_s, wasted_s = (
             attempt_seconds(contract.read_attempts(run_dir), status, now) if view else (0.0, 0.0)
@@ -168,6 +192,7 @@ def observe_sweep(
                 gpu_hours_wasted=wasted_s * share / 3600.0,
                 job_id=ref.job_id if ref else None,
                 job_state=ob.job_state,
+                executor=ref.executor if ref else None,
                 heartbeat_age_s=view.heartbeat_age_s if view else None,
             )
         )

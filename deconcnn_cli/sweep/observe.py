@@ -30,6 +30,8 @@ class JobRef:
     submitted_unix: float  # the submission's time: a scheduler record older than this is stale
     executor: str  # "slurm" | "local"
     alone: bool = False
+    pid: int | None = None  # a local runner's process
+    host: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ def load_sweep(root: Path) -> SweepView:
                 submitted_unix=float(sub.get("time_unix") or 0.0),
                 executor=str(sub.get("executor") or "slurm"),
                 alone=bool(job.get("alone") or sub.get("alone")),
+                pid=job["pid"] if isinstance(job.get("pid"), int) else None,
+                host=job.get("host"),
             )
             for rid in ref.run_ids:
                 jobs_by_run[rid] = ref  # submissions are in time order: the last one wins

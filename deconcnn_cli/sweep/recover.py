@@ -143,6 +143,9 @@ def _decide(sweep: SweepView, row: RunRow, done: Counter[tuple[str, str]]) -> Ac
     action = _STRATEGY.get(cause, PERSON)
     limit = MAX_RETRIES.get(cause, MAX_SAME_CAUSE)
     if cause == C.HUNG and job_id and row.job_state == "RUNNING":
+        if row.executor != "slurm":  # a local runner: only a person may kill it
+            why = f"{detail}: its local runner lives; stop it, then decon recover"
+            return Action(run_id, cause, PERSON, why, job_id, previous)
         action = CANCEL
     if action == PERSON:
         why = f"{detail}: release or cancel the job (scontrol release {job_id})"

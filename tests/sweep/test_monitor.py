@@ -219,3 +219,32 @@ def test_bad_input_changes_nothing(sweep: tuple[Path, Path], tmp_path: Path) -> 
         assert proc.returncode == 2 and "is not a sweep root" in proc.stderr, cmd
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_local_runner_liveness(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+
+    root = tmp_path / "sweep"
+    write_manifest(root, ["q_queued", "r_gone"], [], executor="local")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    manifest = json.loads((root / "sweep.json").read_text())
+    host = socket.gethostname()
+    manifest["submissions"] = [
+        {
+            "time_unix": NOW,
+            "executor": "local",
+            "resources": "local",
+            "jobs": [
+                {"job_id": "local-a", "run_ids": ["q_queued"], "pid": os.getpid(), "host": host},
+                {"job_id": "local-b", "run_ids": ["r_gone"], "pid": dead.pid, "host": host},
+            ],
+        }
+    ]
+    (root / "sweep.json").write_text(json.dumps(manifest))
+    (root / "runs" / "q_queued").mkdir()  # submit writes config.json only: not started yet
+    (root / "runs" / "q_queued" / "config.json").write_text("{}")
+    rows = {r["run_id"]: (r["state"], r["cause"]) for r in _monitor(root)["runs"]}
+    assert rows == {"q_queued": ("pending", None), "r_gone": ("missing", "not_started")}
