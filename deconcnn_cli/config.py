@@ -352,6 +352,7 @@ class ResourceProfile(_Strict):
     qos: str | None = None
     gres: str = "gpu:1"  # what one job asks for; "" = no GPU (tests on CPU-only SLURM)
     array_parallelism: Annotated[int, Field(ge=1)] = 64  # the %N of every array
+    max_array_size: Annotated[int, Field(ge=1)] | None = None  # None: ask `scontrol show config`
     signal_delay_s: Annotated[int, Field(ge=10)] = 120  # USR2 this long before the limit
     # -- local
     parallel_runs: Annotated[int, Field(ge=1)] = 1
