@@ -62,8 +62,13 @@ def render_report(report: SweepReport, show_failed: bool) -> Group:
         head.append(Text(f"scheduler degraded: {note}", style="yellow"))
     table = Table(box=None, pad_edge=False)
     for col in ("run", "state", "epoch", "step", "step/s", "att", "job", "detail"):
+        right = col in ("epoch", "step", "step/s", "att")
         table.add_column(
-            col, justify="right" if col in ("epoch", "step", "step/s", "att") else "left"
+            col,
+            justify="right" if right else "left",
+            no_wrap=True,
+            overflow="ellipsis",
+            ratio=1 if col == "detail" else None,
         )
     active = [r for r in report.rows if r.state not in ("completed",)]
     order = {s: i for i, s in enumerate(_STYLE)}
@@ -77,7 +82,7 @@ def render_report(report: SweepReport, show_failed: bool) -> Group:
             f"{r.steps_per_s:.1f}" if r.steps_per_s and r.state == "running" else "",
             str(r.attempts),
             r.job_id or "",
-            r.detail[:60],
+            r.detail,
         )
     parts: list = [*head]
     if active:

@@ -22,6 +22,7 @@ _VERB = {
     "resume": "resume from its newest checkpoint",
     "alone": "rerun alone on its GPU (batch size unchanged)",
     "retry": "retry once",
+    "submit": "submit (never started)",
     "cancel": "cancel the hung job (the next recover resumes it)",
     "person": "LEFT FOR A PERSON",
 }

@@ -93,9 +93,12 @@ def _job_text(job: JobRecord) -> str:
     return " ".join(parts)
 
 
-def classify_run(run_id: str, view: RunView | None, job: JobRecord | None) -> Observation:
+def classify_run(
+    run_id: str, view: RunView | None, job: JobRecord | None, *, job_is_newer: bool = False
+) -> Observation:
     """The run's sweep state and cause. ``view`` is None when the run has no directory;
-    ``job`` is the scheduler's record of the run's latest job (None: unknown or not SLURM)."""
+    ``job`` is the scheduler's record of the run's latest job (None: unknown or not SLURM);
+    ``job_is_newer``: that job was submitted after the run last wrote its status (a retry)."""
     state = view.state if view is not None else MISSING
     status = view.status if view is not None else {}
     jid = job.job_id if job else None
@@ -107,7 +110,8 @@ def classify_run(run_id: str, view: RunView | None, job: JobRecord | None) -> Ob
     if state in (COMPLETED, DIVERGED):
         return obs(state, None, view.reason or "" if view else "")
     reason = (view.reason if view else None) or ""
-    if state == FAILED and not (job and job.live and job.state != "RUNNING"):
+    retrying = job is not None and job.live and (job.state != "RUNNING" or job_is_newer)
+    if state == FAILED and not retrying:
         # a failed run stays failed while its partner keeps the job running
         if _cuda_oom(status):
             return obs(FAILED, OOM_CUDA, f"CUDA out of memory: {reason}")

@@ -141,7 +141,8 @@ def local_job(ref: JobRef, view: contract.RunView | None) -> JobRecord | None:
         return None
     except PermissionError:
         pass  # alive, owned by someone else
-    started = view is not None and view.written_state is not None
+    beat = view.status.get("heartbeat_unix") if view is not None else None
+    started = isinstance(beat, int | float) and beat >= ref.submitted_unix
     return JobRecord(ref.job_id, "RUNNING" if started else "PENDING", source="local")
 
 
@@ -170,7 +171,9 @@ def observe_sweep(
             view = None
         ref = sweep.jobs_by_run.get(run_id)
         job = snap.job(ref) if ref is None or ref.executor == "slurm" else local_job(ref, view)
-        ob = C.classify_run(run_id, view, job)
+        beat = (view.status if view else {}).get("heartbeat_unix")
+        newer = ref is not None and isinstance(beat, int | float) and ref.submitted_unix > beat
+        ob = C.classify_run(run_id, view, job, job_is_newer=newer)
         status = view.status if view else {}
         used_s, wasted_s = (
             attempt_seconds(contract.read_attempts(run_dir), status, now) if view else (0.0, 0.0)

@@ -54,6 +54,7 @@ MAX_RETRIES = {C.EXCEPTION: 1, C.OOM_CGROUP: 1, C.OOM_CUDA: 1}
 RESUME = "resume"  # resubmit; training resumes from the run directory's newest checkpoint
 ALONE = "alone"  # resubmit as the only run on its GPU
 RETRY = "retry"  # resubmit once after an exception
+SUBMIT = "submit"  # a run that never started: submit it
 CANCEL = "cancel"  # scancel a hung job; a later recover resumes the run
 PERSON = "person"  # left for a person, with the reason
 _STRATEGY = {
@@ -63,7 +64,7 @@ _STRATEGY = {
     C.CANCELLED: RESUME,
     C.INTERRUPTED_CAUSE: RESUME,
     C.HUNG: RESUME,
-    C.NOT_STARTED: RESUME,
+    C.NOT_STARTED: SUBMIT,
     C.OOM_CGROUP: ALONE,
     C.OOM_CUDA: ALONE,
     C.EXCEPTION: RETRY,
@@ -105,7 +106,7 @@ def recovery_counts(root: Path) -> Counter[tuple[str, str]]:
     """(run_id, cause) -> how many times recover already acted on it."""
     counts: Counter[tuple[str, str]] = Counter()
     for rec in contract.read_jsonl(root / RECOVER_LOG_FILE):
-        if rec.get("action") in (RESUME, ALONE, RETRY, CANCEL):
+        if rec.get("action") in (RESUME, ALONE, RETRY, CANCEL, SUBMIT):
             counts[(str(rec.get("run_id")), str(rec.get("cause")))] += 1
     return counts
 
@@ -216,7 +217,7 @@ def apply_recovery(plan: RecoverPlan) -> dict[str, list[str]]:
         cancel_jobs(sorted({a.job_id for a in cancel if a.job_id}))
     groups: dict[tuple[str, str, bool], list[Action]] = {}
     for a in plan.actions:
-        if a.action in (RESUME, RETRY, ALONE):
+        if a.action in (RESUME, RETRY, ALONE, SUBMIT):
             executor, resources = _submission_of(sweep, a.run_id)
             groups.setdefault((executor, resources, a.action == ALONE), []).append(a)
     error = None

@@ -69,6 +69,8 @@ TABLE = [
     (("failed", FRESH, {}, "RUNNING", None), ("failed", C.EXCEPTION)),  # partner still runs
     (("failed", FRESH, {}, "PENDING", None), ("pending", None)),  # resubmitted
     ((None, FRESH, {}, None, None), ("missing", C.NOT_STARTED)),
+    # a failed run whose job is newer than its status: the retry is starting
+    (("failed", FRESH, {"_newer": True}, "RUNNING", None), ("running", None)),
     ((None, FRESH, {}, "PENDING", None), ("pending", None)),
     ((None, FRESH, {}, "RUNNING", None), ("running", None)),
     ((None, FRESH, {}, "FAILED", None), ("failed", C.EXCEPTION)),
@@ -79,8 +81,10 @@ TABLE = [
 @pytest.mark.parametrize(("given", "expected"), TABLE)
 def test_classification_table(given: tuple, expected: tuple) -> None:
     state, age, extras, jstate, jreason = given
+    extras = dict(extras)
+    newer = bool(extras.pop("_newer", False))
     v = None if state is None else view(state, beat_age=age, **extras)
     j = None if jstate is None else job(jstate, jreason)
-    ob = C.classify_run("r", v, j)
+    ob = C.classify_run("r", v, j, job_is_newer=newer)
     assert (ob.state, ob.cause) == expected, ob.detail
     assert ob.state in C.SWEEP_STATES

@@ -176,7 +176,7 @@ def test_recover_dry_run_plans_by_cause(sweep: tuple[Path, Path]) -> None:
     assert plan == {
         "c_hung": "cancel",  # its job still RUNNING: cancel first, resume next time
         "e_cuda_oom": "alone",
-        "f_missing": "resume",
+        "f_missing": "submit",
         "i_exception": "retry",
         "j_held": "person",
         "k_cgroup_oom": "alone",
@@ -203,7 +203,7 @@ def test_recover_stops_after_the_limit(sweep: tuple[Path, Path]) -> None:
         assert actions[rid]["action"] == "person", rid
         assert "stopped, a person must look" in actions[rid]["why"]
     assert actions["i_exception"]["traceback"].endswith("ValueError: bad batch")
-    assert actions["f_missing"]["action"] == "resume"
+    assert actions["f_missing"]["action"] == "submit"
     text = run_cli("recover", "--dry-run", "--root", str(root)).stdout
     assert "ValueError: bad batch" in text  # the traceback shown where a person must act
 
