@@ -291,8 +291,15 @@ def query_scheduler(job_ids: list[str], now: float | None = None) -> SchedulerSn
     else:
         snap.sacct_ok = True
         done = parse_sacct(sa[1])
-    # sacct is the record of truth, but squeue is fresher for a live job (sacct lags slurmdbd)
-    snap.records = {**done, **{k: v for k, v in live.items() if v.live or k not in done}}
+
+    # sacct is the record of truth, but squeue is fresher for a live job (sacct lags slurmdbd,
+    # e.g. just after a requeue); a COMPLETING job has ended: sacct's end state says how
+    def squeue_wins(k: str, v: JobRecord) -> bool:
+        if k not in done:
+            return True
+        return v.live and not (v.state == "COMPLETING" and not done[k].live)
+
+    snap.records = {**done, **{k: v for k, v in live.items() if squeue_wins(k, v)}}
     return snap
 
 

@@ -108,3 +108,19 @@ def test_no_slurm_jobs_no_calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     calls = install_fake_scheduler(monkeypatch, tmp_path / "bin", squeue=SQUEUE, sacct=SACCT)
     snap = S.scheduler_snapshot(tmp_path, [])
     assert snap.calls == 0 and calls_made(calls) == [] and not snap.degraded
+
+
+def test_completing_job_takes_sacct_end_state(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # recorded on the local SLURM right after `scancel`: squeue still says COMPLETING
+    install_fake_scheduler(
+        monkeypatch,
+        tmp_path / "bin",
+        squeue=f"10_0|COMPLETING|None|vm|{SUB}\n10_1|RUNNING|None|vm|{SUB}\n",
+        sacct=f"10_0|CANCELLED by 0|0:0|None|vm|{SUB}|00:00:20\n"
+        f"10_1|PENDING|0:0|None|None assigned|{SUB}|00:00:00\n",
+    )
+    snap = S.query_scheduler(["10_0", "10_1"])
+    assert snap.records["10_0"].state == "CANCELLED"
+    assert snap.records["10_1"].state == "RUNNING"  # sacct lags: squeue is fresher
