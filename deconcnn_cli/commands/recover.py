@@ -48,11 +48,19 @@ def recover(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show the plan; submit, cancel and write nothing.")
     ] = False,
+    resources: Annotated[
+        str | None,
+        typer.Option(
+            "--resources",
+            help="Resource profile (name or .toml path) for the resubmissions "
+            "[default: the one each run was last submitted with].",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Resume, rerun alone, retry once or hand to a person: each unfinished run by its cause."""
     with exit_on_error():
-        plan, new_jobs = recover_sweep(root, run_ids or None, dry_run=dry_run)
+        plan, new_jobs = recover_sweep(root, run_ids or None, dry_run=dry_run, resources=resources)
     if as_json:
         typer.echo(json.dumps({**plan.to_json(), "dry_run": dry_run, "new_jobs": new_jobs}))
     else:

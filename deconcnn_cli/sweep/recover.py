@@ -199,10 +199,11 @@ def _submission_of(sweep: SweepView, run_id: str) -> tuple[str, str]:
     )
 
 
-def apply_recovery(plan: RecoverPlan) -> dict[str, list[str]]:
+def apply_recovery(plan: RecoverPlan, resources: str | None = None) -> dict[str, list[str]]:
     """Carry out the plan: cancel hung jobs, resubmit runs (alone after an OOM), record all.
 
     Call under the sweep lock (:func:`recover_sweep` does). Returns run_id -> new job ids.
+    ``resources`` overrides the profile each run was last submitted with (name or path).
     Submission goes through ``sweep.submit.submit_runs``, which records each submission in the
     manifest with its reason and still skips a run that is live or queued.
     """
@@ -218,11 +219,11 @@ def apply_recovery(plan: RecoverPlan) -> dict[str, list[str]]:
     groups: dict[tuple[str, str, bool], list[Action]] = {}
     for a in plan.actions:
         if a.action in (RESUME, RETRY, ALONE, SUBMIT):
-            executor, resources = _submission_of(sweep, a.run_id)
-            groups.setdefault((executor, resources, a.action == ALONE), []).append(a)
+            executor, recorded = _submission_of(sweep, a.run_id)
+            groups.setdefault((executor, resources or recorded, a.action == ALONE), []).append(a)
     error = None
     done: list[Action] = list(cancel)
-    for (executor, resources, alone), actions in sorted(groups.items()):
+    for (executor, profile, alone), actions in sorted(groups.items()):
         causes = Counter(a.cause for a in actions)
         reason = "recover: " + ", ".join(f"{n} {c}" for c, n in sorted(causes.items()))
         if alone:
@@ -230,7 +231,7 @@ def apply_recovery(plan: RecoverPlan) -> dict[str, list[str]]:
         result = submit.submit_runs(
             store,
             [a.run_id for a in actions],
-            load_resources(resources),
+            load_resources(profile),
             executor,
             alone=alone,
             reason=reason,
@@ -249,15 +250,23 @@ def apply_recovery(plan: RecoverPlan) -> dict[str, list[str]]:
 
 
 def recover_sweep(
-    root: Path, run_ids: list[str] | None = None, *, dry_run: bool = False
+    root: Path,
+    run_ids: list[str] | None = None,
+    *,
+    dry_run: bool = False,
+    resources: str | None = None,
 ) -> tuple[RecoverPlan, dict[str, list[str]]]:
     """Plan (and unless ``dry_run`` apply) recovery; applying holds the sweep lock, so two
     recovers (or a recover and a submit) never submit a run twice."""
     if dry_run:
         return plan_recovery(root, run_ids), {}
-    load_sweep(root)  # bad input fails before the lock file is created
+    sweep = load_sweep(root)  # bad input fails before the lock file is created
     if run_ids:
-        load_sweep(root).check_run_ids(run_ids)
+        sweep.check_run_ids(run_ids)
+    if resources is not None:
+        from deconcnn_cli.sweep.grid import load_resources
+
+        load_resources(resources)  # an unknown or malformed profile: refused, nothing written
     with SweepStore(root).lock():
         plan = plan_recovery(root, run_ids)
-        return plan, apply_recovery(plan)
+        return plan, apply_recovery(plan, resources)
