@@ -6,7 +6,9 @@ VENV   ?= .venv
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 BIN = $(VENV)/bin
 
-.PHONY: demo test install install-dev lint bench clean-demo
+.PHONY: demo test test-slurm slurm-start slurm-stop install install-dev lint bench clean-demo
+# where scripts/slurm-local/start.sh keeps the local SLURM's config, state and logs
+SLURM_LOCAL_BASE ?= /tmp/decon-slurm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +30,17 @@ test: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
+
+# The SLURM suite against a real single-node SLURM on this machine (root, Debian 12: the
+# script installs slurm + mariadb packages on first use). `make slurm-stop` stops it.
+test-slurm: install-dev slurm-start
+	SLURM_CONF=$(SLURM_LOCAL_BASE)/etc/slurm.conf OMP_NUM_THREADS=1 $(BIN)/pytest -q -m slurm
+
+slurm-start:
+	SLURM_LOCAL_BASE=$(SLURM_LOCAL_BASE) bash scripts/slurm-local/start.sh
+
+slurm-stop:
+	SLURM_LOCAL_BASE=$(SLURM_LOCAL_BASE) bash scripts/slurm-local/stop.sh
 
 bench: install-dev  # side-by-side speed ratios, see docs/performance.md
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_train.py

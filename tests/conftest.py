@@ -51,13 +51,32 @@ def _one_torch_thread() -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """GPU tests run where CUDA is visible; elsewhere they are deselected, and said so."""
+    """GPU tests run where CUDA is visible, SLURM tests where a controller answers; elsewhere
+    they are deselected, and said so in one line."""
+    _deselect(config, items, "slurm", _slurm_missing)
+    _deselect(config, items, "gpu", _cuda_missing)
+
+
+def _cuda_missing() -> str | None:
     import torch
 
-    if torch.cuda.is_available():
+    return None if torch.cuda.is_available() else "no CUDA device on this machine"
+
+
+def _slurm_missing() -> str | None:
+    from deconcnn_cli.sweep.executors import slurm_unavailable
+
+    why = slurm_unavailable()
+    return f"no SLURM reachable ({why}); run `make test-slurm`" if why else None
+
+
+def _deselect(config: pytest.Config, items: list[pytest.Item], marker: str, missing) -> None:
+    marked = [item for item in items if marker in item.keywords]
+    if not marked:
         return
-    gpu = [item for item in items if "gpu" in item.keywords]
-    if gpu:
-        items[:] = [item for item in items if "gpu" not in item.keywords]
-        config.hook.pytest_deselected(items=gpu)
-        print(f"\n{len(gpu)} gpu-marked test(s) deselected: no CUDA device on this machine")
+    why = missing()
+    if why is None:
+        return
+    items[:] = [item for item in items if marker not in item.keywords]
+    config.hook.pytest_deselected(items=marked)
+    print(f"\n{len(marked)} {marker}-marked test(s) deselected: {why}")

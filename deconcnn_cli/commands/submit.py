@@ -26,8 +26,8 @@ def submit(
     executor: Annotated[
         str | None,
         typer.Option(
-            help="slurm | local [default: from --resources; else slurm where it answers, "
-            "else local]."
+            help="slurm | local (default: from --resources; else slurm where it answers, "
+            "else local)."
         ),
     ] = None,
     dry_run: Annotated[
@@ -44,7 +44,7 @@ def submit(
         ),
     ] = None,
     root: Annotated[
-        Path | None, typer.Option("--root", help="Sweep root [default: sweeps/<grid>].")
+        Path | None, typer.Option("--root", help="Sweep root (default: sweeps/GRID).")
     ] = None,
     wait: Annotated[
         bool,

@@ -58,7 +58,8 @@ def slurm_unavailable() -> str | None:
     except (OSError, subprocess.SubprocessError) as exc:
         return f"scontrol ping failed: {exc}"
     if out.returncode != 0 or "UP" not in out.stdout:
-        return f"no SLURM controller answers: {(out.stderr or out.stdout).strip()[:200]}"
+        lines = (out.stderr or out.stdout).strip().splitlines() or ["no answer"]
+        return f"no SLURM controller answers ({lines[-1].strip()[:160]})"
     return None
 
 
@@ -288,7 +289,7 @@ def stop_local_job(job: dict[str, Any], sig: int = 15) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_executor(executor: str) -> None:
+def check_executor(executor: str, resources: ResourceProfile | None = None) -> None:
     """Raise a clear error when ``executor`` cannot run here; nothing is written before."""
     if executor == "slurm":
         why = slurm_unavailable()
@@ -297,6 +298,15 @@ def check_executor(executor: str) -> None:
                 f"--executor slurm, but no SLURM is reachable: {why}",
                 "run on a login node of the cluster (SLURM_CONF set), or use --executor local",
             )
+        if resources is not None and resources.partition:
+            out = _run(["sinfo", "-h", "-o", "%R", "-p", resources.partition])
+            if out.returncode == 0 and not out.stdout.strip():
+                known = _run(["sinfo", "-h", "-o", "%R"]).stdout.split()
+                raise SweepError(
+                    f"resource profile {resources.name!r}: partition {resources.partition!r} "
+                    "does not exist on this cluster",
+                    f"partitions here: {', '.join(sorted(set(known))) or '(none)'}",
+                )
     elif executor != "local":
         raise SweepError(f"unknown executor {executor!r}", "use slurm or local")
 
@@ -307,9 +317,12 @@ def live_jobs(executor_jobs: list[tuple[str, dict[str, Any]]]) -> dict[str, str]
     SLURM jobs: one batched squeue call. Local runners: their pid on this host.
     """
     slurm_ids = [j["job_id"] for ex, j in executor_jobs if ex == "slurm"]
-    live = slurm_live_jobs(slurm_ids) if slurm_ids and not slurm_unavailable() else {}
-    if slurm_ids and slurm_unavailable():  # cannot tell: never resubmit on a guess
-        live = {j: "UNKNOWN" for j in slurm_ids}
+    live: dict[str, str] = {}
+    if slurm_ids:
+        if slurm_unavailable():  # cannot tell: never resubmit on a guess
+            live = dict.fromkeys(slurm_ids, "UNKNOWN")
+        else:
+            live = slurm_live_jobs(slurm_ids)
     for ex, job in executor_jobs:
         if ex == "local" and local_job_alive(job):
             live[job["job_id"]] = "RUNNING"

@@ -315,7 +315,7 @@ def submit_grid(
             plan_submit(store, spec, executor, profile, retry_failed=retry_failed, force=force),
             None,
         )
-    executors.check_executor(executor)
+    executors.check_executor(executor, profile)
     _check_force(spec, force)
     _check_not_foreign(store)
     created = not store.root.exists()
@@ -468,7 +468,7 @@ def submit_runs(
     _layout(plan, [(d.run_id, d.variant) for d in decisions if d.submit], alone=alone)
     if not plan.to_submit:
         return SubmitResult(plan, None)
-    executors.check_executor(executor)
+    executors.check_executor(executor, resources)
     return _submit_groups(store, manifest, plan, reason=reason, alone=alone)
 
 

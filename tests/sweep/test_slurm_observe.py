@@ -42,16 +42,6 @@ seed = [0, 1]
 """
 
 
-@pytest.fixture(scope="module")
-def slurm_up() -> None:
-    try:
-        out = subprocess.run(["sinfo", "-h"], capture_output=True, text=True, timeout=10)
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        pytest.skip("no SLURM reachable (make test-slurm starts one)")
-    if out.returncode != 0:
-        pytest.skip(f"no SLURM reachable: {out.stderr.strip()[:200]}")
-
-
 def _poll(root: Path, until, what: str, timeout_s: float = 420):  # noqa: ANN001, ANN202
     deadline = time.time() + timeout_s
     report = None
@@ -116,9 +106,7 @@ def _recover(root: Path, job_id: str) -> None:
     assert proc.stdout.count("cancelled -> resume from its newest checkpoint") == 2, proc.stdout
 
 
-def test_cancel_and_kill_are_reported_recovered_and_verified(
-    slurm_up: None, tmp_path: Path
-) -> None:
+def test_cancel_and_kill_are_reported_recovered_and_verified(tmp_path: Path) -> None:
     grid = tmp_path / "slurm_observe.toml"
     grid.write_text(GRID)
     root = tmp_path / "sweep"

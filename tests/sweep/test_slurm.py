@@ -1,0 +1,189 @@
+"""The SLURM suite: real submissions to a real (local, single-node) SLURM.
+
+``make test-slurm`` starts one (scripts/slurm-local/start.sh) and runs these; elsewhere they
+are deselected with a one-line note (conftest.py). Runs are tiny CPU runs on digits; the two
+fake GPUs of the local SLURM stand in for the cards, so each job holds two runs, as on the
+RTX 8000 cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deconcnn_cli import contract
+from deconcnn_cli.sweep.grid import expand_grid_runs, load_grid
+from deconcnn_cli.sweep.store import SweepStore
+from deconcnn_cli.sweep.submit import wait_done
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _submit_cmd(root: Path, grid: str, resources: str) -> list[str]:
+    return [
+        sys.executable, "-m", "deconcnn_cli", "submit", "--grid", grid,
+        "--resources", resources, "--root", str(root),
+    ]  # fmt: skip
+
+
+def _wait(store: SweepStore, submission: dict, timeout_s: float = 900) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not wait_done(store, submission):
+        assert time.monotonic() < deadline, f"jobs still running after {timeout_s} s"
+        time.sleep(3)
+
+
+def _sacct_states(job_ids: list[str], duplicates: bool = False) -> list[tuple[str, str]]:
+    """(job id, state) rows once the jobs have left the queue (runs end a moment before)."""
+    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)]
+    deadline = time.monotonic() + 120
+    while True:
+        out = subprocess.run(cmd + (["-D"] if duplicates else []), capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        rows = [tuple(line.split("|")[:2]) for line in out.stdout.split()]
+        if not {"RUNNING", "COMPLETING", "PENDING"} & {s for _, s in rows}:
+            return rows  # type: ignore[return-value]
+        assert time.monotonic() < deadline, rows
+        time.sleep(2)
+
+
+def test_concurrent_submits_make_no_duplicates_and_the_smoke_grid_completes(tmp_path):
+    root = tmp_path / "sweep"
+    cmd = _submit_cmd(root, "smoke", "slurm_local")
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=ENV, cwd=REPO)
+        for _ in range(2)
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    manifest = json.loads((root / "sweep.json").read_text())
+    (sub,) = manifest["submissions"]  # the second submit found everything queued
+    ids = [rid for job in sub["jobs"] for rid in job["run_ids"]]
+    assert sorted(ids) == sorted(manifest["runs"]) and len(ids) == 4
+    assert len(sub["jobs"]) == 2 and all(len(j["run_ids"]) == 2 for j in sub["jobs"])
+    second = next(out for out, _ in outs if "nothing to submit" in out)
+    assert second.count("queued in job") == 4
+    store = SweepStore(root)
+    _wait(store, sub)
+    for rid in ids:
+        view = contract.view_run(store.run_dir(rid))
+        assert view.state == "completed" and view.step == view.total_steps == 26
+        assert contract.read_summary(store.run_dir(rid))["state"] == "completed"
+    job_ids = [j["job_id"] for j in sub["jobs"]]
+    assert sorted(_sacct_states(job_ids)) == sorted((j, "COMPLETED") for j in job_ids)
+
+
+# ~25 s of CPU per run without curvature metrics: more than a first attempt's worth, since
+# SLURM signals a 1-minute job 20-40 s after it starts, whatever the machine's speed. Once the
+# job has been requeued the test lifts its limit, so a loaded machine needs two attempts only.
+REQUEUE_GRID = """
+name = "requeue"
+variants = ["base"]
+profiles = ["smoke"]
+[overrides.schedule]
+epochs = 16
+[overrides.cadence]
+curvature_every_steps = 0
+[axes]
+lr = [0.1]
+weight_decay = [1e-3]
+seed = [0, 1]
+"""
+
+ONE_MINUTE = """
+executor = "slurm"
+partition = "debug"
+gres = "gpu:1"
+runs_per_gpu = 2
+cpus_per_run = 1
+mem_gb_per_run = 1.0
+time_limit_min = 1
+signal_delay_s = 20
+max_attempts = 12
+"""
+
+
+def _lift_limit_after_first_requeue(job_id: str, minutes: int, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while "REQUEUED" not in [s for _, s in _sacct_rows(job_id)]:
+        assert time.monotonic() < deadline, "the job was never requeued"
+        time.sleep(2)
+    out = subprocess.run(
+        ["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+
+
+def _sacct_rows(job_id: str) -> list[tuple[str, str]]:
+    cmd = ["sacct", "-X", "-D", "-n", "-P", "-o", "JobID,State", "-j", job_id]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    return [tuple(line.split("|")[:2]) for line in out.stdout.split()]  # type: ignore[misc]
+
+
+def test_a_job_at_its_time_limit_requeues_and_both_runs_resume_exactly(tmp_path):
+    """Each attempt gets one minute, a run needs more: the job is signalled, both runs
+    checkpoint, the job is requeued and both resume from their own directories. The final
+    numbers equal those of the same run trained without interruption."""
+    grid = tmp_path / "requeue.toml"
+    grid.write_text(REQUEUE_GRID)
+    resources = tmp_path / "one_minute.toml"
+    resources.write_text(ONE_MINUTE)
+    first = expand_grid_runs(load_grid(str(grid)))[0]
+    reference = SweepStore(tmp_path / "reference").write_run_config(first.config)
+    ref = subprocess.Popen(
+        [sys.executable, "-m", "deconcnn_cli", "train", "--run-dir", str(reference),
+         "--quiet", "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO,
+    )  # fmt: skip
+    root = tmp_path / "sweep"
+    out = subprocess.run(_submit_cmd(root, str(grid), str(resources)), capture_output=True,
+                         text=True, env=ENV, cwd=REPO, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    store = SweepStore(root)
+    (sub,) = store.read_manifest()["submissions"]
+    (job,) = sub["jobs"]
+    _lift_limit_after_first_requeue(job["job_id"], minutes=30)
+    assert ref.wait(timeout=1500) == 0, ref.stdout.read() if ref.stdout else ""
+    _wait(store, sub, timeout_s=1500)
+    for rid in job["run_ids"]:
+        run_dir = store.run_dir(rid)
+        assert contract.view_run(run_dir).state == "completed"
+        attempts = contract.read_attempts(run_dir)
+        assert len(attempts) >= 2, f"{rid} was never interrupted"
+        assert all(a["resumed_from_step"] > 0 for a in attempts[1:])
+    states = [s for j, s in _sacct_states([job["job_id"]], duplicates=True)]
+    assert "REQUEUED" in states and states[-1] == "COMPLETED"
+    resumed = store.run_dir(first.run_id)
+    streams = sorted(p.name for p in (reference / contract.METRICS_DIR).iterdir())
+    assert streams == sorted(p.name for p in (resumed / contract.METRICS_DIR).iterdir())
+    assert {"step.csv", "val.csv", "noise.csv", "shape.csv"} <= set(streams)
+    for name in streams:  # byte for byte: every row, every float
+        a = resumed / contract.METRICS_DIR / name
+        assert a.read_text() == (reference / contract.METRICS_DIR / name).read_text(), name
+    sa, sb = contract.read_summary(resumed), contract.read_summary(reference)
+    assert sa is not None and sb is not None
+    assert sa.pop("attempts") >= 2 and sb.pop("attempts") == 1
+    assert sa == sb
+
+
+def test_an_unknown_partition_is_refused_before_anything_is_written(tmp_path):
+    resources = tmp_path / "bad.toml"
+    resources.write_text(ONE_MINUTE.replace('partition = "debug"', 'partition = "nope"'))
+    root = tmp_path / "sweep"
+    out = subprocess.run(_submit_cmd(root, "smoke", str(resources)), capture_output=True,
+                         text=True, env=ENV, cwd=REPO, timeout=300)  # fmt: skip
+    assert out.returncode == 2
+    assert "error: resource profile 'bad': partition 'nope' does not exist" in out.stderr
+    assert "hint: partitions here: debug" in out.stderr
+    assert not root.exists()
