@@ -25,6 +25,7 @@ _VERB = {
     "submit": "submit (never started)",
     "cancel": "cancel the hung job (the next recover resumes it)",
     "person": "LEFT FOR A PERSON",
+    "wait": "wait (heartbeat still fresh)",
 }
 
 
@@ -67,4 +68,6 @@ def recover(
         _render(plan, dry_run)
         for rid, jobs in sorted(new_jobs.items()):
             typer.echo(f"  submitted {rid}: job {', '.join(jobs)}")
+        for rid, why in sorted(plan.not_submitted.items()):
+            typer.echo(f"  not submitted {rid}: {why}")
     raise typer.Exit(EXIT_NEEDS_PERSON if plan.of(PERSON) else EXIT_RECOVERED)

@@ -48,6 +48,7 @@ class RunRow:
     job_id: str | None
     job_state: str | None  # the scheduler's word for the run's latest job, if it answered
     executor: str | None  # "slurm" | "local": who ran the latest job
+    written_state: str | None  # the state as the run's status.json has it
     heartbeat_age_s: float | None
 
 
@@ -196,6 +197,7 @@ def observe_sweep(
                 job_id=ref.job_id if ref else None,
                 job_state=ob.job_state,
                 executor=ref.executor if ref else None,
+                written_state=view.written_state if view else None,
                 heartbeat_age_s=view.heartbeat_age_s if view else None,
             )
         )

@@ -6,6 +6,7 @@ cause                              strategy                                     
 timeout, preempted, node_failure,  resume from the newest checkpoint (resubmit; the  K times
 cancelled, interrupted             run's own directory holds its progress)
 stalled, job no longer running     resume                                            K times
+job ended, heartbeat still fresh   wait: resumable once the heartbeat is stale       -
 stalled, job still RUNNING (hung)  ``scancel`` the job; the next recover resumes     K times
 oom_cgroup, oom_cuda               rerun *alone* on its GPU (one run per job). The   once
                                    batch size and everything measured stay as they
@@ -57,6 +58,7 @@ RETRY = "retry"  # resubmit once after an exception
 SUBMIT = "submit"  # a run that never started: submit it
 CANCEL = "cancel"  # scancel a hung job; a later recover resumes the run
 PERSON = "person"  # left for a person, with the reason
+WAIT = "wait"  # its job ended but the heartbeat is still fresh: resumable once it is stale
 _STRATEGY = {
     C.TIMEOUT: RESUME,
     C.PREEMPTED: RESUME,
@@ -89,6 +91,7 @@ class RecoverPlan:
     actions: list[Action] = field(default_factory=list)
     untouched: dict[str, int] = field(default_factory=dict)  # state -> runs needing nothing
     scheduler_notes: list[str] = field(default_factory=list)
+    not_submitted: dict[str, str] = field(default_factory=dict)  # run -> why submit skipped it
 
     def of(self, action: str) -> list[Action]:
         return [a for a in self.actions if a.action == action]
@@ -99,6 +102,7 @@ class RecoverPlan:
             "actions": [asdict(a) for a in self.actions],
             "untouched": self.untouched,
             "scheduler_notes": self.scheduler_notes,
+            "not_submitted": self.not_submitted,
         }
 
 
@@ -148,6 +152,21 @@ def _decide(sweep: SweepView, row: RunRow, done: Counter[tuple[str, str]]) -> Ac
             why = f"{detail}: its local runner lives; stop it, then decon recover"
             return Action(run_id, cause, PERSON, why, job_id, previous)
         action = CANCEL
+    if (
+        action in (RESUME, RETRY, ALONE)
+        and row.heartbeat_age_s is not None
+        and (
+            row.written_state == contract.RUNNING and row.heartbeat_age_s < contract.STALLED_AFTER_S
+        )
+    ):
+        # the scheduler says the job ended, but a process on another host could still be
+        # writing: resubmit only once the heartbeat is stale (submit_runs refuses before)
+        left = contract.STALLED_AFTER_S - row.heartbeat_age_s
+        why = (
+            f"{detail}; the run's heartbeat is {row.heartbeat_age_s:.0f} s old: resumable in "
+            f"{left:.0f} s (run decon recover again then)"
+        )
+        return Action(run_id, cause, WAIT, why, job_id, previous)
     if action == PERSON:
         why = f"{detail}: release or cancel the job (scontrol release {job_id})"
         return Action(run_id, cause, PERSON, why, job_id, previous)
@@ -222,6 +241,7 @@ def apply_recovery(plan: RecoverPlan, resources: str | None = None) -> dict[str,
             executor, recorded = _submission_of(sweep, a.run_id)
             groups.setdefault((executor, resources or recorded, a.action == ALONE), []).append(a)
     error = None
+    skipped: dict[str, str] = {}
     done: list[Action] = list(cancel)
     for (executor, profile, alone), actions in sorted(groups.items()):
         causes = Counter(a.cause for a in actions)
@@ -236,6 +256,9 @@ def apply_recovery(plan: RecoverPlan, resources: str | None = None) -> dict[str,
             alone=alone,
             reason=reason,
         )
+        for d in result.plan.decisions:
+            if not d.submit:
+                skipped[d.run_id] = d.reason
         for job in (result.submission or {}).get("jobs", []):
             for rid in job.get("run_ids", []):
                 new_jobs.setdefault(rid, []).append(str(job.get("job_id")))
@@ -246,6 +269,7 @@ def apply_recovery(plan: RecoverPlan, resources: str | None = None) -> dict[str,
     _log_actions(sweep.root, done, new_jobs)
     if error is not None:
         raise error
+    plan.not_submitted = skipped
     return new_jobs
 
 

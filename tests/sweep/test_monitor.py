@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -248,3 +249,28 @@ def test_local_runner_liveness(tmp_path: Path) -> None:
     (root / "runs" / "q_queued" / "config.json").write_text("{}")
     rows = {r["run_id"]: (r["state"], r["cause"]) for r in _monitor(root)["runs"]}
     assert rows == {"q_queued": ("pending", None), "r_gone": ("missing", "not_started")}
+
+
+def test_killed_run_waits_for_a_stale_heartbeat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # scancel --signal=KILL: the scheduler says CANCELLED, the run's status still says running
+    root = tmp_path / "sweep"
+    write_manifest(root, ["m_killed", "n_old"], [("200", ["m_killed"]), ("201", ["n_old"])])
+    write_run(root, "m_killed", "running", step=20, heartbeat_age_s=30)
+    write_run(root, "n_old", "running", step=20, heartbeat_age_s=STALE)
+    install_fake_scheduler(
+        monkeypatch,
+        tmp_path / "bin",
+        squeue="",
+        sacct=f"200|CANCELLED by 0|0:0|None|vm|{SUB}|00:01:00\n"
+        f"201|CANCELLED by 0|0:0|None|vm|{SUB}|00:01:00\n",
+    )
+    rows = {r["run_id"]: (r["state"], r["cause"]) for r in _monitor(root)["runs"]}
+    assert rows == {"m_killed": ("interrupted", "cancelled"), "n_old": ("interrupted", "cancelled")}
+    proc = run_cli("recover", "--dry-run", "--json", "--root", str(root))
+    actions = {a["run_id"]: a for a in json.loads(proc.stdout)["actions"]}
+    assert actions["m_killed"]["action"] == "wait"
+    assert re.search(r"resumable in \d+ s", actions["m_killed"]["why"])
+    assert actions["n_old"]["action"] == "resume"
+    assert proc.returncode == 0

@@ -97,13 +97,27 @@ def _monitor_says_cancelled(root: Path) -> dict[str, dict]:
     return rows
 
 
-def _recover(root: Path, job_id: str) -> None:
+def _recover(root: Path, job_id: str, run_ids: set[str]) -> None:
+    """recover until every run is resubmitted: a KILLed run whose heartbeat is still fresh
+    is planned as `wait` and resumed by a later recover."""
     deadline = time.time() + 120
     while time.time() < deadline and _squeue_lists([job_id]):
         time.sleep(1)  # let the cancelled job's processes end before resubmitting
-    proc = run_cli("recover", "--root", str(root))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("cancelled -> resume from its newest checkpoint") == 2, proc.stdout
+    resumed: set[str] = set()
+    deadline = time.time() + contract.STALLED_AFTER_S + 120
+    while True:
+        proc = run_cli("recover", "--json", "--root", str(root))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        out = json.loads(proc.stdout)
+        actions = {a["run_id"]: a for a in out["actions"]}
+        assert all(a["cause"] == "cancelled" for a in actions.values()), actions
+        assert all(a["action"] in ("resume", "wait") for a in actions.values()), actions
+        resumed |= set(out["new_jobs"])
+        if not any(a["action"] == "wait" for a in actions.values()):
+            break
+        assert time.time() < deadline, actions
+        time.sleep(10)
+    assert resumed == run_ids
 
 
 def test_cancel_and_kill_are_reported_recovered_and_verified(tmp_path: Path) -> None:
@@ -128,20 +142,20 @@ def test_cancel_and_kill_are_reported_recovered_and_verified(tmp_path: Path) -> 
     rows = _monitor_says_cancelled(root)
     text = run_cli("monitor", "--show-failed", "--root", str(root)).stdout
     assert "interrupted, cause cancelled" in text and "decon recover" in text
-    _recover(root, first)
+    _recover(root, first, set(rows))
 
     # 2. scancel --signal=KILL mid-run of the resumed job -> reported -> recovered again
     second = _cancel_when_training(root, ["--signal=KILL"], min(r["step"] for r in rows.values()))
     assert second != first
     _monitor_says_cancelled(root)
-    _recover(root, second)
+    _recover(root, second, set(rows))
 
     _poll(root, lambda r: all(x.state == "completed" for x in r.rows), "completion")
     for rid in rows:
         starts = [a for a in contract.read_attempts(root / "runs" / rid) if "start_unix" in a]
         assert len(starts) >= 3 and starts[-1]["resumed_from_step"] > 0, starts
-    log = (root / "recover.jsonl").read_text().splitlines()
-    assert len(log) == 4  # two runs, recovered twice each
+    log = [json.loads(x) for x in (root / "recover.jsonl").read_text().splitlines()]
+    assert sorted(x["run_id"] for x in log) == sorted([*rows, *rows])  # each run twice
 
     proc = run_cli("verify", "--root", str(root))
     assert proc.returncode == 0, proc.stdout + proc.stderr
