@@ -47,39 +47,52 @@ def wait_runners_gone(root: Path, timeout_s: float = 60) -> None:
 
 
 @pytest.mark.slow
-def test_recover_submits_missing_and_retries_failed(tmp_path: Path) -> None:
+def test_recover_submits_missing_retries_failed_and_reruns_oom_alone(tmp_path: Path) -> None:
     root = tmp_path / "sweep"
     proc = run_cli("submit", "--grid", "smoke", "--executor", "local", "--root", str(root))
     assert proc.returncode == 0, proc.stderr
     wait_all_final(root)
     wait_runners_gone(root)
-    gone, broken = sorted(p for p in (root / "runs").iterdir())[:2]
+    gone, broken, oom = sorted(p for p in (root / "runs").iterdir())[:3]
     shutil.rmtree(gone)
-    status = json.loads((broken / "status.json").read_text())
-    status.update(state="failed", exception_type="ValueError", reason="ValueError: boom")
-    (broken / "status.json").write_text(json.dumps(status))
+    for run, exc in ((broken, "ValueError"), (oom, "OutOfMemoryError")):
+        status = json.loads((run / "status.json").read_text())
+        status.update(state="failed", exception_type=exc, reason=f"{exc}: boom")
+        (run / "status.json").write_text(json.dumps(status))
+    config_before = (oom / "config.json").read_text()
     assert run_cli("verify", "--root", str(root)).returncode == 1
 
     plan = json.loads(run_cli("recover", "--dry-run", "--json", "--root", str(root)).stdout)
     assert {a["run_id"]: a["action"] for a in plan["actions"]} == {
         gone.name: "submit",
         broken.name: "retry",
+        oom.name: "alone",
     }
     proc = run_cli("recover", "--root", str(root))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     manifest = json.loads((root / "sweep.json").read_text())
-    last = manifest["submissions"][-1]
-    assert last["reason"] == "recover: 1 exception, 1 not_started"
-    assert sorted(last["jobs"][0]["run_ids"]) == sorted([gone.name, broken.name])
+    by_reason = {s.get("reason"): s for s in manifest["submissions"][1:]}
+    assert sorted(by_reason) == [
+        "recover: 1 exception, 1 not_started",
+        "recover: 1 oom_cuda (rerun alone on its GPU; batch size and config unchanged)",
+    ]
+    pair = by_reason["recover: 1 exception, 1 not_started"]
+    assert sorted(pair["jobs"][0]["run_ids"]) == sorted([gone.name, broken.name])
+    alone = by_reason[
+        "recover: 1 oom_cuda (rerun alone on its GPU; batch size and config unchanged)"
+    ]
+    assert alone["alone"] is True and alone["jobs"][0]["run_ids"] == [oom.name]
     log = [json.loads(x) for x in (root / "recover.jsonl").read_text().splitlines()]
     assert {(x["run_id"], x["action"]) for x in log} == {
         (gone.name, "submit"),
         (broken.name, "retry"),
+        (oom.name, "alone"),
     }
 
     assert wait_all_final(root)["completed"] == 4
     proc = run_cli("verify", "--root", str(root))
     assert proc.returncode == 0, proc.stdout
+    assert (oom / "config.json").read_text() == config_before  # nothing measured changed
     # recovering a recovered sweep does nothing
     again = json.loads(run_cli("recover", "--json", "--root", str(root)).stdout)
     assert again["actions"] == [] and again["new_jobs"] == {}
