@@ -54,7 +54,7 @@ def recover(
         typer.Option(
             "--resources",
             help="Resource profile (name or .toml path) for the resubmissions "
-            "[default: the one each run was last submitted with].",
+            "(default: the one each run was last submitted with).",
         ),
     ] = None,
     as_json: JsonOpt = False,
