@@ -15,7 +15,13 @@ from deconcnn_cli import contract
 from deconcnn_cli.commands.options import GridOpt, ResourcesOpt
 from deconcnn_cli.errors import DeconError
 from deconcnn_cli.sweep.store import SweepStore
-from deconcnn_cli.sweep.submit import SubmitPlan, submit_grid, wait_done, wait_targets
+from deconcnn_cli.sweep.submit import (
+    SubmitPlan,
+    jobs_holding,
+    runs_done,
+    submit_grid,
+    wait_targets,
+)
 
 WAIT_REFRESH_S = 5.0
 
@@ -72,17 +78,27 @@ def submit(
         return
     if result.submission is None:
         console.print("nothing to submit")
+        # --wait still watches the runs an earlier submission left queued or running
+        run_ids = [d.run_id for d in result.plan.decisions if _outstanding(d.reason)]
+        if wait and run_ids:
+            jobs = jobs_holding(store.read_manifest(), run_ids)
+            raise typer.Exit(_wait(console, store, jobs, run_ids))
         return
-    jobs = result.submission["jobs"]
+    sub = result.submission
     console.print(
-        f"submitted {len(wait_targets(store, result.submission))} runs in {len(jobs)} "
-        f"{result.plan.executor} job(s): {_job_ids(jobs)}"
+        f"submitted {len(wait_targets(store, sub))} runs in {len(sub['jobs'])} "
+        f"{result.plan.executor} job(s): {_job_ids(sub['jobs'])}"
     )
     console.print(f"sweep root: {store.root}  (watch: decon monitor --root {store.root})")
     if result.error is not None:
         _fail(result.error)
     if wait:
-        raise typer.Exit(_wait(console, store, result.submission))
+        jobs = [(sub["executor"], j) for j in sub["jobs"]]
+        raise typer.Exit(_wait(console, store, jobs, wait_targets(store, sub)))
+
+
+def _outstanding(reason: str) -> bool:
+    return reason.startswith(("queued in job", "live"))
 
 
 def _fail(exc: DeconError) -> None:
@@ -146,9 +162,9 @@ def _render_plan(console: Console, plan: SubmitPlan, dry_run: bool) -> None:
         console.print(f"warning: {w}", style="yellow")
 
 
-def _wait(console: Console, store: SweepStore, submission: dict) -> int:
-    """Show the submitted runs until they end; 0 if all completed or diverged."""
-    run_ids = wait_targets(store, submission)
+def _wait(console: Console, store: SweepStore, jobs: list, run_ids: list[str]) -> int:
+    """Show the runs until they end; 0 if all completed or diverged. Ctrl-C stops watching
+    only: the runs go on."""
 
     def table() -> Table:
         t = Table("run", "state", "step", "epoch", "attempt")
@@ -158,17 +174,21 @@ def _wait(console: Console, store: SweepStore, submission: dict) -> int:
             t.add_row(rid, v.state, f"{v.step}{total}", f"{v.epoch:.2f}", str(v.attempt))
         return t
 
-    with Live(table(), console=console, refresh_per_second=1) as live:
-        while not wait_done(store, submission):
-            time.sleep(WAIT_REFRESH_S)
+    try:
+        with Live(table(), console=console, refresh_per_second=1) as live:
+            while not runs_done(store, jobs, run_ids):
+                time.sleep(WAIT_REFRESH_S)
+                live.update(table())
             live.update(table())
-        live.update(table())
+    except KeyboardInterrupt:
+        console.print(f"stopped watching; the runs go on (decon monitor --root {store.root})")
+        return 130
     states = {rid: contract.view_run(store.run_dir(rid)).state for rid in run_ids}
     bad = {rid: s for rid, s in states.items() if s not in contract.TERMINAL_STATES}
     for rid, s in bad.items():
         console.print(f"{rid}: {s} (see {store.run_dir(rid) / contract.LOG_FILE})")
     summary = ", ".join(f"{n} {s}" for s, n in _count(states.values()).items())
-    console.print(f"all submitted runs ended: {summary}")
+    console.print(f"all {len(run_ids)} runs ended: {summary}")
     return 1 if bad else 0
 
 

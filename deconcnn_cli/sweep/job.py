@@ -27,6 +27,7 @@ from typing import Any
 from deconcnn_cli import contract
 
 POLL_S = 0.5  # how often the job looks at its children
+RESEND_EVERY_S = 2.0  # how often a stop signal is repeated to a child that has not exited
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
@@ -80,9 +81,17 @@ def _start(run_dir: Path, threads: int) -> _Child:
         stdout=log,
         stderr=subprocess.STDOUT,
         env=child_env(threads),
+        preexec_fn=_ignore_usr2,
     )
     _log(f"started {run_dir.name} (pid {proc.pid}, {threads} threads)")
     return _Child(run_dir, proc, log)
+
+
+def _ignore_usr2() -> None:
+    """In the child before exec: SLURM signals every process of the step, and USR2's default
+    action kills. A run still importing torch would die without a word; ignored, the signal
+    is harmless until the run installs its own handler (the job then sends it again)."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 def _reap(child: _Child, code: int) -> None:
@@ -91,9 +100,15 @@ def _reap(child: _Child, code: int) -> None:
     _log(f"{child.run_dir.name} exited {code} ({state})")
 
 
-def _wait_children(children: list[_Child], timeout_s: float) -> list[_Child]:
-    """Poll until every child exited or ``timeout_s`` passed; the ones still alive."""
+def _wait_children(
+    children: list[_Child], timeout_s: float, resend: int | None = None
+) -> list[_Child]:
+    """Poll until every child exited or ``timeout_s`` passed; the ones still alive.
+
+    ``resend``: signal the children still alive every RESEND_EVERY_S (one that was starting
+    up when the first signal came ignored it)."""
     deadline = time.monotonic() + timeout_s
+    next_send = time.monotonic()
     alive = list(children)
     while alive and time.monotonic() < deadline:
         for child in list(alive):
@@ -101,6 +116,11 @@ def _wait_children(children: list[_Child], timeout_s: float) -> list[_Child]:
             if code is not None:
                 _reap(child, code)
                 alive.remove(child)
+        if alive and resend is not None and time.monotonic() >= next_send:
+            for child in alive:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(resend)
+            next_send = time.monotonic() + RESEND_EVERY_S
         if alive:
             time.sleep(POLL_S)
     return alive
@@ -141,23 +161,43 @@ class RunGroup:
             else:
                 todo.append(d)
         threads = max(1, cpus // max(1, len(todo)))
+        terminated = self._on_sigterm()
         self._children = [_start(d, threads) for d in todo]
         _wait_children(self._children, float("inf"))
+        if terminated:  # cancelled, or requeued without the hook (preemption, scontrol)
+            _log("SIGTERM: the runs saved; exiting without a result for the scheduler to act")
+            sys.exit(128 + signal.SIGTERM)
         states = {Path(d).name: contract.view_run(Path(d)).state for d in self.run_dirs}
         bad = {k: v for k, v in states.items() if v not in contract.TERMINAL_STATES}
         if bad:  # an honest failure status: the scheduler records FAILED
             raise RuntimeError(f"runs not finished: {bad}")
         return states
 
+    def _on_sigterm(self) -> list[int]:
+        """On SIGTERM pass it to the runs (they checkpoint and exit) and remember it: the job
+        must then neither return nor raise, or submitit records a result for a job SLURM is
+        requeueing (research notes, design B)."""
+        seen: list[int] = []
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum: int, frame: Any) -> None:
+            seen.append(signum)
+            for child in self._children:
+                if child.proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        child.proc.send_signal(signal.SIGTERM)
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, handler)
+        return seen
+
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         import submitit  # job side only
 
         alive = [c for c in self._children if c.proc.poll() is None]
         _log(f"stop signal: asking {len(alive)} run(s) to checkpoint")
-        for child in alive:
-            with contextlib.suppress(ProcessLookupError):
-                child.proc.send_signal(signal.SIGUSR2)
-        left = _wait_children(alive, self.grace_s)
+        left = _wait_children(alive, self.grace_s, resend=signal.SIGUSR2)
         for child in left:
             _log(f"{child.run_dir.name} did not exit within {self.grace_s:.0f} s")
         fresh = RunGroup(list(self.run_dirs), self.max_attempts, self.grace_s)

@@ -477,16 +477,31 @@ def wait_targets(store: SweepStore, submission: dict[str, Any]) -> list[str]:
     return [rid for job in submission.get("jobs", []) for rid in job.get("run_ids", [])]
 
 
-def wait_done(store: SweepStore, submission: dict[str, Any], now: float | None = None) -> bool:
-    """True when every run of the submission is terminal or failed, or its job is gone."""
-    jobs = [(submission["executor"], j) for j in submission.get("jobs", [])]
+def jobs_holding(manifest: dict[str, Any], run_ids: Iterable[str]) -> list[tuple[str, dict]]:
+    """``(executor, job record)`` of every submitted job that holds one of ``run_ids``."""
+    wanted = set(run_ids)
+    return [(ex, job) for ex, job in _manifest_jobs(manifest) if wanted & set(job["run_ids"])]
+
+
+def runs_done(
+    store: SweepStore,
+    jobs: list[tuple[str, dict[str, Any]]],
+    run_ids: Iterable[str],
+    now: float | None = None,
+) -> bool:
+    """True when each run is completed, diverged or failed, or no live job holds it."""
     live = executors.live_jobs(jobs)
-    for ex_job in jobs:
-        job = ex_job[1]
-        for rid in job["run_ids"]:
-            view = contract.view_run(store.run_dir(rid), now)
-            if view.terminal or view.state == contract.FAILED:
-                continue
-            if job["job_id"] in live or view.state == contract.RUNNING:
-                return False
+    live_runs = {rid for _, job in jobs if job["job_id"] in live for rid in job["run_ids"]}
+    for rid in run_ids:
+        view = contract.view_run(store.run_dir(rid), now)
+        if view.terminal or view.state == contract.FAILED:
+            continue
+        if rid in live_runs or view.state == contract.RUNNING:
+            return False
     return True
+
+
+def wait_done(store: SweepStore, submission: dict[str, Any], now: float | None = None) -> bool:
+    """:func:`runs_done` for the runs of one submission."""
+    jobs = [(submission["executor"], j) for j in submission.get("jobs", [])]
+    return runs_done(store, jobs, wait_targets(store, submission), now)

@@ -41,3 +41,39 @@ def test_completes_grid_and_resource_names():
     assert _complete("decon submit --grid ") == ["loss_lin_slope", "smoke"]
     assert _complete("decon submit --resources r") == ["rtx8000"]
     assert "submit" in _complete("decon su")
+
+
+def test_sigterm_saves_the_runs_and_the_job_exits_without_a_result(tmp_path):
+    """What an external requeue or a cancel looks like to the job: SIGTERM. The run
+    checkpoints, and the job exits 143 instead of returning or raising (a result would tell
+    submitit the job is over while SLURM requeues it)."""
+    import os
+    import signal
+    import time
+
+    from deconcnn_cli import contract
+    from deconcnn_cli.sweep.grid import expand_grid_runs, load_grid
+    from deconcnn_cli.sweep.store import SweepStore
+
+    spec = load_grid("smoke")
+    cfg = expand_grid_runs(spec)[0].config
+    long = cfg.model_copy(update={"schedule": cfg.schedule.model_copy(update={"epochs": 60})})
+    run_dir = SweepStore(tmp_path).write_run_config(long)
+    code = (
+        "import sys; from deconcnn_cli.sweep.job import RunGroup; "
+        f"RunGroup([{str(run_dir)!r}], max_attempts=2)()"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_CPUS_PER_TASK": "1"}
+    job = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while contract.view_run(run_dir).step < 1:
+        assert job.poll() is None and time.monotonic() < deadline, job.stdout.read()
+        time.sleep(0.2)
+    job.send_signal(signal.SIGTERM)
+    out, _ = job.communicate(timeout=300)
+    assert job.returncode == 143, out
+    assert "SIGTERM: the runs saved" in out and "Traceback" not in out
+    view = contract.view_run(run_dir)
+    assert view.state == "interrupted" and view.reason == "signal SIGTERM"
+    assert view.status["last_checkpoint_step"] == view.step > 0

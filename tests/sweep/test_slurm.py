@@ -83,15 +83,16 @@ def test_concurrent_submits_make_no_duplicates_and_the_smoke_grid_completes(tmp_
     assert sorted(_sacct_states(job_ids)) == sorted((j, "COMPLETED") for j in job_ids)
 
 
-# ~25 s of CPU per run without curvature metrics: more than a first attempt's worth, since
-# SLURM signals a 1-minute job 20-40 s after it starts, whatever the machine's speed. Once the
-# job has been requeued the test lifts its limit, so a loaded machine needs two attempts only.
+# ~40 s of CPU per run without curvature metrics. The job is submitted with a long limit;
+# once both runs are training, the test cuts the limit so that SLURM's timeout signal comes
+# while they train (SLURM signals up to ~30 s early), and lifts it again after the requeue:
+# two attempts, whatever the machine's speed.
 REQUEUE_GRID = """
 name = "requeue"
 variants = ["base"]
 profiles = ["smoke"]
 [overrides.schedule]
-epochs = 16
+epochs = 24
 [overrides.cadence]
 curvature_every_steps = 0
 [axes]
@@ -107,28 +108,38 @@ gres = "gpu:1"
 runs_per_gpu = 2
 cpus_per_run = 1
 mem_gb_per_run = 1.0
-time_limit_min = 1
+time_limit_min = 10
 signal_delay_s = 20
 max_attempts = 12
 """
 
 
-def _lift_limit_after_first_requeue(job_id: str, minutes: int, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while "REQUEUED" not in [s for _, s in _sacct_rows(job_id)]:
+def _time_out_once(store: SweepStore, job_id: str, run_ids: list[str]) -> None:
+    """Once every run trains, cut the job's limit to 35-95 s from now (SLURM sends the
+    signal within ~30 s of the limit minus signal_delay_s); after the requeue, lift it."""
+    deadline = time.monotonic() + 600
+    while not all(contract.view_run(store.run_dir(r)).step >= 1 for r in run_ids):
+        assert time.monotonic() < deadline, "the runs never started training"
+        time.sleep(1)
+    elapsed_s = int(_sacct(job_id, "ElapsedRaw")[-1])
+    _set_limit(job_id, -(-(elapsed_s + 35) // 60))  # ceil, in minutes
+    while "REQUEUED" not in _sacct(job_id, "State", requeues=True):
         assert time.monotonic() < deadline, "the job was never requeued"
         time.sleep(2)
-    out = subprocess.run(
-        ["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    _set_limit(job_id, 30)
+
+
+def _set_limit(job_id: str, minutes: int) -> None:
+    cmd = ["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
 
 
-def _sacct_rows(job_id: str) -> list[tuple[str, str]]:
-    cmd = ["sacct", "-X", "-D", "-n", "-P", "-o", "JobID,State", "-j", job_id]
+def _sacct(job_id: str, field: str, requeues: bool = False) -> list[str]:
+    cmd = ["sacct", "-X", "-n", "-P", "-o", field, "-j", job_id] + (["-D"] if requeues else [])
     out = subprocess.run(cmd, capture_output=True, text=True)
-    return [tuple(line.split("|")[:2]) for line in out.stdout.split()]  # type: ignore[misc]
+    assert out.returncode == 0, out.stderr
+    return [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
 
 
 def test_a_job_at_its_time_limit_requeues_and_both_runs_resume_exactly(tmp_path):
@@ -153,7 +164,7 @@ def test_a_job_at_its_time_limit_requeues_and_both_runs_resume_exactly(tmp_path)
     store = SweepStore(root)
     (sub,) = store.read_manifest()["submissions"]
     (job,) = sub["jobs"]
-    _lift_limit_after_first_requeue(job["job_id"], minutes=30)
+    _time_out_once(store, job["job_id"], job["run_ids"])
     assert ref.wait(timeout=1500) == 0, ref.stdout.read() if ref.stdout else ""
     _wait(store, sub, timeout_s=1500)
     for rid in job["run_ids"]:

@@ -106,3 +106,24 @@ def test_lock_excludes_a_second_holder_until_released(tmp_path):
             assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
     finally:
         proc.join(30)
+
+
+def test_lock_falls_back_to_an_exclusive_file_where_flock_is_refused(tmp_path, monkeypatch):
+    import errno
+
+    from deconcnn_cli.sweep import store as store_mod
+
+    def no_flock(fd, path, timeout_s):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(store_mod, "_flock_wait", no_flock)
+    excl = tmp_path / (LOCK_FILE + ".excl")
+    with SweepStore(tmp_path).lock():
+        assert json.loads(excl.read_text())["pid"] == os.getpid()
+        with (
+            pytest.raises(SweepError, match="held by") as info,
+            SweepStore(tmp_path).lock(timeout_s=0.3),
+        ):
+            pass
+        assert str(excl) in (info.value.hint or "")
+    assert not excl.exists()

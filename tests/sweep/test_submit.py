@@ -302,22 +302,12 @@ def test_submit_runs_refuses_unknown_ids_and_skips_finished(tmp_path):
 
 @pytest.mark.slow
 def test_local_executor_end_to_end(tmp_path):
-    """Detached runner: submit returns at once, a second submit adds nothing, --wait watches
-    the runs to the end, and a third submit finds everything completed."""
+    """Detached runner: submit returns at once with the runs going on; a second `submit --wait`
+    submits nothing and watches them to the end; a third finds everything completed."""
     root = tmp_path / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "deconcnn_cli",
-        "submit",
-        "--grid",
-        "smoke",
-        "--executor",
-        "local",
-        "--root",
-        str(root),
-    ]
+    cmd = [sys.executable, "-m", "deconcnn_cli", "submit", "--grid", "smoke",
+           "--executor", "local", "--root", str(root)]  # fmt: skip
     first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert first.returncode == 0, first.stderr
     assert "submitted 4 runs in 1 local job(s)" in " ".join(first.stdout.split())
@@ -325,28 +315,21 @@ def test_local_executor_end_to_end(tmp_path):
     (sub,) = manifest["submissions"]
     (job,) = sub["jobs"]
     assert job["job_id"].startswith("local-") and len(job["run_ids"]) == 4
-    assert executors.local_job_alive(job)  # the runner outlived submit
-    waiter = subprocess.Popen(
-        [*cmd, "--wait"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=REPO,
-    )
-    out, err = waiter.communicate(timeout=120)
-    assert waiter.returncode == 0, err
-    assert "nothing to submit" in out and out.count("queued in job " + job["job_id"]) == 4
+    assert executors.local_job_alive(job)  # submit has exited; its runner goes on
+    assert os.getsid(job["pid"]) == job["pid"]  # in a session of its own
+    second = subprocess.run([*cmd, "--wait"], capture_output=True, text=True, env=env,
+                            cwd=REPO, timeout=900)  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    assert "nothing to submit" in second.stdout
+    assert second.stdout.count("queued in job " + job["job_id"]) == 4
+    assert "all 4 runs ended: 4 completed" in second.stdout
     store = SweepStore(root)
-    deadline = time.monotonic() + 600
-    while not wait_done(store, sub):
-        assert time.monotonic() < deadline, "local runs did not finish"
-        time.sleep(2)
+    assert wait_done(store, sub)
     for rid in job["run_ids"]:
         view = contract.view_run(store.run_dir(rid))
         assert view.state == "completed" and view.step == view.total_steps == 26
         assert len(contract.read_attempts(store.run_dir(rid))) == 1
         assert "completed" in (store.run_dir(rid) / contract.LOG_FILE).read_text()
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
-    assert again.returncode == 0 and again.stdout.count(": completed") == 4
+    third = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert third.returncode == 0 and third.stdout.count(": completed") == 4
     assert len(json.loads((root / "sweep.json").read_text())["submissions"]) == 1
