@@ -73,3 +73,11 @@ RootOpt = Annotated[
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bar (batch jobs): one line per event.")
 ]
+SweepRootOpt = Annotated[
+    Path,
+    typer.Option(
+        "--root",
+        help="Sweep root (the folder holding sweep.json, runs/ and jobs/; see docs/sweep-root.md).",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]

@@ -37,9 +37,7 @@ from deconcnn_cli.contract import (
     read_json,
 )
 from deconcnn_cli.errors import ConfigError, DeconError, RunDirError
-from deconcnn_cli.training.data import check_available
-from deconcnn_cli.training.device import resolve_device, resolve_precision
-from deconcnn_cli.training.rundir import own_run
+from deconcnn_cli.training.rundir import own_run  # torch-free
 
 if TYPE_CHECKING:
     from deconcnn_cli.training.loop import RunResult
@@ -161,6 +159,11 @@ def train(
         if status.get("state") in TERMINAL_STATES:
             typer.echo(f"{target}: already {status['state']} at step {status.get('step')}")
             return
+        # torch loads here, not at import: `decon monitor/verify` share this CLI and must
+        # answer in well under a second
+        from deconcnn_cli.training.data import check_available
+        from deconcnn_cli.training.device import resolve_device, resolve_precision
+
         check_available(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download)
         # fail before writing: the device must run the precision (the run's stored one if any)
         resolve_precision(cfg.precision, resolve_device(cfg.device), status.get("precision"))

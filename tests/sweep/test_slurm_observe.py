@@ -1,0 +1,172 @@
+"""monitor, recover and verify against a real SLURM (scripts/slurm-local/start.sh).
+
+One sweep of two runs sharing a fake GPU (one job). Mid-run the job is `scancel`ed (the runs
+checkpoint on SIGTERM); after recover, the resumed job is `scancel --signal=KILL`ed mid-run.
+Each time monitor must report both runs from the scheduler at once (no waiting for a stale
+heartbeat) and recover must resume them; the sweep then completes, verify passes on it and
+fails on a truncated stream and on a missing run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from deconcnn_cli import contract
+from deconcnn_cli.sweep.monitor import observe_sweep
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slurm
+
+GRID = """\
+name = "slurm_observe"
+description = "two tiny runs, long enough to be cancelled mid-run"
+variants = ["base"]
+profiles = ["smoke"]
+
+[overrides.schedule]
+epochs = 6
+
+[overrides.data]
+image_size = 8
+
+[axes]
+lr = [0.1]
+weight_decay = [1e-3]
+seed = [0, 1]
+"""
+
+
+def _poll(root: Path, until, what: str, timeout_s: float = 420):  # noqa: ANN001, ANN202
+    deadline = time.time() + timeout_s
+    report = None
+    while time.time() < deadline:
+        report = observe_sweep(root, refresh=True)
+        if until(report):
+            return report
+        time.sleep(2)
+    rows = [(r.run_id, r.state, r.step, r.detail) for r in report.rows] if report else None
+    raise AssertionError(f"timed out waiting for {what}: {rows}")
+
+
+def _sacct_state(job_id: str) -> str:
+    out = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True
+    )
+    return out.stdout.strip().split(" ")[0] if out.stdout.strip() else ""
+
+
+def _squeue_lists(job_ids: list[str]) -> bool:
+    out = subprocess.run(
+        ["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i"], capture_output=True, text=True
+    )
+    return bool(out.stdout.strip())
+
+
+def _cancel_when_training(root: Path, scancel_args: list[str], after_step: int = 0) -> str:
+    """Wait until every run trains past ``after_step`` + 2 in one job, then scancel that job."""
+    report = _poll(
+        root,
+        lambda r: (
+            all(x.state == "running" and x.step >= after_step + 2 for x in r.rows)
+            and len({x.job_id for x in r.rows}) == 1
+        ),
+        "both runs training in their job",
+    )
+    job_id = report.rows[0].job_id
+    subprocess.run(["scancel", *scancel_args, job_id], check=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and _sacct_state(job_id) != "CANCELLED":
+        time.sleep(1)
+    return job_id
+
+
+def _monitor_says_cancelled(root: Path) -> dict[str, dict]:
+    out = json.loads(run_cli("monitor", "--json", "--refresh", "--root", str(root)).stdout)
+    assert out["scheduler"]["calls"] == 2 and not out["scheduler"]["degraded"]
+    rows = {r["run_id"]: r for r in out["runs"]}
+    for row in rows.values():
+        # told by the scheduler alone: the run's own status may still say running here
+        assert (row["state"], row["cause"]) == ("interrupted", "cancelled"), row
+        assert row["step"] < row["total_steps"]
+    return rows
+
+
+def _recover(root: Path, job_id: str, run_ids: set[str]) -> None:
+    """recover until every run is resubmitted: a KILLed run whose heartbeat is still fresh
+    is planned as `wait` and resumed by a later recover."""
+    deadline = time.time() + 120
+    while time.time() < deadline and _squeue_lists([job_id]):
+        time.sleep(1)  # let the cancelled job's processes end before resubmitting
+    resumed: set[str] = set()
+    deadline = time.time() + contract.STALLED_AFTER_S + 120
+    while True:
+        proc = run_cli("recover", "--json", "--root", str(root))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        out = json.loads(proc.stdout)
+        actions = {a["run_id"]: a for a in out["actions"]}
+        assert all(a["cause"] == "cancelled" for a in actions.values()), actions
+        assert all(a["action"] in ("resume", "wait") for a in actions.values()), actions
+        resumed |= set(out["new_jobs"])
+        if not any(a["action"] == "wait" for a in actions.values()):
+            break
+        assert time.time() < deadline, actions
+        time.sleep(10)
+    assert resumed == run_ids
+
+
+def test_cancel_and_kill_are_reported_recovered_and_verified(tmp_path: Path) -> None:
+    grid = tmp_path / "slurm_observe.toml"
+    grid.write_text(GRID)
+    root = tmp_path / "sweep"
+    proc = run_cli(
+        "submit",
+        "--grid",
+        str(grid),
+        "--resources",
+        "slurm_local",
+        "--executor",
+        "slurm",
+        "--root",
+        str(root),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    # 1. a user's scancel (SIGTERM: the runs checkpoint) -> reported -> recovered
+    first = _cancel_when_training(root, [])
+    rows = _monitor_says_cancelled(root)
+    text = run_cli("monitor", "--show-failed", "--root", str(root)).stdout
+    assert "interrupted, cause cancelled" in text and "decon recover" in text
+    _recover(root, first, set(rows))
+
+    # 2. scancel --signal=KILL mid-run of the resumed job -> reported -> recovered again
+    second = _cancel_when_training(root, ["--signal=KILL"], min(r["step"] for r in rows.values()))
+    assert second != first
+    _monitor_says_cancelled(root)
+    _recover(root, second, set(rows))
+
+    _poll(root, lambda r: all(x.state == "completed" for x in r.rows), "completion")
+    for rid in rows:
+        starts = [a for a in contract.read_attempts(root / "runs" / rid) if "start_unix" in a]
+        assert len(starts) >= 3 and starts[-1]["resumed_from_step"] > 0, starts
+    log = [json.loads(x) for x in (root / "recover.jsonl").read_text().splitlines()]
+    assert sorted(x["run_id"] for x in log) == sorted([*rows, *rows])  # each run twice
+
+    proc = run_cli("verify", "--root", str(root))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    a, b = sorted(rows)
+    broken = tmp_path / "broken"
+    shutil.copytree(root, broken)
+    step_csv = contract.stream_path(broken / "runs" / a, "step")
+    step_csv.write_text("".join(step_csv.read_text().splitlines(keepends=True)[:-3]))
+    shutil.rmtree(broken / "runs" / b)
+    proc = run_cli("verify", "--json", "--root", str(broken))
+    assert proc.returncode == 1
+    kinds = {(p["run_id"], p["kind"]) for p in json.loads(proc.stdout)["problems"]}
+    assert kinds == {(a, "stream_gap"), (b, "missing_run")}
