@@ -6,6 +6,7 @@ import sys
 
 import typer
 
+from deconcnn_cli.commands import export as export_cmd
 from deconcnn_cli.commands import train as train_cmd
 from deconcnn_cli.errors import DeconError
 
@@ -16,6 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("train", no_args_is_help=False)(train_cmd.train)
+app.command("export")(export_cmd.export)
 
 
 @app.callback()

@@ -47,3 +47,6 @@ RootOpt = Annotated[
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bar (batch jobs): one line per event.")
 ]
+SweepRootOpt = Annotated[
+    Path, typer.Option("--root", help="Sweep root: sweep.json + runs/ (docs/sweep-root.md).")
+]

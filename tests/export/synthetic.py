@@ -1,0 +1,161 @@
+"""Synthetic sweep roots in the documented format (docs/sweep-root.md, docs/run-directory.md).
+
+Used where real training cannot give the numbers a test needs (chosen R^2 and alpha values for
+H1/H2) or the size a bench needs (216 runs x 17,600 steps). Values are written through the
+contract's own cell encoder, exactly as the run writer does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deconcnn_cli import contract
+
+
+def write_manifest(root: Path, runs: Mapping[str, Mapping[str, Any]], grid: str = "test") -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "schema_version": 1,
+        "grid": grid,
+        "grid_hash": "0123456789abcdef",
+        "code_version": "0.1.0+gtest",
+        "created_unix": 1764355200.0,
+        "runs": {rid: dict(spec) for rid, spec in runs.items()},
+        "submissions": [
+            {
+                "time_unix": 1764355300.0,
+                "executor": "local",
+                "resources": "local",
+                "code_version": "0.1.0+gtest",
+                "jobs": [{"job_id": f"job_{i}", "run_ids": [rid]} for i, rid in enumerate(runs)],
+            }
+        ],
+    }
+    contract.atomic_write_json(root / "sweep.json", manifest)
+
+
+def _write_stream(path: Path, name: str, columns: Mapping[str, Any]) -> None:
+    header = contract.STREAMS[name]
+    n = len(columns["step"])
+    lines = [",".join(header)]
+    cols = [columns.get(h) for h in header]
+    for i in range(n):
+        lines.append(",".join(contract.format_cell(None if c is None else c[i]) for c in cols))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_run(
+    root: Path,
+    run_id: str,
+    *,
+    state: str = "completed",
+    steps: int = 400,
+    steps_per_epoch: int = 20,
+    alpha: float = 0.3,
+    prefactor: float = 2.5,
+    noise: float = 0.02,
+    seed: int = 0,
+    summary: Mapping[str, Any] | None = None,
+    status_extra: Mapping[str, Any] | None = None,
+    curvature_every: int = 500,
+) -> Path:
+    """A run directory whose train loss follows ``prefactor * t^-alpha`` (t = step + 1)."""
+    rng = np.random.default_rng(seed)
+    run = root / "runs" / run_id
+    (run / contract.METRICS_DIR).mkdir(parents=True, exist_ok=True)
+    (run / contract.CHECKPOINT_DIR).mkdir(exist_ok=True)
+    t = np.arange(steps, dtype=np.float64)
+    loss = prefactor * (t + 1) ** -alpha * np.exp(noise * rng.standard_normal(steps))
+    if state == "diverged":
+        loss[-1] = math.nan
+    epoch = (t + 1) / steps_per_epoch
+    lr = np.full(steps, 0.1)
+    _write_stream(
+        contract.stream_path(run, "step"),
+        "step",
+        {
+            "step": t.astype(int).tolist(),
+            "epoch": epoch.tolist(),
+            "loss_train_nats": loss.tolist(),
+            "loss_train_bits": (loss / math.log(2)).tolist(),
+            "acc_train": np.clip(1 - loss / 3, 0, 1).tolist(),
+            "lr": lr.tolist(),
+            "wd": [1e-4] * steps,
+        },
+    )
+    vstep = np.arange(steps_per_epoch // 4 - 1, steps, max(1, steps_per_epoch // 4))
+    vloss = 1.1 * prefactor * (vstep + 1.0) ** -alpha + 0.1
+    _write_stream(
+        contract.stream_path(run, "val"),
+        "val",
+        {
+            "step": vstep.tolist(),
+            "epoch": ((vstep + 1) / steps_per_epoch).tolist(),
+            "loss_val_nats": vloss.tolist(),
+            "acc_val": np.clip(1 - vloss / 3, 0, 1).tolist(),
+            "grad_norm": [1.0] * len(vstep),
+            "weight_norm": [30.0] * len(vstep),
+        },
+    )
+    cstep = np.arange(0, steps, curvature_every)
+    _write_stream(
+        contract.stream_path(run, "curvature"),
+        "curvature",
+        {
+            "step": cstep.tolist(),
+            "epoch": (cstep / steps_per_epoch).tolist(),
+            "lambda_max": (50 + 200 * (1 - np.exp(-cstep / (steps / 3)))).tolist(),
+            "hutch_trace": (800 + 3000 * (1 - np.exp(-cstep / (steps / 3)))).tolist(),
+            "hutch_trace_sem": [40.0] * len(cstep),
+            "n_hvp": [20] * len(cstep),
+        },
+    )
+    estep = np.arange(steps_per_epoch - 1, steps, steps_per_epoch)
+    n = len(estep)
+    _write_stream(
+        contract.stream_path(run, "noise"),
+        "noise",
+        {
+            "step": estep.tolist(),
+            "epoch": ((estep + 1) / steps_per_epoch).tolist(),
+            **{k: [0.5] * n for k in contract.STREAMS["noise"][2:]},
+        },
+    )
+    shape_vals: dict[str, list[Any]] = {k: [None] * n for k in contract.STREAMS["shape"][2:]}
+    shape_vals["alpha_full"] = [alpha] * n
+    shape_vals["power_law_r2"] = [0.99] * n
+    _write_stream(
+        contract.stream_path(run, "shape"),
+        "shape",
+        {"step": estep.tolist(), "epoch": ((estep + 1) / steps_per_epoch).tolist(), **shape_vals},
+    )
+    status = {
+        "state": state,
+        "step": steps,
+        "epoch": steps / steps_per_epoch,
+        "total_steps": steps,
+        "steps_per_epoch": steps_per_epoch,
+        "attempt": 1,
+        "heartbeat_unix": time.time(),
+        "precision": "fp32",
+        "reason": {"diverged": "non-finite training loss", "failed": "RuntimeError: boom"}.get(
+            state
+        ),
+        **(status_extra or {}),
+    }
+    contract.atomic_write_json(run / contract.STATUS_FILE, status)
+    (run / contract.ATTEMPTS_FILE).write_text(
+        json.dumps({"attempt": 1, "start_unix": 1.0, "host": "node01", "slurm_job_id": "77_1"})
+        + "\n"
+    )
+    (run / contract.CHECKPOINT_DIR / f"ckpt_{steps:09d}.pt").write_bytes(b"x")
+    if summary is not None:
+        contract.atomic_write_json(run / contract.SUMMARY_FILE, dict(summary))
+    return run
