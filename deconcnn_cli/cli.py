@@ -7,6 +7,7 @@ import sys
 import typer
 
 from deconcnn_cli.commands import export as export_cmd
+from deconcnn_cli.commands import report as report_cmd
 from deconcnn_cli.commands import train as train_cmd
 from deconcnn_cli.errors import DeconError
 
@@ -18,6 +19,7 @@ app = typer.Typer(
 )
 app.command("train", no_args_is_help=False)(train_cmd.train)
 app.command("export")(export_cmd.export)
+app.command("report")(report_cmd.report)
 
 
 @app.callback()

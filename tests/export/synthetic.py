@@ -159,3 +159,60 @@ def write_run(
     if summary is not None:
         contract.atomic_write_json(run / contract.SUMMARY_FILE, dict(summary))
     return run
+
+
+VARIANTS = ("base", "bn_off", "narrow", "adamw")
+LRS = (0.05, 0.1, 0.2)
+WDS = (1e-4, 1e-3, 1e-2)
+
+
+def write_grid(
+    root: Path,
+    *,
+    seeds: int = 2,
+    steps: int = 1000,
+    steps_per_epoch: int = 20,
+    diverge: tuple[str, float] | None = ("bn_off", 0.2),
+    missing: int = 1,
+    curvature_every: int = 100,
+) -> dict[str, dict[str, Any]]:
+    """A loss_lin_slope-shaped grid (4 variants x 3 lr x 3 wd x ``seeds``) of synthetic runs.
+
+    ``diverge`` = (variant, lr) whose runs diverge; the last ``missing`` runs never start.
+    Exponents grow with lr and the best validation loss falls with the exponent, so H2's rho
+    is strongly negative; R^2 is ~0.99.
+    """
+    runs: dict[str, dict[str, Any]] = {}
+    rng = np.random.default_rng(1)
+    for v_i, variant in enumerate(VARIANTS):
+        for lr in LRS:
+            for wd in WDS:
+                for seed in range(seeds):
+                    run_id = f"{variant}_lr{lr:g}_wd{wd:g}_s{seed}_{v_i}{seed}"
+                    runs[run_id] = {"variant": variant, "lr": lr, "weight_decay": wd,
+                                    "seed": seed}  # fmt: skip
+    write_manifest(root, runs, grid="loss_lin_slope")
+    ids = list(runs)
+    for k, run_id in enumerate(ids):
+        spec = runs[run_id]
+        if k >= len(ids) - missing:
+            continue
+        alpha = 0.2 + 0.6 * spec["lr"] + 0.05 * VARIANTS.index(spec["variant"])
+        alpha += 0.02 * rng.standard_normal()
+        best = 2.0 - 1.5 * alpha + 0.02 * rng.standard_normal()
+        state = "diverged" if diverge and (spec["variant"], spec["lr"]) == diverge else "completed"
+        summary = {
+            "state": state,
+            "alpha_early": alpha if state == "completed" else None,
+            "alpha_full": alpha,
+            "power_law_r2": 0.985 + 0.01 * rng.random() if state == "completed" else None,
+            "best_val_ce": best if state == "completed" else None,
+            "best_val_epoch": steps / steps_per_epoch,
+            "burn_in_step": 20,
+            "knee_epoch": 20.0 if spec["variant"] == "narrow" else None,
+        }
+        write_run(
+            root, run_id, state=state, steps=steps, steps_per_epoch=steps_per_epoch,
+            alpha=alpha, seed=k, summary=summary, curvature_every=curvature_every,
+        )  # fmt: skip
+    return runs
