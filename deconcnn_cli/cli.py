@@ -8,6 +8,7 @@ import typer
 
 from deconcnn_cli.commands import export as export_cmd
 from deconcnn_cli.commands import report as report_cmd
+from deconcnn_cli.commands import submit as submit_cmd
 from deconcnn_cli.commands import train as train_cmd
 from deconcnn_cli.errors import DeconError
 
@@ -18,6 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("train", no_args_is_help=False)(train_cmd.train)
+app.command("submit", no_args_is_help=True)(submit_cmd.submit)
 app.command("export")(export_cmd.export)
 app.command("report")(report_cmd.report)
 

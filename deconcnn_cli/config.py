@@ -282,3 +282,138 @@ def load_saved_config(path: Path) -> RunConfig:
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read saved config: {exc}") from exc
     return build_config([(str(path), data.get("config", data))])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps: grids and resource profiles (profiles/grids/*.toml, profiles/resources/*.toml)
+
+
+class GridAxes(_Strict):
+    """The swept axes; every combination is one run."""
+
+    lr: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)]
+    weight_decay: Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=1)]
+    seed: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+class VariantAxes(_Strict):
+    """Per-variant replacement of some axes (e.g. a sane lr range for adamw)."""
+
+    lr: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] | None = None
+    weight_decay: Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=1)] | None = None
+    seed: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = None
+
+
+class GridSpec(_Strict):
+    """A sweep as data: variants x axes, each run = variant profile < profiles < overrides."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str = ""
+    variants: Annotated[list[str], Field(min_length=1)]
+    profiles: list[str] = []  # extra profiles layered after the variant (e.g. ["smoke"])
+    overrides: dict[str, Any] = {}  # a nested config layer applied to every run
+    axes: GridAxes
+    variant_axes: dict[str, VariantAxes] = {}
+
+    @model_validator(mode="after")
+    def _variant_axes_known(self) -> GridSpec:
+        unknown = sorted(set(self.variant_axes) - set(self.variants))
+        if unknown:
+            raise ValueError(f"variant_axes names variants not in `variants`: {unknown}")
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError("variants lists a name twice")
+        return self
+
+    def axes_for(self, variant: str) -> GridAxes:
+        extra = self.variant_axes.get(variant)
+        if extra is None:
+            return self.axes
+        return self.axes.model_copy(update=extra.model_dump(exclude_none=True))
+
+
+class ResourceProfile(_Strict):
+    """Where and how a sweep's runs execute: a SLURM GPU layout or N local CPU runs."""
+
+    name: Annotated[str, Field(min_length=1)]
+    executor: Literal["slurm", "local"]
+    description: str = ""
+    # -- both
+    cpus_per_run: Annotated[int, Field(ge=1)] = 1  # threads each run's torch may use
+    max_attempts: Annotated[int, Field(ge=1)] = 5  # starts per run before it is left to recover
+    data_dir: str | None = None  # where this machine keeps CIFAR (not part of run identity)
+    # -- slurm: one job per GPU holding runs_per_gpu runs
+    runs_per_gpu: Annotated[int, Field(ge=1)] = 2
+    gpu_memory_gb: Annotated[float, Field(gt=0)] | None = None  # of one card
+    gpu_memory_gb_per_run: dict[str, Annotated[float, Field(gt=0)]] = {}  # per variant
+    mem_gb_per_run: Annotated[float, Field(gt=0)] = 8.0  # host memory
+    time_limit_min: Annotated[int, Field(ge=1)] = 1440
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gres: str = "gpu:1"  # what one job asks for; "" = no GPU (tests on CPU-only SLURM)
+    array_parallelism: Annotated[int, Field(ge=1)] = 64  # the %N of every array
+    max_array_size: Annotated[int, Field(ge=1)] | None = None  # None: ask `scontrol show config`
+    signal_delay_s: Annotated[int, Field(ge=10)] = 120  # USR2 this long before the limit
+    # -- local
+    parallel_runs: Annotated[int, Field(ge=1)] = 1
+    host_memory_gb_per_run: dict[str, Annotated[float, Field(gt=0)]] = {}  # per variant
+
+    @model_validator(mode="after")
+    def _fits_on_card(self) -> ResourceProfile:
+        if self.gpu_memory_gb is not None:
+            for variant, gb in self.gpu_memory_gb_per_run.items():
+                if gb * self.runs_per_gpu > self.gpu_memory_gb:
+                    raise ValueError(
+                        f"gpu_memory_gb_per_run.{variant} = {gb} x runs_per_gpu "
+                        f"{self.runs_per_gpu} exceeds gpu_memory_gb {self.gpu_memory_gb}"
+                    )
+        return self
+
+
+def grid_names() -> list[str]:
+    return sorted(p.stem for p in (profiles_dir() / "grids").glob("*.toml"))
+
+
+def resource_names() -> list[str]:
+    return sorted(p.stem for p in (profiles_dir() / "resources").glob("*.toml"))
+
+
+def resolve_named(name_or_path: str, kind: str) -> Path:
+    """A grid/resource name (``profiles/<kind>s/<name>.toml``) or a path to a TOML file."""
+    cand = Path(name_or_path)
+    if cand.suffix == ".toml" or cand.exists():
+        return cand
+    folder = profiles_dir() / ("grids" if kind == "grid" else "resources")
+    path = folder / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = grid_names() if kind == "grid" else resource_names()
+        raise ConfigError(
+            f"unknown {kind} {name_or_path!r}",
+            f"known: {', '.join(known) or '(none)'}; or give a path to a .toml file",
+        )
+    return path
+
+
+def validate_file(model: type[BaseModel], path: Path, data: dict[str, Any], kind: str) -> Any:
+    """``model.model_validate(data)`` with errors as ``file: field: message`` lines."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"{path}: {field}: {err['msg']}")
+        hint = f"valid keys: {', '.join(model.model_fields)}"
+        raise ConfigError(f"invalid {kind}:\n  " + "\n  ".join(lines), hint) from None
+
+
+def load_grid_spec(name_or_path: str) -> GridSpec:
+    path = resolve_named(name_or_path, "grid")
+    return validate_file(GridSpec, path, read_toml(path), "grid")
+
+
+def load_resource_profile(name_or_path: str) -> ResourceProfile:
+    path = resolve_named(name_or_path, "resource profile")
+    data = read_toml(path)
+    data.setdefault("name", path.stem)
+    return validate_file(ResourceProfile, path, data, "resource profile")

@@ -20,3 +20,13 @@ class ConfigError(DeconError):
 
 class RunDirError(DeconError):
     """A run directory that is missing, foreign or unreadable."""
+
+
+class SweepError(DeconError):
+    """A sweep root that is missing, foreign, locked or asked for something it cannot do."""
+
+
+class SchedulerError(DeconError):
+    """The scheduler is unreachable or refused a submission (exit 5)."""
+
+    exit_code = 5

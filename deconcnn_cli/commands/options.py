@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from deconcnn_cli.config import profile_names, variant_names
+from deconcnn_cli.config import grid_names, profile_names, resource_names, variant_names
 
 
 def complete_variant(incomplete: str) -> list[str]:
@@ -18,6 +18,32 @@ def complete_profile(incomplete: str) -> list[str]:
     return [p for p in profile_names() if p.startswith(incomplete)]
 
 
+def complete_grid(incomplete: str) -> list[str]:
+    return [g for g in grid_names() if g.startswith(incomplete)]
+
+
+def complete_resources(incomplete: str) -> list[str]:
+    return [r for r in resource_names() if r.startswith(incomplete)]
+
+
+GridOpt = Annotated[
+    str,
+    typer.Option(
+        "--grid",
+        "-g",
+        help="Grid (name in profiles/grids/ or a .toml path).",
+        autocompletion=complete_grid,
+    ),
+]
+ResourcesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--resources",
+        "-r",
+        help="Resource profile (name in profiles/resources/ or a .toml path).",
+        autocompletion=complete_resources,
+    ),
+]
 VariantOpt = Annotated[
     str | None,
     typer.Option(

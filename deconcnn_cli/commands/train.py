@@ -116,6 +116,9 @@ def train(
         int | None, typer.Option(help="Stop (checkpointed, resumable) after this many steps.")
     ] = None,
     quiet: QuietOpt = False,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="Torch intra-op threads (sweep jobs split CPUs).")
+    ] = None,
 ) -> None:
     """Train one run (or resume it from its newest valid checkpoint)."""
     console = Console(stderr=True)
@@ -141,6 +144,10 @@ def train(
         check_available(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download)
         resolve_precision(cfg.precision, resolve_device(cfg.device))  # fail before writing
         prepare_run_dir(cfg, target)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         with run_lock(target):
             result = _run(cfg, target, console, quiet, max_steps)
     except DeconError as exc:

@@ -1,0 +1,278 @@
+"""The sweep root on disk (docs/sweep-root.md): manifest, run directories, lock. No torch.
+
+``sweep.json`` says which runs belong to the sweep and which scheduler jobs were asked to run
+them; each run's own directory (``runs/<run_id>/``, read with :mod:`deconcnn_cli.contract`)
+is the truth about its state. Every change of the manifest happens under the sweep lock and
+is written atomically, so concurrent ``submit``/``recover`` calls never lose or duplicate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from deconcnn_cli.config import RunConfig, config_hash, identity_dict, run_id
+from deconcnn_cli.contract import CONFIG_FILE, atomic_write_json, read_json
+from deconcnn_cli.errors import RunDirError, SweepError
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "sweep.json"
+LOCK_FILE = ".sweep.lock"
+RUNS_DIR = "runs"
+JOBS_DIR = "jobs"
+SCHEDULER_CACHE_FILE = ".scheduler_cache.json"
+LOCK_TIMEOUT_S = 600.0  # how long a second submit waits for the first one to finish
+_FALLBACK_STALE_S = 3600.0  # an exclusive-create lock older than this with a dead holder
+
+
+def config_record(cfg: RunConfig) -> dict[str, Any]:
+    """The contents of a run's ``config.json`` (same as ``training/rundir.config_record``)."""
+    return {
+        "run_id": run_id(cfg),
+        "config_hash": config_hash(cfg),
+        "config": cfg.model_dump(mode="json"),
+    }
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """``<package version>+g<git sha>`` of the code running now (``+gunknown`` outside git)."""
+    try:
+        version = metadata.version("deconcnn_cli")
+    except metadata.PackageNotFoundError:
+        version = "0+unknown"
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short=10", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        sha = out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        sha = "unknown"
+    return f"{version}+g{sha}"
+
+
+class SweepStore:
+    """One sweep root: ``sweep.json``, ``runs/<run_id>/``, ``jobs/``, ``.sweep.lock``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # ---- paths
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST_FILE
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / RUNS_DIR
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.root / JOBS_DIR
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs_dir / run_id
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    # ---- manifest
+    def read_manifest(self) -> dict[str, Any]:
+        """The manifest; a missing or foreign root raises :class:`SweepError`."""
+        if not self.manifest_path.is_file():
+            raise SweepError(
+                f"{self.root} is not a sweep root (no {MANIFEST_FILE})",
+                "give the --root that `decon submit` created, or submit a grid there first",
+            )
+        manifest = read_json(self.manifest_path)
+        if manifest is None or not isinstance(manifest.get("runs"), dict):
+            raise SweepError(
+                f"{self.manifest_path}: unreadable or not a sweep manifest",
+                "restore it from a backup, or start a new sweep root",
+            )
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise SweepError(
+                f"{self.manifest_path}: schema_version {manifest.get('schema_version')!r}, "
+                f"this decon reads {SCHEMA_VERSION}",
+                "use the decon version that created the sweep",
+            )
+        return manifest
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        """Replace ``sweep.json`` atomically (call under :meth:`lock`)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.manifest_path, manifest)
+
+    def new_manifest(self, grid: str, grid_hash: str, runs: dict[str, dict]) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "grid": grid,
+            "grid_hash": grid_hash,
+            "code_version": code_version(),
+            "created_unix": time.time(),
+            "runs": runs,
+            "submissions": [],
+        }
+
+    def record_submission(
+        self,
+        manifest: dict[str, Any],
+        *,
+        executor: str,
+        resources: str,
+        jobs: list[dict[str, Any]],
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """Append one submission (its jobs and their run ids) and write the manifest."""
+        entry = {
+            "time_unix": time.time(),
+            "executor": executor,
+            "resources": resources,
+            "code_version": code_version(),
+            "jobs": jobs,
+            **extra,
+        }
+        manifest.setdefault("submissions", []).append(entry)
+        self.write_manifest(manifest)
+        return entry
+
+    # ---- run directories
+    def write_run_config(self, cfg: RunConfig) -> Path:
+        """Create ``runs/<run_id>/config.json`` (torch-free); an existing one must match."""
+        rid = run_id(cfg)
+        target = self.run_dir(rid)
+        path = target / CONFIG_FILE
+        if path.exists():
+            saved = read_json(path)
+            if saved is None:
+                raise RunDirError(f"{path}: unreadable config", "inspect or move the directory")
+            if saved.get("config_hash") != config_hash(cfg):
+                raise RunDirError(
+                    f"{target} holds a different run (config_hash {saved.get('config_hash')})",
+                    "move that directory away; run ids come from the config",
+                )
+            return target
+        target.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, config_record(cfg))
+        return target
+
+    # ---- lock
+    @contextlib.contextmanager
+    def lock(self, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+        """Exclusive sweep lock (``flock`` on ``.sweep.lock``); waits up to ``timeout_s``.
+
+        Where the filesystem refuses ``flock`` (some NFS mounts), falls back to an
+        exclusive-create lock file holding the holder's host and pid.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                _flock_wait(fd, path, timeout_s)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                with _excl_lock(self.root / (LOCK_FILE + ".excl"), timeout_s):
+                    yield
+                return
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, _holder().encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+
+def _holder() -> str:
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
+
+
+def _flock_wait(fd: int, path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                raise SweepError(
+                    f"{path} is held by another decon ({holder or 'unknown holder'})",
+                    "wait for that submit/recover to finish, then run again",
+                ) from None
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def _excl_lock(path: Path, timeout_s: float) -> Iterator[None]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            held = read_json(path) or {}
+            stale = time.time() - float(held.get("since") or 0) > _FALLBACK_STALE_S
+            dead = held.get("host") == socket.gethostname() and not _pid_alive(held.get("pid"))
+            if stale and dead:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            if time.monotonic() >= deadline:
+                raise SweepError(
+                    f"{path} is held by {held or 'an unknown process'}",
+                    f"if that process is gone, delete {path} and run again",
+                ) from None
+            time.sleep(0.5)
+            continue
+        try:
+            os.write(fd, _holder().encode())
+        finally:
+            os.close(fd)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        return
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def manifest_diff(old: dict[str, Any], new_runs: dict[str, dict]) -> tuple[list[str], list[str]]:
+    """Run ids only in the new grid (added) and only in the manifest (removed)."""
+    before, after = set(old.get("runs", {})), set(new_runs)
+    return sorted(after - before), sorted(before - after)
+
+
+def identity_of(entry: dict[str, Any]) -> dict[str, Any]:
+    """The result-affecting config of a manifest run entry (for diffs)."""
+    return identity_dict(RunConfig.model_validate(entry["config"]))

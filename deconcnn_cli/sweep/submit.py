@@ -1,0 +1,492 @@
+"""``decon submit`` as a library: plan what to run, then submit it once. No torch.
+
+``submit`` is idempotent: the runs of the grid minus the completed, diverged, live and queued
+ones (and the failed ones unless asked) are submitted; everything happens under the sweep
+lock, so concurrent calls never submit a run twice. ``recover`` reuses :func:`submit_runs`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deconcnn_cli import contract
+from deconcnn_cli.config import GridSpec, ResourceProfile, RunConfig
+from deconcnn_cli.errors import DeconError, SweepError
+from deconcnn_cli.sweep import executors
+from deconcnn_cli.sweep.grid import (
+    GridRun,
+    expand_grid_runs,
+    grid_hash,
+    load_grid,
+    load_resources,
+)
+from deconcnn_cli.sweep.store import LOCK_FILE, SweepStore
+
+FORCE_GRID = "grid"  # `--force grid`: adopt a changed grid for an existing sweep root
+DEFAULT_RESOURCES = {"slurm": "rtx8000", "local": "local"}
+
+
+class GridChangedError(SweepError):
+    """The grid differs from the one the sweep root was made with."""
+
+
+@dataclass(frozen=True)
+class RunDecision:
+    run_id: str
+    variant: str
+    submit: bool
+    reason: str  # why it is submitted or skipped
+
+
+def decide(
+    view: contract.RunView,
+    *,
+    queued_in: str | None = None,
+    retry_failed: bool = False,
+    forced: bool = False,
+) -> tuple[bool, str]:
+    """Submit this run? Terminal, live and queued runs never; failed ones only when asked."""
+    if view.state == contract.COMPLETED:
+        return False, "completed"
+    if view.state == contract.DIVERGED:
+        return False, "diverged (a result, never retried)"
+    if view.state == contract.RUNNING:
+        return False, f"live (heartbeat {view.heartbeat_age_s or 0:.0f} s ago)"
+    if queued_in is not None:
+        return False, f"queued in job {queued_in}"
+    if view.state == contract.FAILED:
+        if forced:
+            return True, f"failed ({view.reason}), forced"
+        if retry_failed:
+            return True, f"failed ({view.reason}), retried"
+        return False, f"failed ({view.reason}): --retry-failed or --force {view.run_id}"
+    if view.state == contract.INTERRUPTED:
+        return True, f"interrupted at step {view.step}: resumes"
+    if view.state == contract.STALLED:
+        return True, f"stalled at step {view.step} (no live job): resumes"
+    return True, "new"
+
+
+@dataclass(frozen=True)
+class GridChange:
+    added: list[str]
+    removed: list[str]
+    spec_changes: list[str]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.removed or self.spec_changes)
+
+    def render(self, limit: int = 12) -> str:
+        lines = [f"  {c}" for c in self.spec_changes]
+        for sign, ids in (("+", self.added), ("-", self.removed)):
+            lines += [f"  {sign} {rid}" for rid in ids[:limit]]
+            if len(ids) > limit:
+                lines.append(f"  {sign} ... {len(ids) - limit} more")
+        lines.append(f"  ({len(self.added)} runs added, {len(self.removed)} removed)")
+        return "\n".join(lines)
+
+
+@dataclass
+class SubmitPlan:
+    root: Path
+    grid: str
+    grid_hash: str
+    executor: str
+    resources: ResourceProfile
+    new_sweep: bool
+    change: GridChange | None
+    decisions: list[RunDecision]
+    groups: list[list[str]]
+    chunks: list[tuple[int, int]] = field(default_factory=list)
+    max_array_size: tuple[int, str] | None = None
+    warnings: list[str] = field(default_factory=list)
+    runs: dict[str, GridRun] = field(default_factory=dict, repr=False)
+
+    @property
+    def to_submit(self) -> list[str]:
+        return [d.run_id for d in self.decisions if d.submit]
+
+    def per_variant(self) -> dict[str, dict[str, int]]:
+        table: dict[str, dict[str, int]] = {}
+        job_of = {rid: i for i, g in enumerate(self.groups) for rid in g}
+        for d in self.decisions:
+            row = table.setdefault(d.variant, {"runs": 0, "submit": 0, "skip": 0, "jobs": 0})
+            row["runs"] += 1
+            row["submit" if d.submit else "skip"] += 1
+        for variant in table:
+            jobs = {job_of[d.run_id] for d in self.decisions if d.variant == variant and d.submit}
+            table[variant]["jobs"] = len(jobs)
+        return table
+
+
+@dataclass
+class SubmitResult:
+    plan: SubmitPlan
+    submission: dict[str, Any] | None  # the manifest entry written (None: nothing submitted)
+    error: DeconError | None = None  # a scheduler error after part of the jobs went in
+
+
+def resolve_executor(executor: str | None, resources: str | None) -> tuple[str, ResourceProfile]:
+    """Executor and resource profile from the flags: each defaults from the other; without
+    either, SLURM when a controller answers, else this machine."""
+    if resources is not None:
+        profile = load_resources(resources)
+        if executor is not None and executor != profile.executor:
+            raise SweepError(
+                f"--executor {executor} but resource profile {profile.name!r} is for "
+                f"{profile.executor}",
+                f"use a {executor} profile (e.g. --resources {DEFAULT_RESOURCES[executor]})",
+            )
+        return profile.executor, profile
+    if executor is None:
+        executor = "slurm" if executors.slurm_unavailable() is None else "local"
+    if executor not in DEFAULT_RESOURCES:
+        raise SweepError(f"unknown executor {executor!r}", "use --executor slurm or local")
+    return executor, load_resources(DEFAULT_RESOURCES[executor])
+
+
+def _with_data_dir(run: GridRun, resources: ResourceProfile) -> GridRun:
+    if run.config.data.data_dir is not None or resources.data_dir is None:
+        return run
+    data = run.config.data.model_copy(update={"data_dir": Path(resources.data_dir)})
+    cfg = RunConfig.model_validate(
+        {**run.config.model_dump(mode="json"), "data": data.model_dump(mode="json")}
+    )
+    return GridRun(run.run_id, run.variant, run.lr, run.weight_decay, run.seed, cfg)
+
+
+def _data_problems(runs: Iterable[GridRun]) -> list[str]:
+    out: set[str] = set()
+    for run in runs:
+        data = run.config.data
+        if data.dataset not in ("cifar10", "cifar100"):
+            continue
+        if data.data_dir is None:
+            out.add(
+                f"{data.dataset} needs a data directory: set data_dir in the resource profile "
+                "or [overrides.data] data_dir in the grid"
+            )
+            continue
+        folder = "cifar-10-batches-py" if data.dataset == "cifar10" else "cifar-100-python"
+        root = Path(data.data_dir).expanduser()
+        if not (root / folder).is_dir() and not data.download:
+            out.add(f"{data.dataset} not found: no {root / folder} (set data.download or fix it)")
+    return sorted(out)
+
+
+def _spec_changes(old: dict[str, Any] | None, new: dict[str, Any], prefix: str = "") -> list[str]:
+    if old is None:
+        return []
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _spec_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _manifest_jobs(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (sub.get("executor", "slurm"), job)
+        for sub in manifest.get("submissions", [])
+        for job in sub.get("jobs", [])
+    ]
+
+
+def queued_runs(manifest: dict[str, Any]) -> dict[str, str]:
+    """``{run_id: job_id}`` of runs held by a job the scheduler still has (one query)."""
+    jobs = _manifest_jobs(manifest)
+    if not jobs:
+        return {}
+    live = executors.live_jobs(jobs)
+    out: dict[str, str] = {}
+    for _, job in jobs:
+        if job["job_id"] in live:
+            for rid in job.get("run_ids", []):
+                out[rid] = job["job_id"]
+    return out
+
+
+def plan_submit(
+    store: SweepStore,
+    spec: GridSpec,
+    executor: str,
+    resources: ResourceProfile,
+    *,
+    retry_failed: bool = False,
+    force: Iterable[str] = (),
+    now: float | None = None,
+) -> SubmitPlan:
+    """What ``submit`` would do now. Reads only: the manifest, run dirs, one scheduler query."""
+    force = set(force)
+    runs = [_with_data_dir(r, resources) for r in expand_grid_runs(spec)]
+    by_id = {r.run_id: r for r in runs}
+    ghash = grid_hash(runs)
+    manifest = store.read_manifest() if store.exists() else None
+    change = None
+    if manifest is not None:
+        if manifest.get("grid") != spec.name:
+            raise SweepError(
+                f"{store.root} is the sweep of grid {manifest.get('grid')!r}, not {spec.name!r}",
+                "give another --root for another grid",
+            )
+        if manifest.get("grid_hash") != ghash:
+            added = sorted(set(by_id) - set(manifest["runs"]))
+            removed = sorted(set(manifest["runs"]) - set(by_id))
+            spec_new = spec.model_dump(mode="json")
+            change = GridChange(added, removed, _spec_changes(manifest.get("grid_spec"), spec_new))
+    _check_force(spec, sorted(force))
+    queued = queued_runs(manifest) if manifest else {}
+    decisions = []
+    for run in runs:
+        view = contract.view_run(store.run_dir(run.run_id), now)
+        ok, why = decide(
+            view,
+            queued_in=queued.get(run.run_id),
+            retry_failed=retry_failed,
+            forced=run.run_id in force,
+        )
+        decisions.append(RunDecision(run.run_id, run.variant, ok, why))
+    chosen = [(d.run_id, d.variant) for d in decisions if d.submit]
+    plan = SubmitPlan(
+        root=store.root,
+        grid=spec.name,
+        grid_hash=ghash,
+        executor=executor,
+        resources=resources,
+        new_sweep=manifest is None,
+        change=change,
+        decisions=decisions,
+        groups=[],
+        runs=by_id,
+    )
+    _layout(plan, chosen, alone=False)
+    plan.warnings += _data_problems(by_id[rid] for rid, _ in chosen)
+    return plan
+
+
+def _layout(plan: SubmitPlan, chosen: list[tuple[str, str]], *, alone: bool) -> None:
+    res = plan.resources
+    if plan.executor == "slurm":
+        plan.groups = executors.group_for_gpus(chosen, res.runs_per_gpu, alone=alone)
+        if plan.groups:
+            plan.max_array_size = executors.max_array_size(res)
+            plan.chunks = executors.array_chunks(len(plan.groups), plan.max_array_size[0])
+    else:
+        plan.groups = [[rid for rid, _ in chosen]] if chosen else []
+        per_run = max(res.host_memory_gb_per_run.values(), default=0.0)
+        total_gb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9
+        if per_run * res.parallel_runs > total_gb:
+            plan.warnings.append(
+                f"{res.parallel_runs} parallel runs x {per_run} GB exceed this machine's "
+                f"{total_gb:.0f} GB: lower parallel_runs"
+            )
+
+
+def submit_grid(
+    store: SweepStore,
+    grid: str,
+    *,
+    executor: str | None = None,
+    resources: str | None = None,
+    retry_failed: bool = False,
+    force: Iterable[str] = (),
+    dry_run: bool = False,
+) -> SubmitResult:
+    """Plan and (unless ``dry_run``) submit the grid into the sweep root, once.
+
+    Bad input (unknown grid or profile, no SLURM, a changed grid without ``--force grid``,
+    missing data) raises before anything is written.
+    """
+    spec = load_grid(grid)
+    executor, profile = resolve_executor(executor, resources)
+    force = list(force)
+    if dry_run:
+        return SubmitResult(
+            plan_submit(store, spec, executor, profile, retry_failed=retry_failed, force=force),
+            None,
+        )
+    executors.check_executor(executor)
+    _check_force(spec, force)
+    _check_not_foreign(store)
+    created = not store.root.exists()
+    try:
+        with store.lock():
+            _check_not_foreign(store)
+            plan = plan_submit(
+                store, spec, executor, profile, retry_failed=retry_failed, force=force
+            )
+            if plan.change is not None and FORCE_GRID not in force:
+                raise GridChangedError(
+                    f"grid {spec.name} changed since this sweep was created:\n"
+                    f"{plan.change.render()}",
+                    "submit with `--force grid` to adopt the new grid (finished runs are "
+                    "kept), or give a new --root",
+                )
+            if plan.to_submit and plan.warnings:
+                raise SweepError(plan.warnings[0], "nothing was submitted")
+            manifest = _updated_manifest(store, spec, plan)
+            store.write_manifest(manifest)
+            if not plan.to_submit:
+                return SubmitResult(plan, None)
+            return _submit_groups(store, manifest, plan, reason="submit")
+    except DeconError:
+        only_lock = store.root.is_dir() and all(p.name == LOCK_FILE for p in store.root.iterdir())
+        if created and only_lock:  # leave no trace of a refused first submit
+            shutil.rmtree(store.root, ignore_errors=True)
+        raise
+
+
+def _check_force(spec: GridSpec, force: list[str]) -> None:
+    ids = {r.run_id for r in expand_grid_runs(spec)}
+    unknown = sorted(set(force) - ids - {FORCE_GRID})
+    if unknown:
+        raise SweepError(
+            f"--force names runs not in grid {spec.name}: {', '.join(unknown)}",
+            "give run ids of the grid (see --dry-run), or `--force grid` to adopt a changed grid",
+        )
+
+
+def _check_not_foreign(store: SweepStore) -> None:
+    if store.exists() or not store.root.exists():
+        return
+    if any(p.name != LOCK_FILE for p in store.root.iterdir()):
+        raise SweepError(
+            f"{store.root} exists and is not a sweep root",
+            "give an empty or new --root (decon never writes into a foreign folder)",
+        )
+
+
+def _updated_manifest(store: SweepStore, spec: GridSpec, plan: SubmitPlan) -> dict[str, Any]:
+    entries = {rid: run.manifest_entry() for rid, run in plan.runs.items()}
+    if plan.new_sweep:
+        manifest = store.new_manifest(spec.name, plan.grid_hash, entries)
+    else:
+        manifest = store.read_manifest()
+        if plan.change is not None:
+            retired = manifest.setdefault("retired_runs", {})
+            for rid in plan.change.removed:
+                retired[rid] = manifest["runs"][rid]
+            manifest.setdefault("grid_changes", []).append(
+                {
+                    "time_unix": time.time(),
+                    "from_hash": manifest["grid_hash"],
+                    "to_hash": plan.grid_hash,
+                    "added": plan.change.added,
+                    "removed": plan.change.removed,
+                    "spec_changes": plan.change.spec_changes,
+                }
+            )
+        manifest["grid_hash"] = plan.grid_hash
+        manifest["runs"] = entries
+    manifest["grid_spec"] = spec.model_dump(mode="json")
+    return manifest
+
+
+def _submit_groups(
+    store: SweepStore, manifest: dict[str, Any], plan: SubmitPlan, *, reason: str, **extra: Any
+) -> SubmitResult:
+    for group in plan.groups:
+        for rid in group:
+            store.write_run_config(plan.runs[rid].config)
+    error = None
+    if plan.executor == "slurm":
+        jobs, error = executors.submit_slurm(
+            store, plan.groups, plan.resources, f"decon-{plan.grid}"
+        )
+    else:
+        jobs = [executors.submit_local(store, g, plan.resources) for g in plan.groups]
+    if not jobs:
+        raise error or SweepError("nothing was submitted")
+    entry = store.record_submission(
+        manifest,
+        executor=plan.executor,
+        resources=plan.resources.name,
+        jobs=jobs,
+        reason=reason,
+        **extra,
+    )
+    return SubmitResult(plan, entry, error)
+
+
+def submit_runs(
+    store: SweepStore,
+    run_ids: Iterable[str],
+    resources: ResourceProfile,
+    executor: str | None = None,
+    *,
+    alone: bool = False,
+    reason: str,
+) -> SubmitResult:
+    """(Re)submit these runs of the sweep; for ``recover``. Call it under ``store.lock()``.
+
+    Failed runs are submitted (the caller decided); completed, diverged, live and queued
+    ones are still skipped, so this never runs anything twice. ``alone``: one run per GPU
+    job (after an out-of-memory). ``reason`` is recorded with the submission.
+    """
+    manifest = store.read_manifest()
+    executor = executor or resources.executor
+    run_ids = list(dict.fromkeys(run_ids))
+    unknown = [r for r in run_ids if r not in manifest["runs"]]
+    if unknown:
+        raise SweepError(
+            f"not runs of this sweep: {', '.join(unknown)}", "see `decon monitor` for run ids"
+        )
+    queued = queued_runs(manifest)
+    decisions, runs = [], {}
+    for rid in run_ids:
+        entry = manifest["runs"][rid]
+        cfg = RunConfig.model_validate(entry["config"])
+        runs[rid] = GridRun(
+            rid, entry["variant"], entry["lr"], entry["weight_decay"], entry["seed"], cfg
+        )
+        ok, why = decide(
+            contract.view_run(store.run_dir(rid)), queued_in=queued.get(rid), forced=True
+        )
+        decisions.append(RunDecision(rid, entry["variant"], ok, why))
+    plan = SubmitPlan(
+        root=store.root,
+        grid=manifest["grid"],
+        grid_hash=manifest["grid_hash"],
+        executor=executor,
+        resources=resources,
+        new_sweep=False,
+        change=None,
+        decisions=decisions,
+        groups=[],
+        runs=runs,
+    )
+    _layout(plan, [(d.run_id, d.variant) for d in decisions if d.submit], alone=alone)
+    if not plan.to_submit:
+        return SubmitResult(plan, None)
+    executors.check_executor(executor)
+    return _submit_groups(store, manifest, plan, reason=reason, alone=alone)
+
+
+def wait_targets(store: SweepStore, submission: dict[str, Any]) -> list[str]:
+    """The run ids a submission asked for (what ``--wait`` watches)."""
+    return [rid for job in submission.get("jobs", []) for rid in job.get("run_ids", [])]
+
+
+def wait_done(store: SweepStore, submission: dict[str, Any], now: float | None = None) -> bool:
+    """True when every run of the submission is terminal or failed, or its job is gone."""
+    jobs = [(submission["executor"], j) for j in submission.get("jobs", [])]
+    live = executors.live_jobs(jobs)
+    for ex_job in jobs:
+        job = ex_job[1]
+        for rid in job["run_ids"]:
+            view = contract.view_run(store.run_dir(rid), now)
+            if view.terminal or view.state == contract.FAILED:
+                continue
+            if job["job_id"] in live or view.state == contract.RUNNING:
+                return False
+    return True

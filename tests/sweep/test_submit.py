@@ -1,0 +1,352 @@
+"""``decon submit`` without a scheduler: decisions, plans, bad input, golden sbatch, and the
+local executor end to end (real detached runner, real training subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deconcnn_cli import contract
+from deconcnn_cli.errors import SweepError
+from deconcnn_cli.sweep import executors
+from deconcnn_cli.sweep.grid import expand_grid_runs, grid_hash, load_grid, load_resources
+from deconcnn_cli.sweep.store import SweepStore
+from deconcnn_cli.sweep.submit import (
+    GridChangedError,
+    decide,
+    plan_submit,
+    submit_grid,
+    submit_runs,
+    wait_done,
+)
+from tests.conftest import REPO, run_cli
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _view(state: str | None, **status) -> contract.RunView:
+    now = time.time()
+    full = {"state": state, "heartbeat_unix": now, "step": 7, "reason": "boom", **status}
+    return contract.view_run(_status_dir(full), now)
+
+
+def _status_dir(status: dict) -> Path:
+    import tempfile
+
+    d = Path(tempfile.mkdtemp()) / "r1"
+    d.mkdir()
+    if status.get("state"):
+        contract.atomic_write_json(d / contract.STATUS_FILE, status)
+    return d
+
+
+@pytest.mark.parametrize(
+    ("state", "kwargs", "submit", "reason"),
+    [
+        (None, {}, True, "new"),
+        ("completed", {}, False, "completed"),
+        ("completed", {"forced": True}, False, "completed"),
+        ("diverged", {"retry_failed": True}, False, "diverged"),
+        ("running", {}, False, "live"),
+        ("interrupted", {}, True, "interrupted at step 7"),
+        ("interrupted", {"queued_in": "12_3"}, False, "queued in job 12_3"),
+        ("failed", {}, False, "--retry-failed"),
+        ("failed", {"retry_failed": True}, True, "retried"),
+        ("failed", {"forced": True}, True, "forced"),
+        ("failed", {"queued_in": "9"}, False, "queued in job 9"),
+    ],
+)
+def test_decide_table(state, kwargs, submit, reason):
+    ok, why = decide(_view(state), **kwargs)
+    assert ok is submit and reason in why
+
+
+def test_decide_resubmits_a_stalled_run():
+    ok, why = decide(_view("running", heartbeat_unix=time.time() - 10 * contract.STALLED_AFTER_S))
+    assert ok and why.startswith("stalled")
+
+
+def _fake_bin(tmp_path: Path, **scripts: str) -> str:
+    """A PATH folder with fake executables (only for testing the parsing of their output)."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for name, text in scripts.items():
+        path = folder / name
+        path.write_text("#!/bin/sh\n" + text)
+        path.chmod(0o755)
+    return str(folder)
+
+
+SCONTROL_100 = 'echo "MaxArraySize            = 100"\necho "MaxJobCount             = 10000"\n'
+
+
+def test_parse_max_array_size_and_chunks():
+    assert executors.parse_max_array_size("A = 1\nMaxArraySize            = 100\n") == 100
+    assert executors.parse_max_array_size("nothing here") == 1001
+    assert executors.array_chunks(108, 100) == [(0, 100), (100, 108)]
+    assert executors.array_chunks(100, 100) == [(0, 100)]
+    assert executors.array_chunks(0, 100) == []
+
+
+def test_dry_run_of_the_full_grid_plans_216_runs_in_108_gpu_jobs(tmp_path):
+    root = tmp_path / "sweep"
+    env = {**os.environ, "PATH": _fake_bin(tmp_path, scontrol=SCONTROL_100)}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deconcnn_cli",
+            "submit",
+            "--grid",
+            "loss_lin_slope",
+            "--resources",
+            "rtx8000",
+            "--dry-run",
+            "--root",
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [" ".join(line.strip("│ ").split()) for line in out.stdout.splitlines()]
+    for variant in ("base", "bn_off", "narrow", "adamw"):
+        assert f"{variant} │ 54 │ 54 │ 0 │ 27" in lines
+    assert "total │ 216 │ 216 │ 0 │ 108" in lines
+    text = " ".join(out.stdout.split())
+    assert "2 job array(s): 100 + 8 tasks (MaxArraySize 100 from scontrol show config)" in text
+    assert "dry run: nothing written" in text
+    assert not root.exists()
+
+
+def test_plan_chunks_every_array_below_max_array_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", _fake_bin(tmp_path, scontrol=SCONTROL_100))
+    spec = load_grid("loss_lin_slope")
+    plan = plan_submit(SweepStore(tmp_path / "s"), spec, "slurm", load_resources("rtx8000"))
+    assert len(plan.to_submit) == 216 and len(plan.groups) == 108
+    assert plan.chunks == [(0, 100), (100, 108)]
+    assert max(b - a for a, b in plan.chunks) <= 100  # indices 0..99 in every chunk
+    for group in plan.groups:  # two runs of one variant share a GPU
+        assert len(group) == 2
+        assert len({plan.runs[r].variant for r in group}) == 1
+    assert sorted(r for g in plan.groups for r in g) == sorted(plan.runs)
+    assert not (tmp_path / "s").exists()
+
+
+def test_golden_sbatch():
+    text = executors.sbatch_text(
+        load_resources("rtx8000"), Path("/ROOT/jobs/%j"), 100, "decon-loss_lin_slope"
+    ).replace(sys.executable, "<python>")
+    golden = GOLDEN / "rtx8000.sbatch"
+    if os.environ.get("DECON_UPDATE_GOLDEN"):
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(text)
+    assert text == golden.read_text()
+
+
+def test_no_slurm_is_an_error_with_a_hint_and_writes_nothing(tmp_path):
+    root = tmp_path / "sweep"
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    env["PATH"] = str(tmp_path / "empty")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deconcnn_cli",
+            "submit",
+            "--grid",
+            "smoke",
+            "--executor",
+            "slurm",
+            "--root",
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: --executor slurm, but no SLURM is reachable")
+    assert "hint: " in out.stderr and "Traceback" not in out.stderr
+    assert not root.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--grid", "nosuch"], "error: unknown grid 'nosuch'"),
+        (["--grid", "smoke", "--resources", "nosuch"], "error: unknown resource profile"),
+        (["--grid", "smoke", "--resources", "rtx8000", "--executor", "local"], "is for slurm"),
+        (["--grid", "smoke", "--executor", "pbs"], "unknown executor 'pbs'"),
+        (["--grid", "smoke", "--executor", "local", "--force", "x_1"], "not in grid smoke"),
+    ],
+)
+def test_bad_input_is_refused_and_writes_nothing(tmp_path, args, message):
+    root = tmp_path / "sweep"
+    out = run_cli("submit", *args, "--root", str(root))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr and "hint: " in out.stderr
+    assert not root.exists()
+
+
+def test_a_foreign_folder_is_not_a_sweep_root(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SweepError, match="not a sweep root"):
+        submit_grid(SweepStore(tmp_path), "smoke", executor="local")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+GRID = """
+name = "tiny"
+variants = ["base"]
+profiles = ["smoke"]
+[overrides.data]
+image_size = 8
+[axes]
+lr = [0.1]
+weight_decay = [1e-3]
+seed = [0, 1]
+"""
+
+
+def _seed_sweep(tmp_path: Path, text: str = GRID) -> tuple[SweepStore, Path]:
+    """A sweep root made from the grid file, with every run marked completed (no training)."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(text)
+    spec = load_grid(str(path))
+    runs = expand_grid_runs(spec)
+    store = SweepStore(tmp_path / "sweep")
+    manifest = store.new_manifest(
+        "tiny", grid_hash(runs), {r.run_id: r.manifest_entry() for r in runs}
+    )
+    manifest["grid_spec"] = spec.model_dump(mode="json")
+    store.write_manifest(manifest)
+    for r in runs:
+        _mark(store.write_run_config(r.config), "completed")
+    return store, path
+
+
+def _mark(run_dir: Path, state: str) -> None:
+    contract.atomic_write_json(
+        run_dir / contract.STATUS_FILE,
+        {"state": state, "step": 5, "heartbeat_unix": time.time(), "reason": "RuntimeError: x"},
+    )
+
+
+def test_a_changed_grid_is_shown_and_refused_without_force(tmp_path):
+    store, path = _seed_sweep(tmp_path)
+    before = store.manifest_path.read_bytes()
+    path.write_text(GRID.replace("seed = [0, 1]", "seed = [0, 2]"))
+    with pytest.raises(GridChangedError) as info:
+        submit_grid(store, str(path), executor="local")
+    msg = info.value.message
+    assert "axes.seed: [0, 1] -> [0, 2]" in msg
+    assert "+ base_lr0.1_wd0.001_s2_" in msg and "- base_lr0.1_wd0.001_s1_" in msg
+    assert "--force grid" in info.value.hint
+    assert store.manifest_path.read_bytes() == before
+    out = run_cli(
+        "submit", "--grid", str(path), "--executor", "local", "--dry-run", "--root", str(store.root)
+    )
+    assert out.returncode == 0 and "grid changed since the sweep was created" in out.stdout
+
+
+def test_force_grid_adopts_the_new_grid_and_keeps_finished_runs(tmp_path):
+    store, path = _seed_sweep(tmp_path)
+    old = store.read_manifest()
+    path.write_text(GRID.replace("seed = [0, 1]", "seed = [0, 2]"))
+    new_ids = [r.run_id for r in expand_grid_runs(load_grid(str(path)))]
+    _mark(store.write_run_config(expand_grid_runs(load_grid(str(path)))[1].config), "completed")
+    result = submit_grid(store, str(path), executor="local", force=["grid"])
+    assert result.submission is None  # every run of the new grid is already completed
+    manifest = store.read_manifest()
+    assert sorted(manifest["runs"]) == sorted(new_ids)
+    assert manifest["grid_hash"] != old["grid_hash"]
+    (removed,) = set(old["runs"]) - set(new_ids)
+    assert removed in manifest["retired_runs"]
+    assert manifest["grid_changes"][0]["removed"] == [removed]
+
+
+def test_failed_runs_wait_for_retry_failed(tmp_path):
+    store, path = _seed_sweep(tmp_path)
+    failed = sorted(store.read_manifest()["runs"])[0]
+    _mark(store.run_dir(failed), "failed")
+    spec = load_grid(str(path))
+    res = load_resources("local")
+    plan = plan_submit(store, spec, "local", res)
+    assert plan.to_submit == []
+    reasons = {d.run_id: d.reason for d in plan.decisions}
+    assert "failed (RuntimeError: x): --retry-failed" in reasons[failed]
+    assert plan_submit(store, spec, "local", res, retry_failed=True).to_submit == [failed]
+    assert plan_submit(store, spec, "local", res, force=[failed]).to_submit == [failed]
+
+
+def test_submit_runs_refuses_unknown_ids_and_skips_finished(tmp_path):
+    store, _ = _seed_sweep(tmp_path)
+    with pytest.raises(SweepError, match="not runs of this sweep: nope"):
+        submit_runs(store, ["nope"], load_resources("local"), reason="test")
+    done = sorted(store.read_manifest()["runs"])[0]
+    result = submit_runs(store, [done], load_resources("local"), reason="test")
+    assert result.submission is None and result.plan.decisions[0].reason == "completed"
+
+
+@pytest.mark.slow
+def test_local_executor_end_to_end(tmp_path):
+    """Detached runner: submit returns at once, a second submit adds nothing, --wait watches
+    the runs to the end, and a third submit finds everything completed."""
+    root = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "deconcnn_cli",
+        "submit",
+        "--grid",
+        "smoke",
+        "--executor",
+        "local",
+        "--root",
+        str(root),
+    ]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "submitted 4 runs in 1 local job(s)" in " ".join(first.stdout.split())
+    manifest = json.loads((root / "sweep.json").read_text())
+    (sub,) = manifest["submissions"]
+    (job,) = sub["jobs"]
+    assert job["job_id"].startswith("local-") and len(job["run_ids"]) == 4
+    assert executors.local_job_alive(job)  # the runner outlived submit
+    waiter = subprocess.Popen(
+        [*cmd, "--wait"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    out, err = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0, err
+    assert "nothing to submit" in out and out.count("queued in job " + job["job_id"]) == 4
+    store = SweepStore(root)
+    deadline = time.monotonic() + 600
+    while not wait_done(store, sub):
+        assert time.monotonic() < deadline, "local runs did not finish"
+        time.sleep(2)
+    for rid in job["run_ids"]:
+        view = contract.view_run(store.run_dir(rid))
+        assert view.state == "completed" and view.step == view.total_steps == 26
+        assert len(contract.read_attempts(store.run_dir(rid))) == 1
+        assert "completed" in (store.run_dir(rid) / contract.LOG_FILE).read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert again.returncode == 0 and again.stdout.count(": completed") == 4
+    assert len(json.loads((root / "sweep.json").read_text())["submissions"]) == 1
