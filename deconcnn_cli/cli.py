@@ -10,6 +10,7 @@ from deconcnn_cli.commands import export as export_cmd
 from deconcnn_cli.commands import report as report_cmd
 from deconcnn_cli.commands import submit as submit_cmd
 from deconcnn_cli.commands import train as train_cmd
+from deconcnn_cli.commands import validate as validate_cmd
 from deconcnn_cli.errors import DeconError
 
 app = typer.Typer(
@@ -22,6 +23,7 @@ app.command("train", no_args_is_help=False)(train_cmd.train)
 app.command("submit", no_args_is_help=True)(submit_cmd.submit)
 app.command("export")(export_cmd.export)
 app.command("report")(report_cmd.report)
+app.command("validate")(validate_cmd.validate)
 
 
 @app.callback()

@@ -17,7 +17,7 @@ def export(
     out: Annotated[Path, typer.Argument(help="Table to write (results.csv).")] = Path(
         "results.csv"
     ),
-    root: SweepRootOpt = Path("sweep"),
+    root: SweepRootOpt = Path("sweeps/smoke"),
     format_: Annotated[
         str, typer.Option("--format", help="csv | parquet (parquet needs the [parquet] extra).")
     ] = "csv",

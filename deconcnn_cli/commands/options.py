@@ -74,5 +74,10 @@ QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bar (batch jobs): one line per event.")
 ]
 SweepRootOpt = Annotated[
-    Path, typer.Option("--root", help="Sweep root: sweep.json + runs/ (docs/sweep-root.md).")
+    Path,
+    typer.Option(
+        "--root",
+        help="Sweep root: sweep.json + runs/ (docs/sweep-root.md); the default is where "
+        "`decon submit --grid smoke` puts its sweep.",
+    ),
 ]

@@ -13,7 +13,7 @@ from deconcnn_cli.errors import DeconError
 
 
 def report(
-    root: SweepRootOpt = Path("sweep"),
+    root: SweepRootOpt = Path("sweeps/smoke"),
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Folder for report.html, report.json and PNGs [<root>/report]."),

@@ -26,16 +26,8 @@ from deconcnn_cli.config import (
     parse_override,
     run_id,
 )
+from deconcnn_cli.contract import CONFIG_FILE, TERMINAL_STATES, read_json
 from deconcnn_cli.errors import DeconError, RunDirError
-from deconcnn_cli.training.data import check_available
-from deconcnn_cli.training.metrics import TERMINAL_STATES, read_json
-from deconcnn_cli.training.rundir import (
-    CONFIG_FILE,
-    prepare_run_dir,
-    resolve_device,
-    resolve_precision,
-    run_lock,
-)
 
 
 def _flags(**values: Any) -> dict[str, Any]:
@@ -121,6 +113,15 @@ def train(
     ] = None,
 ) -> None:
     """Train one run (or resume it from its newest valid checkpoint)."""
+    # torch loads here, not at import: `decon export`/`report` must not pay for it
+    from deconcnn_cli.training.data import check_available
+    from deconcnn_cli.training.rundir import (
+        prepare_run_dir,
+        resolve_device,
+        resolve_precision,
+        run_lock,
+    )
+
     console = Console(stderr=True)
     try:
         flags = _flags(
