@@ -6,7 +6,7 @@ VENV   ?= .venv
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 BIN = $(VENV)/bin
 
-.PHONY: demo test install install-dev lint bench clean-demo
+.PHONY: demo test test-browser install install-dev lint bench clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,14 @@ test: install-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
 
+# CI-only: report.html in headless Debian chromium, every image decoded (needs root for apt).
+test-browser: install-dev
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m browser
+
 bench: install-dev  # side-by-side speed ratios, see docs/performance.md
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_train.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_augment.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_metrics.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_export.py

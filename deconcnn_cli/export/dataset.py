@@ -394,16 +394,21 @@ def write_timeseries(data: Dataset, folder: Path, fmt: str) -> None:
 
 
 def _stream_to_parquet(src: Path, dst: Path, pa: Any) -> None:
-    rows = contract.read_stream(src)
-    names = list(rows[0].keys()) if rows else list(contract.STREAMS[src.stem])
-    arrays = []
-    for name in names:
-        cells = [r.get(name) for r in rows]
-        if name == "step":
-            arrays.append(pa.array([int(c) for c in cells], type=pa.int64()))
-        else:
-            arrays.append(pa.array([contract.parse_cell(c) for c in cells], type=pa.float64()))
-    pa.parquet.write_table(pa.Table.from_arrays(arrays, names=names), dst)
+    """A stream's whole lines as Parquet: ``step`` int64, the rest float64; ``""`` -> null
+    (not defined), ``nan`` -> NaN (could not be computed)."""
+    import pyarrow.csv as pa_csv
+
+    data = src.read_bytes()
+    data = data[: data.rfind(b"\n") + 1]
+    columns = contract.STREAMS[src.stem]
+    types = {c: (pa.int64() if c == "step" else pa.float64()) for c in columns}
+    table = pa_csv.read_csv(
+        pa.py_buffer(data),
+        convert_options=pa_csv.ConvertOptions(
+            column_types=types, null_values=[""], strings_can_be_null=False
+        ),
+    )
+    pa.parquet.write_table(table, dst)
 
 
 def export(
