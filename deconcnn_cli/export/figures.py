@@ -142,8 +142,13 @@ def loss_curves(df: Any, series: dict, path: Path) -> Path:
         ax.fill_between(x, lo, hi, color=colour, alpha=0.25, lw=0, label="10-90% of runs")
         ax.plot(x, med, color=colour, lw=1.8, label="median run")
         burn = sub["burn_in_step"].to_numpy(dtype=float, na_value=np.nan)
-        start = float(np.nanmedian(burn)) + 1 if np.isfinite(burn).any() else 1.0
-        window = (x >= start) & np.isfinite(med)
+        if not np.isfinite(burn).any():  # the protocol fits no power law before burn-in
+            ax.plot([], [], " ", label="no run reached burn-in: no power-law fit")
+            window = np.zeros_like(x, dtype=bool)
+            start = 1.0
+        else:
+            start = float(np.nanmedian(burn)) + 1
+            window = (x >= start) & np.isfinite(med)
         if window.sum() >= 3:
             fit = fit_power_law(x[window], med[window], n_bins=max(3, int(window.sum())))
             xs = x[window]
@@ -165,7 +170,13 @@ def loss_curves(df: Any, series: dict, path: Path) -> Path:
         ax.legend(fontsize=7, loc="lower left")
         ax.grid(True, which="both", alpha=0.25)
         ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(ticker.FuncFormatter(_label_2_and_5))
+        low, high = ax.get_ylim()
+        within_decade = high / low < 10  # few major ticks: label every minor one
+        ax.yaxis.set_minor_formatter(
+            ticker.FormatStrFormatter("%g")
+            if within_decade
+            else ticker.FuncFormatter(_label_2_and_5)
+        )
         ax.tick_params(axis="y", which="minor", labelsize=7)
     fig.suptitle("Training loss vs step, log-log, with the fitted power law", fontsize=12)
     return _save(fig, path)
@@ -228,6 +239,7 @@ def r2_histogram(df: Any, path: Path, cols: list[str]) -> Path:
                      fontsize=10)  # fmt: skip
         ax.set_xlabel(f"{col} (log-space R² of the power-law fit)")
         ax.set_ylabel("runs")
+        ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         ax.legend(fontsize=8)
     return _save(fig, path)
 
