@@ -77,7 +77,7 @@ SweepRootOpt = Annotated[
     Path,
     typer.Option(
         "--root",
-        help="Sweep root: sweep.json + runs/ (docs/sweep-root.md); the default is where "
-        "`decon submit --grid smoke` puts its sweep.",
+        help="Sweep root (the folder holding sweep.json, runs/ and jobs/; see docs/sweep-root.md).",
     ),
 ]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]

@@ -26,8 +26,9 @@ from deconcnn_cli.config import (
     parse_override,
     run_id,
 )
-from deconcnn_cli.contract import CONFIG_FILE, TERMINAL_STATES, read_json
+from deconcnn_cli.contract import CONFIG_FILE
 from deconcnn_cli.errors import DeconError, RunDirError
+from deconcnn_cli.training.metrics import TERMINAL_STATES, read_json
 
 
 def _flags(**values: Any) -> dict[str, Any]:
@@ -113,15 +114,6 @@ def train(
     ] = None,
 ) -> None:
     """Train one run (or resume it from its newest valid checkpoint)."""
-    # torch loads here, not at import: `decon export`/`report` must not pay for it
-    from deconcnn_cli.training.data import check_available
-    from deconcnn_cli.training.rundir import (
-        prepare_run_dir,
-        resolve_device,
-        resolve_precision,
-        run_lock,
-    )
-
     console = Console(stderr=True)
     try:
         flags = _flags(
@@ -142,6 +134,16 @@ def train(
         if status.get("state") in TERMINAL_STATES:
             typer.echo(f"{target}: already {status['state']} at step {status.get('step')}")
             return
+        # torch loads here, not at import: `decon monitor/verify` share this CLI and must
+        # answer in well under a second
+        from deconcnn_cli.training.data import check_available
+        from deconcnn_cli.training.rundir import (
+            prepare_run_dir,
+            resolve_device,
+            resolve_precision,
+            run_lock,
+        )
+
         check_available(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download)
         resolve_precision(cfg.precision, resolve_device(cfg.device))  # fail before writing
         prepare_run_dir(cfg, target)

@@ -1,0 +1,318 @@
+"""What a sweep is doing now: one pass over its run directories plus one (cached) scheduler query.
+
+:func:`observe_sweep` reads ``status.json`` and ``attempts.jsonl`` of every run (no metric
+streams: it must answer in well under a second for hundreds of runs) and classifies each run
+(:mod:`deconcnn_cli.sweep.classify`). :func:`failure_report` adds, for one run that needs
+action, the tail of its log or traceback and the command that fixes it. No torch, no printing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deconcnn_cli import contract
+from deconcnn_cli.sweep import classify as C
+from deconcnn_cli.sweep.observe import JobRef, SweepView, load_sweep
+from deconcnn_cli.sweep.scheduler import (
+    CACHE_TTL_S,
+    JobRecord,
+    SchedulerSnapshot,
+    scheduler_snapshot,
+)
+from deconcnn_cli.sweep.store import JOBS_DIR
+
+LOG_TAIL_LINES = 15
+_TAIL_BYTES = 16384
+
+
+@dataclass(frozen=True)
+class RunRow:
+    run_id: str
+    state: str
+    cause: str | None
+    detail: str
+    step: int
+    total_steps: int | None
+    epoch: float
+    steps_per_s: float | None
+    attempts: int
+    gpu_hours: float
+    gpu_hours_wasted: float
+    job_id: str | None
+    job_state: str | None  # the scheduler's word for the run's latest job, if it answered
+    executor: str | None  # "slurm" | "local": who ran the latest job
+    heartbeat_age_s: float | None
+
+
+@dataclass
+class SweepReport:
+    root: Path
+    grid: str
+    time_unix: float
+    rows: list[RunRow]
+    scheduler: SchedulerSnapshot
+    counts: dict[str, int] = field(default_factory=dict)
+    eta_s: float | None = None  # remaining steps / the running runs' summed throughput
+    gpu_hours: float = 0.0
+    gpu_hours_wasted: float = 0.0
+
+    @property
+    def needs_action(self) -> list[RunRow]:
+        return [r for r in self.rows if r.cause is not None]
+
+    def to_json(self) -> dict[str, Any]:
+        sched = self.scheduler
+        return {
+            "root": str(self.root),
+            "grid": self.grid,
+            "time_unix": self.time_unix,
+            "counts": self.counts,
+            "n_runs": len(self.rows),
+            "eta_s": self.eta_s,
+            "gpu_hours": round(self.gpu_hours, 4),
+            "gpu_hours_wasted": round(self.gpu_hours_wasted, 4),
+            "scheduler": {
+                "calls": sched.calls,
+                "from_cache": sched.from_cache,
+                "age_s": round(sched.age_s(self.time_unix), 3),
+                "degraded": sched.degraded,
+                "squeue_ok": sched.squeue_ok,
+                "sacct_ok": sched.sacct_ok,
+                "notes": sched.notes,
+                "n_jobs": len(sched.query_ids),
+            },
+            "runs": [asdict(r) for r in self.rows],
+        }
+
+
+def attempt_seconds(
+    attempts: list[dict[str, Any]], status: dict[str, Any], now: float
+) -> tuple[float, float]:
+    """(seconds used, seconds wasted on attempts that ended ``failed``) from attempts.jsonl.
+
+    An attempt runs from its start line to its end line (``event: end``); without one, to the
+    next attempt's start, or for the last attempt to its heartbeat (``now`` if still running).
+    """
+    starts: dict[int, float] = {}
+    ends: dict[int, tuple[float | None, str | None]] = {}
+    for rec in attempts:
+        n = rec.get("attempt")
+        if not isinstance(n, int):
+            continue
+        if rec.get("event") == "end":
+            t = rec.get("end_unix", rec.get("time_unix", rec.get("time")))
+            ends[n] = (float(t) if isinstance(t, int | float) else None, rec.get("state"))
+        elif isinstance(rec.get("start_unix"), int | float):
+            starts[n] = float(rec["start_unix"])
+    used = wasted = 0.0
+    order = sorted(starts)
+    for i, n in enumerate(order):
+        end, end_state = ends.get(n, (None, None))
+        if end is None:
+            if i + 1 < len(order):
+                end = starts[order[i + 1]]
+            else:
+                beat = status.get("heartbeat_unix")
+                live = status.get("state") == contract.RUNNING
+                end = now if live else (float(beat) if isinstance(beat, int | float) else now)
+                end_state = end_state or status.get("state")
+        secs = max(0.0, end - starts[n])
+        used += secs
+        if end_state == contract.FAILED:
+            wasted += secs
+    return used, wasted
+
+
+def local_job(ref: JobRef, view: contract.RunView | None) -> JobRecord | None:
+    """A local runner as a scheduler record: live while its process is (on this host);
+    ``PENDING`` for a run it has not started yet. None when it is gone or on another host."""
+    if ref.pid is None or ref.host != socket.gethostname():
+        return None
+    try:
+        os.kill(ref.pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, owned by someone else
+    beat = view.status.get("heartbeat_unix") if view is not None else None
+    started = isinstance(beat, int | float) and beat >= ref.submitted_unix
+    return JobRecord(ref.job_id, "RUNNING" if started else "PENDING", source="local")
+
+
+def _gpu_share(ref: JobRef | None) -> float:
+    """The GPU fraction a run holds: its job's one GPU shared by the job's runs."""
+    return 1.0 / len(ref.run_ids) if ref is not None and ref.run_ids else 1.0
+
+
+def observe_sweep(
+    root: Path,
+    *,
+    refresh: bool = False,
+    ttl_s: float = CACHE_TTL_S,
+    now: float | None = None,
+    sweep: SweepView | None = None,
+) -> SweepReport:
+    """Every run's state, progress and cost, and the sweep's counts, ETA and GPU-hours."""
+    sweep = sweep or load_sweep(root)
+    now = time.time() if now is None else now
+    snap = scheduler_snapshot(sweep.root, sweep.slurm_job_ids(), ttl_s=ttl_s, refresh=refresh)
+    rows = []
+    for run_id in sweep.run_ids:
+        run_dir = sweep.run_dir(run_id)
+        view = contract.view_run(run_dir, now) if run_dir.is_dir() else None
+        if view is not None and view.state == contract.MISSING and not view.status:
+            view = None
+        ref = sweep.jobs_by_run.get(run_id)
+        job = snap.job(ref) if ref is None or ref.executor == "slurm" else local_job(ref, view)
+        beat = (view.status if view else {}).get("heartbeat_unix")
+        newer = ref is not None and isinstance(beat, int | float) and ref.submitted_unix > beat
+        ob = C.classify_run(run_id, view, job, job_is_newer=newer)
+        status = view.status if view else {}
+        used_s, wasted_s = (
+            attempt_seconds(contract.read_attempts(run_dir), status, now) if view else (0.0, 0.0)
+        )
+        share = _gpu_share(ref)
+        rate = status.get("steps_per_s")
+        rows.append(
+            RunRow(
+                run_id=run_id,
+                state=ob.state,
+                cause=ob.cause,
+                detail=ob.detail,
+                step=view.step if view else 0,
+                total_steps=view.total_steps if view else None,
+                epoch=view.epoch if view else 0.0,
+                steps_per_s=float(rate) if isinstance(rate, int | float) else None,
+                attempts=view.attempt if view else 0,
+                gpu_hours=used_s * share / 3600.0,
+                gpu_hours_wasted=wasted_s * share / 3600.0,
+                job_id=ref.job_id if ref else None,
+                job_state=ob.job_state,
+                executor=ref.executor if ref else None,
+                heartbeat_age_s=view.heartbeat_age_s if view else None,
+            )
+        )
+    counts = Counter(r.state for r in rows)
+    report = SweepReport(
+        root=sweep.root,
+        grid=sweep.grid,
+        time_unix=now,
+        rows=rows,
+        scheduler=snap,
+        counts={s: counts.get(s, 0) for s in C.SWEEP_STATES},
+        gpu_hours=sum(r.gpu_hours for r in rows),
+        gpu_hours_wasted=sum(r.gpu_hours_wasted for r in rows),
+    )
+    report.eta_s = _eta_s(rows)
+    return report
+
+
+def _eta_s(rows: list[RunRow]) -> float | None:
+    """Steps left in every unfinished run over the running runs' summed steps per second."""
+    known = [r.total_steps for r in rows if r.total_steps]
+    if not known:
+        return None
+    typical = statistics.median(known)
+    left = sum(
+        max(0, (r.total_steps or typical) - r.step)
+        for r in rows
+        if r.state not in (C.COMPLETED, C.DIVERGED)
+    )
+    rate = sum(r.steps_per_s or 0.0 for r in rows if r.state == C.RUNNING)
+    if left == 0:
+        return 0.0
+    return left / rate if rate > 0 else None
+
+
+# ---- one run that needs action: its story and its fix
+
+
+@dataclass(frozen=True)
+class FailureReport:
+    run_id: str
+    state: str
+    cause: str
+    detail: str
+    exception_type: str | None
+    traceback: str | None
+    log_path: str | None
+    log_tail: list[str]
+    fix: str  # the command (or step) that fixes it
+
+
+def tail_lines(path: Path, n: int = LOG_TAIL_LINES) -> list[str]:
+    """The last ``n`` lines of a text file (reads at most its last 16 KiB)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - _TAIL_BYTES))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return data.splitlines()[-n:]
+
+
+def job_logs(root: Path, job_id: str | None) -> list[Path]:
+    """The job's stderr/stdout files under ``<root>/jobs/`` (submitit names them
+    ``<job_id>_<task>_log.err|out``), newest first."""
+    if not job_id or not (root / JOBS_DIR).is_dir():
+        return []
+    found = [p for p in (root / JOBS_DIR).rglob(f"{job_id}_*") if p.suffix in (".err", ".out")]
+    return sorted(found, key=lambda p: (p.suffix != ".err", -p.stat().st_mtime))
+
+
+def last_traceback(run_dir: Path) -> str | None:
+    """The traceback of the run's newest ``error`` event, if it recorded one."""
+    for ev in reversed(contract.read_events(run_dir)):
+        if ev.get("traceback"):
+            return str(ev["traceback"])
+    return None
+
+
+def fix_command(root: Path, run_id: str, cause: str, job_id: str | None) -> str:
+    r = f"--root {root}"
+    if cause == C.HELD:
+        return f"scontrol release {job_id}  (or: scancel {job_id} && decon recover {r})"
+    if cause == C.HUNG and job_id:
+        return f"decon recover {r}  (cancels hung job {job_id}; the next recover resumes the run)"
+    if cause == C.EXCEPTION:
+        return (
+            f"read the traceback, fix the cause, then: decon recover {r} "
+            f"(one automatic retry; reproduce with decon train --run-dir {root}/runs/{run_id})"
+        )
+    if cause in (C.OOM_CGROUP, C.OOM_CUDA):
+        return f"decon recover {r}  (reruns it alone on its GPU; batch size unchanged)"
+    return f"decon recover {r}  (resumes from its newest checkpoint)"
+
+
+def failure_report(sweep: SweepView, row: RunRow) -> FailureReport:
+    run_dir = sweep.run_dir(row.run_id)
+    status = contract.read_json(run_dir / contract.STATUS_FILE) or {}
+    log: Path | None = None
+    tail: list[str] = []
+    # the job's own stderr first (a cgroup OOM or a crash before the run's log opened shows
+    # only there), then the run's train.log
+    for candidate in [*job_logs(sweep.root, row.job_id), run_dir / contract.LOG_FILE]:
+        tail = tail_lines(candidate)
+        if tail:
+            log = candidate
+            break
+    return FailureReport(
+        run_id=row.run_id,
+        state=row.state,
+        cause=row.cause or "",
+        detail=row.detail,
+        exception_type=status.get("exception_type"),
+        traceback=last_traceback(run_dir),
+        log_path=str(log) if log else None,
+        log_tail=tail,
+        fix=fix_command(sweep.root, row.run_id, row.cause or "", row.job_id),
+    )

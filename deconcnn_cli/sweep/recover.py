@@ -1,0 +1,263 @@
+"""Repair a sweep: classify each unfinished run and apply the strategy its cause calls for.
+
+=================================  ===============================================  =========
+cause                              strategy                                          limit
+=================================  ===============================================  =========
+timeout, preempted, node_failure,  resume from the newest checkpoint (resubmit; the  K times
+cancelled, interrupted             run's own directory holds its progress)
+stalled, job no longer running     resume                                            K times
+stalled, job still RUNNING (hung)  ``scancel`` the job; the next recover resumes     K times
+oom_cgroup, oom_cuda               rerun *alone* on its GPU (one run per job). The   once
+                                   batch size and everything measured stay as they
+                                   are; the submission records ``alone`` and why
+exception                          one retry, then left for a person (traceback in   once
+                                   ``decon monitor --show-failed``)
+not_started (missing)              submit                                            K times
+held (JobHeldAdmin)                left for a person: ``scontrol release`` or        -
+                                   ``scancel`` + recover
+diverged, completed, live runs     nothing: results, or already in hand              -
+=================================  ===============================================  =========
+
+After the limit for the same cause (``MAX_SAME_CAUSE`` = K = 3) the run is left for a person
+and the plan says so. Every action taken is appended to ``<root>/recover.jsonl`` (time, run,
+cause, action, job ids), which is also where the counts come from; submissions go through
+``sweep.submit.submit_runs`` and are recorded in the manifest with their reason. No torch.
+
+Exit codes of ``decon recover``: ``EXIT_RECOVERED`` 0 (nothing left for a person),
+``EXIT_NEEDS_PERSON`` 1 (some runs are, each listed with why), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deconcnn_cli import contract
+from deconcnn_cli.errors import SweepError
+from deconcnn_cli.sweep import classify as C
+from deconcnn_cli.sweep.monitor import RunRow, SweepReport, last_traceback, observe_sweep
+from deconcnn_cli.sweep.observe import RECOVER_LOG_FILE, SweepView, load_sweep
+from deconcnn_cli.sweep.scheduler import cancel_jobs
+from deconcnn_cli.sweep.store import SweepStore
+
+EXIT_RECOVERED = 0
+EXIT_NEEDS_PERSON = 1
+MAX_SAME_CAUSE = 3  # K: recoveries of one run for one cause before a person must look
+MAX_RETRIES = {C.EXCEPTION: 1, C.OOM_CGROUP: 1, C.OOM_CUDA: 1}
+
+# actions
+RESUME = "resume"  # resubmit; training resumes from the run directory's newest checkpoint
+ALONE = "alone"  # resubmit as the only run on its GPU
+RETRY = "retry"  # resubmit once after an exception
+SUBMIT = "submit"  # a run that never started: submit it
+CANCEL = "cancel"  # scancel a hung job; a later recover resumes the run
+PERSON = "person"  # left for a person, with the reason
+_STRATEGY = {
+    C.TIMEOUT: RESUME,
+    C.PREEMPTED: RESUME,
+    C.NODE_FAILURE: RESUME,
+    C.CANCELLED: RESUME,
+    C.INTERRUPTED_CAUSE: RESUME,
+    C.HUNG: RESUME,
+    C.NOT_STARTED: SUBMIT,
+    C.OOM_CGROUP: ALONE,
+    C.OOM_CUDA: ALONE,
+    C.EXCEPTION: RETRY,
+    C.HELD: PERSON,
+}
+
+
+@dataclass(frozen=True)
+class Action:
+    run_id: str
+    cause: str
+    action: str  # RESUME, ALONE, RETRY, CANCEL, PERSON
+    why: str  # one line: what the run and the scheduler say, or why a person must look
+    job_id: str | None = None
+    previous: int = 0  # earlier recoveries of this run for this cause
+    traceback: str | None = None  # for PERSON after an exception
+
+
+@dataclass
+class RecoverPlan:
+    root: Path
+    actions: list[Action] = field(default_factory=list)
+    untouched: dict[str, int] = field(default_factory=dict)  # state -> runs needing nothing
+    scheduler_notes: list[str] = field(default_factory=list)
+
+    def of(self, action: str) -> list[Action]:
+        return [a for a in self.actions if a.action == action]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "root": str(self.root),
+            "actions": [asdict(a) for a in self.actions],
+            "untouched": self.untouched,
+            "scheduler_notes": self.scheduler_notes,
+        }
+
+
+def recovery_counts(root: Path) -> Counter[tuple[str, str]]:
+    """(run_id, cause) -> how many times recover already acted on it."""
+    counts: Counter[tuple[str, str]] = Counter()
+    for rec in contract.read_jsonl(root / RECOVER_LOG_FILE):
+        if rec.get("action") in (RESUME, ALONE, RETRY, CANCEL, SUBMIT):
+            counts[(str(rec.get("run_id")), str(rec.get("cause")))] += 1
+    return counts
+
+
+def plan_recovery(
+    root: Path,
+    run_ids: list[str] | None = None,
+    *,
+    report: SweepReport | None = None,
+    refresh: bool = True,
+) -> RecoverPlan:
+    """What recover would do for every run (or only ``run_ids``); changes nothing."""
+    sweep = load_sweep(root)
+    if run_ids:
+        sweep.check_run_ids(run_ids)
+    report = report or observe_sweep(root, refresh=refresh, sweep=sweep)
+    done = recovery_counts(sweep.root)
+    plan = RecoverPlan(root=sweep.root, scheduler_notes=list(report.scheduler.notes))
+    untouched: Counter[str] = Counter()
+    wanted = set(run_ids or sweep.run_ids)
+    for row in report.rows:
+        if row.run_id not in wanted:
+            continue
+        if row.cause is None:
+            untouched[row.state] += 1
+            continue
+        plan.actions.append(_decide(sweep, row, done))
+    plan.untouched = dict(untouched)
+    return plan
+
+
+def _decide(sweep: SweepView, row: RunRow, done: Counter[tuple[str, str]]) -> Action:
+    run_id, cause, detail, job_id = row.run_id, row.cause or "", row.detail, row.job_id
+    previous = done[(run_id, cause)]
+    action = _STRATEGY.get(cause, PERSON)
+    limit = MAX_RETRIES.get(cause, MAX_SAME_CAUSE)
+    if cause == C.HUNG and job_id and row.job_state == "RUNNING":
+        if row.executor != "slurm":  # a local runner: only a person may kill it
+            why = f"{detail}: its local runner lives; stop it, then decon recover"
+            return Action(run_id, cause, PERSON, why, job_id, previous)
+        action = CANCEL
+    if action == PERSON:
+        why = f"{detail}: release or cancel the job (scontrol release {job_id})"
+        return Action(run_id, cause, PERSON, why, job_id, previous)
+    if previous >= limit:
+        tb = last_traceback(sweep.run_dir(run_id)) if cause == C.EXCEPTION else None
+        why = (
+            f"{cause} again after {previous} recover(s) for it (limit {limit}): "
+            f"stopped, a person must look ({detail})"
+        )
+        return Action(run_id, cause, PERSON, why, job_id, previous, tb)
+    return Action(run_id, cause, action, detail, job_id, previous)
+
+
+def _log_actions(root: Path, actions: list[Action], job_ids: dict[str, list[str]]) -> None:
+    now = time.time()
+    lines = "".join(
+        json.dumps(
+            {
+                "time_unix": now,
+                "run_id": a.run_id,
+                "cause": a.cause,
+                "action": a.action,
+                "previous_job": a.job_id,
+                "new_jobs": job_ids.get(a.run_id, []),
+                "why": a.why,
+            }
+        )
+        + "\n"
+        for a in actions
+    )
+    fd = os.open(root / RECOVER_LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, lines.encode())  # one write: concurrent appenders never interleave
+    finally:
+        os.close(fd)
+
+
+def _submission_of(sweep: SweepView, run_id: str) -> tuple[str, str]:
+    """(executor, resources) the run was last submitted with (the sweep's first otherwise)."""
+    subs = [s for s in sweep.manifest.get("submissions") or [] if isinstance(s, dict)]
+    for sub in reversed(subs):
+        if any(run_id in (j.get("run_ids") or []) for j in sub.get("jobs") or []):
+            return str(sub.get("executor") or "slurm"), str(sub.get("resources") or "")
+    if subs:
+        return str(subs[0].get("executor") or "slurm"), str(subs[0].get("resources") or "")
+    raise SweepError(
+        f"run {run_id} was never submitted: recover does not know which executor to use",
+        hint="submit the sweep first: decon submit --grid NAME --root DIR",
+    )
+
+
+def apply_recovery(plan: RecoverPlan) -> dict[str, list[str]]:
+    """Carry out the plan: cancel hung jobs, resubmit runs (alone after an OOM), record all.
+
+    Call under the sweep lock (:func:`recover_sweep` does). Returns run_id -> new job ids.
+    Submission goes through ``sweep.submit.submit_runs``, which records each submission in the
+    manifest with its reason and still skips a run that is live or queued.
+    """
+    from deconcnn_cli.sweep import submit  # the submission side: executors, manifest record
+    from deconcnn_cli.sweep.grid import load_resources
+
+    sweep = load_sweep(plan.root)
+    store = SweepStore(plan.root)
+    new_jobs: dict[str, list[str]] = {}
+    cancel = [a for a in plan.actions if a.action == CANCEL]
+    if cancel:
+        cancel_jobs(sorted({a.job_id for a in cancel if a.job_id}))
+    groups: dict[tuple[str, str, bool], list[Action]] = {}
+    for a in plan.actions:
+        if a.action in (RESUME, RETRY, ALONE, SUBMIT):
+            executor, resources = _submission_of(sweep, a.run_id)
+            groups.setdefault((executor, resources, a.action == ALONE), []).append(a)
+    error = None
+    done: list[Action] = list(cancel)
+    for (executor, resources, alone), actions in sorted(groups.items()):
+        causes = Counter(a.cause for a in actions)
+        reason = "recover: " + ", ".join(f"{n} {c}" for c, n in sorted(causes.items()))
+        if alone:
+            reason += " (rerun alone on its GPU; batch size and config unchanged)"
+        result = submit.submit_runs(
+            store,
+            [a.run_id for a in actions],
+            load_resources(resources),
+            executor,
+            alone=alone,
+            reason=reason,
+        )
+        for job in (result.submission or {}).get("jobs", []):
+            for rid in job.get("run_ids", []):
+                new_jobs.setdefault(rid, []).append(str(job.get("job_id")))
+        done += [a for a in actions if a.run_id in new_jobs]
+        if result.error is not None:  # part of the jobs went in: record those, then say so
+            error = result.error
+            break
+    _log_actions(sweep.root, done, new_jobs)
+    if error is not None:
+        raise error
+    return new_jobs
+
+
+def recover_sweep(
+    root: Path, run_ids: list[str] | None = None, *, dry_run: bool = False
+) -> tuple[RecoverPlan, dict[str, list[str]]]:
+    """Plan (and unless ``dry_run`` apply) recovery; applying holds the sweep lock, so two
+    recovers (or a recover and a submit) never submit a run twice."""
+    if dry_run:
+        return plan_recovery(root, run_ids), {}
+    load_sweep(root)  # bad input fails before the lock file is created
+    if run_ids:
+        load_sweep(root).check_run_ids(run_ids)
+    with SweepStore(root).lock():
+        plan = plan_recovery(root, run_ids)
+        return plan, apply_recovery(plan)

@@ -1,0 +1,322 @@
+"""Certify a sweep: every run present and final, every stream whole, nothing silently wrong.
+
+:func:`verify_sweep` checks, for every run of the manifest (docs/cluster.md, "verify"):
+
+* the run directory exists and its state is ``completed`` or ``diverged``;
+* each metric stream (contract.STREAMS) holds exactly the steps its cadence gives — derived
+  from the run's ``config.json`` and ``steps_per_epoch`` in ``status.json`` — in order, without
+  gaps or duplicates; a diverged run's streams stop at its divergence;
+* no ``nan``/``inf`` cell outside a diverged run, except the documented cases: a warning in
+  ``events.jsonl`` at that row's step (a metric that failed and said why), or a column that
+  is NaN by definition while too little of the curve exists (``DOCUMENTED_NAN_COLUMNS``);
+* ``summary.json`` holds every field (``SUMMARY_FIELDS``) and agrees with the run's state;
+* every kept checkpoint matches its ``.sha256``, and a completed run has its final one;
+* every run was made by the same code version (the differing runs are listed otherwise).
+
+:func:`verify_run` checks one run directory (``export`` may call it). Torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deconcnn_cli import contract
+from deconcnn_cli.sweep.observe import load_sweep
+
+# ---- exit codes of `decon verify` (docs/cluster.md)
+EXIT_VERIFIED = 0  # complete and clean
+EXIT_PROBLEMS = 1  # at least one problem, each listed with its run and file
+# bad input (not a sweep root): DeconError's exit code 2, as every command
+
+SUMMARY_FIELDS = (
+    "state",
+    "steps_done",
+    "epochs_done",
+    "final_loss_train_nats",
+    "final_loss_val_nats",
+    "final_acc_val",
+    "best_val_ce",
+    "best_val_epoch",
+    "knee_epoch",
+    "alpha_early",
+    "alpha_full",
+    "power_law_r2",
+    "burn_in_step",
+)
+# NaN by definition while too little of the curve exists (docs/metrics-curve-shape.md,
+# docs/metrics.md): a fit window not reached yet, fewer than the needed residual samples
+DOCUMENTED_NAN_COLUMNS: dict[str, frozenset[str]] = {
+    "shape": frozenset(contract.STREAMS["shape"]) - {"step", "epoch", "burn_in_step"},
+    "noise": frozenset({"residual_power", "psd_tail"}),
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    run_id: str | None  # None for a sweep-wide problem
+    file: str | None  # relative to the run directory (or the root)
+    kind: str  # missing_run, unfinished, stream_gap, stream_duplicate, ...
+    message: str
+
+
+@dataclass
+class VerifyResult:
+    root: Path
+    n_runs: int
+    counts: dict[str, int] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    code_versions: dict[str, list[str]] = field(default_factory=dict)  # version -> run ids
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_VERIFIED if self.ok else EXIT_PROBLEMS
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "root": str(self.root),
+            "ok": self.ok,
+            "n_runs": self.n_runs,
+            "counts": self.counts,
+            "code_versions": {v: len(r) for v, r in self.code_versions.items()},
+            "problems": [asdict(p) for p in self.problems],
+        }
+
+
+def val_positions(steps_per_epoch: int, val_per_epoch: int) -> list[int]:
+    """Positions in an epoch after which validation runs (the training loop's rule)."""
+    return sorted(
+        {math.ceil(q * steps_per_epoch / val_per_epoch) - 1 for q in range(1, val_per_epoch + 1)}
+    )
+
+
+def expected_steps(config: dict[str, Any], steps_per_epoch: int) -> dict[str, list[int]]:
+    """Every stream's row steps for a whole run of ``config`` (a resolved RunConfig dict)."""
+    spe = steps_per_epoch
+    epochs = int(config["schedule"]["epochs"])
+    cad = config["cadence"]
+    total = epochs * spe
+    vals = val_positions(spe, int(cad["val_per_epoch"]))
+
+    def epoch_ends(every: int) -> list[int]:
+        return [(e + 1) * spe - 1 for e in range(epochs) if every and (e + 1) % every == 0]
+
+    curv = int(cad["curvature_every_steps"])
+    return {
+        "step": list(range(total)),
+        "val": [e * spe + p for e in range(epochs) for p in vals],
+        "curvature": list(range(0, total, curv)) if curv else [],
+        "noise": epoch_ends(int(cad["noise_every_epochs"])),
+        "shape": epoch_ends(int(cad["shape_every_epochs"])),
+    }
+
+
+def _stream_problems(
+    run_id: str, name: str, steps: list[int], expected: list[int], diverged_at: int | None
+) -> list[Problem]:
+    file = f"{contract.METRICS_DIR}/{name}.csv"
+    out: list[Problem] = []
+    seen = set(steps)
+    dups = sorted(s for s, n in Counter(steps).items() if n > 1)
+    if dups:
+        out.append(Problem(run_id, file, "stream_duplicate", f"duplicate steps {dups[:5]}"))
+    if diverged_at is None:
+        must, may = expected, expected
+    else:  # streams stop at the divergence; curvature runs before the update of its step
+        inclusive = name in ("step", "curvature")
+        must = [s for s in expected if s < diverged_at or (inclusive and s == diverged_at)]
+        may = expected[: len(steps)]
+    missing = sorted(set(must) - seen)
+    extra = sorted(seen - set(may))
+    if missing:
+        out.append(
+            Problem(
+                run_id,
+                file,
+                "stream_gap",
+                f"{len(missing)} of {len(must)} expected rows missing (first at step "
+                f"{missing[0]}; last row at step {steps[-1] if steps else 'none'})",
+            )
+        )
+    if extra:
+        out.append(Problem(run_id, file, "stream_extra", f"rows off cadence at steps {extra[:5]}"))
+    if not dups and steps != sorted(steps):
+        out.append(Problem(run_id, file, "stream_order", "rows are not in step order"))
+    return out
+
+
+def _nan_problems(
+    run_id: str, name: str, rows: list[dict[str, str]], warned_steps: set[int]
+) -> list[Problem]:
+    allowed = DOCUMENTED_NAN_COLUMNS.get(name, frozenset())
+    bad: list[str] = []
+    for row in rows:
+        for col, cell in row.items():
+            if cell is None or cell == "" or col in allowed:
+                continue
+            try:
+                value = float(cell)
+            except ValueError:
+                bad.append(f"step {row.get('step')} {col}={cell!r} (not a number)")
+                continue
+            if not math.isfinite(value) and int(row.get("step") or -1) not in warned_steps:
+                bad.append(f"step {row.get('step')} {col}={cell}")
+    if not bad:
+        return []
+    msg = f"{len(bad)} non-finite cell(s) without a warning in events.jsonl: {'; '.join(bad[:3])}"
+    return [Problem(run_id, f"{contract.METRICS_DIR}/{name}.csv", "nan", msg)]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _checkpoint_problems(run_id: str, run_dir: Path, final_step: int | None) -> list[Problem]:
+    folder = run_dir / contract.CHECKPOINT_DIR
+    out = []
+    for ckpt in sorted(folder.glob("ckpt_*.pt")):
+        rel = f"{contract.CHECKPOINT_DIR}/{ckpt.name}"
+        try:
+            expected = ckpt.with_suffix(".sha256").read_text().split()[0]
+        except (OSError, IndexError):
+            out.append(Problem(run_id, rel, "checksum", "no readable .sha256 beside it"))
+            continue
+        if _sha256(ckpt) != expected:
+            out.append(Problem(run_id, rel, "checksum", "content does not match its .sha256"))
+    if final_step is not None and not (folder / f"ckpt_{final_step:09d}.pt").is_file():
+        out.append(
+            Problem(
+                run_id,
+                f"{contract.CHECKPOINT_DIR}/ckpt_{final_step:09d}.pt",
+                "checkpoint_missing",
+                "the final checkpoint of a completed run is missing",
+            )
+        )
+    return out
+
+
+def verify_run(run_dir: Path, run_id: str | None = None) -> tuple[str, list[Problem]]:
+    """(the run's state, its problems) for one run directory."""
+    run_id = run_id or run_dir.name
+    if not run_dir.is_dir():
+        return contract.MISSING, [Problem(run_id, None, "missing_run", f"no directory {run_dir}")]
+    view = contract.view_run(run_dir)
+    if view.state not in contract.TERMINAL_STATES:
+        why = f" ({view.reason})" if view.reason else ""
+        return view.state, [
+            Problem(run_id, contract.STATUS_FILE, "unfinished", f"state {view.state}{why}")
+        ]
+    record = contract.read_config(run_dir)
+    spe = view.status.get("steps_per_epoch")
+    if not record or "config" not in record or not isinstance(spe, int) or spe < 1:
+        what = "config.json" if not record or "config" not in record else "steps_per_epoch"
+        return view.state, [Problem(run_id, contract.CONFIG_FILE, "unreadable", f"no {what}")]
+    problems: list[Problem] = []
+    if record.get("run_id") not in (None, run_id):
+        problems.append(
+            Problem(run_id, contract.CONFIG_FILE, "foreign", f"holds run {record['run_id']}")
+        )
+    diverged = view.state == contract.DIVERGED
+    summary = contract.read_summary(run_dir)
+    diverged_at = None
+    if diverged:
+        done = (summary or {}).get("steps_done", view.step)
+        diverged_at = int(done) - 1
+    warned = {
+        int(ev["step"])
+        for ev in contract.read_events(run_dir)
+        if ev.get("level") == "warning" and isinstance(ev.get("step"), int)
+    }
+    expected = expected_steps(record["config"], spe)
+    for name in contract.STREAMS:
+        path = contract.stream_path(run_dir, name)
+        if not expected[name] and not path.exists():
+            continue
+        rows = contract.read_stream(path)
+        try:
+            steps = [int(r["step"]) for r in rows]
+        except (KeyError, TypeError, ValueError):
+            rel = f"{contract.METRICS_DIR}/{name}.csv"
+            problems.append(Problem(run_id, rel, "unreadable", "a row without an integer step"))
+            continue
+        problems += _stream_problems(run_id, name, steps, expected[name], diverged_at)
+        if not diverged:
+            problems += _nan_problems(run_id, name, rows, warned)
+    if summary is None:
+        problems.append(Problem(run_id, contract.SUMMARY_FILE, "summary", "missing or unreadable"))
+    else:
+        absent = [f for f in SUMMARY_FIELDS if f not in summary]
+        if absent:
+            problems.append(
+                Problem(run_id, contract.SUMMARY_FILE, "summary", f"fields missing: {absent}")
+            )
+        if summary.get("state") not in (None, view.state):
+            problems.append(
+                Problem(
+                    run_id,
+                    contract.SUMMARY_FILE,
+                    "summary",
+                    f"says {summary.get('state')}, status.json says {view.state}",
+                )
+            )
+    final = view.total_steps if view.state == contract.COMPLETED else None
+    problems += _checkpoint_problems(run_id, run_dir, final)
+    return view.state, problems
+
+
+def _run_versions(manifest: dict[str, Any], run_dir: Path, run_id: str) -> set[str]:
+    """The code versions that made the run: its attempts' own, else its submissions'."""
+    own = {str(a["code_version"]) for a in contract.read_attempts(run_dir) if a.get("code_version")}
+    if own:
+        return own
+    subs = set()
+    for sub in manifest.get("submissions") or []:
+        if any(run_id in (j.get("run_ids") or []) for j in sub.get("jobs") or []):
+            subs.add(str(sub.get("code_version") or manifest.get("code_version") or "unknown"))
+    return subs
+
+
+def verify_sweep(root: Path) -> VerifyResult:
+    """Check every run of the manifest at ``root``; see the module docstring for the rules."""
+    sweep = load_sweep(root)
+    result = VerifyResult(root=sweep.root, n_runs=len(sweep.run_ids))
+    counts: dict[str, int] = defaultdict(int)
+    versions: dict[str, list[str]] = defaultdict(list)
+    for run_id in sweep.run_ids:
+        run_dir = sweep.run_dir(run_id)
+        state, problems = verify_run(run_dir, run_id)
+        counts[state] += 1
+        result.problems += [
+            Problem(
+                p.run_id,
+                f"runs/{run_id}/{p.file}" if p.file else f"runs/{run_id}",
+                p.kind,
+                p.message,
+            )
+            for p in problems
+        ]
+        if run_dir.is_dir():
+            for v in _run_versions(sweep.manifest, run_dir, run_id):
+                versions[v].append(run_id)
+    result.counts = dict(counts)
+    result.code_versions = dict(versions)
+    if len(versions) > 1:
+        detail = "; ".join(
+            f"{v}: {len(r)} run(s), e.g. {r[0]}" for v, r in sorted(versions.items())
+        )
+        result.problems.append(
+            Problem(None, "sweep.json", "code_version", f"runs made by different code: {detail}")
+        )
+    return result

@@ -1,0 +1,250 @@
+"""decon monitor and decon recover --dry-run on hand-made run states and recorded scheduler text."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from deconcnn_cli import contract
+from tests.conftest import run_cli
+from tests.sweep.fakes import (
+    calls_made,
+    install_fake_scheduler,
+    slurm_time,
+    tree_snapshot,
+    write_manifest,
+    write_run,
+)
+
+NOW = time.time()
+SUB = slurm_time(NOW - 600)
+STALE = contract.STALLED_AFTER_S + 60
+TRACEBACK = 'Traceback (most recent call last):\n  File "loop.py", line 9\nValueError: bad batch'
+
+# run -> its job (two runs share job 100_0, as two runs share a GPU)
+JOBS = [
+    ("100_0", ["a_done", "b_running"]),
+    ("100_1", ["c_hung", "d_timeout"]),
+    ("100_2", ["e_cuda_oom"]),
+    ("100_3", ["i_exception"]),
+    ("100_4", ["h_queued"]),
+    ("100_5", ["j_held"]),
+    ("100_6", ["k_cgroup_oom"]),
+]
+SACCT = f"""\
+100_0|RUNNING|0:0|None|gpu1|{SUB}|00:10:00
+100_1|RUNNING|0:0|None|gpu2|{SUB}|00:10:00
+100_2|FAILED|1:0|NonZeroExitCode|gpu3|{SUB}|00:10:00
+100_3|FAILED|1:0|NonZeroExitCode|gpu3|{SUB}|00:10:00
+100_[4-5]|PENDING|0:0|Priority|None assigned|{SUB}|00:00:00
+100_6|OUT_OF_MEMORY|0:125|OutOfMemory|gpu4|{SUB}|00:20:00
+"""
+SQUEUE = f"""\
+100_0|RUNNING|None|gpu1|{SUB}
+100_1|RUNNING|None|gpu2|{SUB}
+100_4|PENDING|Priority|(null)|{SUB}
+100_5|PENDING|JobHeldAdmin|(null)|{SUB}
+"""
+# a local-executor run that stalled (no scheduler to ask) and one never started
+LOCAL = ["f_missing", "g_diverged", "l_local_stalled"]
+
+
+@pytest.fixture
+def sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    root = tmp_path / "sweep"
+    run_ids = [r for _, rs in JOBS for r in rs] + LOCAL
+    write_manifest(root, run_ids, JOBS)
+    write_run(root, "a_done", "completed", step=100)
+    write_run(root, "b_running", "running", step=40, steps_per_s=5.0)
+    write_run(root, "c_hung", "running", step=30, heartbeat_age_s=STALE)
+    write_run(root, "d_timeout", "interrupted", step=50, reason="signal SIGUSR2")
+    write_run(
+        root,
+        "e_cuda_oom",
+        "failed",
+        step=5,
+        exception_type="OutOfMemoryError",
+        reason="OutOfMemoryError: CUDA out of memory",
+        attempts=[
+            {"attempt": 1, "start_unix": NOW - 7200},
+            {"attempt": 1, "event": "end", "state": "failed", "end_unix": NOW - 3600},
+        ],
+    )
+    i_dir = write_run(root, "i_exception", "failed", step=7, exception_type="ValueError")
+    (i_dir / "events.jsonl").write_text(
+        json.dumps({"level": "error", "message": "ValueError", "traceback": TRACEBACK}) + "\n"
+    )
+    jobs = root / "jobs" / "loss_lin_slope"
+    jobs.mkdir(parents=True)
+    (jobs / "100_3_0_log.err").write_text("loading\nValueError: bad batch\nsrun: error: task 0\n")
+    write_run(root, "g_diverged", "diverged", step=12)
+    write_run(root, "l_local_stalled", "running", step=3, heartbeat_age_s=STALE)
+    calls = install_fake_scheduler(monkeypatch, tmp_path / "bin", squeue=SQUEUE, sacct=SACCT)
+    return root, calls
+
+
+def _monitor(root: Path, *extra: str) -> dict:
+    proc = run_cli("monitor", "--json", "--root", str(root), *extra)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_counts_states_and_causes(sweep: tuple[Path, Path]) -> None:
+    root, calls = sweep
+    out = _monitor(root)
+    by_run = {r["run_id"]: (r["state"], r["cause"]) for r in out["runs"]}
+    assert by_run == {
+        "a_done": ("completed", None),
+        "b_running": ("running", None),
+        "c_hung": ("stalled", "stalled"),
+        "d_timeout": ("interrupted", "interrupted"),  # job still RUNNING its partner? no: below
+        "e_cuda_oom": ("failed", "oom_cuda"),
+        "f_missing": ("missing", "not_started"),
+        "g_diverged": ("diverged", None),
+        "h_queued": ("pending", None),
+        "i_exception": ("failed", "exception"),
+        "j_held": ("pending", "held"),
+        "k_cgroup_oom": ("failed", "oom_cgroup"),
+        "l_local_stalled": ("stalled", "stalled"),
+    } | {"d_timeout": by_run["d_timeout"]}
+    assert out["counts"] == {
+        "pending": 2,
+        "running": 2,
+        "completed": 1,
+        "diverged": 1,
+        "interrupted": 0,
+        "failed": 3,
+        "stalled": 2,
+        "missing": 1,
+    }
+    # one batched query per refresh, every job of the sweep in it
+    assert out["scheduler"]["calls"] == 2 and not out["scheduler"]["from_cache"]
+    assert len(calls_made(calls)) == 2 and " -j 100 " in calls_made(calls)[0]
+    # e's failed hour (ended by its end line) + i's hour up to its last heartbeat, each alone
+    assert out["gpu_hours_wasted"] == pytest.approx(2.0, abs=0.01)
+    used = {r["run_id"]: r["gpu_hours"] for r in out["runs"]}
+    assert used["b_running"] == pytest.approx(0.5, abs=0.01)  # an hour on a shared GPU
+    # a second shell within the TTL reads the cache: no scheduler call
+    again = _monitor(root)
+    assert again["scheduler"]["calls"] == 0 and again["scheduler"]["from_cache"]
+    assert len(calls_made(calls)) == 2
+    assert _monitor(root, "--refresh")["scheduler"]["calls"] == 2
+
+
+def test_interrupted_run_in_a_running_job_is_its_restart(sweep: tuple[Path, Path]) -> None:
+    # d's job 100_1 runs (requeued after the timeout): d is starting again, not failed
+    root, _ = sweep
+    rows = {r["run_id"]: r for r in _monitor(root)["runs"]}
+    assert (rows["d_timeout"]["state"], rows["d_timeout"]["cause"]) == ("running", None)
+    assert rows["b_running"]["steps_per_s"] == 5.0 and rows["b_running"]["step"] == 40
+
+
+def test_show_failed_gives_cause_log_traceback_and_fix(sweep: tuple[Path, Path]) -> None:
+    root, _ = sweep
+    out = _monitor(root, "--show-failed")
+    failures = {f["run_id"]: f for f in out["failures"]}
+    exc = failures["i_exception"]
+    assert exc["traceback"].endswith("ValueError: bad batch")
+    assert exc["log_path"].endswith("100_3_0_log.err") and "srun: error: task 0" in exc["log_tail"]
+    assert "decon recover --root" in exc["fix"]
+    assert "alone" in failures["e_cuda_oom"]["fix"]
+    assert "scontrol release 100_5" in failures["j_held"]["fix"]
+    text = run_cli("monitor", "--show-failed", "--root", str(root)).stdout
+    assert "i_exception: failed, cause exception" in text and "ValueError: bad batch" in text
+
+
+def test_without_sacct_monitor_says_degraded(
+    sweep: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, _ = sweep
+    install_fake_scheduler(monkeypatch, tmp_path / "bin2", squeue=SQUEUE, sacct=None)
+    out = _monitor(root, "--refresh")
+    assert out["scheduler"]["degraded"] and "sacct not found" in out["scheduler"]["notes"][0]
+    text = run_cli("monitor", "--root", str(root)).stdout
+    assert "scheduler degraded: sacct not found" in text
+
+
+def test_recover_dry_run_plans_by_cause(sweep: tuple[Path, Path]) -> None:
+    root, _ = sweep
+    before = {k: v for k, v in tree_snapshot(root).items() if "scheduler_cache" not in k}
+    proc = run_cli("recover", "--dry-run", "--json", "--root", str(root))
+    assert proc.returncode == 1, proc.stderr  # j_held is left for a person
+    plan = {a["run_id"]: a["action"] for a in json.loads(proc.stdout)["actions"]}
+    assert plan == {
+        "c_hung": "cancel",  # its job still RUNNING: cancel first, resume next time
+        "e_cuda_oom": "alone",
+        "f_missing": "submit",
+        "i_exception": "retry",
+        "j_held": "person",
+        "k_cgroup_oom": "alone",
+        "l_local_stalled": "resume",
+    }
+    after = {k: v for k, v in tree_snapshot(root).items() if "scheduler_cache" not in k}
+    assert after == before
+    text = run_cli("recover", "--dry-run", "--root", str(root)).stdout
+    assert "plan (dry run, nothing changed): 7 run(s) need action" in text
+    assert "e_cuda_oom: oom_cuda -> rerun alone on its GPU (batch size unchanged)" in text
+
+
+def test_recover_stops_after_the_limit(sweep: tuple[Path, Path]) -> None:
+    root, _ = sweep
+    log = [
+        {"run_id": "i_exception", "cause": "exception", "action": "retry"},
+        *[{"run_id": "l_local_stalled", "cause": "stalled", "action": "resume"}] * 3,
+        {"run_id": "e_cuda_oom", "cause": "oom_cuda", "action": "alone"},
+    ]
+    (root / "recover.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    proc = run_cli("recover", "--dry-run", "--json", "--root", str(root))
+    actions = {a["run_id"]: a for a in json.loads(proc.stdout)["actions"]}
+    for rid in ("i_exception", "l_local_stalled", "e_cuda_oom"):
+        assert actions[rid]["action"] == "person", rid
+        assert "stopped, a person must look" in actions[rid]["why"]
+    assert actions["i_exception"]["traceback"].endswith("ValueError: bad batch")
+    assert actions["f_missing"]["action"] == "submit"
+    text = run_cli("recover", "--dry-run", "--root", str(root)).stdout
+    assert "ValueError: bad batch" in text  # the traceback shown where a person must act
+
+
+def test_bad_input_changes_nothing(sweep: tuple[Path, Path], tmp_path: Path) -> None:
+    root, _ = sweep
+    before = tree_snapshot(root)
+    proc = run_cli("recover", "no_such_run", "--root", str(root))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: run id 'no_such_run'")
+    assert "hint: " in proc.stderr and tree_snapshot(root) == before
+    for cmd in ("monitor", "recover", "verify"):
+        proc = run_cli(cmd, "--root", str(tmp_path / "nowhere"))
+        assert proc.returncode == 2 and "is not a sweep root" in proc.stderr, cmd
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_local_runner_liveness(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+
+    root = tmp_path / "sweep"
+    write_manifest(root, ["q_queued", "r_gone"], [], executor="local")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    manifest = json.loads((root / "sweep.json").read_text())
+    host = socket.gethostname()
+    manifest["submissions"] = [
+        {
+            "time_unix": NOW,
+            "executor": "local",
+            "resources": "local",
+            "jobs": [
+                {"job_id": "local-a", "run_ids": ["q_queued"], "pid": os.getpid(), "host": host},
+                {"job_id": "local-b", "run_ids": ["r_gone"], "pid": dead.pid, "host": host},
+            ],
+        }
+    ]
+    (root / "sweep.json").write_text(json.dumps(manifest))
+    (root / "runs" / "q_queued").mkdir()  # submit writes config.json only: not started yet
+    (root / "runs" / "q_queued" / "config.json").write_text("{}")
+    rows = {r["run_id"]: (r["state"], r["cause"]) for r in _monitor(root)["runs"]}
+    assert rows == {"q_queued": ("pending", None), "r_gone": ("missing", "not_started")}

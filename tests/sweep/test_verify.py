@@ -1,0 +1,164 @@
+"""decon verify on a clean sweep of real runs, and on each way it can be broken."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from deconcnn_cli import contract
+from deconcnn_cli.sweep.verify import (
+    EXIT_PROBLEMS,
+    EXIT_VERIFIED,
+    expected_steps,
+    val_positions,
+    verify_sweep,
+)
+from tests.conftest import run_cli
+from tests.sweep.fakes import tree_snapshot
+
+
+def _runs(root: Path, state: str) -> list[Path]:
+    return [
+        p
+        for p in sorted((root / "runs").iterdir())
+        if json.loads((p / "status.json").read_text())["state"] == state
+    ]
+
+
+def _kinds(root: Path) -> set[tuple[str | None, str]]:
+    return {(p.file, p.kind) for p in verify_sweep(root).problems}
+
+
+def test_cadence_rule_matches_the_loop() -> None:
+    assert val_positions(13, 4) == [3, 6, 9, 12]
+    assert val_positions(2, 4) == [0, 1]
+    cfg = {
+        "schedule": {"epochs": 2},
+        "cadence": {
+            "val_per_epoch": 2,
+            "curvature_every_steps": 4,
+            "noise_every_epochs": 2,
+            "shape_every_epochs": 1,
+        },
+    }
+    exp = expected_steps(cfg, 5)
+    assert exp["step"] == list(range(10))
+    assert exp["val"] == [2, 4, 7, 9]
+    assert exp["curvature"] == [0, 4, 8]
+    assert exp["noise"] == [9] and exp["shape"] == [4, 9]
+
+
+def test_clean_sweep_passes(clean_sweep: Path) -> None:
+    before = tree_snapshot(clean_sweep)
+    proc = run_cli("verify", "--root", str(clean_sweep))
+    assert proc.returncode == EXIT_VERIFIED, proc.stdout + proc.stderr
+    assert "verified: complete and clean" in proc.stdout
+    assert "completed 2, diverged 1" in proc.stdout
+    out = json.loads(run_cli("verify", "--json", "--root", str(clean_sweep)).stdout)
+    assert out["ok"] and out["problems"] == [] and out["n_runs"] == 3
+    assert tree_snapshot(clean_sweep) == before  # verify writes nothing
+
+
+def test_truncated_stream_fails(sweep_copy: Path) -> None:
+    run = _runs(sweep_copy, "completed")[0]
+    path = contract.stream_path(run, "step")
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-5]))
+    proc = run_cli("verify", "--root", str(sweep_copy))
+    assert proc.returncode == EXIT_PROBLEMS
+    assert f"runs/{run.name}/metrics/step.csv: stream_gap: 5 of 39 expected rows missing" in (
+        proc.stdout
+    )
+
+
+def test_truncated_diverged_stream_fails(sweep_copy: Path) -> None:
+    run = _runs(sweep_copy, "diverged")[0]
+    path = contract.stream_path(run, "step")
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]))  # the diverging step's row is part of the result
+    assert (f"runs/{run.name}/metrics/step.csv", "stream_gap") in _kinds(sweep_copy)
+
+
+def test_missing_run_fails(sweep_copy: Path) -> None:
+    manifest = json.loads((sweep_copy / "sweep.json").read_text())
+    manifest["runs"]["base_lr0.1_wd0.001_s9_0000000000"] = {"config": {}}
+    (sweep_copy / "sweep.json").write_text(json.dumps(manifest))
+    proc = run_cli("verify", "--json", "--root", str(sweep_copy))
+    assert proc.returncode == EXIT_PROBLEMS
+    (problem,) = json.loads(proc.stdout)["problems"]
+    assert problem["kind"] == "missing_run"
+    assert problem["run_id"] == "base_lr0.1_wd0.001_s9_0000000000"
+
+
+def test_checksum_mismatch_fails(sweep_copy: Path) -> None:
+    run = _runs(sweep_copy, "completed")[1]
+    final = run / "checkpoints" / "ckpt_000000039.pt"
+    data = bytearray(final.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    final.write_bytes(bytes(data))
+    assert _kinds(sweep_copy) == {(f"runs/{run.name}/checkpoints/ckpt_000000039.pt", "checksum")}
+    final.unlink()
+    final.with_suffix(".sha256").unlink()
+    assert _kinds(sweep_copy) == {
+        (f"runs/{run.name}/checkpoints/ckpt_000000039.pt", "checkpoint_missing")
+    }
+
+
+def test_duplicate_rows_and_unfinished_runs_fail(sweep_copy: Path) -> None:
+    a, b = _runs(sweep_copy, "completed")
+    val = contract.stream_path(a, "val")
+    lines = val.read_text().splitlines(keepends=True)
+    val.write_text("".join([*lines[:3], lines[2], *lines[3:]]))
+    status = json.loads((b / "status.json").read_text())
+    contract.atomic_write_json(b / "status.json", {**status, "state": "interrupted"})
+    kinds = _kinds(sweep_copy)
+    assert (f"runs/{a.name}/metrics/val.csv", "stream_duplicate") in kinds
+    assert (f"runs/{b.name}/status.json", "unfinished") in kinds
+
+
+def test_nan_needs_a_warning_unless_diverged(sweep_copy: Path) -> None:
+    run = _runs(sweep_copy, "completed")[0]
+    path = contract.stream_path(run, "val")
+    header, first, *rest = path.read_text().splitlines(keepends=True)
+    cells = first.split(",")
+    cells[2] = "nan"  # loss_val_nats at the first validation
+    path.write_text("".join([header, ",".join(cells), *rest]))
+    assert _kinds(sweep_copy) == {(f"runs/{run.name}/metrics/val.csv", "nan")}
+    with open(run / "events.jsonl", "a") as f:
+        f.write(json.dumps({"level": "warning", "message": "val failed", "step": int(cells[0])}))
+        f.write("\n")
+    assert _kinds(sweep_copy) == set()
+
+
+def test_summary_fields_and_code_versions(sweep_copy: Path) -> None:
+    run = _runs(sweep_copy, "completed")[0]
+    summary = json.loads((run / "summary.json").read_text())
+    del summary["best_val_ce"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    manifest = json.loads((sweep_copy / "sweep.json").read_text())
+    manifest["submissions"][0]["jobs"] = [
+        j for j in manifest["submissions"][0]["jobs"] if j["run_ids"] != [run.name]
+    ]
+    manifest["submissions"].append(
+        {
+            "time_unix": 1.0,
+            "executor": "local",
+            "code_version": "0.2.0+gother",
+            "jobs": [{"job_id": "local-9", "run_ids": [run.name]}],
+        }
+    )
+    (sweep_copy / "sweep.json").write_text(json.dumps(manifest))
+    result = verify_sweep(sweep_copy)
+    kinds = {(p.file, p.kind) for p in result.problems}
+    assert kinds == {(f"runs/{run.name}/summary.json", "summary"), ("sweep.json", "code_version")}
+    assert sorted(result.code_versions) == ["0.1.0+gtest", "0.2.0+gother"]
+    assert result.exit_code == EXIT_PROBLEMS
+
+
+def test_not_a_sweep_is_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "runs").mkdir()
+    proc = run_cli("verify", "--root", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "hint: " in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"]
