@@ -84,11 +84,15 @@ def main() -> None:
               f"written in {time.perf_counter() - t0:.1f}s")  # fmt: skip
         print(f"{'export':<34} {'wall s':>8} {'peak GB':>8}  targets < {TARGET_S:g} s, "
               f"< {TARGET_GB:g} GB")  # fmt: skip
-        cases = [("csv, table only", ("--no-timeseries",)), ("csv + time series", ())]
+        cases = [
+            ("csv, table only, --no-verify", ("--no-timeseries", "--no-verify")),
+            ("csv, table only (verify)", ("--no-timeseries",)),
+            ("csv + time series (verify)", ()),
+        ]
         try:
             import pyarrow  # noqa: F401
 
-            cases.append(("parquet + time series", ("--format", "parquet")))
+            cases.append(("parquet + time series (verify)", ("--format", "parquet")))
         except ImportError:
             print("(parquet skipped: pyarrow not installed)")
         for i, (label, flags) in enumerate(cases):

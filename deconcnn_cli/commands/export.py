@@ -10,7 +10,7 @@ import typer
 from deconcnn_cli.commands.options import SweepRootOpt
 from deconcnn_cli.errors import DeconError
 from deconcnn_cli.export.dataset import export as export_dataset
-from deconcnn_cli.export.dataset import output_paths
+from deconcnn_cli.export.dataset import output_paths, verify_problem
 
 
 def export(
@@ -30,10 +30,25 @@ def export(
     force: Annotated[
         bool, typer.Option("--force", help="Replace existing outputs (refused otherwise).")
     ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify/--no-verify",
+            help="Check each finished run as `decon verify` does (streams, summary, checkpoint "
+            "checksums) and flag those that fail in verify_problem.",
+        ),
+    ] = True,
 ) -> None:
     """Export every run of a sweep (completed, diverged, failed or missing) as one table."""
     try:
-        data, meta = export_dataset(root, out, format_, timeseries=timeseries, force=force)
+        data, meta = export_dataset(
+            root,
+            out,
+            format_,
+            timeseries=timeseries,
+            force=force,
+            verify=verify_problem if verify else None,
+        )
     except DeconError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         if exc.hint:

@@ -59,6 +59,23 @@ class ExportError(DeconError):
 VerifyFn = Callable[[Path, contract.RunView], str | None]
 
 
+def verify_problem(run_dir: Path, view: contract.RunView) -> str | None:
+    """Why ``decon verify`` rejects a finished (completed or diverged) run; None if it passes.
+
+    Unfinished runs are not judged here: their ``status`` already says what they are.
+    """
+    from deconcnn_cli.sweep.verify import verify_run
+
+    if view.state not in contract.TERMINAL_STATES:
+        return None
+    _, problems = verify_run(run_dir, view.run_id)
+    if not problems:
+        return None
+    first = problems[0]
+    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{first.kind}: {first.file or ''} {first.message}".replace("  ", " ") + more
+
+
 @dataclass
 class Dataset:
     """The exported table in memory: rows of Python values (None = not defined)."""
@@ -417,7 +434,7 @@ def export(
     fmt: str = "csv",
     timeseries: bool = True,
     force: bool = False,
-    verify: VerifyFn | None = None,
+    verify: VerifyFn | None = verify_problem,
 ) -> tuple[Dataset, dict[str, Any]]:
     """Write ``out``, ``<stem>_metadata.json`` and (optionally) ``<stem>_timeseries/``.
 

@@ -7,6 +7,7 @@ contract's own cell encoder, exactly as the run writer does.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from deconcnn_cli import contract
+from deconcnn_cli.config import RunConfig
 
 
 def write_manifest(root: Path, runs: Mapping[str, Mapping[str, Any]], grid: str = "test") -> None:
@@ -90,7 +92,9 @@ def write_run(
             "wd": [1e-4] * steps,
         },
     )
-    vstep = np.arange(steps_per_epoch // 4 - 1, steps, max(1, steps_per_epoch // 4))
+    spe = steps_per_epoch
+    positions = sorted({math.ceil(q * spe / 4) - 1 for q in range(1, 5)})  # the loop's rule
+    vstep = np.array([e * spe + p for e in range(steps // spe) for p in positions])
     vloss = 1.1 * prefactor * (vstep + 1.0) ** -alpha + 0.1
     _write_stream(
         contract.stream_path(run, "val"),
@@ -155,9 +159,36 @@ def write_run(
         json.dumps({"attempt": 1, "start_unix": 1.0, "host": "node01", "slurm_job_id": "77_1"})
         + "\n"
     )
-    (run / contract.CHECKPOINT_DIR / f"ckpt_{steps:09d}.pt").write_bytes(b"x")
+    ckpt = run / contract.CHECKPOINT_DIR / f"ckpt_{steps:09d}.pt"
+    ckpt.write_bytes(b"x")
+    ckpt.with_suffix(".sha256").write_text(hashlib.sha256(b"x").hexdigest() + "\n")
+    cfg = RunConfig(
+        variant="base",
+        seed=seed,
+        schedule={"epochs": max(1, steps // spe), "warmup_epochs": 0},
+        cadence={"curvature_every_steps": curvature_every, "noise_every_epochs": 1,
+                 "shape_every_epochs": 1, "val_per_epoch": 4},
+    )  # fmt: skip
+    record = {"run_id": run_id, "config_hash": "synthetic", "config": cfg.model_dump(mode="json")}
+    contract.atomic_write_json(run / contract.CONFIG_FILE, record)
     if summary is not None:
-        contract.atomic_write_json(run / contract.SUMMARY_FILE, dict(summary))
+        full = {
+            "state": state,
+            "steps_done": steps,
+            "epochs_done": steps / spe,
+            "final_loss_train_nats": float(loss[-1]),
+            "final_loss_val_nats": float(vloss[-1]),
+            "final_acc_val": float(np.clip(1 - vloss[-1] / 3, 0, 1)),
+            "best_val_ce": None,
+            "best_val_epoch": None,
+            "knee_epoch": None,
+            "alpha_early": None,
+            "alpha_full": None,
+            "power_law_r2": None,
+            "burn_in_step": None,
+            **summary,
+        }
+        contract.atomic_write_json(run / contract.SUMMARY_FILE, full)
     return run
 
 

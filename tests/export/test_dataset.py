@@ -22,6 +22,7 @@ from deconcnn_cli.export.dataset import (
 )
 from tests.conftest import REPO, run_cli
 from tests.export.conftest import RUNS
+from tests.export.synthetic import write_manifest, write_run
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +219,22 @@ def test_data_dictionary_documents_every_column():
     text = (REPO / "docs" / "data-dictionary.md").read_text()
     documented = re.findall(r"^\| `([a-z_0-9]+)` \|", text, flags=re.M)
     assert documented == list(COLUMN_NAMES)
+
+
+def test_runs_failing_verification_are_exported_with_a_warning(tmp_path: Path):
+    root = tmp_path / "sweep"
+    spec = {"variant": "base", "lr": 0.1, "weight_decay": 1e-3}
+    write_manifest(root, {"good": {**spec, "seed": 0}, "bad": {**spec, "seed": 1}})
+    write_run(root, "good", steps=200, steps_per_epoch=20, summary={}, curvature_every=50)
+    bad = write_run(root, "bad", steps=200, steps_per_epoch=20, summary={}, curvature_every=50)
+    (bad / "checkpoints" / "ckpt_000000200.pt").write_bytes(b"tampered")
+    data, meta = export(root, tmp_path / "r.csv")
+    cells = _cells(tmp_path / "r.csv")
+    assert cells["good"]["verify_problem"] == "" and cells["good"]["status"] == "completed"
+    assert cells["bad"]["status"] == "completed"  # kept, with its status
+    assert cells["bad"]["verify_problem"].startswith("checksum: checkpoints/ckpt_000000200.pt")
+    assert meta["warnings"] == [f"bad fails verification: {cells['bad']['verify_problem']}"]
+    proc = run_cli("export", str(tmp_path / "r2.csv"), "--root", str(root), "--no-timeseries")
+    assert proc.returncode == 0 and "warning: bad fails verification" in proc.stderr
+    export(root, tmp_path / "r3.csv", verify=None)  # --no-verify
+    assert _cells(tmp_path / "r3.csv")["bad"]["verify_problem"] == ""
