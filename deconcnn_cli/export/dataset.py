@@ -445,12 +445,20 @@ def export(
         raise ExportError(f"unknown format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
     if fmt == "parquet":
         _pyarrow()
+    if (out.suffix == ".parquet") != (fmt == "parquet"):
+        want = ".parquet" if fmt == "parquet" else ".csv"
+        raise ExportError(
+            f"{out} does not end in {want} but --format is {fmt}",
+            f"name the table *{want}, or pass --format {'csv' if fmt == 'parquet' else 'parquet'}",
+        )
+    read_manifest(root)  # a bad root is reported before anything about the outputs
     meta_path, ts_dir = output_paths(out)
     targets = [out, meta_path] + ([ts_dir] if timeseries else [])
     existing = [str(p) for p in targets if p.exists()]
     if existing and not force:
         raise ExportError(
-            f"would overwrite {', '.join(existing)}", "pass --force to replace them, or pick --out"
+            f"would overwrite {', '.join(existing)}",
+            "pass --force to replace them, or give another output path",
         )
     if not out.parent.is_dir():
         raise ExportError(f"folder {out.parent} does not exist", "create it or choose another path")

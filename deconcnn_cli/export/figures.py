@@ -68,7 +68,7 @@ def read_series(root: Path, run_ids: list[str]) -> dict[str, dict[str, dict[str,
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    fig.savefig(path, dpi=DPI)  # constrained layout: no second "tight" draw
     plt.close(fig)
     return path
 
@@ -197,15 +197,16 @@ def alpha_vs_best_val(df: Any, path: Path, axes_cols: list[tuple[str, str]]) -> 
     colours = variant_colours(variants)
     done = df[df["status"] == "completed"]
     for ax, (col, label) in zip(axes, axes_cols, strict=True):
-        for v in variants:
+        for i, v in enumerate(variants):
             g = done[done["variant"] == v]
             ax.scatter(
                 g[col].to_numpy(dtype=float, na_value=np.nan),
                 g["best_val_ce"].to_numpy(dtype=float, na_value=np.nan),
                 color=colours[v],
                 label=v,
-                s=28,
-                alpha=0.8,
+                marker="osD^v<>p"[i % 8],  # shape as well as colour: overlaps stay visible
+                s=30,
+                alpha=0.75,
                 edgecolors="none",
             )
         ax.set_xlabel(f"{col} ({label})")

@@ -238,3 +238,15 @@ def test_runs_failing_verification_are_exported_with_a_warning(tmp_path: Path):
     assert proc.returncode == 0 and "warning: bad fails verification" in proc.stderr
     export(root, tmp_path / "r3.csv", verify=None)  # --no-verify
     assert _cells(tmp_path / "r3.csv")["bad"]["verify_problem"] == ""
+
+
+def test_format_must_match_the_file_name_and_a_bad_root_is_named_first(
+    sweep: Path, exported: Path, tmp_path: Path
+):
+    with pytest.raises(ExportError, match="does not end in .parquet"):
+        export(sweep, tmp_path / "r.csv", fmt="parquet")
+    with pytest.raises(ExportError, match="unknown format"):
+        export(sweep, tmp_path / "r.csv", fmt="xlsx")
+    with pytest.raises(ExportError, match="sweep root .* does not exist"):
+        export(tmp_path / "nowhere", exported)  # not "would overwrite"
+    assert not list(tmp_path.iterdir())
