@@ -6,36 +6,33 @@ state; a run with no directory is ``missing`` with empty metric cells.
 
 Cell encoding (docs/data-dictionary.md): ``""`` = not defined, ``nan`` = could not be
 computed, floats as the shortest positional decimal that reads back to the same double
-(:func:`format_float`: ``1e-07`` -> ``0.0000001``; no exponent, no rounding).
+(:func:`deconcnn_cli.export.files.format_float`: ``1e-07`` -> ``0.0000001``).
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from deconcnn_cli import contract
-from deconcnn_cli.errors import DeconError
-from deconcnn_cli.export.columns import (
-    COLUMN_NAMES,
-    COLUMNS,
-    DTYPES,
-    SCHEMA_VERSION,
-    require_columns,
+from deconcnn_cli.export.columns import COLUMN_NAMES, COLUMNS, SCHEMA_VERSION
+from deconcnn_cli.export.files import (
+    RUNS_DIR,
+    ExportError,
+    require_pyarrow,
+    to_csv_text,
+    write_parquet_rows,
+    write_timeseries,
 )
 
 MANIFEST_FILE = "sweep.json"
-RUNS_DIR = "runs"
 FORMATS = ("csv", "parquet")
 
 # summary.json key -> column, where the names differ
@@ -50,10 +47,6 @@ _SHAPE_FALLBACK = {
     "alpha_full_lr": "alpha_full_lr",
     "r_squared_lr": "power_law_r2_lr",
 }
-
-
-class ExportError(DeconError):
-    """A sweep root or output path that export cannot use."""
 
 
 VerifyFn = Callable[[Path, contract.RunView], str | None]
@@ -94,30 +87,6 @@ class Dataset:
 
 # ---------------------------------------------------------------------------------------------
 # Float text
-
-
-def format_float(value: float | None) -> str:
-    """Shortest positional decimal that round-trips exactly; ``""`` for None, ``nan``/``inf``."""
-    if value is None:
-        return ""
-    x = float(value)
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return np.format_float_positional(x, unique=True, trim="-")
-
-
-def format_value(value: Any, dtype: str) -> str:
-    if value is None:
-        return ""
-    if dtype == "float":
-        return format_float(value)
-    if dtype == "int":
-        return str(int(value))
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,42 +279,6 @@ def collect(root: Path, verify: VerifyFn | None = None, now: float | None = None
 # Writing
 
 
-def to_csv_text(rows: Iterable[Mapping[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMN_NAMES)
-    for row in rows:
-        writer.writerow(format_value(row.get(c.name), c.dtype) for c in COLUMNS)
-    return buf.getvalue()
-
-
-def _pyarrow() -> Any:
-    try:
-        import pyarrow
-        import pyarrow.parquet  # noqa: F401
-    except ImportError:
-        raise ExportError(
-            "--format parquet needs pyarrow, which is not installed",
-            "pip install 'deconcnn_cli[parquet]' (or use --format csv)",
-        ) from None
-    return pyarrow
-
-
-def _write_parquet_rows(rows: list[dict[str, Any]], path: Path) -> None:
-    pa = _pyarrow()
-    types = {"int": pa.int64(), "float": pa.float64(), "string": pa.string()}
-    arrays = []
-    for c in COLUMNS:
-        values = [row.get(c.name) for row in rows]
-        if c.dtype == "string":
-            values = [None if v is None else format_value(v, "string") for v in values]
-        arrays.append(pa.array(values, type=types[c.dtype]))  # None -> null, nan stays NaN
-    table = pa.Table.from_arrays(arrays, names=list(COLUMN_NAMES))
-    tmp = path.with_name(f".{path.name}.tmp")
-    pa.parquet.write_table(table, tmp)
-    tmp.replace(path)
-
-
 def output_paths(out: Path) -> tuple[Path, Path]:
     """``(metadata json, time-series folder)`` beside ``out``: ``<stem>_metadata.json``..."""
     return out.with_name(f"{out.stem}_metadata.json"), out.with_name(f"{out.stem}_timeseries")
@@ -384,50 +317,6 @@ def metadata(data: Dataset, fmt: str, timeseries: bool, seconds: float) -> dict[
     }
 
 
-def _copy_stream(src: Path, dst: Path) -> None:
-    """Copy a stream's whole lines (a partial last line from a live writer is left out)."""
-    data = src.read_bytes()
-    cut = data.rfind(b"\n") + 1
-    dst.write_bytes(data[:cut])
-
-
-def write_timeseries(data: Dataset, folder: Path, fmt: str) -> None:
-    """``folder/<run_id>/<stream>.csv|parquet`` for every run that has a directory."""
-    pa = _pyarrow() if fmt == "parquet" else None
-    for row in data.rows:
-        run_dir = data.root / RUNS_DIR / row["run_id"]
-        if row["status"] == contract.MISSING:
-            continue
-        dest = folder / row["run_id"]
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in contract.STREAMS:
-            src = contract.stream_path(run_dir, name)
-            if not src.is_file():
-                continue
-            if pa is None:
-                _copy_stream(src, dest / f"{name}.csv")
-            else:
-                _stream_to_parquet(src, dest / f"{name}.parquet", pa)
-
-
-def _stream_to_parquet(src: Path, dst: Path, pa: Any) -> None:
-    """A stream's whole lines as Parquet: ``step`` int64, the rest float64; ``""`` -> null
-    (not defined), ``nan`` -> NaN (could not be computed)."""
-    import pyarrow.csv as pa_csv
-
-    data = src.read_bytes()
-    data = data[: data.rfind(b"\n") + 1]
-    columns = contract.STREAMS[src.stem]
-    types = {c: (pa.int64() if c == "step" else pa.float64()) for c in columns}
-    table = pa_csv.read_csv(
-        pa.py_buffer(data),
-        convert_options=pa_csv.ConvertOptions(
-            column_types=types, null_values=[""], strings_can_be_null=False
-        ),
-    )
-    pa.parquet.write_table(table, dst)
-
-
 def export(
     root: Path,
     out: Path,
@@ -444,7 +333,7 @@ def export(
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
     if fmt == "parquet":
-        _pyarrow()
+        require_pyarrow()
     if (out.suffix == ".parquet") != (fmt == "parquet"):
         want = ".parquet" if fmt == "parquet" else ".csv"
         raise ExportError(
@@ -468,52 +357,14 @@ def export(
         staging = ts_dir.with_name(f".{ts_dir.name}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        write_timeseries(data, staging, fmt)
+        write_timeseries(data.root, data.rows, staging, fmt)
         if ts_dir.exists():
             shutil.rmtree(ts_dir)
         staging.rename(ts_dir)
     if fmt == "csv":
         contract.atomic_write_bytes(out, to_csv_text(data.rows).encode())
     else:
-        _write_parquet_rows(data.rows, out)
+        write_parquet_rows(data.rows, out)
     meta = metadata(data, fmt, timeseries, time.perf_counter() - start)
     contract.atomic_write_json(meta_path, meta)
     return data, meta
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading an export back
-
-
-def read_results(path: Path) -> Any:
-    """``results.csv`` (or ``.parquet``) as a pandas DataFrame with the documented dtypes.
-
-    ``seed`` int64, floats float64 (parsed by Python's ``float``: exact; both ``""`` and
-    ``nan`` become NaN here, the file itself keeps them apart), strings pandas ``string``
-    (an empty cell is <NA>). Raises :class:`SchemaError` when required columns are missing.
-    """
-    import pandas as pd
-
-    if not path.is_file():
-        raise ExportError(f"{path} does not exist", "run `decon export` first")
-    if path.suffix == ".parquet":
-        _pyarrow()
-        df = pd.read_parquet(path)
-        require_columns(df.columns, COLUMN_NAMES, str(path))
-        return df
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, [])
-        require_columns(header, COLUMN_NAMES, str(path))
-        cells = list(zip(*reader, strict=False)) or [()] * len(header)
-    columns: dict[str, Any] = {}
-    for name, values in zip(header, cells, strict=True):
-        dtype = DTYPES.get(name, "string")
-        if dtype == "float":
-            data = [math.nan if v == "" else float(v) for v in values]
-            columns[name] = pd.Series(data, dtype="float64")
-        elif dtype == "int":
-            columns[name] = pd.Series([int(v) for v in values], dtype="int64")
-        else:
-            columns[name] = pd.Series([v or None for v in values], dtype="string")
-    return pd.DataFrame(columns)

@@ -37,19 +37,20 @@ def variant_colours(variants: list[str]) -> dict[str, Any]:
 
 def _read_columns(path: Path, columns: tuple[str, ...]) -> dict[str, np.ndarray] | None:
     """Whole lines of a stream as float arrays (``""`` -> NaN); None when absent or empty."""
+    import pandas as pd
+
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError:
         return None
-    text = text[: text.rfind("\n") + 1]
-    if text.count("\n") < 2:
+    data = data[: data.rfind(b"\n") + 1]  # a live writer's partial last line is left out
+    if data.count(b"\n") < 2:
         return None
-    header = text[: text.index("\n")].split(",")
-    idx = [header.index(c) for c in columns if c in header]
-    if len(idx) != len(columns):
+    try:
+        frame = pd.read_csv(io.BytesIO(data), usecols=list(columns), dtype="float64")
+    except ValueError:  # a column is missing: an older or foreign stream
         return None
-    data = np.genfromtxt(io.StringIO(text), delimiter=",", skip_header=1, usecols=idx, ndmin=2)
-    return {c: data[:, i] for i, c in enumerate(columns)}
+    return {c: frame[c].to_numpy() for c in columns}
 
 
 def read_series(root: Path, run_ids: list[str]) -> dict[str, dict[str, dict[str, np.ndarray]]]:

@@ -21,7 +21,7 @@ from typing import Any
 from deconcnn_cli import contract
 from deconcnn_cli.errors import DeconError
 from deconcnn_cli.export import stats
-from deconcnn_cli.export.columns import COLUMN_NAMES, require_columns
+from deconcnn_cli.export.columns import COLUMN_NAMES, DTYPES, require_columns
 from deconcnn_cli.export.dataset import Dataset, collect
 
 REPORT_FILE = "report.html"
@@ -47,20 +47,18 @@ def to_frame(data: Dataset) -> Any:
     """The dataset's rows as a DataFrame with the export's dtypes (what read_results gives)."""
     import pandas as pd
 
-    from deconcnn_cli.export.columns import DTYPES
-
     cols: dict[str, Any] = {}
     for name in COLUMN_NAMES:
         values = [row.get(name) for row in data.rows]
         kind = DTYPES[name]
         if kind == "float":
-            cols[name] = pd.Series([math.nan if v is None else float(v) for v in values],
-                                   dtype="float64")  # fmt: skip
+            floats = [math.nan if v is None else float(v) for v in values]
+            cols[name] = pd.Series(floats, dtype="float64")
         elif kind == "int":
             cols[name] = pd.Series(values, dtype="int64")
         else:
-            cols[name] = pd.Series([None if v is None else str(v) for v in values],
-                                   dtype="string")  # fmt: skip
+            strings = [None if v is None else str(v) for v in values]
+            cols[name] = pd.Series(strings, dtype="string")
     return pd.DataFrame(cols)
 
 
@@ -76,7 +74,7 @@ def hypothesis_tables(df: Any) -> tuple[list[stats.H1Row], list[stats.H2Row]]:
     return h1, h2
 
 
-def build_report(root: Path, out: Path, force: bool = True) -> Report:
+def build_report(root: Path, out: Path) -> Report:
     """Read the sweep at ``root`` and write the report into ``out`` (created if needed)."""
     from deconcnn_cli.export import figures
 
