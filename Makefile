@@ -6,7 +6,7 @@ VENV   ?= .venv
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 BIN = $(VENV)/bin
 
-.PHONY: demo test test-slurm slurm-start slurm-stop install install-dev lint bench clean-demo
+.PHONY: demo test test-slurm test-browser slurm-start slurm-stop install install-dev lint bench clean-demo
 # where scripts/slurm-local/start.sh keeps the local SLURM's config, state and logs
 SLURM_LOCAL_BASE ?= /tmp/decon-slurm
 
@@ -41,9 +41,16 @@ slurm-start:
 
 slurm-stop:
 	SLURM_LOCAL_BASE=$(SLURM_LOCAL_BASE) bash scripts/slurm-local/stop.sh
+# CI-only: report.html in headless Debian chromium, every image decoded (needs root for apt).
+test-browser: install-dev
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m browser
 
 bench: install-dev  # side-by-side speed ratios, see docs/performance.md
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_train.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_augment.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_metrics.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_concurrent.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_monitor.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_export.py

@@ -6,10 +6,13 @@ import sys
 
 import typer
 
+from deconcnn_cli.commands import export as export_cmd
 from deconcnn_cli.commands import monitor as monitor_cmd
 from deconcnn_cli.commands import recover as recover_cmd
+from deconcnn_cli.commands import report as report_cmd
 from deconcnn_cli.commands import submit as submit_cmd
 from deconcnn_cli.commands import train as train_cmd
+from deconcnn_cli.commands import validate as validate_cmd
 from deconcnn_cli.commands import verify as verify_cmd
 from deconcnn_cli.errors import DeconError
 
@@ -24,6 +27,9 @@ app.command("submit", no_args_is_help=True)(submit_cmd.submit)
 app.command("monitor")(monitor_cmd.monitor)
 app.command("recover")(recover_cmd.recover)
 app.command("verify")(verify_cmd.verify)
+app.command("export")(export_cmd.export)
+app.command("report")(report_cmd.report)
+app.command("validate")(validate_cmd.validate)
 
 
 @app.callback()

@@ -1,0 +1,65 @@
+"""``decon export``: sweep root -> results.csv, metadata, time series (parse, call, render)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from deconcnn_cli.commands.options import SweepRootOpt
+from deconcnn_cli.errors import DeconError
+from deconcnn_cli.export.dataset import export as export_dataset
+from deconcnn_cli.export.dataset import output_paths, verify_problem
+
+
+def export(
+    out: Annotated[Path, typer.Argument(help="Table to write (results.csv).")] = Path(
+        "results.csv"
+    ),
+    root: SweepRootOpt = Path("sweeps/smoke"),
+    format_: Annotated[
+        str, typer.Option("--format", help="csv | parquet (parquet needs the [parquet] extra).")
+    ] = "csv",
+    timeseries: Annotated[
+        bool,
+        typer.Option(
+            "--timeseries/--no-timeseries", help="Also write <stem>_timeseries/<run_id>/."
+        ),
+    ] = True,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace existing outputs (refused otherwise).")
+    ] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify/--no-verify",
+            help="Check each finished run as `decon verify` does (streams, summary, checkpoint "
+            "checksums) and flag those that fail in verify_problem.",
+        ),
+    ] = True,
+) -> None:
+    """Export every run of a sweep (completed, diverged, failed or missing) as one table."""
+    try:
+        data, meta = export_dataset(
+            root,
+            out,
+            format_,
+            timeseries=timeseries,
+            force=force,
+            verify=verify_problem if verify else None,
+        )
+    except DeconError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        if exc.hint:
+            typer.echo(f"hint: {exc.hint}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    for warning in data.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    counts = ", ".join(f"{n} {s}" for s, n in meta["counts_by_status"].items())
+    meta_path, ts_dir = output_paths(out)
+    typer.echo(f"exported {meta['total_runs']} runs ({counts}) in {meta['export_seconds']:.1f}s")
+    typer.echo(f"table:       {out}")
+    typer.echo(f"metadata:    {meta_path}")
+    if timeseries:
+        typer.echo(f"time series: {ts_dir}/")

@@ -1,0 +1,94 @@
+"""The columns of ``results.csv``: name, dtype, unit and source, in one table. No torch.
+
+``docs/data-dictionary.md`` describes every column at length; this table is what the code
+writes, checks (:func:`require_columns`) and puts in ``results_metadata.json``. A test keeps the
+two in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from deconcnn_cli.errors import DeconError
+
+SCHEMA_VERSION = 1
+
+
+class SchemaError(DeconError):
+    """A results table that lacks columns the reader needs."""
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    dtype: str  # "int" | "float" | "string"
+    unit: str  # "" when dimensionless or not a quantity
+    description: str
+
+
+def _f(name: str, unit: str, description: str) -> Column:
+    return Column(name, "float", unit, description)
+
+
+def _s(name: str, description: str) -> Column:
+    return Column(name, "string", "", description)
+
+
+COLUMNS: tuple[Column, ...] = (
+    _s("run_id", "run identifier (sweep.json `runs` key, run directory name)"),
+    _s("variant", "loss_lin_slope variant (base, bn_off, narrow, adamw, ...)"),
+    Column("seed", "int", "", "run seed, the only source of randomness"),
+    _f("lr", "per batch", "peak learning rate (end of warmup)"),
+    _f("weight_decay", "", "weight-decay coefficient (coupled for SGD, decoupled for AdamW)"),
+    _s("status", "completed | diverged | failed | interrupted | running | stalled | missing"),
+    # the seed's Tier-4 contract
+    _f("r_squared", "", "R^2 (log space, binned) of the step-time power-law fit = power_law_r2"),
+    _f("knee_epoch", "epochs", "two-segment break of the alpha_full window; empty if none"),
+    _s("knee_censored", "true when the best break sits at the edge of the window"),
+    _f("burn_in_loss", "nats", "smoothed train CE at burn_in_step"),
+    _f("burn_in_step", "steps", "first step whose smoothed train CE <= the burn-in threshold"),
+    _f("alpha_early", "", "power-law exponent of train CE vs step over epochs [5, 15)"),
+    _f("alpha_full", "", "power-law exponent of train CE vs step from burn-in to the end"),
+    _f("best_val_ce", "nats", "minimum validation cross-entropy over the run"),
+    _f("best_val_epoch", "epochs", "epoch (quarter-epoch resolution) of best_val_ce"),
+    # final values
+    _f("final_loss_train_nats", "nats", "train CE of the last logged step"),
+    _f("final_acc_train", "fraction", "train accuracy of the last logged step's batch"),
+    _f("final_loss_val_nats", "nats", "validation CE at the last validation point"),
+    _f("final_acc_val", "fraction", "validation accuracy at the last validation point"),
+    _f("lambda_max_last", "nats/param^2", "last logged top Hessian eigenvalue"),
+    _f("hutch_trace_last", "nats/param^2", "last logged Hessian trace estimate"),
+    # lr-time fits
+    _f("alpha_early_lr", "", "alpha_early fitted against cumulative learning rate"),
+    _f("alpha_full_lr", "", "alpha_full fitted against cumulative learning rate"),
+    _f("r_squared_lr", "", "R^2 of the lr-time power-law fit = power_law_r2_lr"),
+    # progress and provenance
+    _f("steps_done", "steps", "optimizer steps completed"),
+    _f("total_steps", "steps", "planned optimizer steps"),
+    _f("epochs_done", "epochs", "steps_done / steps_per_epoch"),
+    _f("attempts", "", "number of starts (attempts.jsonl lines)"),
+    _s("job_ids", "scheduler job ids that ran the run (attempts.jsonl), ';'-separated"),
+    _s("submitted_job_ids", "scheduler job ids asked to run it (sweep.json), ';'-separated"),
+    _s("host", "host of the last attempt"),
+    _s("failure_reason", "status.json reason (failed / diverged / interrupted)"),
+    _s("exception_type", "exception class of a failed run"),
+    _s("checkpoint_path", "newest checkpoint file, relative to the sweep root"),
+    _s("precision", "fp32 | fp16 | bf16 as run"),
+    _s("code_version", "package version + git sha the run was submitted with"),
+    _s("verify_problem", "why `decon verify` rejects the run; empty when it passes"),
+)
+
+COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
+DTYPES: dict[str, str] = {c.name: c.dtype for c in COLUMNS}
+
+
+def require_columns(present: Iterable[str], required: Iterable[str], source: str) -> None:
+    """Raise :class:`SchemaError` naming every column of ``required`` not in ``present``."""
+    have = set(present)
+    missing = [c for c in required if c not in have]
+    if missing:
+        raise SchemaError(
+            f"Missing required columns: {', '.join(missing)} (in {source})",
+            "export it again with `decon export` of this version, or fix the file's header",
+        )

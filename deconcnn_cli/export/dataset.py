@@ -1,0 +1,370 @@
+"""``results.csv`` (one row per run of the manifest) and per-run time series. No torch.
+
+Reads the sweep root (docs/sweep-root.md) and each run directory (docs/run-directory.md)
+through :mod:`deconcnn_cli.contract` only. Every run of ``sweep.json`` gets a row, whatever its
+state; a run with no directory is ``missing`` with empty metric cells.
+
+Cell encoding (docs/data-dictionary.md): ``""`` = not defined, ``nan`` = could not be
+computed, floats as the shortest positional decimal that reads back to the same double
+(:func:`deconcnn_cli.export.files.format_float`: ``1e-07`` -> ``0.0000001``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from deconcnn_cli import contract
+from deconcnn_cli.export.columns import COLUMN_NAMES, COLUMNS, SCHEMA_VERSION
+from deconcnn_cli.export.files import (
+    RUNS_DIR,
+    ExportError,
+    require_pyarrow,
+    to_csv_text,
+    write_parquet_rows,
+    write_timeseries,
+)
+
+MANIFEST_FILE = "sweep.json"
+FORMATS = ("csv", "parquet")
+
+# summary.json key -> column, where the names differ
+_SUMMARY_KEYS = {"r_squared": "power_law_r2", "r_squared_lr": "power_law_r2_lr"}
+# columns that fall back to the last defined value of shape.csv when summary.json lacks them
+_SHAPE_FALLBACK = {
+    "r_squared": "power_law_r2",
+    "burn_in_step": "burn_in_step",
+    "alpha_early": "alpha_early",
+    "alpha_full": "alpha_full",
+    "alpha_early_lr": "alpha_early_lr",
+    "alpha_full_lr": "alpha_full_lr",
+    "r_squared_lr": "power_law_r2_lr",
+}
+
+
+VerifyFn = Callable[[Path, contract.RunView], str | None]
+
+
+def verify_problem(run_dir: Path, view: contract.RunView) -> str | None:
+    """Why ``decon verify`` rejects a finished (completed or diverged) run; None if it passes.
+
+    Unfinished runs are not judged here: their ``status`` already says what they are.
+    """
+    from deconcnn_cli.sweep.verify import verify_run
+
+    if view.state not in contract.TERMINAL_STATES:
+        return None
+    _, problems = verify_run(run_dir, view.run_id)
+    if not problems:
+        return None
+    first = problems[0]
+    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{first.kind}: {first.file or ''} {first.message}".replace("  ", " ") + more
+
+
+@dataclass
+class Dataset:
+    """The exported table in memory: rows of Python values (None = not defined)."""
+
+    rows: list[dict[str, Any]]
+    manifest: dict[str, Any]
+    root: Path
+    warnings: list[str] = field(default_factory=list)
+
+    def counts_by_status(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in self.rows:
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        return dict(sorted(counts.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Float text
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the sweep
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST_FILE
+    if not root.is_dir():
+        raise ExportError(f"sweep root {root} does not exist", "give --root the folder of a sweep")
+    manifest = contract.read_json(path)
+    if manifest is None:
+        raise ExportError(
+            f"{path} is missing or not a JSON object",
+            "point --root at a sweep root made by `decon submit` (docs/sweep-root.md)",
+        )
+    runs = manifest.get("runs")
+    if not isinstance(runs, dict):
+        raise ExportError(f"{path}: `runs` is missing or not an object", "see docs/sweep-root.md")
+    for run_id, spec in runs.items():
+        missing = [k for k in ("variant", "lr", "weight_decay", "seed") if k not in (spec or {})]
+        if missing:
+            raise ExportError(
+                f"{path}: run {run_id} lacks {', '.join(missing)}", "see docs/sweep-root.md"
+            )
+    return manifest
+
+
+def _num(value: Any) -> float | None:
+    """A summary/status value as float; None stays None (not defined)."""
+    if value is None or isinstance(value, bool) or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _last_defined(rows: list[dict[str, str]], key: str) -> float | None:
+    for row in reversed(rows):
+        cell = row.get(key)
+        if cell not in (None, ""):
+            return contract.parse_cell(cell)
+    return None
+
+
+def _last_row(path: Path) -> dict[str, str] | None:
+    """The last whole row of a stream, without parsing the rest (step.csv can be long)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.readline().decode()
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(len(header), size - 65536))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    lines = tail.split("\n")[:-1]  # drop a partial last line (or the "" after the newline)
+    if not header.endswith("\n") or not lines or not lines[-1]:
+        return None
+    names = next(csv.reader([header.strip()]))
+    cells = next(csv.reader([lines[-1]]))
+    return dict(zip(names, cells, strict=False)) if len(cells) == len(names) else None
+
+
+def _newest_checkpoint(run_dir: Path, root: Path) -> str | None:
+    ckpts = sorted((run_dir / contract.CHECKPOINT_DIR).glob("ckpt_*.pt"))
+    return str(ckpts[-1].relative_to(root)) if ckpts else None
+
+
+def _submitted_jobs(manifest: Mapping[str, Any]) -> dict[str, list[str]]:
+    jobs: dict[str, list[str]] = {}
+    for sub in manifest.get("submissions") or []:
+        for job in sub.get("jobs") or []:
+            for run_id in job.get("run_ids") or []:
+                jobs.setdefault(run_id, []).append(str(job.get("job_id")))
+    return jobs
+
+
+def _run_code_version(manifest: Mapping[str, Any], run_id: str) -> str | None:
+    for sub in reversed(manifest.get("submissions") or []):
+        if any(run_id in (j.get("run_ids") or []) for j in sub.get("jobs") or []):
+            return sub.get("code_version") or manifest.get("code_version")
+    return manifest.get("code_version")
+
+
+def run_row(
+    root: Path,
+    run_id: str,
+    spec: Mapping[str, Any],
+    manifest: Mapping[str, Any],
+    submitted: Mapping[str, list[str]],
+    now: float,
+    verify: VerifyFn | None = None,
+) -> dict[str, Any]:
+    """One row of results.csv for ``run_id``: manifest axes + what its directory says."""
+    row: dict[str, Any] = dict.fromkeys(COLUMN_NAMES)
+    row.update(
+        run_id=run_id,
+        variant=spec["variant"],
+        seed=int(spec["seed"]),
+        lr=float(spec["lr"]),
+        weight_decay=float(spec["weight_decay"]),
+        submitted_job_ids=";".join(submitted.get(run_id, [])) or None,
+        code_version=_run_code_version(manifest, run_id),
+    )
+    run_dir = root / RUNS_DIR / run_id
+    view = contract.view_run(run_dir, now=now)
+    row["status"] = view.state
+    if view.state == contract.MISSING:
+        return row
+    status = view.status
+    summary = contract.read_summary(run_dir) or {}
+    attempts = contract.read_attempts(run_dir)
+    shape = contract.read_stream(contract.stream_path(run_dir, "shape"))
+    val = contract.read_stream(contract.stream_path(run_dir, "val"))
+    last_step = _last_row(contract.stream_path(run_dir, "step"))
+    last_curv = _last_row(contract.stream_path(run_dir, "curvature"))
+
+    for col in ("knee_epoch", "burn_in_loss", "best_val_ce", "best_val_epoch", "burn_in_step"):
+        row[col] = _num(summary.get(col))
+    for col, shape_key in _SHAPE_FALLBACK.items():
+        row[col] = _num(summary.get(_SUMMARY_KEYS.get(col, col)))
+        if row[col] is None:  # no summary (failed / still running) or an older one: streams
+            row[col] = _last_defined(shape, shape_key)
+    censored = summary.get("knee_censored")
+    row["knee_censored"] = None if censored is None else bool(censored)
+    if row["best_val_ce"] is None and val:
+        finite = [(float(r["loss_val_nats"]), float(r["epoch"])) for r in val]
+        finite = [(c, e) for c, e in finite if math.isfinite(c)]
+        if finite:
+            row["best_val_ce"], row["best_val_epoch"] = min(finite)
+    if last_step is not None:
+        row["final_loss_train_nats"] = contract.parse_cell(last_step.get("loss_train_nats"))
+        row["final_acc_train"] = contract.parse_cell(last_step.get("acc_train"))
+    if val:
+        row["final_loss_val_nats"] = contract.parse_cell(val[-1].get("loss_val_nats"))
+        row["final_acc_val"] = contract.parse_cell(val[-1].get("acc_val"))
+    if last_curv is not None:
+        row["lambda_max_last"] = contract.parse_cell(last_curv.get("lambda_max"))
+        row["hutch_trace_last"] = contract.parse_cell(last_curv.get("hutch_trace"))
+
+    spe = _num(status.get("steps_per_epoch"))
+    row["steps_done"] = float(view.step)
+    row["total_steps"] = _num(view.total_steps)
+    row["epochs_done"] = view.step / spe if spe else _num(status.get("epoch"))
+    row["attempts"] = float(max(view.attempt, len({a.get("attempt") for a in attempts})))
+    row["job_ids"] = ";".join(
+        dict.fromkeys(str(a["slurm_job_id"]) for a in attempts if a.get("slurm_job_id"))
+    )
+    row["job_ids"] = row["job_ids"] or None
+    hosts = [a.get("host") for a in attempts if a.get("host")]
+    row["host"] = status.get("host") or (hosts[-1] if hosts else None)
+    row["failure_reason"] = view.reason if view.state != contract.COMPLETED else None
+    row["exception_type"] = status.get("exception_type")
+    row["checkpoint_path"] = _newest_checkpoint(run_dir, root)
+    row["precision"] = status.get("precision") or summary.get("precision")
+    if verify is not None:
+        row["verify_problem"] = verify(run_dir, view)
+    return row
+
+
+def collect(root: Path, verify: VerifyFn | None = None, now: float | None = None) -> Dataset:
+    """Every run of ``root/sweep.json`` as a row, ordered by variant, lr, weight decay, seed."""
+    manifest = read_manifest(root)
+    now = time.time() if now is None else now
+    submitted = _submitted_jobs(manifest)
+    rows = [
+        run_row(root, run_id, spec, manifest, submitted, now, verify)
+        for run_id, spec in manifest["runs"].items()
+    ]
+    rows.sort(key=lambda r: (r["variant"], r["lr"], r["weight_decay"], r["seed"], r["run_id"]))
+    data = Dataset(rows=rows, manifest=manifest, root=root)
+    for row in rows:
+        if row["verify_problem"]:
+            data.warnings.append(f"{row['run_id']} fails verification: {row['verify_problem']}")
+    runs_dir = root / RUNS_DIR
+    if runs_dir.is_dir():
+        extra = sorted(p.name for p in runs_dir.iterdir() if p.name not in manifest["runs"])
+        if extra:
+            data.warnings.append(
+                f"{len(extra)} run directories not in sweep.json are not exported: "
+                + ", ".join(extra[:5])
+                + (" ..." if len(extra) > 5 else "")
+            )
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def output_paths(out: Path) -> tuple[Path, Path]:
+    """``(metadata json, time-series folder)`` beside ``out``: ``<stem>_metadata.json``..."""
+    return out.with_name(f"{out.stem}_metadata.json"), out.with_name(f"{out.stem}_timeseries")
+
+
+def _package_version() -> str:
+    try:
+        return version("deconcnn_cli")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def metadata(data: Dataset, fmt: str, timeseries: bool, seconds: float) -> dict[str, Any]:
+    m = data.manifest
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "package_version": _package_version(),
+        "export_time_unix": time.time(),
+        "export_time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "export_seconds": seconds,
+        "source_root": str(data.root.resolve()),
+        "grid": m.get("grid"),
+        "grid_hash": m.get("grid_hash"),
+        "code_version": m.get("code_version"),
+        "format": fmt,
+        "timeseries": timeseries,
+        "total_runs": len(data.rows),
+        "counts_by_status": data.counts_by_status(),
+        "warnings": data.warnings,
+        "float_format": "shortest positional decimal that reads back exactly; '' = not "
+        "defined, 'nan' = could not be computed",
+        "columns": [
+            {"name": c.name, "dtype": c.dtype, "unit": c.unit, "description": c.description}
+            for c in COLUMNS
+        ],
+    }
+
+
+def export(
+    root: Path,
+    out: Path,
+    fmt: str = "csv",
+    timeseries: bool = True,
+    force: bool = False,
+    verify: VerifyFn | None = verify_problem,
+) -> tuple[Dataset, dict[str, Any]]:
+    """Write ``out``, ``<stem>_metadata.json`` and (optionally) ``<stem>_timeseries/``.
+
+    Refuses to replace existing outputs unless ``force``; then each is replaced whole (the
+    table and metadata atomically, the time-series folder built aside and swapped in).
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
+    if fmt == "parquet":
+        require_pyarrow()
+    if (out.suffix == ".parquet") != (fmt == "parquet"):
+        want = ".parquet" if fmt == "parquet" else ".csv"
+        raise ExportError(
+            f"{out} does not end in {want} but --format is {fmt}",
+            f"name the table *{want}, or pass --format {'csv' if fmt == 'parquet' else 'parquet'}",
+        )
+    read_manifest(root)  # a bad root is reported before anything about the outputs
+    meta_path, ts_dir = output_paths(out)
+    targets = [out, meta_path] + ([ts_dir] if timeseries else [])
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not force:
+        raise ExportError(
+            f"would overwrite {', '.join(existing)}",
+            "pass --force to replace them, or give another output path",
+        )
+    if not out.parent.is_dir():
+        raise ExportError(f"folder {out.parent} does not exist", "create it or choose another path")
+    start = time.perf_counter()
+    data = collect(root, verify=verify)
+    if timeseries:
+        staging = ts_dir.with_name(f".{ts_dir.name}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        write_timeseries(data.root, data.rows, staging, fmt)
+        if ts_dir.exists():
+            shutil.rmtree(ts_dir)
+        staging.rename(ts_dir)
+    if fmt == "csv":
+        contract.atomic_write_bytes(out, to_csv_text(data.rows).encode())
+    else:
+        write_parquet_rows(data.rows, out)
+    meta = metadata(data, fmt, timeseries, time.perf_counter() - start)
+    contract.atomic_write_json(meta_path, meta)
+    return data, meta

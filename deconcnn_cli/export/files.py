@@ -1,0 +1,183 @@
+"""How the export's files are written and read back: float text, CSV, Parquet, time series.
+
+Cell encoding (docs/data-dictionary.md): ``""`` = not defined, ``nan`` = could not be
+computed, floats as the shortest positional decimal that reads back to the same double
+(:func:`format_float`: ``1e-07`` -> ``0.0000001``; no exponent, no rounding). Parquet needs
+the optional ``pyarrow`` (``pip install 'deconcnn_cli[parquet]'``). No torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deconcnn_cli import contract
+from deconcnn_cli.errors import DeconError
+from deconcnn_cli.export.columns import COLUMN_NAMES, COLUMNS, DTYPES, require_columns
+
+RUNS_DIR = "runs"  # docs/sweep-root.md
+
+
+class ExportError(DeconError):
+    """A sweep root or output path that export cannot use."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Float text
+
+
+def format_float(value: float | None) -> str:
+    """Shortest positional decimal that round-trips exactly; ``""`` for None, ``nan``/``inf``."""
+    if value is None:
+        return ""
+    x = float(value)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return np.format_float_positional(x, unique=True, trim="-")
+
+
+def format_value(value: Any, dtype: str) -> str:
+    if value is None:
+        return ""
+    if dtype == "float":
+        return format_float(value)
+    if dtype == "int":
+        return str(int(value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+def to_csv_text(rows: Iterable[Mapping[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(COLUMN_NAMES)
+    for row in rows:
+        writer.writerow(format_value(row.get(c.name), c.dtype) for c in COLUMNS)
+    return buf.getvalue()
+
+
+def require_pyarrow() -> Any:
+    """The pyarrow module, or an ExportError saying how to install it."""
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise ExportError(
+            "--format parquet needs pyarrow, which is not installed",
+            "pip install 'deconcnn_cli[parquet]' (or use --format csv)",
+        ) from None
+    return pyarrow
+
+
+def write_parquet_rows(rows: list[dict[str, Any]], path: Path) -> None:
+    pa = require_pyarrow()
+    types = {"int": pa.int64(), "float": pa.float64(), "string": pa.string()}
+    arrays = []
+    for c in COLUMNS:
+        values = [row.get(c.name) for row in rows]
+        if c.dtype == "string":
+            values = [None if v is None else format_value(v, "string") for v in values]
+        arrays.append(pa.array(values, type=types[c.dtype]))  # None -> null, nan stays NaN
+    table = pa.Table.from_arrays(arrays, names=list(COLUMN_NAMES))
+    tmp = path.with_name(f".{path.name}.tmp")
+    pa.parquet.write_table(table, tmp)
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Time series
+
+
+def _copy_stream(src: Path, dst: Path) -> None:
+    """Copy a stream's whole lines (a partial last line from a live writer is left out)."""
+    data = src.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    dst.write_bytes(data[:cut])
+
+
+def write_timeseries(root: Path, rows: Iterable[Mapping[str, Any]], folder: Path, fmt: str) -> None:
+    """``folder/<run_id>/<stream>.csv|parquet`` for every run that has a directory."""
+    pa = require_pyarrow() if fmt == "parquet" else None
+    for row in rows:
+        run_dir = root / RUNS_DIR / row["run_id"]
+        if row["status"] == contract.MISSING:
+            continue
+        dest = folder / row["run_id"]
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in contract.STREAMS:
+            src = contract.stream_path(run_dir, name)
+            if not src.is_file():
+                continue
+            if pa is None:
+                _copy_stream(src, dest / f"{name}.csv")
+            else:
+                _stream_to_parquet(src, dest / f"{name}.parquet", pa)
+
+
+def _stream_to_parquet(src: Path, dst: Path, pa: Any) -> None:
+    """A stream's whole lines as Parquet: ``step`` int64, the rest float64; ``""`` -> null
+    (not defined), ``nan`` -> NaN (could not be computed)."""
+    import pyarrow.csv as pa_csv
+
+    data = src.read_bytes()
+    data = data[: data.rfind(b"\n") + 1]
+    columns = contract.STREAMS[src.stem]
+    types = {c: (pa.int64() if c == "step" else pa.float64()) for c in columns}
+    table = pa_csv.read_csv(
+        pa.py_buffer(data),
+        convert_options=pa_csv.ConvertOptions(
+            column_types=types, null_values=[""], strings_can_be_null=False
+        ),
+    )
+    pa.parquet.write_table(table, dst)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading an export back
+
+
+def read_results(path: Path) -> Any:
+    """``results.csv`` (or ``.parquet``) as a pandas DataFrame with the documented dtypes.
+
+    ``seed`` int64, floats float64 (parsed by Python's ``float``: exact; both ``""`` and
+    ``nan`` become NaN here, the file itself keeps them apart), strings pandas ``string``
+    (an empty cell is <NA>). Raises :class:`SchemaError` when required columns are missing.
+    """
+    import pandas as pd
+
+    if not path.is_file():
+        raise ExportError(f"{path} does not exist", "run `decon export` first")
+    if path.suffix == ".parquet":
+        require_pyarrow()
+        df = pd.read_parquet(path)
+        require_columns(df.columns, COLUMN_NAMES, str(path))
+        return df
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        require_columns(header, COLUMN_NAMES, str(path))
+        cells = list(zip(*reader, strict=False)) or [()] * len(header)
+    columns: dict[str, Any] = {}
+    for name, values in zip(header, cells, strict=True):
+        dtype = DTYPES.get(name, "string")
+        if dtype == "float":
+            data = [math.nan if v == "" else float(v) for v in values]
+            columns[name] = pd.Series(data, dtype="float64")
+        elif dtype == "int":
+            columns[name] = pd.Series([int(v) for v in values], dtype="int64")
+        else:
+            columns[name] = pd.Series([v or None for v in values], dtype="string")
+    return pd.DataFrame(columns)

@@ -1,0 +1,276 @@
+"""``decon report``: H1/H2 tables, figures and one self-contained ``report.html``.
+
+The table is the export's (:func:`deconcnn_cli.export.dataset.collect`, the same rows
+``decon export`` writes); the statistics are :mod:`deconcnn_cli.export.stats`, the figures
+:mod:`deconcnn_cli.export.figures`. Outputs in ``--out``: ``report.html`` (figures embedded as
+base64 data URIs: one file, no server), the PNGs, and ``report.json`` with every number of
+the tables.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deconcnn_cli import contract
+from deconcnn_cli.errors import DeconError
+from deconcnn_cli.export import stats
+from deconcnn_cli.export.columns import COLUMN_NAMES, DTYPES, require_columns
+from deconcnn_cli.export.dataset import Dataset, collect
+
+REPORT_FILE = "report.html"
+STATS_FILE = "report.json"
+
+
+class ReportError(DeconError):
+    """An output folder or sweep the report cannot use."""
+
+
+@dataclass
+class Report:
+    out: Path
+    html: Path
+    stats_json: Path
+    figures: dict[str, Path]
+    h1: list[stats.H1Row]
+    h2: list[stats.H2Row]
+    warnings: list[str] = field(default_factory=list)
+
+
+def to_frame(data: Dataset) -> Any:
+    """The dataset's rows as a DataFrame with the export's dtypes (what read_results gives)."""
+    import pandas as pd
+
+    cols: dict[str, Any] = {}
+    for name in COLUMN_NAMES:
+        values = [row.get(name) for row in data.rows]
+        kind = DTYPES[name]
+        if kind == "float":
+            floats = [math.nan if v is None else float(v) for v in values]
+            cols[name] = pd.Series(floats, dtype="float64")
+        elif kind == "int":
+            cols[name] = pd.Series(values, dtype="int64")
+        else:
+            strings = [None if v is None else str(v) for v in values]
+            cols[name] = pd.Series(strings, dtype="string")
+    return pd.DataFrame(cols)
+
+
+def hypothesis_tables(df: Any) -> tuple[list[stats.H1Row], list[stats.H2Row]]:
+    """H1 and H2 in step time, and in lr time where the table has lr-time fits."""
+    require_columns(df.columns, ("run_id", "variant", "status"), "the results table")
+    h1 = stats.h1_rows(df, "r_squared", "step")
+    h2 = stats.h2_rows(df, "alpha_early", "step")
+    if stats.has_values(df, "r_squared_lr"):
+        h1 += stats.h1_rows(df, "r_squared_lr", "lr")
+    if stats.has_values(df, "alpha_early_lr"):
+        h2 += stats.h2_rows(df, "alpha_early_lr", "lr")
+    return h1, h2
+
+
+def build_report(root: Path, out: Path) -> Report:
+    """Read the sweep at ``root`` and write the report into ``out`` (created if needed)."""
+    from deconcnn_cli.export import figures
+
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"{out} exists and is not a folder", "give --out a folder")
+    data = collect(root)
+    df = to_frame(data)
+    h1, h2 = hypothesis_tables(df)
+    out.mkdir(parents=True, exist_ok=True)
+    series = figures.read_series(root, [r for r in df["run_id"] if r])
+    alpha_cols = [("alpha_early", "step time")]
+    r2_cols = ["r_squared"]
+    if stats.has_values(df, "alpha_early_lr"):
+        alpha_cols.append(("alpha_early_lr", "lr time"))
+    if stats.has_values(df, "r_squared_lr"):
+        r2_cols.append("r_squared_lr")
+    figs = {
+        "loss_curves": figures.loss_curves(df, series, out / "loss_curves.png"),
+        "alpha_vs_best_val": figures.alpha_vs_best_val(
+            df, out / "alpha_vs_best_val.png", alpha_cols
+        ),
+        "r2_histogram": figures.r2_histogram(df, out / "r2_histogram.png", r2_cols),
+        "curvature": figures.curvature(df, series, out / "curvature.png"),
+        "val_loss_heatmap": figures.val_loss_heatmap(df, out / "val_loss_heatmap.png"),
+        "status_heatmap": figures.status_heatmap(df, out / "status_heatmap.png"),
+    }
+    payload = {
+        "source_root": str(root.resolve()),
+        "grid": data.manifest.get("grid"),
+        "grid_hash": data.manifest.get("grid_hash"),
+        "generated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "counts_by_status": data.counts_by_status(),
+        "h1": [stats.as_dict(r) for r in h1],
+        "h2": [stats.as_dict(r) for r in h2],
+        "warnings": data.warnings,
+    }
+    stats_json = out / STATS_FILE
+    contract.atomic_write_bytes(
+        stats_json, (json.dumps(_json_safe(payload), indent=2) + "\n").encode()
+    )
+    page = render_html(payload, figs)
+    html_path = out / REPORT_FILE
+    contract.atomic_write_bytes(html_path, page.encode())
+    return Report(out, html_path, stats_json, figs, h1, h2, list(data.warnings))
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN -> null (JSON has no NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em;
+       color: #222; line-height: 1.45; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f3f3f3; } td.l, th.l { text-align: left; }
+.supported { background: #d9f2d9; } .not-supported { background: #f8d7d7; }
+.inconclusive { background: #fff3cd; } .too-few-runs { background: #eee; }
+figure { margin: 1em 0 2em; } figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: 0.9em; color: #555; } code { background: #f5f5f5; padding: 0 0.2em; }
+.warn { color: #8a5300; }
+"""
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _table(headers: list[str], rows: list[list[str]], verdict_col: int | None = None) -> str:
+    head = "".join(f'<th class="{"l" if i < 2 else ""}">{h}</th>' for i, h in enumerate(headers))
+    body = []
+    for row in rows:
+        cells = []
+        for i, cell in enumerate(row):
+            cls = "l" if i < 2 else ""
+            if i == verdict_col:
+                cls += " " + cell.replace(" ", "-")
+            cells.append(f'<td class="{cls.strip()}">{cell}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _h1_table(rows: list[dict[str, Any]]) -> str:
+    headers = ["group", "time", "runs", f"R² ≥ {stats.R2_THRESHOLD}", "share", "95% CI",
+               "diverged", "excluded", "verdict"]  # fmt: skip
+    body = [
+        [
+            _fmt(r["group"]),
+            r["time_axis"],
+            str(r["n_runs"]),
+            str(r["n_power_law"]),
+            _fmt(r["share"]),
+            f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]",
+            str(r["n_diverged"]),
+            str(r["n_excluded"]),
+            r["verdict"],
+        ]  # fmt: skip
+        for r in rows
+    ]
+    return _table(headers, body, verdict_col=8)
+
+
+def _h2_table(rows: list[dict[str, Any]]) -> str:
+    headers = ["group", "time", "runs", "Spearman ρ", "p-value", "95% CI", "CI method",
+               "diverged", "excluded", "verdict"]  # fmt: skip
+    body = [
+        [
+            _fmt(r["group"]),
+            r["time_axis"],
+            str(r["n_runs"]),
+            _fmt(r["rho"]),
+            _fmt(r["p_value"], 4)
+            if r["p_value"] is None or r["p_value"] >= 1e-4
+            else f"{r['p_value']:.1e}",
+            f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]",
+            r["ci_method"] or "—",
+            str(r["n_diverged"]),
+            str(r["n_excluded"]),
+            r["verdict"],
+        ]  # fmt: skip
+        for r in rows
+    ]
+    return _table(headers, body, verdict_col=9)
+
+
+_CAPTIONS = {
+    "loss_curves": "Training loss per step on log-log axes, per variant: the median over "
+    "completed runs (log-binned), the 10-90% band across runs, the power law fitted to the "
+    "median from the median burn-in step on, and the median knee where runs have one.",
+    "alpha_vs_best_val": "H2: early power-law exponent against the best validation loss, "
+    "one point per completed run, coloured by variant.",
+    "r2_histogram": "H1: R² of each completed run's power-law fit (log space), stacked by "
+    "variant; the dashed line is the 0.98 threshold.",
+    "curvature": "Top Hessian eigenvalue and Hessian trace over training, median over each "
+    "variant's runs with the 10-90% band.",
+    "val_loss_heatmap": "Final validation loss, median over seeds, per learning rate and "
+    "weight decay.",
+    "status_heatmap": "Run status per cell of the grid; colour is the share completed.",
+}
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def render_html(payload: dict[str, Any], figs: dict[str, Path]) -> str:
+    p = _json_safe(payload)
+    counts = ", ".join(f"{n} {s}" for s, n in p["counts_by_status"].items())
+    total = sum(p["counts_by_status"].values())
+    warn = "".join(f'<li class="warn">{html.escape(w)}</li>' for w in p["warnings"])
+    figures_html = "".join(
+        f"<figure>{_img(path, name)}<figcaption>{_CAPTIONS.get(name, '')}</figcaption></figure>"
+        for name, path in figs.items()
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>decon report: {html.escape(str(p["grid"]))}</title><style>{_CSS}</style></head>
+<body>
+<h1>Sweep report: {html.escape(str(p["grid"]))}</h1>
+<p>Source <code>{html.escape(p["source_root"])}</code>, grid hash
+<code>{html.escape(str(p["grid_hash"]))}</code>, generated {p["generated_utc"]}.
+{total} runs: {counts}.</p>
+{f"<ul>{warn}</ul>" if warn else ""}
+<h2>H1: training loss follows a power law</h2>
+<p>Share of completed runs whose power-law fit (log space, burn-in to end) has
+R² ≥ {stats.R2_THRESHOLD}, with an exact (Clopper-Pearson) 95% interval. Target: more than
+{stats.H1_TARGET:.0%}. Diverged runs are counted apart; failed, missing or unfinished runs,
+and runs with no fit, are excluded. <em>supported</em>: the whole interval lies above the
+target; <em>not supported</em>: the whole interval lies at or below it; otherwise
+<em>inconclusive</em>.</p>
+{_h1_table(p["h1"])}
+<h2>H2: the early exponent predicts the best validation loss</h2>
+<p>Spearman ρ between <code>alpha_early</code> and <code>best_val_ce</code> over completed
+runs, its p-value, and a 95% bootstrap interval ({stats.N_BOOTSTRAP} resamples of runs, BCa;
+percentile where BCa cannot be formed). Target: |ρ| ≥ {stats.H2_TARGET}.
+<em>supported</em>: the whole interval has |ρ| ≥ {stats.H2_TARGET} on one side;
+<em>not supported</em>: the whole interval lies inside (−{stats.H2_TARGET}, {stats.H2_TARGET});
+otherwise <em>inconclusive</em>. Rows with time <em>lr</em> use the fits against cumulative
+learning rate.</p>
+{_h2_table(p["h2"])}
+<h2>Figures</h2>
+{figures_html}
+</body></html>
+"""

@@ -1,0 +1,202 @@
+"""H1 and H2 on an exported results table (docs/report.md). Pure: a DataFrame in, rows out.
+
+- H1: the share of completed runs with ``r_squared >= 0.98``, an exact (Clopper-Pearson) 95%
+  interval, against a target of 90%.
+- H2: Spearman rho(``alpha_early``, ``best_val_ce``) over runs, its p-value and a 95%
+  bootstrap interval (runs resampled in pairs; BCa, percentile where BCa cannot be formed),
+  against a target of |rho| >= 0.7.
+
+A verdict reads the interval, not only the point estimate: ``supported`` when the whole 95%
+interval meets the target, ``not supported`` when the whole interval misses it,
+``inconclusive`` when it straddles the target, ``too few runs`` below the minimum.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from deconcnn_cli.export.columns import require_columns
+
+R2_THRESHOLD = 0.98  # H1: a run "follows a power law" when its fit's R^2 reaches this
+H1_TARGET = 0.90  # H1 holds when more than this share of runs do
+H2_TARGET = 0.70  # H2 holds when |rho| reaches this
+CONFIDENCE = 0.95
+N_BOOTSTRAP = 9999  # bootstrap resamples
+BOOTSTRAP_SEED = 0  # the report is reproducible: same table, same interval
+MIN_RUNS_H2 = 4  # Spearman's rho on fewer runs says nothing
+
+H1_COLUMNS = ("run_id", "variant", "status", "r_squared")
+H2_COLUMNS = ("run_id", "variant", "status", "alpha_early", "best_val_ce")
+
+SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, TOO_FEW = (
+    "supported",
+    "not supported",
+    "inconclusive",
+    "too few runs",
+)
+
+
+@dataclass(frozen=True)
+class H1Row:
+    group: str  # "all" or a variant
+    time_axis: str  # "step" | "lr"
+    n_runs: int  # completed runs with a finite R^2
+    n_power_law: int  # of which R^2 >= R2_THRESHOLD
+    share: float
+    ci_low: float
+    ci_high: float
+    n_diverged: int  # counted apart, never in n_runs
+    n_excluded: int  # neither: failed, missing, running, or no R^2
+    verdict: str
+
+
+@dataclass(frozen=True)
+class H2Row:
+    group: str
+    time_axis: str
+    n_runs: int
+    rho: float
+    p_value: float
+    ci_low: float
+    ci_high: float
+    ci_method: str  # "BCa" | "percentile" | ""
+    n_diverged: int
+    n_excluded: int
+    verdict: str
+
+
+def as_dict(row: H1Row | H2Row) -> dict[str, Any]:
+    return asdict(row)
+
+
+def _groups(df: Any) -> list[tuple[str, Any]]:
+    return [("all", df)] + [(str(v), g) for v, g in df.groupby("variant", sort=True)]
+
+
+def _eligible(df: Any, columns: tuple[str, ...]) -> tuple[Any, int, int]:
+    """(completed runs with finite values in ``columns``, n diverged, n excluded otherwise)."""
+    completed = df["status"] == "completed"
+    finite = np.ones(len(df), dtype=bool)
+    for col in columns:
+        finite &= np.isfinite(df[col].to_numpy(dtype=float, na_value=np.nan))
+    keep = completed.to_numpy() & finite
+    n_div = int((df["status"] == "diverged").sum())
+    return df[keep], n_div, len(df) - int(keep.sum()) - n_div
+
+
+def clopper_pearson(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Exact binomial interval for ``k`` successes in ``n`` trials."""
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=confidence, method="exact")
+    return float(ci.low), float(ci.high)
+
+
+def h1_rows(df: Any, r2_column: str = "r_squared", time_axis: str = "step") -> list[H1Row]:
+    """H1 overall and per variant on the table's ``r2_column``."""
+    require_columns(df.columns, (*H1_COLUMNS, r2_column), "the results table")
+    out = []
+    for group, g in _groups(df):
+        runs, n_div, n_exc = _eligible(g, (r2_column,))
+        n = len(runs)
+        k = int((runs[r2_column].to_numpy(dtype=float) >= R2_THRESHOLD).sum())
+        if n == 0:
+            nan = math.nan
+            out.append(H1Row(group, time_axis, 0, 0, nan, nan, nan, n_div, n_exc, TOO_FEW))
+            continue
+        low, high = clopper_pearson(k, n)
+        # "more than 90%": supported when the whole interval lies above the target
+        if low > H1_TARGET:
+            verdict = SUPPORTED
+        elif high <= H1_TARGET:
+            verdict = NOT_SUPPORTED
+        else:
+            verdict = INCONCLUSIVE
+        out.append(H1Row(group, time_axis, n, k, k / n, low, high, n_div, n_exc, verdict))
+    return out
+
+
+def spearman_rho(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Spearman's rho along ``axis`` (vectorised: Pearson correlation of average ranks)."""
+    rx = stats.rankdata(x, axis=axis)
+    ry = stats.rankdata(y, axis=axis)
+    rx = rx - rx.mean(axis=axis, keepdims=True)
+    ry = ry - ry.mean(axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (rx * ry).sum(axis=axis) / np.sqrt((rx**2).sum(axis=axis) * (ry**2).sum(axis=axis))
+
+
+def bootstrap_rho(x: np.ndarray, y: np.ndarray) -> tuple[float, float, str]:
+    """95% bootstrap interval of rho over runs (pairs resampled): BCa, else percentile."""
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # degenerate resamples: judged by the result below
+            try:
+                res = stats.bootstrap(
+                    (x, y),
+                    spearman_rho,
+                    paired=True,
+                    vectorized=True,
+                    n_resamples=N_BOOTSTRAP,
+                    confidence_level=CONFIDENCE,
+                    method=method,
+                    rng=np.random.default_rng(BOOTSTRAP_SEED),
+                )
+            except (ValueError, FloatingPointError):
+                continue
+        low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if math.isfinite(low) and math.isfinite(high):
+            return low, high, method
+    return math.nan, math.nan, ""
+
+
+def h2_rows(df: Any, alpha_column: str = "alpha_early", time_axis: str = "step") -> list[H2Row]:
+    """H2 overall and per variant: rho(``alpha_column``, ``best_val_ce``)."""
+    require_columns(df.columns, (*H2_COLUMNS, alpha_column), "the results table")
+    out = []
+    for group, g in _groups(df):
+        runs, n_div, n_exc = _eligible(g, (alpha_column, "best_val_ce"))
+        n = len(runs)
+        x = runs[alpha_column].to_numpy(dtype=float)
+        y = runs["best_val_ce"].to_numpy(dtype=float)
+        if n < MIN_RUNS_H2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+            nan = math.nan
+            out.append(H2Row(group, time_axis, n, nan, nan, nan, nan, "", n_div, n_exc, TOO_FEW))
+            continue
+        res = stats.spearmanr(x, y)
+        low, high, method = bootstrap_rho(x, y)
+        if not method:
+            verdict = INCONCLUSIVE
+        elif low >= H2_TARGET or high <= -H2_TARGET:
+            verdict = SUPPORTED
+        elif low > -H2_TARGET and high < H2_TARGET:
+            verdict = NOT_SUPPORTED
+        else:
+            verdict = INCONCLUSIVE
+        out.append(
+            H2Row(
+                group,
+                time_axis,
+                n,
+                float(res.statistic),
+                float(res.pvalue),
+                low,
+                high,
+                method,
+                n_div,
+                n_exc,
+                verdict,
+            )
+        )
+    return out
+
+
+def has_values(df: Any, column: str) -> bool:
+    """Whether ``column`` exists and holds at least one finite value (lr-time fits)."""
+    if column not in df.columns:
+        return False
+    return bool(np.isfinite(df[column].to_numpy(dtype=float, na_value=np.nan)).any())

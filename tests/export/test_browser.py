@@ -1,0 +1,66 @@
+"""CI-only: report.html in headless Debian chromium, every image decoded (``make test-browser``).
+
+Installs nothing itself; where /usr/bin/chromium is absent the test is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from deconcnn_cli.export.report import build_report
+from tests.export.synthetic import write_grid
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+# Run after the load event: one line listing every <img> with its decoded size.
+_PROBE = """<script>
+window.addEventListener("load", function () {
+  var rows = Array.from(document.images).map(function (im) {
+    return [im.alt, im.complete, im.naturalWidth, im.naturalHeight];
+  });
+  var pre = document.createElement("pre");
+  pre.id = "img-check";
+  pre.textContent = "IMG" + "CHECK:" + JSON.stringify(rows) + ":END" + "CHECK";
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def _chromium(url: str, user_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={user_dir}", "--virtual-time-budget=5000",
+    ]  # fmt: skip
+    return subprocess.run(
+        [str(CHROMIUM), *flags, *extra, url], capture_output=True, text=True, timeout=180
+    )
+
+
+@pytest.mark.browser
+def test_report_html_loads_with_every_image(tmp_path: Path):
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium: the browser suite runs in CI (make test-browser)")
+    root = tmp_path / "sweep"
+    write_grid(root, seeds=1, steps=200, steps_per_epoch=10, curvature_every=50)
+    report = build_report(root, tmp_path / "report")
+    page = report.html.read_text()
+    probe_page = tmp_path / "report" / "probe.html"
+    probe_page.write_text(page.replace("</body>", _PROBE + "</body>"))
+    proc = _chromium(probe_page.as_uri(), tmp_path / "chrome-profile", "--dump-dom")
+    match = re.search(r"IMGCHECK:(\[.*?\]):ENDCHECK", proc.stdout, flags=re.S)
+    assert match, f"no probe output; stderr: {proc.stderr[-2000:]}"
+    images = json.loads(match.group(1))
+    assert [alt for alt, *_ in images] == list(report.figures)
+    for alt, complete, width, height in images:
+        assert complete and width > 200 and height > 100, (alt, width, height)
+    # the report itself, unmodified, renders to a screenshot
+    shot = tmp_path / "shot.png"
+    _chromium(report.html.as_uri(), tmp_path / "chrome-profile2", f"--screenshot={shot}",
+              "--window-size=1280,2000")  # fmt: skip
+    assert shot.read_bytes().startswith(b"\x89PNG")

@@ -1,0 +1,137 @@
+"""decon validate: broken profiles fail, a variant over its memory figure fails, streams and
+dynamics are judged from a real short run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deconcnn_cli import contract
+from deconcnn_cli.config import load_resource_profile
+from deconcnn_cli.sweep import validate as v
+from deconcnn_cli.sweep.grid import load_grid
+from tests.conftest import REPO
+from tests.export.synthetic import write_run
+
+ONE_GRID = """name = "one"
+variants = ["base"]
+profiles = ["smoke"]
+[overrides.data]
+image_size = 8
+[axes]
+lr = [0.05, 0.1]
+weight_decay = [1e-3]
+seed = [0]
+"""
+
+
+def _resources(figure_gb: float) -> str:
+    return f'executor = "local"\n[host_memory_gb_per_run]\nbase = {figure_gb}\n'
+
+
+@pytest.fixture
+def profiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of profiles/ with a one-run grid and a tight and a roomy resource profile."""
+    dest = tmp_path / "profiles"
+    shutil.copytree(REPO / "profiles", dest)
+    (dest / "grids" / "one.toml").write_text(ONE_GRID)
+    (dest / "resources" / "tight.toml").write_text(_resources(0.05))
+    (dest / "resources" / "roomy.toml").write_text(_resources(64.0))
+    monkeypatch.setenv("DECON_PROFILES", str(dest))
+    return dest
+
+
+def test_shipped_profiles_load_and_expand_to_their_counts():
+    checks = {c.name: c for c in v.check_profiles()}
+    assert all(c.status == v.PASS for c in checks.values()), checks
+    assert checks["grid loss_lin_slope"].detail.startswith("216 runs")
+    assert v.expected_count(load_grid("loss_lin_slope")) == 216
+
+
+def test_a_broken_profile_fails_and_names_its_file(profiles: Path):
+    (profiles / "resources" / "broken.toml").write_text('executor = "slurm"\nruns_per_gpu = 0\n')
+    (profiles / "grids" / "bad.toml").write_text(ONE_GRID.replace("lr = [0.05, 0.1]", "lr = [-1]"))
+    checks = {c.name: c for c in v.check_profiles()}
+    assert checks["resources broken"].status == v.FAIL
+    assert "broken.toml" in checks["resources broken"].detail
+    assert checks["grid bad"].status == v.FAIL and "lr" in checks["grid bad"].detail
+    assert checks["grid one"].status == v.PASS and v.failed(list(checks.values()))
+
+
+def test_cli_exits_non_zero_on_a_broken_profile(profiles: Path):
+    (profiles / "resources" / "broken.toml").write_text("executor = [\n")  # malformed TOML
+    env = {**os.environ, "DECON_PROFILES": str(profiles), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "deconcnn_cli", "validate", "--grid", "one", "--resources",
+         "broken", "--json"],  # fmt: skip
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["ok"] is False
+    bad = [c for c in report["checks"] if c["status"] == "fail"]
+    assert {c["name"] for c in bad} == {"resources broken", "short runs"}
+
+
+@pytest.fixture
+def probe(profiles: Path, tmp_path: Path) -> v.ProbeResult:
+    """One real short run of the one-run grid's base variant (CPU, reduced size)."""
+    cfg = v.probe_config(load_grid("one"), "base", steps=14, gpu=False)
+    assert cfg["optim"]["lr"] == 0.1  # the largest lr of the variant's axes
+    return v.run_probe(cfg, tmp_path / "probe" / "base", 14, timeout_s=600)
+
+
+def test_short_run_memory_streams_and_dynamics(probe: v.ProbeResult, tmp_path: Path):
+    assert probe.state == contract.INTERRUPTED and probe.steps_done == 14
+    assert 0.05 < probe.peak_rss_gb < 8  # torch alone takes well over 50 MB
+    over = v.check_memory(probe, load_resource_profile("tight"), gpu=False)
+    assert [(c.name, c.status) for c in over] == [("base: host memory", v.FAIL)]
+    assert "> 0.05 GB" in over[0].detail
+    fits = v.check_memory(probe, load_resource_profile("roomy"), gpu=False)
+    assert fits[0].status == v.PASS
+    assert v.check_streams(probe.run_dir)[0] == v.PASS
+    assert v.check_dynamics(probe.run_dir, probe.state)[0] == v.PASS
+    # a stream in the wrong format fails
+    path = contract.stream_path(probe.run_dir, "curvature")
+    path.write_text(path.read_text().replace("lambda_max", "lmax", 1))
+    status, detail = v.check_streams(probe.run_dir)
+    assert status == v.FAIL and "curvature.csv header" in detail
+
+
+def test_cli_fails_on_a_variant_over_its_memory_figure(profiles: Path):
+    env = {**os.environ, "DECON_PROFILES": str(profiles), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "deconcnn_cli", "validate", "--grid", "one", "--resources",
+         "tight", "--steps", "8"],  # fmt: skip
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "base: host memory" in proc.stdout and "FAIL: 1 failed" in proc.stdout
+
+
+def test_divergence_and_stalls_are_flagged(tmp_path: Path):
+    diverged = write_run(tmp_path, "d", state="diverged", steps=40)
+    assert v.check_dynamics(diverged, contract.DIVERGED)[0] == v.WARN
+    flat = write_run(tmp_path, "f", steps=40, alpha=0.0)  # loss does not fall
+    status, detail = v.check_dynamics(flat, contract.COMPLETED)
+    assert status == v.WARN and detail.startswith("stalls")
+    falling = write_run(tmp_path, "ok", steps=40, alpha=0.5)
+    assert v.check_dynamics(falling, contract.COMPLETED)[0] == v.PASS
+
+
+@pytest.mark.gpu
+def test_gpu_probe_reports_cuda_peak_and_two_runs_per_card(tmp_path: Path):
+    spec = load_grid("loss_lin_slope")
+    cfg = v.probe_config(spec, "base", steps=4, gpu=True)
+    cfg["device"] = "cuda"
+    result = v.run_probe(cfg, tmp_path / "base", 4, timeout_s=600)
+    assert result.cuda_peak_allocated_gb and result.cuda_peak_allocated_gb > 0.05
+    checks = v.check_memory(result, load_resource_profile("rtx8000"), gpu=True)
+    names = [c.name for c in checks]
+    assert names == ["base: GPU memory", "base: 2 runs per card"]
