@@ -22,9 +22,16 @@ install-dev: $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_PINS)
 	$(BIN)/pip install -q -e '.[dev]'
 
-# The main job on its embedded default: a short run on the offline digits dataset.
+# The main job on its embedded default: the whole lifecycle on this machine. The `demo` grid
+# (4 variants x 2 seeds of tiny runs on the offline digits data) goes to the local executor,
+# a live table shows it while it trains, then verify, export and report.
+DEMO_ROOT ?= runs/demo
 demo: install
-	$(BIN)/decon train --variant base --profile smoke --root runs/demo
+	$(BIN)/decon submit --grid demo --executor local --root $(DEMO_ROOT) --wait
+	$(BIN)/decon verify --root $(DEMO_ROOT)
+	$(BIN)/decon export $(DEMO_ROOT)/results.csv --root $(DEMO_ROOT) --force
+	$(BIN)/decon report --root $(DEMO_ROOT) --out $(DEMO_ROOT)/report
+	@echo "dataset: $(DEMO_ROOT)/results.csv  report: $(DEMO_ROOT)/report/report.html"
 
 test: install-dev
 	$(BIN)/ruff check .
