@@ -19,6 +19,17 @@ from deconcnn_cli.sweep.grid import (
 )
 
 
+def test_demo_grid_is_every_variant_on_offline_data_with_a_sane_adamw_lr():
+    runs = expand_grid_runs(load_grid("demo"))
+    assert sorted((r.variant, r.seed) for r in runs) == sorted(
+        (v, s) for v in ("base", "bn_off", "narrow", "adamw") for s in (0, 1)
+    )
+    assert {r.config.data.dataset for r in runs} == {"digits"}
+    assert {r.lr for r in runs if r.variant == "adamw"} == {0.003}
+    assert {r.lr for r in runs if r.variant != "adamw"} == {0.1}
+    assert all(r.config.schedule.epochs == 6 for r in runs)
+
+
 def test_loss_lin_slope_is_the_216_runs_of_the_protocol():
     runs = expand_grid_runs(load_grid("loss_lin_slope"))
     assert len(runs) == 216

@@ -38,7 +38,7 @@ def test_child_command_and_start_rule(tmp_path):
 
 
 def test_completes_grid_and_resource_names():
-    assert _complete("decon submit --grid ") == ["loss_lin_slope", "smoke"]
+    assert _complete("decon submit --grid ") == ["demo", "loss_lin_slope", "smoke"]
     assert _complete("decon submit --resources r") == ["rtx8000"]
     assert "submit" in _complete("decon su")
 
