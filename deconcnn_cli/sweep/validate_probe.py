@@ -18,14 +18,14 @@ GB = 1024**3
 def main(argv: list[str]) -> int:
     import torch
 
-    from deconcnn_cli.config import RunConfig
+    from deconcnn_cli.config import RunConfig, prepare_run_dir
     from deconcnn_cli.contract import atomic_write_json
+    from deconcnn_cli.training.device import resolve_device
     from deconcnn_cli.training.loop import train_run
-    from deconcnn_cli.training.rundir import prepare_run_dir, resolve_device, run_lock
+    from deconcnn_cli.training.rundir import own_run
 
     config_path, run_dir, steps, report = Path(argv[0]), Path(argv[1]), int(argv[2]), argv[3]
     cfg = RunConfig.model_validate(json.loads(config_path.read_text()))
-    torch.set_num_threads(1)
     device = resolve_device(cfg.device)
     out: dict[str, float | None] = {}
     if device.type == "cuda":
@@ -34,8 +34,8 @@ def main(argv: list[str]) -> int:
         out["cuda_total_gb"] = total / GB
         torch.cuda.reset_peak_memory_stats(device)
     prepare_run_dir(cfg, run_dir)
-    with run_lock(run_dir):
-        result = train_run(cfg, run_dir, stop_after_steps=steps)
+    with own_run(run_dir):
+        result = train_run(cfg, run_dir, threads=1, stop_after_steps=steps)
     if device.type == "cuda":
         out["cuda_peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / GB
         out["cuda_peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / GB

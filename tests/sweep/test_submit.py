@@ -328,7 +328,9 @@ def test_local_executor_end_to_end(tmp_path):
     for rid in job["run_ids"]:
         view = contract.view_run(store.run_dir(rid))
         assert view.state == "completed" and view.step == view.total_steps == 26
-        assert len(contract.read_attempts(store.run_dir(rid))) == 1
+        records = contract.read_attempts(store.run_dir(rid))  # one start + one end line
+        assert {r["attempt"] for r in records} == {1}
+        assert [r.get("event") for r in records] == [None, "end"]
         assert "completed" in (store.run_dir(rid) / contract.LOG_FILE).read_text()
     third = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert third.returncode == 0 and third.stdout.count(": completed") == 4
