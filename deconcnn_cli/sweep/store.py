@@ -14,17 +14,15 @@ import fcntl
 import json
 import os
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
-from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from deconcnn_cli.config import RunConfig, identity_dict, prepare_run_dir, run_id
 from deconcnn_cli.contract import atomic_write_json, read_json
 from deconcnn_cli.errors import SweepError
+from deconcnn_cli.version import code_version
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "sweep.json"
@@ -34,27 +32,6 @@ JOBS_DIR = "jobs"
 SCHEDULER_CACHE_FILE = ".scheduler_cache.json"
 LOCK_TIMEOUT_S = 600.0  # how long a second submit waits for the first one to finish
 _FALLBACK_STALE_S = 3600.0  # an exclusive-create lock older than this with a dead holder
-
-
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """``<package version>+g<git sha>`` of the code running now (``+gunknown`` outside git)."""
-    try:
-        version = metadata.version("deconcnn_cli")
-    except metadata.PackageNotFoundError:
-        version = "0+unknown"
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "--short=10", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        sha = out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        sha = "unknown"
-    return f"{version}+g{sha}"
 
 
 class SweepStore:

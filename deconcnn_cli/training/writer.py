@@ -38,6 +38,7 @@ from deconcnn_cli.contract import (
     read_jsonl,
 )
 from deconcnn_cli.errors import DeconError
+from deconcnn_cli.version import code_version
 
 
 def slurm_ids(environ: dict[str, str] | None = None) -> dict[str, str | None]:
@@ -176,6 +177,7 @@ class RunWriter:
                 **self.identity(),
                 "threads": self.status.get("threads"),
                 "resumed_from_step": resumed_from_step,
+                "code_version": code_version(),
             },
         )
 

@@ -12,7 +12,8 @@ import pytest
 from deconcnn_cli.config import config_hash, run_id
 from deconcnn_cli.errors import RunDirError, SweepError
 from deconcnn_cli.sweep.grid import expand_grid_runs, grid_hash, load_grid
-from deconcnn_cli.sweep.store import LOCK_FILE, SweepStore, code_version
+from deconcnn_cli.sweep.store import LOCK_FILE, SweepStore
+from deconcnn_cli.version import code_version
 
 
 @pytest.fixture

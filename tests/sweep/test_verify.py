@@ -13,6 +13,7 @@ from deconcnn_cli.sweep.verify import (
     val_positions,
     verify_sweep,
 )
+from deconcnn_cli.version import code_version
 from tests.conftest import run_cli
 from tests.sweep.fakes import tree_snapshot
 
@@ -130,7 +131,42 @@ def test_nan_needs_a_warning_unless_diverged(sweep_copy: Path) -> None:
     assert _kinds(sweep_copy) == set()
 
 
+def _set_attempt_versions(run: Path, version: str | None) -> None:
+    """Rewrite every attempt line of ``run`` with ``code_version`` (None: drop the field, as
+    attempts written before it was recorded)."""
+    lines = [json.loads(ln) for ln in (run / "attempts.jsonl").read_text().splitlines()]
+    for rec in lines:
+        rec.pop("code_version", None)
+        if version is not None and rec.get("event") != "end":
+            rec["code_version"] = version
+    (run / "attempts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_attempts_record_the_code_version(clean_sweep: Path) -> None:
+    for run in (clean_sweep / "runs").iterdir():
+        starts = [a for a in contract.read_attempts(run) if a.get("event") != "end"]
+        assert starts and all(a["code_version"] == code_version() for a in starts)
+    assert verify_sweep(clean_sweep).code_versions == {
+        code_version(): sorted(p.name for p in (clean_sweep / "runs").iterdir())
+    }
+
+
+def test_attempt_versions_win_over_the_manifest(sweep_copy: Path) -> None:
+    a, b, c = sorted((sweep_copy / "runs").iterdir())
+    for run in (a, b, c):
+        _set_attempt_versions(run, "0.1.0+gsame")
+    assert verify_sweep(sweep_copy).ok  # the manifest's 0.1.0+gtest is not consulted
+    with open(c / "attempts.jsonl", "a") as f:  # a second attempt of c, by other code
+        f.write(json.dumps({"attempt": 2, "code_version": "0.2.0+gother"}) + "\n")
+    result = verify_sweep(sweep_copy)
+    assert result.code_versions == {"0.1.0+gsame": [a.name, b.name, c.name],
+                                    "0.2.0+gother": [c.name]}  # fmt: skip
+    assert {(p.file, p.kind) for p in result.problems} == {("sweep.json", "code_version")}
+
+
 def test_summary_fields_and_code_versions(sweep_copy: Path) -> None:
+    for each in (sweep_copy / "runs").iterdir():  # attempts without a version: the manifest's
+        _set_attempt_versions(each, None)
     run = _runs(sweep_copy, "completed")[0]
     summary = json.loads((run / "summary.json").read_text())
     del summary["best_val_ce"]

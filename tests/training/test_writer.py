@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 from deconcnn_cli.contract import (
@@ -15,6 +16,7 @@ from deconcnn_cli.contract import (
     view_run,
 )
 from deconcnn_cli.training.writer import RunWriter
+from deconcnn_cli.version import code_version
 
 
 def _status(run: Path) -> dict:
@@ -69,6 +71,8 @@ def test_attempt_numbers_lines_and_failure_record(tmp_path: Path):
     ]
     assert lines[1]["exit_code"] == 143 and lines[3]["exception_type"] == "MemoryError"
     assert lines[2]["resumed_from_step"] is None and lines[2]["threads"] == 2
+    assert lines[0]["code_version"] == lines[2]["code_version"] == code_version()
+    assert code_version().startswith(version("deconcnn_cli") + "+g")
     status = _status(tmp_path)
     assert status["state"] == "failed" and status["reason"] == "MemoryError: host out of memory"
     (error,) = [e for e in read_events(tmp_path) if e["level"] == "error"]
