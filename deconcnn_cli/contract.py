@@ -319,5 +319,10 @@ def read_attempts(run_dir: Path) -> list[dict[str, Any]]:
     return read_jsonl(run_dir / ATTEMPTS_FILE)
 
 
+def read_attempt_starts(run_dir: Path) -> list[dict[str, Any]]:
+    """The start line of each attempt (``attempts.jsonl`` also holds ``event: end`` lines)."""
+    return [a for a in read_attempts(run_dir) if a.get("event") != "end"]
+
+
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
     return read_jsonl(run_dir / EVENTS_FILE)

@@ -170,7 +170,7 @@ def test_a_job_at_its_time_limit_requeues_and_both_runs_resume_exactly(tmp_path)
     for rid in job["run_ids"]:
         run_dir = store.run_dir(rid)
         assert contract.view_run(run_dir).state == "completed"
-        attempts = contract.read_attempts(run_dir)
+        attempts = contract.read_attempt_starts(run_dir)
         assert len(attempts) >= 2, f"{rid} was never interrupted"
         assert all(a["resumed_from_step"] > 0 for a in attempts[1:])
     states = [s for j, s in _sacct_states([job["job_id"]], duplicates=True)]

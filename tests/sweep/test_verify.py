@@ -144,7 +144,7 @@ def _set_attempt_versions(run: Path, version: str | None) -> None:
 
 def test_attempts_record_the_code_version(clean_sweep: Path) -> None:
     for run in (clean_sweep / "runs").iterdir():
-        starts = [a for a in contract.read_attempts(run) if a.get("event") != "end"]
+        starts = contract.read_attempt_starts(run)
         assert starts and all(a["code_version"] == code_version() for a in starts)
     assert verify_sweep(clean_sweep).code_versions == {
         code_version(): sorted(p.name for p in (clean_sweep / "runs").iterdir())
