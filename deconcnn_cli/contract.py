@@ -61,6 +61,8 @@ STREAMS: dict[str, tuple[str, ...]] = {
         "alpha_early_lr",
         "alpha_full_lr",
         "power_law_r2_lr",
+        "knee_epoch",
+        "knee_censored",
     ),
 }
 
