@@ -49,7 +49,11 @@ class ScheduleConfig(_Strict):
     @model_validator(mode="after")
     def _warmup_fits(self) -> ScheduleConfig:
         if self.warmup_epochs > self.epochs:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs})")
+            scaled = f"{self.epochs / 10:g}"  # the protocol's warmup: 5 of 50 epochs
+            raise ValueError(
+                f"warmup_epochs ({self.warmup_epochs}) exceeds epochs ({self.epochs}); for a "
+                f"short run with the protocol's shape add --set schedule.warmup_epochs={scaled}"
+            )
         return self
 
 

@@ -49,6 +49,7 @@ class Progress:
     epoch: float
     loss_train_nats: float
     steps_per_s: float
+    phase: str = ""  # non-empty: what runs now instead of steps ("curvature at step 0 ...")
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,11 @@ def train_run(
         buf_rows, t_block, steps_block = [], time.perf_counter(), 0
         return bad
 
+    def announce(phase: str, step: int) -> None:
+        """Tell the caller what runs now (a cold Lanczos at step 0 can take minutes)."""
+        if on_progress is not None:
+            on_progress(Progress(step, total_steps, step / spe, math.nan, 0.0, phase=phase))
+
     result: RunResult | None = None
     model.train()
     try:
@@ -249,7 +255,9 @@ def train_run(
             epoch, position = divmod(step, spe)
 
             if cad.curvature_every_steps and step % cad.curvature_every_steps == 0:
+                announce(f"curvature at step {step} ...", step)
                 row, analysis_state = measure.curvature_row(model, probe, cfg, step, analysis_state)
+                announce("training ...", step)
                 writer.streams["curvature"].append([{**row, "epoch": step / spe}])
                 for warning in row.pop("_warnings", []):
                     writer.log_event("warning", warning, step=step)
@@ -329,6 +337,7 @@ def train_run(
             if epoch_end:
                 done_epochs = epoch + 1
                 if cad.noise_every_epochs and done_epochs % cad.noise_every_epochs == 0:
+                    announce(f"gradient noise at epoch {done_epochs} ...", step + 1)
                     row = measure.guarded(
                         writer,
                         "noise",

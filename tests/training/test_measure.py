@@ -153,3 +153,24 @@ def test_summary_of_a_diverged_run_uses_the_finite_curve(tmp_path: Path) -> None
     assert summary["alpha_full_lr"] == pytest.approx(0.4, rel=REL_TOL_EXPONENT)
     assert math.isnan(summary["final_loss_train_nats"])  # could not be computed: NaN, not null
     assert read_events(tmp_path) == []
+
+
+def test_progress_says_what_runs_before_the_first_block(tmp_path: Path) -> None:
+    from deconcnn_cli.training.loop import train_run
+    from deconcnn_cli.training.rundir import prepare_run_dir
+
+    cfg = load_run_config(
+        variant="base",
+        profiles=["smoke"],
+        overrides=["data.image_size=8", "cadence.flush_every_steps=4"],
+    )
+    prepare_run_dir(cfg, tmp_path / "r")
+    seen = []
+    train_run(cfg, tmp_path / "r", on_progress=seen.append, stop_after_steps=14)
+    phases = [(p.step, p.phase) for p in seen if p.phase]
+    assert seen[0].phase == "curvature at step 0 ..." and seen[0].total_steps == 39
+    assert phases[:2] == [(0, "curvature at step 0 ..."), (0, "training ...")]
+    assert (10, "curvature at step 10 ...") in phases  # smoke: curvature every 10 steps
+    assert (13, "gradient noise at epoch 1 ...") in phases
+    steps = [p for p in seen if not p.phase]
+    assert steps[0].step == 4 and all(math.isfinite(p.loss_train_nats) for p in steps)
