@@ -35,7 +35,15 @@ CHECKPOINT_DIR = "checkpoints"
 STREAMS: dict[str, tuple[str, ...]] = {
     "step": ("step", "epoch", "loss_train_nats", "loss_train_bits", "acc_train", "lr", "wd"),
     "val": ("step", "epoch", "loss_val_nats", "acc_val", "grad_norm", "weight_norm"),
-    "curvature": ("step", "epoch", "lambda_max", "hutch_trace", "hutch_trace_sem", "n_hvp"),
+    "curvature": (
+        "step",
+        "epoch",
+        "lambda_max",
+        "hutch_trace",
+        "hutch_trace_sem",
+        "n_hvp",
+        "hutch_trace_ci95",
+    ),
     "noise": (
         "step",
         "epoch",

@@ -80,6 +80,7 @@ def curvature_row(
         "lambda_max": res.lambda_max,
         "hutch_trace": res.hutch_trace,
         "hutch_trace_sem": res.hutch_trace_sem,
+        "hutch_trace_ci95": res.hutch_trace_ci95,
         "n_hvp": res.n_hvp,
         "_warnings": [f"curvature: {res.reason}"] if res.reason else [],
     }

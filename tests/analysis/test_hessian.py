@@ -162,13 +162,19 @@ def random_spectrum_matrix(n: int, top: list[float], bulk: float, seed: int) -> 
     return u @ torch.diag(values) @ u.T
 
 
-@pytest.mark.parametrize("tol", [1e-3, 1e-6])
-def test_lanczos_error_bound_holds_against_dense(tol: float) -> None:
+@pytest.mark.parametrize(
+    ("tol", "basis_dtype", "rounding"),
+    [(1e-3, torch.float32, 1e-6), (1e-6, torch.float64, 1e-12)],
+)
+def test_lanczos_error_bound_holds_against_dense(
+    tol: float, basis_dtype: torch.dtype, rounding: float
+) -> None:
     """The a-posteriori bound covers the true error, which then meets the tolerance.
 
     Twenty random starts per spectrum (well separated, a 2% top gap, one outlier, a larger
     negative end): the bound is not rigorous for a start vector almost orthogonal to the top
-    eigenvector, so it is tested on generic ones.
+    eigenvector, so it is tested on generic ones. The bound is exact arithmetic's: float32
+    Lanczos vectors add rounding of ~1e-7 relative (``rounding``), far below the tolerances.
     """
     spectra = [([10.0, 9.0, 8.0], 1.0), ([5.0, 4.9, 1.0], 0.5), ([3.0], 1.0), ([3.0, -8.0], 0.5)]
     for seed, (top, bulk) in enumerate(spectra):
@@ -176,11 +182,13 @@ def test_lanczos_error_bound_holds_against_dense(tol: float) -> None:
         truth = float(torch.linalg.eigvalsh(matrix)[-1])
         for start in range(20):
             v0 = torch.randn(120, generator=torch.Generator().manual_seed(1000 + start))
-            result = lanczos_top(MatrixHVP(matrix), v0=v0, tol=tol, max_hvp=120)
+            result = lanczos_top(
+                MatrixHVP(matrix), v0=v0, tol=tol, max_hvp=120, basis_dtype=basis_dtype
+            )
             assert result.converged, result.reason
             error = abs(result.value - truth)
-            assert result.value <= truth + 1e-12 * abs(truth)  # a Ritz value never overshoots
-            assert error <= result.error_bound + 1e-12 * abs(truth)
+            assert result.value <= truth + rounding * abs(truth)  # a Ritz value never overshoots
+            assert error <= result.error_bound + rounding * abs(truth)
             assert result.error_bound <= tol * abs(result.value)
 
 
@@ -201,8 +209,8 @@ def test_capped_gap_avoids_a_false_stop_that_the_ritz_gap_makes() -> None:
 
 def test_lanczos_basis_is_orthonormal_and_tridiagonalises() -> None:
     matrix = random_spectrum_matrix(80, [6.0, 5.0], 1.0, 7)
-    result = lanczos_top(MatrixHVP(matrix), tol=1e-8, max_hvp=40)
-    q = result.basis
+    result = lanczos_top(MatrixHVP(matrix), tol=1e-8, max_hvp=40, basis_dtype=torch.float64)
+    q = torch.stack(result.basis, dim=1)
     assert q.dtype == torch.float64 and q.shape == (80, result.n_hvp)
     torch.testing.assert_close(
         q.T @ q, torch.eye(q.shape[1], dtype=torch.float64), atol=1e-12, rtol=0
@@ -234,7 +242,9 @@ def test_eigenvalue_cap_gives_nan_with_reason() -> None:
     assert "max_hvp=3" in result.reason
     # the Ritz pair and the Krylov basis survive: a warm start and a deflation basis
     assert math.isfinite(result.ritz_value) and result.vector is not None
-    assert result.basis.shape == (60, 3) and result.tridiagonal.shape == (3, 3)
+    assert len(result.basis) == 3 and result.basis[0].shape == (60,)
+    assert result.basis[0].dtype == torch.float32  # the default: float32 vectors
+    assert result.tridiagonal.shape == (3, 3)
 
 
 def test_non_converged_lanczos_still_reports_the_trace() -> None:
@@ -294,8 +304,8 @@ def test_krylov_deflated_trace_unbiased_and_sem_calibrated(max_hvp: int) -> None
     """tr(T) + Hutchinson on (I - QQ^T) H (I - QQ^T): unbiased, sem honest, over many seeds."""
     matrix = random_spectrum_matrix(100, [12.0, 9.0, 7.0, 5.0], 1.0, 11)
     truth = float(torch.trace(matrix))
-    lz = lanczos_top(MatrixHVP(matrix), tol=1e-9, max_hvp=max_hvp)
-    q, t = lz.basis, lz.tridiagonal
+    lz = lanczos_top(MatrixHVP(matrix), tol=1e-9, max_hvp=max_hvp, basis_dtype=torch.float64)
+    q, t = torch.stack(lz.basis, dim=1), lz.tridiagonal
     proj = torch.eye(100, dtype=torch.float64) - q @ q.T
     deflated = proj @ matrix @ proj
     # the split is exact: tr H = tr(T) + tr(P H P)
@@ -306,7 +316,7 @@ def test_krylov_deflated_trace_unbiased_and_sem_calibrated(max_hvp: int) -> None
             MatrixHVP(matrix),
             n_probes=m,
             generator=torch.Generator().manual_seed(s),
-            deflation_vectors=q,
+            deflation_vectors=lz.basis if s % 2 else q,  # vectors or their matrix
             deflation_values=np.diag(t).tolist(),
         )
         for s in range(N_KRYLOV_SEEDS)
@@ -481,3 +491,19 @@ def test_half_precision_inputs_are_cast_to_the_parameter_dtype() -> None:
     )
     assert half.reason == "" and half.lambda_max == full.lambda_max
     assert half.hutch_trace == full.hutch_trace
+
+
+@pytest.mark.parametrize(("m", "t_quantile"), [(3, 4.302653), (10, 2.262157)])
+def test_trace_interval_uses_the_t_quantile_of_m_minus_1_dof(m: int, t_quantile: float) -> None:
+    matrix = random_spectrum_matrix(50, [5.0], 1.0, 4)
+    res = hutchinson_trace(MatrixHVP(matrix), n_probes=m, generator=torch.Generator())
+    assert res.ci95 == pytest.approx(t_quantile * res.sem, rel=1e-6)
+
+
+def test_float32_basis_agrees_with_float64() -> None:
+    matrix = random_spectrum_matrix(120, [9.0, 7.0], 1.0, 5)
+    lo = lanczos_top(MatrixHVP(matrix), tol=1e-6)
+    hi = lanczos_top(MatrixHVP(matrix), tol=1e-6, basis_dtype=torch.float64)
+    truth = float(torch.linalg.eigvalsh(matrix)[-1])
+    assert lo.basis[0].dtype == torch.float32 and hi.basis[0].dtype == torch.float64
+    assert abs(lo.value - truth) <= 1e-5 * truth and abs(hi.value - truth) <= 1e-6 * truth
