@@ -16,7 +16,6 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -32,7 +31,6 @@ from deconcnn_cli.analysis.lanczos import (
     lanczos_top,
 )
 
-DEFAULT_FD_STEP = 1e-2  # central-difference displacement (flat L2 norm): measured, docs/
 DEFAULT_DEFLATE = True  # deflate the trace with the Lanczos Krylov basis (measured: docs/)
 _ORTHONORMAL_ATOL = {torch.float32: 1e-4, torch.float64: 1e-6}  # Gram matrix vs identity
 
@@ -160,92 +158,6 @@ class HessianOperator:
         return _flatten(hv, self.params)
 
 
-class FiniteDifferenceHVP:
-    """Hessian-vector products by central differences of the gradient: no second backward.
-
-    ``H v ~ (g(theta + h u) - g(theta - h u)) / (2 h) * |v|`` with ``u = v / |v|``: two
-    forward + backward passes of the probe batch (the same chunked train-mode loss as
-    :class:`HessianOperator`) instead of one double backward through a retained
-    ``create_graph`` graph, which costs about 3 training steps per product on ResNet-18 and
-    keeps that graph in memory. The truncation error is ``O(h**2)``, the rounding error about
-    ``eps_fp32 |g| / h`` (docs/metrics-curvature-noise.md has the measured trade-off that set
-    ``step``). The parameters are moved and put back bit-exactly from a saved copy (also on
-    error); use it inside ``preserved_model_state(model, train=True)`` (BN buffers).
-
-    Parameters
-    ----------
-    model, inputs, targets, chunk_size
-        As in :class:`HessianOperator`.
-    step : float
-        ``h``: the length of the parameter displacement (flat L2 norm), > 0.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        *,
-        chunk_size: int,
-        step: float = DEFAULT_FD_STEP,
-    ) -> None:
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params or not self.params[0].dtype.is_floating_point:
-            raise ValueError("model needs trainable floating-point parameters")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        if inputs.shape[0] == 0 or inputs.shape[0] != targets.shape[0]:
-            raise ValueError(f"inputs/targets lengths {inputs.shape[0]}/{targets.shape[0]}")
-        if not (math.isfinite(step) and step > 0):
-            raise ValueError(f"step must be > 0, got {step!r}")
-        self.model, self.chunk_size, self.step = model, chunk_size, step
-        self.device, self.dtype = self.params[0].device, self.params[0].dtype
-        self.n_params = sum(p.numel() for p in self.params)
-        self.n_hvp = 0
-        self.inputs = _to_device(inputs, self.device, self.dtype)
-        self.targets = targets.to(self.device)
-        self._theta = [p.detach().clone() for p in self.params]
-        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-            self.loss = float(self._loss())
-
-    def _loss(self) -> torch.Tensor:
-        n_total = self.inputs.shape[0]
-        loss = torch.zeros((), device=self.device, dtype=self.dtype)
-        for start in range(0, n_total, self.chunk_size):
-            x = self.inputs[start : start + self.chunk_size]
-            y = self.targets[start : start + self.chunk_size]
-            loss = loss + F.cross_entropy(self.model(x), y) * (x.shape[0] / n_total)
-        return loss
-
-    def _gradient_at(self, direction: list[torch.Tensor], scale: float) -> torch.Tensor:
-        with torch.no_grad():
-            for p, base, d in zip(self.params, self._theta, direction, strict=True):
-                torch.add(base, d, alpha=scale, out=p.data)
-        with torch.enable_grad(), torch.autocast(self.device.type, enabled=False):
-            grads = torch.autograd.grad(self._loss(), self.params, allow_unused=True)
-        return _flatten(grads, self.params)
-
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        """Return ``H @ v`` (central difference) for a flat vector ``v`` of ``n_params``."""
-        if v.shape != (self.n_params,):
-            raise ValueError(f"v must have shape ({self.n_params},), got {tuple(v.shape)}")
-        self.n_hvp += 1
-        v = v.to(device=self.device, dtype=self.dtype)
-        norm = float(torch.linalg.vector_norm(v))
-        if norm == 0 or not math.isfinite(norm):
-            return torch.zeros_like(v) if norm == 0 else torch.full_like(v, math.nan)
-        pieces = (v / norm).split([p.numel() for p in self.params])
-        direction = [d.view_as(p) for d, p in zip(pieces, self.params, strict=True)]
-        try:
-            plus = self._gradient_at(direction, self.step)
-            minus = self._gradient_at(direction, -self.step)
-        finally:
-            with torch.no_grad():  # bit-exact restore
-                for p, base in zip(self.params, self._theta, strict=True):
-                    p.copy_(base)
-        return (plus - minus) * (norm / (2 * self.step))
-
-
 def top_hessian_eigenvalue(
     hvp: HVPOperator,
     *,
@@ -351,8 +263,6 @@ def evaluate_curvature(
     tol: float = DEFAULT_TOL,
     max_hvp: int = DEFAULT_MAX_HVP,
     deflate: bool = DEFAULT_DEFLATE,
-    hvp: Literal["autograd", "finite_difference"] = "autograd",
-    fd_step: float = DEFAULT_FD_STEP,
 ) -> CurvatureResult:
     """``lambda_max`` and Krylov-deflated Hutchinson trace; the model is left as found.
 
@@ -363,8 +273,6 @@ def evaluate_curvature(
     :func:`hutchinson_trace`. With ``deflate`` the trace is ``tr(T)`` (exact on the Lanczos
     Krylov basis ``Q``) plus Hutchinson on ``(I - QQ^T) H (I - QQ^T)``; this holds whether or
     not Lanczos converged, so a non-converged run still gives a trace (``lambda_max`` NaN).
-    ``hvp`` picks the products: ``"autograd"`` (:class:`HessianOperator`, exact to rounding)
-    or ``"finite_difference"`` (:class:`FiniteDifferenceHVP` with ``step=fd_step``).
 
     Returns
     -------
@@ -375,15 +283,8 @@ def evaluate_curvature(
     """
     if n_probes < 2:
         raise ValueError(f"n_probes must be >= 2, got {n_probes}")
-    if hvp not in ("autograd", "finite_difference"):
-        raise ValueError(f"hvp must be 'autograd' or 'finite_difference', got {hvp!r}")
     with preserved_model_state(model, train=True):
-        if hvp == "autograd":
-            operator = HessianOperator(model, inputs, targets, chunk_size=chunk_size)
-        else:
-            operator = FiniteDifferenceHVP(
-                model, inputs, targets, chunk_size=chunk_size, step=fd_step
-            )
+        operator = HessianOperator(model, inputs, targets, chunk_size=chunk_size)
         if not math.isfinite(operator.loss):
             reason = f"non-finite probe loss ({operator.loss})"
             return CurvatureResult(math.nan, math.nan, math.nan, math.nan, 0, None, reason)

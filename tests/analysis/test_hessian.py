@@ -12,7 +12,6 @@ from torch import nn
 from torch.func import functional_call
 
 from deconcnn_cli.analysis.hessian import (
-    FiniteDifferenceHVP,
     HessianOperator,
     evaluate_curvature,
     hutchinson_trace,
@@ -508,47 +507,3 @@ def test_float32_basis_agrees_with_float64() -> None:
     truth = float(torch.linalg.eigvalsh(matrix)[-1])
     assert lo.basis[0].dtype == torch.float32 and hi.basis[0].dtype == torch.float64
     assert abs(lo.value - truth) <= 1e-5 * truth and abs(hi.value - truth) <= 1e-6 * truth
-
-
-FD_REL_TOL = {torch.float64: 1e-6, torch.float32: 2e-2}  # central differences vs dense
-FD_STEP = {torch.float64: 1e-4, torch.float32: 1e-2}  # truncation O(h^2) vs rounding eps/h
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("bn", [True, False])
-def test_finite_difference_hvp_matches_dense_and_restores_parameters(
-    dtype: torch.dtype, bn: bool
-) -> None:
-    model, (x, y) = tiny_cnn(bn=bn, dtype=dtype), probe_batch(dtype=dtype)
-    hessian = dense_hessian(tiny_cnn(bn=bn), *probe_batch(), CHUNK)
-    before = snapshot(model)
-    gen = torch.Generator().manual_seed(2)
-    with preserved_model_state(model, train=True):
-        op = FiniteDifferenceHVP(model, x, y, chunk_size=CHUNK, step=FD_STEP[dtype])
-        for _ in range(5):
-            v = torch.randn(op.n_params, generator=gen, dtype=torch.float64)
-            expected = hessian @ v
-            got = op(v.to(dtype)).double()
-            assert (got - expected).norm() / expected.norm() < FD_REL_TOL[dtype]
-    after = snapshot(model)
-    for a, b in zip(before["params"], after["params"], strict=True):
-        assert torch.equal(a, b)  # moved and put back bit-exactly
-    assert op.n_hvp == 5
-    assert torch.count_nonzero(op(torch.zeros(op.n_params, dtype=dtype))) == 0
-
-
-def test_evaluate_curvature_with_finite_differences_matches_autograd() -> None:
-    model, (x, y) = tiny_cnn(), probe_batch()
-    kwargs = {"chunk_size": CHUNK, "n_probes": 4, "tol": 1e-6, "max_hvp": 60}
-    auto = evaluate_curvature(model, x, y, generator=torch.Generator().manual_seed(5), **kwargs)
-    fd = evaluate_curvature(
-        model,
-        x,
-        y,
-        generator=torch.Generator().manual_seed(5),
-        hvp="finite_difference",
-        fd_step=FD_STEP[torch.float64],
-        **kwargs,
-    )
-    assert fd.lambda_max == pytest.approx(auto.lambda_max, rel=1e-6)
-    assert fd.hutch_trace == pytest.approx(auto.hutch_trace, rel=1e-6)
