@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
-DEFAULT_TOL = 1e-3  # relative accuracy of lambda_max (the protocol's target)
+DEFAULT_TOL = 1e-3  # library default; a run uses AnalysisConfig.lanczos_tol (1e-2, from the spread)
 DEFAULT_MAX_HVP = 40  # Lanczos steps (= HVPs) at most; reaching it gives NaN, never a guess
 DEFAULT_GAP_CAP = 3e-3  # the Ritz gap is trusted up to this fraction of |theta| (docstring)
 DEFAULT_BASIS_DTYPE = torch.float32  # stored Lanczos vectors; the tridiagonal is float64
