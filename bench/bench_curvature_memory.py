@@ -84,7 +84,9 @@ def main() -> None:
     for variant in VARIANTS:
         cmd = [sys.executable, __file__, "--one", variant, "--lanczos", str(args.lanczos)]
         cmd += ["--probes", str(args.probes)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if out.returncode:
+            raise SystemExit(f"{variant}: {out.stderr}")
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(
             f"{r['variant']:<8}{r['width']:>6g}{r['n_params']:>12,}{r['extra_mib']:>16.0f}"

@@ -140,16 +140,16 @@ def lanczos_top(
             hq = op(q.to(op.dtype)).detach().to(basis_dtype)
         if not bool(torch.isfinite(hq).all()):
             return _failed(step, "non-finite Hessian-vector product in Lanczos")
-        alpha = float(torch.dot(q, hq))
+        alpha = float(dot64(q, hq))
         alphas.append(alpha)
         w = hq - alpha * q
         if len(basis) > 1:
             w -= betas[-1] * basis[-2]
         for _ in range(_REORTH_PASSES):  # no stacked copy of the basis: loop over it
-            coeffs = [torch.dot(b, w) for b in basis]
+            coeffs = [dot64(b, w).to(w.dtype) for b in basis]
             for b, c in zip(basis, coeffs, strict=True):
                 w -= c * b
-        beta = float(torch.linalg.vector_norm(w))
+        beta = float(torch.linalg.vector_norm(w, dtype=torch.float64))
         theta, bound, s, exhausted = _ritz_bound(alphas, betas, beta, gap_cap)
         if not math.isfinite(theta):
             return _failed(step, "non-finite Lanczos tridiagonal")
@@ -164,6 +164,16 @@ def lanczos_top(
         f"(bound {bound / abs(theta) if theta else math.inf:.1e} > tol {tol:g})"
     )
     return dataclasses.replace(result, value=math.nan, reason=reason)
+
+
+def dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a . b`` accumulated in float64 (a 0-d tensor on their device).
+
+    A float32 ``torch.dot`` over millions of entries accumulates in float32 and is off by
+    ~1e-4 (the basis then fails an orthonormality check at full width); the products are
+    exact enough in float32, the sum is what needs float64.
+    """
+    return torch.sum(a * b, dtype=torch.float64)
 
 
 def start_vector(v0: torch.Tensor | np.ndarray | None, n: int) -> torch.Tensor:

@@ -507,3 +507,38 @@ def test_float32_basis_agrees_with_float64() -> None:
     truth = float(torch.linalg.eigvalsh(matrix)[-1])
     assert lo.basis[0].dtype == torch.float32 and hi.basis[0].dtype == torch.float64
     assert abs(lo.value - truth) <= 1e-5 * truth and abs(hi.value - truth) <= 1e-6 * truth
+
+
+class DiagonalHVP:
+    """A cheap HVPOperator with millions of 'parameters': H = diag(d), in float32."""
+
+    def __init__(self, d: torch.Tensor) -> None:
+        self.d, self.n_params = d, d.numel()
+        self.device, self.dtype = d.device, d.dtype
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.d * v.to(self.dtype)
+
+
+def test_float32_basis_stays_orthonormal_at_full_width_size() -> None:
+    # 3M parameters (ResNet-18 narrow has 2.8M, base 11M): float32 sums over that many were off by
+    # ~1e-4 and the deflated trace refused its own basis; the dots now accumulate in float64.
+    gen = torch.Generator().manual_seed(0)
+    d = torch.rand(3_000_000, generator=gen)
+    d[:3] = torch.tensor([50.0, 40.0, 30.0])
+    op = DiagonalHVP(d)
+    eig = lanczos_top(op, tol=1e-2, max_hvp=12)
+    assert eig.value == pytest.approx(50.0, rel=1e-2)
+    for i, u in enumerate(eig.basis):
+        for j, w in enumerate(eig.basis):
+            gram = float(torch.sum(u.double() * w.double()))
+            assert abs(gram - (i == j)) < 1e-6
+    res = hutchinson_trace(
+        op,
+        n_probes=2,
+        generator=gen,
+        deflation_vectors=eig.basis,
+        deflation_values=np.diag(eig.tridiagonal).tolist(),
+    )
+    truth = float(d.double().sum())
+    assert abs(res.mean - truth) < 4 * res.sem + 1e-6 * truth
