@@ -15,6 +15,7 @@ from deconcnn_cli.analysis.hessian import (
     HessianOperator,
     evaluate_curvature,
     hutchinson_trace,
+    lanczos_start,
     preserved_model_state,
     top_hessian_eigenvalue,
 )
@@ -542,3 +543,23 @@ def test_float32_basis_stays_orthonormal_at_full_width_size() -> None:
     )
     truth = float(d.double().sum())
     assert abs(res.mean - truth) < 4 * res.sem + 1e-6 * truth
+
+
+def test_lanczos_start_is_previous_vector_plus_gradient() -> None:
+    g = torch.tensor([3.0, 4.0, 0.0])
+    v = torch.tensor([0.0, 0.0, 2.0])
+    torch.testing.assert_close(lanczos_start(None, g), torch.tensor([0.6, 0.8, 0.0]).double())
+    torch.testing.assert_close(lanczos_start(v, g), torch.tensor([0.6, 0.8, 1.0]).double())
+    torch.testing.assert_close(lanczos_start(v, 0 * g), torch.tensor([0.0, 0.0, 1.0]).double())
+    assert lanczos_start(None, 0 * g) is None  # Lanczos then takes its fixed cold start
+    with pytest.raises(ValueError, match="v0 must have 3"):
+        lanczos_start(torch.ones(4), g)
+
+
+def test_evaluate_curvature_starts_from_the_probe_gradient() -> None:
+    model, (x, y) = tiny_cnn(), probe_batch()
+    res = evaluate_curvature(model, x, y, chunk_size=CHUNK, n_probes=2, generator=torch.Generator())
+    with preserved_model_state(model, train=True):
+        op = HessianOperator(model, x, y, chunk_size=CHUNK)
+        direct = lanczos_top(op, v0=op.gradient)
+    assert (res.lambda_max, res.n_hvp - 2) == (direct.value, direct.n_hvp)
