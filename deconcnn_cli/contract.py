@@ -43,7 +43,15 @@ def checkpoint_name(next_step: int) -> str:
 STREAMS: dict[str, tuple[str, ...]] = {
     "step": ("step", "epoch", "loss_train_nats", "loss_train_bits", "acc_train", "lr", "wd"),
     "val": ("step", "epoch", "loss_val_nats", "acc_val", "grad_norm", "weight_norm"),
-    "curvature": ("step", "epoch", "lambda_max", "hutch_trace", "hutch_trace_sem", "n_hvp"),
+    "curvature": (
+        "step",
+        "epoch",
+        "lambda_max",
+        "hutch_trace",
+        "hutch_trace_sem",
+        "n_hvp",
+        "hutch_trace_ci95",
+    ),
     "noise": (
         "step",
         "epoch",
@@ -69,6 +77,8 @@ STREAMS: dict[str, tuple[str, ...]] = {
         "alpha_early_lr",
         "alpha_full_lr",
         "power_law_r2_lr",
+        "knee_epoch",
+        "knee_censored",
     ),
 }
 

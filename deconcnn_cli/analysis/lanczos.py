@@ -40,9 +40,10 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
-DEFAULT_TOL = 1e-3  # relative accuracy of lambda_max (the protocol's target)
+DEFAULT_TOL = 1e-3  # library default; a run uses AnalysisConfig.lanczos_tol (1e-2, from the spread)
 DEFAULT_MAX_HVP = 40  # Lanczos steps (= HVPs) at most; reaching it gives NaN, never a guess
 DEFAULT_GAP_CAP = 3e-3  # the Ritz gap is trusted up to this fraction of |theta| (docstring)
+DEFAULT_BASIS_DTYPE = torch.float32  # stored Lanczos vectors; the tridiagonal is float64
 _COLD_START_SEED = 0
 _REORTH_PASSES = 2  # classical Gram-Schmidt twice: orthogonal to working precision
 
@@ -61,8 +62,9 @@ class HVPOperator(Protocol):
 class LanczosResult:
     """Top eigenvalue of a symmetric operator; ``value`` NaN and ``reason`` unless converged.
 
-    ``basis`` (``n x j``, float64, on the operator's device, orthonormal columns) and
-    ``tridiagonal`` (``j x j``, ``basis.T @ H @ basis``) are those of the ``j`` products made;
+    ``basis`` (the ``j`` orthonormal Lanczos vectors, 1-D, in the run's ``basis_dtype`` on the
+    operator's device; never stacked into a matrix, which would double the peak memory) and
+    ``tridiagonal`` (``j x j`` float64, ``Q.T @ H @ Q``) are those of the ``j`` products made;
     they are kept after a non-converged run too (a valid deflation basis), and are None only
     when a product was non-finite.
     """
@@ -70,7 +72,7 @@ class LanczosResult:
     value: float  # converged top Ritz value; NaN if not converged
     ritz_value: float  # top Ritz value reached, converged or not (NaN if non-finite)
     vector: torch.Tensor | None  # top Ritz vector: flat, float32, CPU, unit norm
-    basis: torch.Tensor | None
+    basis: tuple[torch.Tensor, ...] | None
     tridiagonal: np.ndarray | None
     error_bound: float  # a-posteriori bound on |ritz_value - eigenvalue|
     n_hvp: int
@@ -85,6 +87,7 @@ def lanczos_top(
     tol: float = DEFAULT_TOL,
     max_hvp: int = DEFAULT_MAX_HVP,
     gap_cap: float = DEFAULT_GAP_CAP,
+    basis_dtype: torch.dtype = DEFAULT_BASIS_DTYPE,
 ) -> LanczosResult:
     """Largest algebraic eigenvalue by Lanczos with full reorthogonalisation.
 
@@ -92,7 +95,8 @@ def lanczos_top(
     ----------
     op : HVPOperator
         Symmetric operator; called with vectors of ``op.dtype`` on ``op.device``. The Lanczos
-        vectors and the reorthogonalisation are float64 on that device.
+        vectors and the reorthogonalisation are ``basis_dtype`` on that device; the
+        tridiagonal and its eigenproblem are float64.
     v0 : tensor or array, optional
         Start vector (the previous eigenvector: a warm start); ignored if zero or non-finite.
         Without it a fixed-seed Gaussian vector is used, so results are deterministic.
@@ -105,6 +109,10 @@ def lanczos_top(
     gap_cap : float
         The gap in ``r**2 / gap`` is at most ``gap_cap * |theta|`` (module docstring); 0
         gives the residual test ``r <= tol * |theta|``.
+    basis_dtype : torch.dtype
+        Precision of the stored Lanczos vectors: float32 (default) halves the memory of
+        float64, and its rounding (~1e-7) is far below any tolerance used; float64 for tests
+        that check orthogonality to 1e-12.
 
     Returns
     -------
@@ -119,7 +127,9 @@ def lanczos_top(
         raise ValueError(f"max_hvp must be >= 1, got {max_hvp}")
     if not gap_cap >= 0:
         raise ValueError(f"gap_cap must be >= 0, got {gap_cap}")
-    q = start_vector(v0, n).to(op.device)
+    if basis_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"basis_dtype must be float32 or float64, got {basis_dtype}")
+    q = start_vector(v0, n).to(op.device, basis_dtype)
     basis: list[torch.Tensor] = []
     alphas: list[float] = []
     betas: list[float] = []  # off-diagonal of T: betas[i] couples q_i and q_{i+1}
@@ -127,19 +137,19 @@ def lanczos_top(
     for step in range(1, min(max_hvp, n) + 1):
         basis.append(q)
         with torch.autocast(op.device.type, enabled=False):
-            hq = op(q.to(op.dtype)).detach().to(torch.float64)
+            hq = op(q.to(op.dtype)).detach().to(basis_dtype)
         if not bool(torch.isfinite(hq).all()):
             return _failed(step, "non-finite Hessian-vector product in Lanczos")
-        alpha = float(torch.dot(q, hq))
+        alpha = float(dot64(q, hq))
         alphas.append(alpha)
         w = hq - alpha * q
         if len(basis) > 1:
             w -= betas[-1] * basis[-2]
         for _ in range(_REORTH_PASSES):  # no stacked copy of the basis: loop over it
-            coeffs = [torch.dot(b, w) for b in basis]
+            coeffs = [dot64(b, w).to(w.dtype) for b in basis]
             for b, c in zip(basis, coeffs, strict=True):
                 w -= c * b
-        beta = float(torch.linalg.vector_norm(w))
+        beta = float(torch.linalg.vector_norm(w, dtype=torch.float64))
         theta, bound, s, exhausted = _ritz_bound(alphas, betas, beta, gap_cap)
         if not math.isfinite(theta):
             return _failed(step, "non-finite Lanczos tridiagonal")
@@ -147,12 +157,23 @@ def lanczos_top(
             return _result(basis, alphas, betas, theta, s, bound, converged=True)
         betas.append(beta)
         q = w / beta
+        del hq, w
     result = _result(basis, alphas, betas[: len(alphas) - 1], theta, s, bound, converged=False)
     reason = (
         f"Lanczos did not converge within max_hvp={max_hvp} HVPs "
         f"(bound {bound / abs(theta) if theta else math.inf:.1e} > tol {tol:g})"
     )
     return dataclasses.replace(result, value=math.nan, reason=reason)
+
+
+def dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a . b`` accumulated in float64 (a 0-d tensor on their device).
+
+    A float32 ``torch.dot`` over millions of entries accumulates in float32 and is off by
+    ~1e-4 (the basis then fails an orthonormality check at full width); the products are
+    exact enough in float32, the sum is what needs float64.
+    """
+    return torch.sum(a * b, dtype=torch.float64)
 
 
 def start_vector(v0: torch.Tensor | np.ndarray | None, n: int) -> torch.Tensor:
@@ -204,9 +225,10 @@ def _result(
     *,
     converged: bool,
 ) -> LanczosResult:
-    q = torch.stack(basis, dim=1)  # (n, j)
-    vector = (q @ torch.from_numpy(np.ascontiguousarray(s)).to(q.device)).cpu()
-    vector = (vector / torch.linalg.vector_norm(vector)).to(torch.float32)
+    vector = torch.zeros_like(basis[0], dtype=torch.float64)  # sum_i s_i q_i, no stacked copy
+    for b, coeff in zip(basis, s.tolist(), strict=True):
+        vector.add_(b, alpha=coeff)
+    vector = (vector / torch.linalg.vector_norm(vector)).to("cpu", torch.float32)
     j = len(alphas)
     t = np.diag(np.asarray(alphas))
     if j > 1:
@@ -216,7 +238,7 @@ def _result(
         value=theta,
         ritz_value=theta,
         vector=vector,
-        basis=q,
+        basis=tuple(basis),
         tridiagonal=t,
         error_bound=bound,
         n_hvp=j,

@@ -1,10 +1,10 @@
-"""Loss-curve shape: power-law, offset and exponential fits on log-binned loss; burn-in; knee.
+"""Loss-curve shape: power-law, offset and exponential fits on log-binned loss; burn-in.
 
 Pure functions on numpy arrays (no I/O). Conventions, used everywhere here:
 
 - ``t = step + 1``, the number of optimizer steps taken (steps count from 0 and ``ln t`` needs
   ``t > 0``). :func:`burn_in_step`, :func:`alpha_early` and :func:`alpha_full` take *steps*
-  and convert; the ``fit_*`` functions and :func:`find_knee` take ``t``.
+  and convert; the ``fit_*`` functions take ``t``. The knee has its own module, :mod:`.knee`.
 - Fits use the loss averaged in log-uniform bins of ``t`` (:func:`log_uniform_bins`): average
   L in a bin, *then* take the log. Uniform-in-t points would give late training almost all the
   weight in a log-log fit.
@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import least_squares, minimize_scalar
+from scipy.optimize import least_squares
 
 from deconcnn_cli.analysis.spectral import centred_smooth
 
@@ -28,8 +28,6 @@ DEFAULT_N_BINS = 20  # log-uniform bins per fit window, whatever its length
 MIN_BINS = 3  # fewest non-empty bins for a 2-parameter fit (one residual degree of freedom)
 MIN_BINS_OFFSET = 4  # the offset form has 3 parameters
 OFFSET_F_SCALE = 0.1  # soft_l1 scale in log space: residuals beyond ~10% are down-weighted
-KNEE_MIN_POINTS = 4  # fewest binned points on each side of a knee
-KNEE_MIN_BIC_GAIN = 10.0  # "very strong" (Kass & Raftery); 0 gives 10-18% false knees
 
 
 @dataclass(frozen=True)
@@ -67,23 +65,6 @@ class ExponentialFit:
     n_points: int
     aic: float
     bic: float
-
-
-@dataclass(frozen=True)
-class KneeFit:
-    """One vs two log-log segments. ``breakpoint_t`` is None unless two segments win.
-
-    ``candidate_t`` and the exponents describe the best two-segment fit whether or not it wins;
-    ``bic_one``/``bic_two`` are the (count-weighted) criteria compared, lower is better.
-    """
-
-    breakpoint_t: float | None
-    candidate_t: float
-    exponent_before: float
-    exponent_after: float
-    bic_one: float
-    bic_two: float
-    n_points: int
 
 
 def _check_int(value: int, name: str, minimum: int) -> int:
@@ -356,11 +337,57 @@ def burn_in_step(
     return int(s_arr[hits[0]]) if hits.size else None
 
 
-def _fit_or_none(steps: np.ndarray, loss: np.ndarray, n_bins: int) -> PowerLawFit | None:
+def _fit_or_none(
+    steps: np.ndarray, loss: np.ndarray, n_bins: int, clock: np.ndarray | None = None
+) -> PowerLawFit | None:
+    """Power law on ``t = step + 1``, or on ``clock`` (its samples at 0 are left out)."""
     _check_int(n_bins, "n_bins", MIN_BINS)
-    if steps.size < MIN_BINS or _bins(steps + 1.0, loss, n_bins)[0].size < MIN_BINS:
+    t = steps + 1.0 if clock is None else clock
+    keep = t > 0
+    t, loss = t[keep], loss[keep]
+    if t.size < MIN_BINS or _bins(t, loss, n_bins)[0].size < MIN_BINS:
         return None
-    return fit_power_law(steps + 1.0, loss, n_bins=n_bins)
+    return fit_power_law(t, loss, n_bins=n_bins)
+
+
+def _check_clock(clock: np.ndarray | None, steps: np.ndarray) -> np.ndarray | None:
+    if clock is None:
+        return None
+    c_arr = np.asarray(clock, dtype=np.float64)
+    if c_arr.shape != steps.shape:
+        raise ValueError(f"clock must have the shape of steps {steps.shape}, got {c_arr.shape}")
+    if not np.all(np.isfinite(c_arr)) or np.any(c_arr < 0) or np.any(np.diff(c_arr) < 0):
+        raise ValueError("clock must be finite, >= 0 and non-decreasing")
+    return c_arr
+
+
+def lr_time(lr_per_step: np.ndarray) -> np.ndarray:
+    """Cumulative learning rate ``tau_s = sum_{u <= s} lr_u``: the time axis of the lr fits.
+
+    Under a schedule the loss is closer to a function of ``tau`` than of the step count (a
+    step at lr 0 moves nothing); fitting against ``tau`` takes the schedule's own bend out of
+    the curve. Like ``t = step + 1``, ``tau`` at step ``s`` includes step ``s``'s own lr.
+
+    Parameters
+    ----------
+    lr_per_step : np.ndarray
+        1-D learning rate of steps 0, 1, ... (finite, >= 0).
+
+    Returns
+    -------
+    np.ndarray
+        ``np.cumsum(lr_per_step)`` in float64 (0 while the lr is 0, e.g. step 0 of a warmup
+        from 0; the fits leave those samples out).
+
+    Raises
+    ------
+    ValueError
+        If ``lr_per_step`` is not 1-D, or has a negative or non-finite entry.
+    """
+    lr = np.asarray(lr_per_step, dtype=np.float64)
+    if lr.ndim != 1 or not np.all(np.isfinite(lr)) or np.any(lr < 0):
+        raise ValueError("lr_per_step must be 1-D, finite and >= 0")
+    return np.cumsum(lr)
 
 
 def alpha_early(
@@ -371,8 +398,9 @@ def alpha_early(
     epoch_window: tuple[float, float] = (5.0, 15.0),
     n_bins: int = DEFAULT_N_BINS,
     require_complete: bool = True,
+    clock: np.ndarray | None = None,
 ) -> PowerLawFit | None:
-    """Power-law fit (``t = step + 1``) over the steps in epochs ``[start, end)``.
+    """Power-law fit (``t = step + 1``, or ``clock``) over the steps in epochs ``[start, end)``.
 
     Step ``s`` is in epoch ``s / steps_per_epoch``, so the window is
     ``ceil(start * spe) <= s < ceil(end * spe)``.
@@ -391,6 +419,10 @@ def alpha_early(
         The protocol: None until the window's first and last step are logged (the run has
         reached epoch ``end``); from then on the value is fixed. With False, fit whatever part
         of the window is logged so far (the value changes as the window fills).
+    clock : np.ndarray, optional
+        The fit's time axis, one value per step (e.g. :func:`lr_time`); finite, >= 0,
+        non-decreasing. Default ``t = step + 1``. The window is still chosen in steps; samples
+        at clock 0 are left out.
 
     Returns
     -------
@@ -411,13 +443,19 @@ def alpha_early(
     if require_complete and (s_arr[0] > first or s_arr[-1] < stop - 1):
         return None
     sel = (s_arr >= first) & (s_arr < stop)
-    return _fit_or_none(s_arr[sel], l_arr[sel], n_bins)
+    c_arr = _check_clock(clock, s_arr)
+    return _fit_or_none(s_arr[sel], l_arr[sel], n_bins, None if c_arr is None else c_arr[sel])
 
 
 def alpha_full(
-    steps: np.ndarray, loss: np.ndarray, *, burn_in: int | None, n_bins: int = DEFAULT_N_BINS
+    steps: np.ndarray,
+    loss: np.ndarray,
+    *,
+    burn_in: int | None,
+    n_bins: int = DEFAULT_N_BINS,
+    clock: np.ndarray | None = None,
 ) -> PowerLawFit | None:
-    """Power-law fit (``t = step + 1``) from step ``burn_in`` to the last logged step.
+    """Power-law fit (``t = step + 1``, or ``clock``) from step ``burn_in`` to the last step.
 
     Parameters
     ----------
@@ -427,6 +465,8 @@ def alpha_full(
         From :func:`burn_in_step`.
     n_bins : int, default DEFAULT_N_BINS
         Log-uniform bins (>= 3).
+    clock : np.ndarray, optional
+        As in :func:`alpha_early`.
 
     Returns
     -------
@@ -443,81 +483,5 @@ def alpha_full(
     if burn_in is None:
         return None
     sel = s_arr >= burn_in
-    return _fit_or_none(s_arr[sel], l_arr[sel], n_bins)
-
-
-def _hinge_wrss(x: np.ndarray, y: np.ndarray, w: np.ndarray, xb: float | None) -> tuple:
-    """Weighted RSS and coefficients of y = b0 + b1 x [+ b2 max(0, x - xb)]."""
-    cols = [np.ones_like(x), x] + ([np.maximum(0.0, x - xb)] if xb is not None else [])
-    design, sw = np.column_stack(cols), np.sqrt(w)
-    coef, *_ = np.linalg.lstsq(design * sw[:, None], y * sw, rcond=None)
-    return float(np.sum(w * (y - design @ coef) ** 2)), coef
-
-
-def find_knee(
-    t: np.ndarray,
-    loss: np.ndarray,
-    *,
-    n_bins: int = DEFAULT_N_BINS,
-    min_points_per_segment: int = KNEE_MIN_POINTS,
-    min_bic_gain: float = KNEE_MIN_BIC_GAIN,
-) -> KneeFit:
-    """Continuous two-segment line vs one line through (ln t, ln mean L), chosen by BIC.
-
-    Each bin is weighted by the number of steps it averages (its mean's variance is ~1/count
-    for per-step noise), so the BIC's Gaussian likelihood is right for noisy single-step bins
-    at small ``t`` and precise ones later. The breakpoint is searched over the bin centres that
-    leave ``min_points_per_segment`` points on each side, then refined continuously between
-    the neighbouring centres. BIC counts 3 parameters for one line and 5 for two (two slopes,
-    intercept, breakpoint, variance). Two segments win when ``bic_one - bic_two >
-    min_bic_gain``: the breakpoint search makes BIC's nominal rule (gain > 0) pick a false knee
-    on ~10% of pure power laws. Nothing is rescaled to the unit square (as kneedle does), so a
-    pure power law has no knee whatever the range of ``t``.
-
-    Parameters
-    ----------
-    t, loss : np.ndarray
-        As in :func:`log_uniform_bins`.
-    n_bins : int, default DEFAULT_N_BINS
-        Log-uniform bins before dropping empty ones.
-    min_points_per_segment : int, default KNEE_MIN_POINTS
-        Fewest binned points on each side of the breakpoint (>= 2).
-    min_bic_gain : float, default KNEE_MIN_BIC_GAIN
-        BIC improvement two segments need to win (>= 0).
-
-    Returns
-    -------
-    KneeFit
-        ``breakpoint_t`` in units of ``t``; epoch = ``(t_b - 1) / steps_per_epoch``.
-
-    Raises
-    ------
-    ValueError
-        On invalid input or fewer than ``2 * min_points_per_segment`` non-empty bins.
-    """
-    m = _check_int(min_points_per_segment, "min_points_per_segment", 2)
-    if not min_bic_gain >= 0:
-        raise ValueError(f"min_bic_gain must be >= 0, got {min_bic_gain!r}")
-    x, y, counts, _ = _binned_logs(t, loss, n_bins, max(MIN_BINS, 2 * m))
-    n, w = x.size, counts / counts.mean()
-    bic_one = _ic(_hinge_wrss(x, y, w, None)[0], n, n_params=2)[1]
-    # Candidate x[j] leaves points 0..j (j + 1 >= m) left and j..n-1 (n - j >= m) right.
-    cands = range(m - 1, n - m + 1)
-    j = m - 1 + int(np.argmin([_hinge_wrss(x, y, w, x[i])[0] for i in cands]))
-    lo, hi = x[max(j - 1, m - 1)], x[min(j + 1, n - m)]
-    xb = float(x[j])
-    res = minimize_scalar(lambda v: _hinge_wrss(x, y, w, v)[0], bounds=(lo, hi), method="bounded")
-    if res.fun < _hinge_wrss(x, y, w, xb)[0]:
-        xb = float(res.x)
-    rss_two, coef = _hinge_wrss(x, y, w, xb)
-    bic_two = _ic(rss_two, n, n_params=4)[1]
-    t_b = math.exp(xb)
-    return KneeFit(
-        breakpoint_t=t_b if bic_one - bic_two > min_bic_gain else None,
-        candidate_t=t_b,
-        exponent_before=float(-coef[1]),
-        exponent_after=float(-(coef[1] + coef[2])),
-        bic_one=bic_one,
-        bic_two=bic_two,
-        n_points=int(n),
-    )
+    c_arr = _check_clock(clock, s_arr)
+    return _fit_or_none(s_arr[sel], l_arr[sel], n_bins, None if c_arr is None else c_arr[sel])

@@ -209,22 +209,28 @@ def _run(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("epoch {task.fields[epoch]:.2f} loss {task.fields[loss]:.4f}"),
+        TextColumn("epoch {task.fields[epoch]:.2f} loss {task.fields[loss]}"),
         TextColumn("{task.fields[rate]:.1f} step/s"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        TextColumn("{task.fields[phase]}"),
     )
     with RichProgress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(target.name, total=None, epoch=0.0, loss=float("nan"), rate=0.0)
+        fields = {"epoch": 0.0, "loss": "-", "rate": 0.0, "phase": "starting ..."}
+        task = bar.add_task(target.name, total=None, **fields)
 
         def on_progress(p: Progress) -> None:
+            if p.phase:  # a metric runs before the next block of steps: say so
+                bar.update(task, completed=p.step, total=p.total_steps, phase=p.phase)
+                return
             bar.update(
                 task,
                 completed=p.step,
                 total=p.total_steps,
                 epoch=p.epoch,
-                loss=p.loss_train_nats,
+                loss=f"{p.loss_train_nats:.4f}",
                 rate=p.steps_per_s,
+                phase="",
             )
 
         return train_run(

@@ -60,6 +60,7 @@ class Progress:
     epoch: float
     loss_train_nats: float
     steps_per_s: float
+    phase: str = ""  # non-empty: what runs now instead of steps ("curvature at step 0 ...")
 
 
 @dataclass(frozen=True)
@@ -539,10 +540,18 @@ def _loop(
         asked = stops.requested or (stop_after_steps is not None and step + 1 >= stop_after_steps)
         return after_step(step, s, buffered=len(run.buf_rows), stop_requested=asked)
 
+    def announce(phase: str, step: int) -> None:
+        """Tell the caller what runs now (a cold Lanczos at step 0 can take minutes)."""
+        if on_progress is not None:
+            spe = s.steps_per_epoch
+            on_progress(Progress(step, s.total_steps, step / spe, math.nan, 0.0, phase=phase))
+
     run.model.train()
     for step in range(run.start_step, s.total_steps):
         if curvature_due(step, s):
+            announce(f"curvature at step {step} ...", step)
             run.measure_curvature(step)
+            announce("training ...", step)
         run.train_step(step)
 
         plan = decide(step)
@@ -551,6 +560,7 @@ def _loop(
             if plan.validate:
                 run.validate(step)
             if plan.noise:
+                announce(f"gradient noise at epoch {(step + 1) // s.steps_per_epoch} ...", step + 1)
                 run.measure_noise(step)
             if plan.shape:
                 run.measure_shape(step)

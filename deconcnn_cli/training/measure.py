@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from deconcnn_cli.analysis import hessian, noise, powerlaw, spectral
+from deconcnn_cli.analysis.knee import find_knee
 from deconcnn_cli.config import RunConfig
-from deconcnn_cli.contract import STREAMS, atomic_write_json, read_stream
+from deconcnn_cli.contract import STREAMS, atomic_write_json, parse_cell, read_stream
 from deconcnn_cli.training.data import (
     DataSplits,
     augment_batch,
@@ -90,6 +91,7 @@ def curvature_row(
         "lambda_max": res.lambda_max,
         "hutch_trace": res.hutch_trace,
         "hutch_trace_sem": res.hutch_trace_sem,
+        "hutch_trace_ci95": res.hutch_trace_ci95,
         "n_hvp": res.n_hvp,
         "_warnings": [f"curvature: {res.reason}"] if res.reason else [],
     }
@@ -149,34 +151,66 @@ def _smooth_window(spe: int) -> int:
     return w if w % 2 else w + 1
 
 
+def lr_per_step(cfg: RunConfig, spe: int, n_steps: int) -> np.ndarray:
+    """The lr each of steps ``0 .. n_steps - 1`` used: the schedule as ``train_run`` runs it."""
+    from deconcnn_cli.training.loop import lr_factor  # loop imports this module
+
+    warmup = round(cfg.schedule.warmup_epochs * spe)
+    total = cfg.schedule.epochs * spe
+    factors = [lr_factor(s, warmup_steps=warmup, total_steps=total) for s in range(n_steps)]
+    return cfg.optim.lr * np.asarray(factors, dtype=np.float64)
+
+
+def _knee_cells(steps: np.ndarray, loss: np.ndarray, burn: int | None, spe: int) -> dict:
+    """``knee_epoch`` and ``knee_censored`` over the alpha_full window (burn-in to the end)."""
+    if burn is None:
+        return {"knee_epoch": None, "knee_censored": None}
+    keep = steps >= burn
+    try:
+        knee = find_knee(steps[keep] + 1.0, loss[keep])
+    except ValueError:  # fewer bins than two segments need: not defined yet
+        return {"knee_epoch": None, "knee_censored": None}
+    epoch = None if knee.breakpoint_t is None else (knee.breakpoint_t - 1) / spe
+    return {"knee_epoch": epoch, "knee_censored": int(knee.censored)}
+
+
 def shape_row(losses: list[float], cfg: RunConfig, spe: int) -> dict[str, Any]:
-    """Loss-curve shape so far: burn-in, alpha_early, alpha_full (+ offset form)."""
+    """Loss-curve shape so far: burn-in, alpha_early/alpha_full in step and lr time, knee.
+
+    Cells are None ("not defined yet": no burn-in, window incomplete or too short) or a
+    number; a computation that fails raises, and :func:`guarded` logs NaN with the reason.
+    """
     steps = np.arange(len(losses))
     loss = np.asarray(losses, dtype=np.float64)
-    burn = powerlaw.burn_in_step(
-        steps, loss, window_steps=_smooth_window(spe), threshold=cfg.analysis.burn_in_ce_nats
+    tau = powerlaw.lr_time(lr_per_step(cfg, spe, len(losses)))
+    window = _smooth_window(spe)
+    a = cfg.analysis
+    burn = powerlaw.burn_in_step(steps, loss, window_steps=window, threshold=a.burn_in_ce_nats)
+    early, early_lr = (
+        powerlaw.alpha_early(
+            steps, loss, steps_per_epoch=spe, epoch_window=a.alpha_early_epochs, clock=clock
+        )
+        for clock in (None, tau)
     )
-    early = powerlaw.alpha_early(
-        steps, loss, steps_per_epoch=spe, epoch_window=cfg.analysis.alpha_early_epochs
-    )
-    full = powerlaw.alpha_full(steps, loss, burn_in=burn)
+    full, full_lr = (powerlaw.alpha_full(steps, loss, burn_in=burn, clock=c) for c in (None, tau))
     offset = None
-    if full is not None:
+    if full is not None and full.n_points >= powerlaw.MIN_BINS_OFFSET:
         keep = steps >= burn
-        try:
-            offset = powerlaw.fit_power_law_offset(steps[keep] + 1.0, loss[keep])
-        except ValueError:
-            offset = None
+        offset = powerlaw.fit_power_law_offset(steps[keep] + 1.0, loss[keep])
     return {
         "burn_in_step": burn,
-        "alpha_early": early.exponent if early else NAN,
-        "alpha_early_r2": early.r2 if early else NAN,
-        "alpha_full": full.exponent if full else NAN,
-        "power_law_r2": full.r2 if full else NAN,
-        "power_law_rmse": full.rmse if full else NAN,
-        "offset_alpha": offset.exponent if offset else NAN,
-        "offset_c": offset.offset if offset else NAN,
-        "offset_r2": offset.r2 if offset else NAN,
+        "alpha_early": early.exponent if early else None,
+        "alpha_early_r2": early.r2 if early else None,
+        "alpha_full": full.exponent if full else None,
+        "power_law_r2": full.r2 if full else None,
+        "power_law_rmse": full.rmse if full else None,
+        "offset_alpha": offset.exponent if offset else None,
+        "offset_c": offset.offset if offset else None,
+        "offset_r2": offset.r2 if offset else None,
+        "alpha_early_lr": early_lr.exponent if early_lr else None,
+        "alpha_full_lr": full_lr.exponent if full_lr else None,
+        "power_law_r2_lr": full_lr.r2 if full_lr else None,
+        **_knee_cells(steps, loss, burn, spe),
     }
 
 
@@ -185,55 +219,69 @@ def read_step_losses(writer: RunWriter) -> list[float]:
     return [float(r["loss_train_nats"]) for r in read_stream(writer.streams["step"].path)]
 
 
-def _last(rows: list[dict[str, str]], key: str) -> float | None:
-    for row in reversed(rows):
-        if row.get(key) not in (None, ""):
-            return float(row[key])
-    return None
+def _finite_prefix(losses: list[float]) -> list[float]:
+    """The losses before the first non-finite one (a diverged run's last row is not)."""
+    for i, value in enumerate(losses):
+        if not math.isfinite(value):
+            return losses[:i]
+    return losses
+
+
+SUMMARY_SHAPE_KEYS = (
+    "burn_in_step",
+    "alpha_early",
+    "alpha_early_r2",
+    "alpha_full",
+    "power_law_r2",
+    "power_law_rmse",
+    "alpha_early_lr",
+    "alpha_full_lr",
+    "power_law_r2_lr",
+    "knee_epoch",
+    "knee_censored",
+)
 
 
 def write_summary(
     writer: RunWriter, cfg: RunConfig, state: str, steps_done: int, spe: int, losses: list[float]
 ) -> dict[str, Any]:
-    """``summary.json``: the run's final numbers, from its streams."""
+    """``summary.json``: the run's final numbers, from its streams and its per-step losses.
+
+    The shape metrics are those of the whole (finite) curve. ``None`` (JSON null) means "not
+    defined" (no burn-in, window never complete, no validation), NaN "could not be computed"
+    (its reason is in events.jsonl); docs/metrics.md lists the keys.
+    """
     val = read_stream(writer.streams["val"].path)
-    shape = read_stream(writer.streams["shape"].path)
-    best_ce, best_epoch = None, None
-    finite = [(float(r["loss_val_nats"]), float(r["epoch"])) for r in val]
-    finite = [(c, e) for c, e in finite if math.isfinite(c)]
+    step_rows = read_stream(writer.streams["step"].path)
+    best_ce, best_epoch = (NAN, NAN) if val else (None, None)
+    finite = [(parse_cell(r["loss_val_nats"]), float(r["epoch"])) for r in val]
+    finite = [(c, e) for c, e in finite if c is not None and math.isfinite(c)]
     if finite:
         best_ce, best_epoch = min(finite)
-    knee_epoch = None
-    burn_in = _last(shape, "burn_in_step")
-    loss = np.asarray(losses, dtype=np.float64)
-    if burn_in is not None and math.isfinite(burn_in) and np.all(np.isfinite(loss)):
-        t = np.arange(1, len(loss) + 1, dtype=np.float64)[int(burn_in) :]
-        try:  # the knee is sought over the alpha_full window (burn-in to the end)
-            knee = powerlaw.find_knee(t, loss[int(burn_in) :])
-            if knee.breakpoint_t is not None:
-                knee_epoch = (knee.breakpoint_t - 1) / spe
-        except ValueError:  # too few bins: no knee can be told
-            knee_epoch = None
+    curve = _finite_prefix(losses)
+    shape = guarded(writer, "shape", steps_done - 1, shape_row, curve, cfg, spe)
+    burn = shape.get("burn_in_step")
+    burn_in_loss = burn  # None (no burn-in) or NaN (shape failed) carry over
+    if isinstance(burn, int):  # the smoothed CE that crossed the threshold
+        smooth = spectral.centred_smooth(np.asarray(curve, dtype=np.float64), _smooth_window(spe))
+        burn_in_loss = float(smooth[burn])
     summary = {
         "state": state,
         "steps_done": steps_done,
         "epochs_done": steps_done / spe,
         "final_loss_train_nats": losses[-1] if losses else None,
-        "final_loss_val_nats": float(val[-1]["loss_val_nats"]) if val else None,
-        "final_acc_val": float(val[-1]["acc_val"]) if val else None,
+        "final_acc_train": parse_cell(step_rows[-1]["acc_train"]) if step_rows else None,
+        "final_loss_val_nats": parse_cell(val[-1]["loss_val_nats"]) if val else None,
+        "final_acc_val": parse_cell(val[-1]["acc_val"]) if val else None,
         "best_val_ce": best_ce,
         "best_val_epoch": best_epoch,
-        "knee_epoch": knee_epoch,
-        "alpha_early": _last(shape, "alpha_early"),
-        "alpha_full": _last(shape, "alpha_full"),
-        "power_law_r2": _last(shape, "power_law_r2"),
-        "burn_in_step": None if burn_in is None else int(burn_in),
+        **{k: shape.get(k) for k in SUMMARY_SHAPE_KEYS},
+        "burn_in_loss": burn_in_loss,
         "precision": writer.status.get("precision"),
         "attempts": writer.status.get("attempt"),
     }
-    summary = {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-        for k, v in summary.items()
-    }
+    if isinstance(summary["knee_censored"], int):  # 0/1 in shape.csv, a bool in JSON
+        summary["knee_censored"] = bool(summary["knee_censored"])
+    summary = {k: NAN if isinstance(v, float) and math.isinf(v) else v for k, v in summary.items()}
     atomic_write_json(writer.run_dir / "summary.json", summary)
     return summary

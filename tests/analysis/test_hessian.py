@@ -15,6 +15,7 @@ from deconcnn_cli.analysis.hessian import (
     HessianOperator,
     evaluate_curvature,
     hutchinson_trace,
+    lanczos_start,
     preserved_model_state,
     top_hessian_eigenvalue,
 )
@@ -162,13 +163,19 @@ def random_spectrum_matrix(n: int, top: list[float], bulk: float, seed: int) -> 
     return u @ torch.diag(values) @ u.T
 
 
-@pytest.mark.parametrize("tol", [1e-3, 1e-6])
-def test_lanczos_error_bound_holds_against_dense(tol: float) -> None:
+@pytest.mark.parametrize(
+    ("tol", "basis_dtype", "rounding"),
+    [(1e-3, torch.float32, 1e-6), (1e-6, torch.float64, 1e-12)],
+)
+def test_lanczos_error_bound_holds_against_dense(
+    tol: float, basis_dtype: torch.dtype, rounding: float
+) -> None:
     """The a-posteriori bound covers the true error, which then meets the tolerance.
 
     Twenty random starts per spectrum (well separated, a 2% top gap, one outlier, a larger
     negative end): the bound is not rigorous for a start vector almost orthogonal to the top
-    eigenvector, so it is tested on generic ones.
+    eigenvector, so it is tested on generic ones. The bound is exact arithmetic's: float32
+    Lanczos vectors add rounding of ~1e-7 relative (``rounding``), far below the tolerances.
     """
     spectra = [([10.0, 9.0, 8.0], 1.0), ([5.0, 4.9, 1.0], 0.5), ([3.0], 1.0), ([3.0, -8.0], 0.5)]
     for seed, (top, bulk) in enumerate(spectra):
@@ -176,11 +183,13 @@ def test_lanczos_error_bound_holds_against_dense(tol: float) -> None:
         truth = float(torch.linalg.eigvalsh(matrix)[-1])
         for start in range(20):
             v0 = torch.randn(120, generator=torch.Generator().manual_seed(1000 + start))
-            result = lanczos_top(MatrixHVP(matrix), v0=v0, tol=tol, max_hvp=120)
+            result = lanczos_top(
+                MatrixHVP(matrix), v0=v0, tol=tol, max_hvp=120, basis_dtype=basis_dtype
+            )
             assert result.converged, result.reason
             error = abs(result.value - truth)
-            assert result.value <= truth + 1e-12 * abs(truth)  # a Ritz value never overshoots
-            assert error <= result.error_bound + 1e-12 * abs(truth)
+            assert result.value <= truth + rounding * abs(truth)  # a Ritz value never overshoots
+            assert error <= result.error_bound + rounding * abs(truth)
             assert result.error_bound <= tol * abs(result.value)
 
 
@@ -201,8 +210,8 @@ def test_capped_gap_avoids_a_false_stop_that_the_ritz_gap_makes() -> None:
 
 def test_lanczos_basis_is_orthonormal_and_tridiagonalises() -> None:
     matrix = random_spectrum_matrix(80, [6.0, 5.0], 1.0, 7)
-    result = lanczos_top(MatrixHVP(matrix), tol=1e-8, max_hvp=40)
-    q = result.basis
+    result = lanczos_top(MatrixHVP(matrix), tol=1e-8, max_hvp=40, basis_dtype=torch.float64)
+    q = torch.stack(result.basis, dim=1)
     assert q.dtype == torch.float64 and q.shape == (80, result.n_hvp)
     torch.testing.assert_close(
         q.T @ q, torch.eye(q.shape[1], dtype=torch.float64), atol=1e-12, rtol=0
@@ -234,7 +243,9 @@ def test_eigenvalue_cap_gives_nan_with_reason() -> None:
     assert "max_hvp=3" in result.reason
     # the Ritz pair and the Krylov basis survive: a warm start and a deflation basis
     assert math.isfinite(result.ritz_value) and result.vector is not None
-    assert result.basis.shape == (60, 3) and result.tridiagonal.shape == (3, 3)
+    assert len(result.basis) == 3 and result.basis[0].shape == (60,)
+    assert result.basis[0].dtype == torch.float32  # the default: float32 vectors
+    assert result.tridiagonal.shape == (3, 3)
 
 
 def test_non_converged_lanczos_still_reports_the_trace() -> None:
@@ -294,8 +305,8 @@ def test_krylov_deflated_trace_unbiased_and_sem_calibrated(max_hvp: int) -> None
     """tr(T) + Hutchinson on (I - QQ^T) H (I - QQ^T): unbiased, sem honest, over many seeds."""
     matrix = random_spectrum_matrix(100, [12.0, 9.0, 7.0, 5.0], 1.0, 11)
     truth = float(torch.trace(matrix))
-    lz = lanczos_top(MatrixHVP(matrix), tol=1e-9, max_hvp=max_hvp)
-    q, t = lz.basis, lz.tridiagonal
+    lz = lanczos_top(MatrixHVP(matrix), tol=1e-9, max_hvp=max_hvp, basis_dtype=torch.float64)
+    q, t = torch.stack(lz.basis, dim=1), lz.tridiagonal
     proj = torch.eye(100, dtype=torch.float64) - q @ q.T
     deflated = proj @ matrix @ proj
     # the split is exact: tr H = tr(T) + tr(P H P)
@@ -306,7 +317,7 @@ def test_krylov_deflated_trace_unbiased_and_sem_calibrated(max_hvp: int) -> None
             MatrixHVP(matrix),
             n_probes=m,
             generator=torch.Generator().manual_seed(s),
-            deflation_vectors=q,
+            deflation_vectors=lz.basis if s % 2 else q,  # vectors or their matrix
             deflation_values=np.diag(t).tolist(),
         )
         for s in range(N_KRYLOV_SEEDS)
@@ -481,3 +492,74 @@ def test_half_precision_inputs_are_cast_to_the_parameter_dtype() -> None:
     )
     assert half.reason == "" and half.lambda_max == full.lambda_max
     assert half.hutch_trace == full.hutch_trace
+
+
+@pytest.mark.parametrize(("m", "t_quantile"), [(3, 4.302653), (10, 2.262157)])
+def test_trace_interval_uses_the_t_quantile_of_m_minus_1_dof(m: int, t_quantile: float) -> None:
+    matrix = random_spectrum_matrix(50, [5.0], 1.0, 4)
+    res = hutchinson_trace(MatrixHVP(matrix), n_probes=m, generator=torch.Generator())
+    assert res.ci95 == pytest.approx(t_quantile * res.sem, rel=1e-6)
+
+
+def test_float32_basis_agrees_with_float64() -> None:
+    matrix = random_spectrum_matrix(120, [9.0, 7.0], 1.0, 5)
+    lo = lanczos_top(MatrixHVP(matrix), tol=1e-6)
+    hi = lanczos_top(MatrixHVP(matrix), tol=1e-6, basis_dtype=torch.float64)
+    truth = float(torch.linalg.eigvalsh(matrix)[-1])
+    assert lo.basis[0].dtype == torch.float32 and hi.basis[0].dtype == torch.float64
+    assert abs(lo.value - truth) <= 1e-5 * truth and abs(hi.value - truth) <= 1e-6 * truth
+
+
+class DiagonalHVP:
+    """A cheap HVPOperator with millions of 'parameters': H = diag(d), in float32."""
+
+    def __init__(self, d: torch.Tensor) -> None:
+        self.d, self.n_params = d, d.numel()
+        self.device, self.dtype = d.device, d.dtype
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.d * v.to(self.dtype)
+
+
+def test_float32_basis_stays_orthonormal_at_full_width_size() -> None:
+    # 3M parameters (ResNet-18 narrow has 2.8M, base 11M): float32 sums over that many were off by
+    # ~1e-4 and the deflated trace refused its own basis; the dots now accumulate in float64.
+    gen = torch.Generator().manual_seed(0)
+    d = torch.rand(3_000_000, generator=gen)
+    d[:3] = torch.tensor([50.0, 40.0, 30.0])
+    op = DiagonalHVP(d)
+    eig = lanczos_top(op, tol=1e-2, max_hvp=12)
+    assert eig.value == pytest.approx(50.0, rel=1e-2)
+    for i, u in enumerate(eig.basis):
+        for j, w in enumerate(eig.basis):
+            gram = float(torch.sum(u.double() * w.double()))
+            assert abs(gram - (i == j)) < 1e-6
+    res = hutchinson_trace(
+        op,
+        n_probes=2,
+        generator=gen,
+        deflation_vectors=eig.basis,
+        deflation_values=np.diag(eig.tridiagonal).tolist(),
+    )
+    truth = float(d.double().sum())
+    assert abs(res.mean - truth) < 4 * res.sem + 1e-6 * truth
+
+
+def test_lanczos_start_is_previous_vector_plus_gradient() -> None:
+    g = torch.tensor([3.0, 4.0, 0.0])
+    v = torch.tensor([0.0, 0.0, 2.0])
+    torch.testing.assert_close(lanczos_start(None, g), torch.tensor([0.6, 0.8, 0.0]).double())
+    torch.testing.assert_close(lanczos_start(v, g), torch.tensor([0.6, 0.8, 1.0]).double())
+    torch.testing.assert_close(lanczos_start(v, 0 * g), torch.tensor([0.0, 0.0, 1.0]).double())
+    assert lanczos_start(None, 0 * g) is None  # Lanczos then takes its fixed cold start
+    with pytest.raises(ValueError, match="v0 must have 3"):
+        lanczos_start(torch.ones(4), g)
+
+
+def test_evaluate_curvature_starts_from_the_probe_gradient() -> None:
+    model, (x, y) = tiny_cnn(), probe_batch()
+    res = evaluate_curvature(model, x, y, chunk_size=CHUNK, n_probes=2, generator=torch.Generator())
+    with preserved_model_state(model, train=True):
+        op = HessianOperator(model, x, y, chunk_size=CHUNK)
+        direct = lanczos_top(op, v0=op.gradient)
+    assert (res.lambda_max, res.n_hvp - 2) == (direct.value, direct.n_hvp)
