@@ -1,4 +1,4 @@
-"""Every `decon train` command the README shows runs as shown (on the offline digits data).
+"""Every `decon` command the README shows runs as shown (on the offline digits data).
 
 Commands are read from the README's ```bash blocks, so an edit there is tested here. Each runs
 in a real subprocess (``python -m deconcnn_cli``) from a scratch directory, with three
@@ -9,7 +9,12 @@ Skipped, each with its reason in the test id and the skip message:
 
 - commands whose config trains on CIFAR (this machine has no CIFAR and no network); their
   flags are still parsed and validated, which is what the check below does instead;
-- other subcommands (``decon validate``, ``submit``, ... are not built yet): none is shown.
+- ``decon submit`` lines that go to a SLURM cluster (tests/sweep/test_slurm.py submits to a
+  real SLURM instead); their ``--dry-run`` twin runs as shown.
+
+``decon export`` / ``decon report`` run as shown against the sweep the README's local
+``decon submit ... --wait`` line makes (their ``--root`` is replaced by that sweep's root,
+as the resume example's ``<hash>`` is replaced by the run it resumes).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from deconcnn_cli.commands.train import _flags, resolve_config
+from deconcnn_cli.contract import read_json
 from tests.conftest import REPO, run_cli
 
 CPU_SIZED = ["--max-steps", "2", "--set", "model.width_mult=0.125", "--set", "data.image_size=8"]
@@ -32,7 +38,7 @@ def readme_commands() -> list[list[str]]:
     text = (REPO / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     lines = [ln.strip() for b in blocks for ln in b.splitlines()]
-    return [shlex.split(ln) for ln in lines if ln.startswith("decon ")]
+    return [shlex.split(ln, comments=True) for ln in lines if ln.startswith("decon ")]
 
 
 COMMANDS = readme_commands()
@@ -58,16 +64,60 @@ def _config(args: list[str]):
     )
 
 
-def test_readme_shows_train_commands() -> None:
-    assert len(COMMANDS) >= 5 and all(c[1] == "train" for c in COMMANDS)
+TRAIN = [c for c in COMMANDS if c[1] == "train"]
+SWEEP = [c for c in COMMANDS if c[1] != "train"]
 
 
-@pytest.mark.parametrize("args", COMMANDS, ids=[" ".join(c[1:]) for c in COMMANDS])
+def test_readme_shows_train_and_sweep_commands() -> None:
+    assert len(TRAIN) >= 5
+    assert {c[1] for c in SWEEP} >= {"submit", "export", "report", "validate"}
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The README's local ``decon submit ... --wait`` line, run as shown in a scratch dir."""
+    (line,) = [c for c in SWEEP if c[1] == "submit" and "local" in c]
+    cwd = tmp_path_factory.mktemp("readme_sweep")
+    proc = run_cli(*line[1:], cwd=cwd, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return cwd / _option(line, "--root")[0], proc.stdout
+
+
+@pytest.mark.parametrize("args", SWEEP, ids=[" ".join(c[1:]) for c in SWEEP])
+def test_readme_sweep_command_runs_as_shown(
+    args: list[str], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    cmd = args[1]
+    if cmd == "submit" and "--dry-run" in args:
+        proc = run_cli(*args[1:], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert "216" in proc.stdout and "108" in proc.stdout  # runs, GPU jobs
+        assert not any(tmp_path.iterdir())  # a dry run writes nothing
+    elif cmd == "submit" and "local" not in args:
+        pytest.skip("submits to a SLURM cluster: tests/sweep/test_slurm.py does, on a real one")
+    elif cmd == "submit":
+        root, stdout = request.getfixturevalue("local_sweep")
+        n = len(read_json(root / "sweep.json")["runs"])
+        assert f"all {n} runs ended: {n} completed" in " ".join(stdout.split())
+    elif cmd in ("export", "report"):
+        root, _ = request.getfixturevalue("local_sweep")
+        shown = _option(args, "--root")[0]
+        args = [str(root) if a == shown else a for a in args]
+        proc = run_cli(*args[1:], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        out = tmp_path / args[2] if cmd == "export" else tmp_path / _option(args, "--out")[0]
+        assert (out if cmd == "export" else out / "report.html").is_file()
+    else:  # validate: every variant trains a few steps here, memory against the profile
+        proc = run_cli(*args[1:], cwd=tmp_path, timeout=900)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "PASS: 0 failed" in proc.stdout
+
+
+@pytest.mark.parametrize("args", TRAIN, ids=[" ".join(c[1:]) for c in TRAIN])
 def test_readme_train_command_runs_as_shown(args: list[str], tmp_path: Path) -> None:
-    assert args[:2] == ["decon", "train"], "only `decon train` is built: no other command shown"
     resume = _option(args, "--run-dir")
     if resume:  # resume the run the digits example made (the README writes <hash>)
-        (digits,) = [c for c in COMMANDS if "digits" in c]
+        (digits,) = [c for c in TRAIN if "digits" in c]
         first = run_cli(*digits[1:], *CPU_SIZED, cwd=tmp_path)
         assert first.returncode == EXIT_STOPPED, first.stderr
         (run_dir,) = (tmp_path / "runs").iterdir()

@@ -58,7 +58,11 @@ def test_values_come_from_the_run_and_undefined_cells_are_empty(sweep: Path, exp
     assert done["checkpoint_path"].startswith("runs/done/checkpoints/ckpt_")
     # the diverged run keeps its partial metrics and its cause; its fits are not defined
     blown = cells["blown"]
-    assert blown["alpha_early"] == "" and blown["best_val_ce"] == ""
+    assert blown["alpha_early"] == ""
+    # its validations ran on a blown-up model: computed, non-finite -> nan (not "not defined")
+    blown_summary = contract.read_summary(sweep / "runs" / "blown")
+    assert blown_summary is not None and math.isnan(blown_summary["best_val_ce"])
+    assert blown["best_val_ce"] == "nan"
     assert blown["final_loss_train_nats"] == "nan"  # the non-finite loss that ended it
     assert float(blown["lambda_max_last"]) == float(
         contract.read_stream(contract.stream_path(sweep / "runs" / "blown", "curvature"))[-1][
