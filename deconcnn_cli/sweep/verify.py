@@ -53,10 +53,11 @@ SUMMARY_FIELDS = (
     "burn_in_step",
 )
 # NaN by definition while too little of the curve exists (docs/metrics-curve-shape.md,
-# docs/metrics.md): a fit window not reached yet, fewer than the needed residual samples
+# docs/metrics.md): a fit window not reached yet, fewer than the needed residual samples, and
+# grad_noise_scale whose denominator (the unbiased |g|^2 estimate) is <= 0 (METRICS.md)
 DOCUMENTED_NAN_COLUMNS: dict[str, frozenset[str]] = {
     "shape": frozenset(contract.STREAMS["shape"]) - {"step", "epoch", "burn_in_step"},
-    "noise": frozenset({"residual_power", "psd_tail"}),
+    "noise": frozenset({"residual_power", "psd_tail", "grad_noise_scale"}),
 }
 
 

@@ -131,6 +131,22 @@ def test_nan_needs_a_warning_unless_diverged(sweep_copy: Path) -> None:
     assert _kinds(sweep_copy) == set()
 
 
+def test_grad_noise_scale_may_be_nan_by_definition_other_noise_cells_may_not(
+    sweep_copy: Path,
+) -> None:
+    run = _runs(sweep_copy, "completed")[0]
+    path = contract.stream_path(run, "noise")
+    header, first, *rest = path.read_text().splitlines(keepends=True)
+    columns = header.strip().split(",")
+    cells = first.rstrip("\n").split(",")
+    cells[columns.index("grad_noise_scale")] = "nan"  # denominator <= 0: NaN by definition
+    path.write_text("".join([header, ",".join(cells) + "\n", *rest]))
+    assert _kinds(sweep_copy) == set()
+    cells[columns.index("gradient_variance")] = "nan"  # always defined: a failure needs a reason
+    path.write_text("".join([header, ",".join(cells) + "\n", *rest]))
+    assert _kinds(sweep_copy) == {(f"runs/{run.name}/metrics/noise.csv", "nan")}
+
+
 def _set_attempt_versions(run: Path, version: str | None) -> None:
     """Rewrite every attempt line of ``run`` with ``code_version`` (None: drop the field, as
     attempts written before it was recorded)."""
