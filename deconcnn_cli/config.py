@@ -311,7 +311,8 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
         if saved is None:
             raise RunDirError(f"{path}: unreadable config", "inspect or move the run directory")
         if saved.get("config_hash") != config_hash(cfg):
-            differing = _diff(identity_dict(load_saved_config(path)), identity_dict(cfg))
+            saved_identity = identity_dict(load_saved_config(path))
+            differing = [p for p, _, _ in dict_changes(saved_identity, identity_dict(cfg))]
             raise RunDirError(
                 f"{run_dir} holds a different run (config differs in {', '.join(differing)})",
                 "use a different --root/--run-dir, or resume it without changing its config",
@@ -321,17 +322,21 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     atomic_write_json(path, config_record(cfg))
 
 
-def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+def dict_changes(
+    a: dict[str, Any], b: dict[str, Any], prefix: str = ""
+) -> list[tuple[str, Any, Any]]:
+    """``(dotted.path, value in a, value in b)`` for every leaf where two nested dicts differ."""
     out = []
     for key in sorted(set(a) | set(b)):
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, f"{prefix}{key}.")
+            out += dict_changes(va, vb, f"{prefix}{key}.")
         elif va != vb:
-            out.append(f"{prefix}{key}")
+            out.append((f"{prefix}{key}", va, vb))
     return out
 
 
+# ---------------------------------------------------------------------------------------------
 # Sweeps: grids and resource profiles (profiles/grids/*.toml, profiles/resources/*.toml)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deconcnn_cli import contract
-from deconcnn_cli.config import GridSpec, ResourceProfile, RunConfig
+from deconcnn_cli.config import GridSpec, ResourceProfile, RunConfig, dict_changes
 from deconcnn_cli.errors import DeconError, SweepError
 from deconcnn_cli.sweep import executors
 from deconcnn_cli.sweep.grid import (
@@ -181,17 +181,10 @@ def _data_problems(runs: Iterable[GridRun]) -> list[str]:
     return sorted(out)
 
 
-def _spec_changes(old: dict[str, Any] | None, new: dict[str, Any], prefix: str = "") -> list[str]:
+def _spec_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
     if old is None:
         return []
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _spec_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
+    return [f"{path}: {a!r} -> {b!r}" for path, a, b in dict_changes(old, new)]
 
 
 def _manifest_jobs(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
