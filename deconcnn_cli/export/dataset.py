@@ -238,6 +238,9 @@ def run_row(
         dict.fromkeys(str(a["slurm_job_id"]) for a in attempts if a.get("slurm_job_id"))
     )
     row["job_ids"] = row["job_ids"] or None
+    made_by = dict.fromkeys(str(a["code_version"]) for a in attempts if a.get("code_version"))
+    if made_by:  # what really ran (every attempt's version); the manifest says what was sent
+        row["code_version"] = ";".join(made_by)
     hosts = [a.get("host") for a in attempts if a.get("host")]
     row["host"] = status.get("host") or (hosts[-1] if hosts else None)
     row["failure_reason"] = view.reason if view.state != contract.COMPLETED else None

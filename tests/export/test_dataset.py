@@ -90,6 +90,13 @@ def test_values_come_from_the_run_and_undefined_cells_are_empty(sweep: Path, exp
     }
 
 
+def test_code_version_is_what_ran_else_what_was_submitted(exported: Path, sweep: Path):
+    cells = {r["run_id"]: r for r in csv.DictReader(exported.open())}
+    ran = {a["code_version"] for a in contract.read_attempt_starts(sweep / "runs" / "done")}
+    assert cells["done"]["code_version"] == ran.pop() and not ran  # the real run's attempts
+    assert cells["absent"]["code_version"] == "0.1.0+gtest"  # never ran: the submission's
+
+
 def test_dtypes_read_back(exported: Path):
     df = read_results(exported)
     for col in COLUMNS:
