@@ -14,6 +14,7 @@ from deconcnn_cli.commands import submit as submit_cmd
 from deconcnn_cli.commands import train as train_cmd
 from deconcnn_cli.commands import validate as validate_cmd
 from deconcnn_cli.commands import verify as verify_cmd
+from deconcnn_cli.commands.render import render_error
 from deconcnn_cli.errors import DeconError
 
 app = typer.Typer(
@@ -35,12 +36,6 @@ app.command("validate")(validate_cmd.validate)
 @app.callback()
 def _root() -> None:
     """decon: one command from a sweep definition to a clean dataset."""
-
-
-def render_error(exc: DeconError) -> None:
-    typer.echo(f"error: {exc.message}", err=True)
-    if exc.hint:
-        typer.echo(f"hint: {exc.hint}", err=True)
 
 
 def main() -> None:

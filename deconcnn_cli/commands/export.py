@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from deconcnn_cli.commands.options import SweepRootOpt
+from deconcnn_cli.commands.render import render_error
 from deconcnn_cli.errors import DeconError
 from deconcnn_cli.export.dataset import export as export_dataset
 from deconcnn_cli.export.dataset import output_paths, verify_problem
@@ -50,9 +51,7 @@ def export(
             verify=verify_problem if verify else None,
         )
     except DeconError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        if exc.hint:
-            typer.echo(f"hint: {exc.hint}", err=True)
+        render_error(exc)
         raise typer.Exit(exc.exit_code) from None
     for warning in data.warnings:
         typer.echo(f"warning: {warning}", err=True)

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from deconcnn_cli.commands.options import SweepRootOpt
+from deconcnn_cli.commands.render import render_error
 from deconcnn_cli.errors import DeconError
 
 
@@ -26,9 +27,7 @@ def report(
     try:
         result = build_report(root, out if out is not None else root / "report")
     except DeconError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        if exc.hint:
-            typer.echo(f"hint: {exc.hint}", err=True)
+        render_error(exc)
         raise typer.Exit(exc.exit_code) from None
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from deconcnn_cli import contract
 from deconcnn_cli.commands.options import GridOpt, ResourcesOpt
+from deconcnn_cli.commands.render import render_error
 from deconcnn_cli.errors import DeconError
 from deconcnn_cli.sweep.store import SweepStore
 from deconcnn_cli.sweep.submit import (
@@ -102,9 +103,7 @@ def _outstanding(reason: str) -> bool:
 
 
 def _fail(exc: DeconError) -> None:
-    typer.echo(f"error: {exc.message}", err=True)
-    if exc.hint:
-        typer.echo(f"hint: {exc.hint}", err=True)
+    render_error(exc)
     raise typer.Exit(exc.exit_code)
 
 

@@ -19,6 +19,7 @@ from rich.progress import (
 from rich.progress import Progress as RichProgress
 
 from deconcnn_cli.commands.options import ProfileOpt, QuietOpt, RootOpt, SetOpt, VariantOpt
+from deconcnn_cli.commands.render import render_error
 from deconcnn_cli.config import (
     RunConfig,
     build_config,
@@ -171,9 +172,7 @@ def train(
         with own_run(target):
             result = _run(cfg, target, console, quiet, max_steps, threads or default_threads())
     except DeconError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        if exc.hint:
-            typer.echo(f"hint: {exc.hint}", err=True)
+        render_error(exc)
         raise typer.Exit(exc.exit_code) from None
     except Exception as exc:  # recorded in the run directory by the loop; shown for the job log
         traceback.print_exc()

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from deconcnn_cli.commands.render import render_error
 from deconcnn_cli.errors import DeconError
 from deconcnn_cli.sweep import validate as lib
 
@@ -38,9 +39,7 @@ def validate(
     try:
         checks = lib.validate(grid, prof, steps=steps, gpu=gpu)
     except DeconError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        if exc.hint:
-            typer.echo(f"hint: {exc.hint}", err=True)
+        render_error(exc)
         raise typer.Exit(exc.exit_code) from None
     ok = not lib.failed(checks)
     if as_json:
