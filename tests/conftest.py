@@ -16,10 +16,11 @@ TINY = ["-p", "smoke", "--set", "data.image_size=8", "--quiet"]
 
 
 def run_cli(
-    *args: str, cwd: Path | None = None, timeout: float = 600
+    *args: str, cwd: Path | None = None, timeout: float = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    """``python -m deconcnn_cli ...`` in a real subprocess, on one torch thread."""
-    env = subprocess_env()
+    """``python -m deconcnn_cli ...`` in a real subprocess, on one torch thread (``env``:
+    variables to set on top of this process's environment)."""
+    env = subprocess_env() | (env or {})
     return subprocess.run(
         [sys.executable, "-m", "deconcnn_cli", *args],
         capture_output=True,

@@ -1,47 +1,60 @@
-"""Every `decon` command the README shows runs as shown (on the offline digits data).
+"""Every `decon` command the README and docs/ show runs as shown (on the offline digits data).
 
-Commands are read from the README's ```bash blocks, so an edit there is tested here. Each runs
-in a real subprocess (``python -m deconcnn_cli``) from a scratch directory, with three
-additions that make it CPU-sized without changing what it means: ``--max-steps 2`` (the run
+Commands are read from the ```bash blocks of README.md and docs/*.md, so an edit there is
+tested here (a line shown in several places runs once). Each runs in a real subprocess
+(``python -m deconcnn_cli``) from a scratch directory, with three additions to ``decon train``
+lines that make them CPU-sized without changing what they mean: ``--max-steps 2`` (the run
 stops checkpointed, exit 3), ``--set model.width_mult=0.125`` and ``--set data.image_size=8``
 (a full-width ResNet-18's cold Lanczos at step 0 alone takes minutes on one CPU thread).
-Skipped, each with its reason in the test id and the skip message:
 
-- commands whose config trains on CIFAR (this machine has no CIFAR and no network); their
-  flags are still parsed and validated, which is what the check below does instead;
-- ``decon submit`` lines that go to a SLURM cluster (tests/sweep/test_slurm.py submits to a
-  real SLURM instead); their ``--dry-run`` twin runs as shown.
-
-``decon export`` / ``decon report`` run as shown against the sweep the README's local
-``decon submit ... --wait`` line makes (their ``--root`` is replaced by that sweep's root,
-as the resume example's ``<hash>`` is replaced by the run it resumes).
+- ``decon train`` lines whose config trains on CIFAR (this machine has no CIFAR and no
+  network) are skipped with that reason; their flags are still parsed and validated.
+- ``decon submit`` lines that go to a SLURM cluster run as shown on a machine without one
+  (``sbatch``/``srun`` taken off PATH, the root moved into the scratch directory): they must
+  exit 2 with an ``error:``/``hint:`` and write nothing. tests/sweep/test_slurm.py submits to
+  a real SLURM. Their ``--dry-run`` twins run as shown and must write nothing either.
+- ``decon export`` / ``decon report`` run as shown against the sweep the README's local
+  ``decon submit ... --wait`` line makes (their ``--root`` is replaced by that sweep's root,
+  as the resume example's ``<hash>`` is replaced by the run it resumes).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
 
 from deconcnn_cli.commands.train import _flags, resolve_config
 from deconcnn_cli.contract import read_json
+from deconcnn_cli.sweep.grid import expand_grid, load_grid
 from tests.conftest import REPO, run_cli
 
 CPU_SIZED = ["--max-steps", "2", "--set", "model.width_mult=0.125", "--set", "data.image_size=8"]
 EXIT_STOPPED = 3  # stopped by --max-steps: checkpointed, resumable
 
 
-def readme_commands() -> list[list[str]]:
-    """The ``decon ...`` lines of the README's ```bash blocks, split like a shell would."""
-    text = (REPO / "README.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
-    lines = [ln.strip() for b in blocks for ln in b.splitlines()]
-    return [shlex.split(ln, comments=True) for ln in lines if ln.startswith("decon ")]
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
-COMMANDS = readme_commands()
+def shown_commands(paths: list[Path] = DOCUMENTS) -> list[list[str]]:
+    """The ``decon ...`` lines of the ```bash blocks of ``paths``, split like a shell would,
+    each once (in the order first shown)."""
+    seen: dict[tuple[str, ...], None] = {}
+    for path in paths:
+        blocks = re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S)
+        lines = [ln.strip() for b in blocks for ln in b.splitlines()]
+        for ln in lines:
+            if ln.startswith("decon "):
+                seen.setdefault(tuple(shlex.split(ln, comments=True)), None)
+    return [list(c) for c in seen]
+
+
+COMMANDS = shown_commands()
 
 
 def _option(args: list[str], *names: str) -> list[str]:
@@ -71,6 +84,18 @@ SWEEP = [c for c in COMMANDS if c[1] != "train"]
 def test_readme_shows_train_and_sweep_commands() -> None:
     assert len(TRAIN) >= 5
     assert {c[1] for c in SWEEP} >= {"submit", "export", "report", "validate"}
+    docs_only = shown_commands(DOCUMENTS[1:])
+    assert any(c[1] == "validate" and "--json" in c for c in docs_only)  # docs/ are read too
+
+
+def _without_slurm(tmp_path: Path) -> dict[str, str]:
+    """PATH with every directory that holds ``sbatch`` or ``srun`` left out."""
+    keep = [
+        d
+        for d in os.environ.get("PATH", "").split(os.pathsep)
+        if d and not any((Path(d) / exe).exists() for exe in ("sbatch", "srun"))
+    ]
+    return {"PATH": os.pathsep.join([str(Path(sys.executable).parent), *keep])}
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +113,24 @@ def test_readme_sweep_command_runs_as_shown(
     args: list[str], tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     cmd = args[1]
+    if cmd == "submit" and "local" not in args:  # to SLURM: a root in the scratch dir
+        shown = _option(args, "--root")[0]
+        root = tmp_path / "sweep" / Path(shown).name
+        args = [str(root) if a == shown else a for a in args]
     if cmd == "submit" and "--dry-run" in args:
         proc = run_cli(*args[1:], cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
-        assert "216" in proc.stdout and "108" in proc.stdout  # runs, GPU jobs
+        runs = len(expand_grid(load_grid(_option(args, "--grid")[0])))
+        assert re.search(rf"\b{runs}\b", proc.stdout), proc.stdout  # the plan's total
+        if _option(args, "--grid") == ["loss_lin_slope"]:
+            assert runs == 216 and "108" in proc.stdout  # runs, GPU jobs
         assert not any(tmp_path.iterdir())  # a dry run writes nothing
-    elif cmd == "submit" and "local" not in args:
-        pytest.skip("submits to a SLURM cluster: tests/sweep/test_slurm.py does, on a real one")
+    elif cmd == "submit" and "local" not in args:  # no SLURM here: a clear refusal
+        proc = run_cli(*args[1:], cwd=tmp_path, env=_without_slurm(tmp_path))
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.startswith("error:") and "hint:" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not any(tmp_path.iterdir())  # nothing written
     elif cmd == "submit":
         root, stdout = request.getfixturevalue("local_sweep")
         n = len(read_json(root / "sweep.json")["runs"])
@@ -110,7 +146,11 @@ def test_readme_sweep_command_runs_as_shown(
     else:  # validate: every variant trains a few steps here, memory against the profile
         proc = run_cli(*args[1:], cwd=tmp_path, timeout=900)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert "PASS: 0 failed" in proc.stdout
+        if "--json" in args:
+            report = json.loads(proc.stdout)
+            assert report["ok"] is True and report["checks"], report
+        else:
+            assert "PASS: 0 failed" in proc.stdout
 
 
 @pytest.mark.parametrize("args", TRAIN, ids=[" ".join(c[1:]) for c in TRAIN])
