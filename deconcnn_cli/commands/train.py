@@ -203,7 +203,9 @@ def _run(
 
     if quiet:
         typer.echo(f"training {target} ({threads} thread{'s' if threads > 1 else ''})")
-        return train_run(cfg, target, threads=threads, stop_after_steps=max_steps)
+        return train_run(
+            cfg, target, threads=threads, stop_after_steps=max_steps, keep_signal_handlers=True
+        )
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -233,5 +235,10 @@ def _run(
             )
 
         return train_run(
-            cfg, target, threads=threads, on_progress=on_progress, stop_after_steps=max_steps
+            cfg,
+            target,
+            threads=threads,
+            on_progress=on_progress,
+            stop_after_steps=max_steps,
+            keep_signal_handlers=True,
         )

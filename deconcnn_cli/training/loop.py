@@ -228,7 +228,11 @@ class StopSignals:
         return bool(self.received)
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator[StopSignals]:
+    def installed(self, *, keep: bool = False) -> Iterator[StopSignals]:
+        """Record stop signals inside the block; afterwards restore the previous handlers, or
+        with ``keep`` ignore these signals (``SIG_IGN``, which also holds while the interpreter
+        shuts down): for a process that exits once the run has ended, where a signal that
+        comes after the run was recorded must not turn its exit code into a kill."""
         if threading.current_thread() is threading.main_thread():
             self._previous = {
                 s: signal.signal(s, lambda n, _f: self.received.append(n)) for s in STOP_SIGNALS
@@ -237,7 +241,7 @@ class StopSignals:
             yield self
         finally:
             for s, handler in self._previous.items():
-                signal.signal(s, handler)
+                signal.signal(s, signal.SIG_IGN if keep else handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,13 +454,17 @@ def train_run(
     on_progress: Callable[[Progress], None] | None = None,
     stop_after_steps: int | None = None,
     heartbeat_every_s: float = HEARTBEAT_EVERY_S,
+    keep_signal_handlers: bool = False,
 ) -> RunResult:
     """Train (or resume) the run in ``run_dir``; the directory must already hold its config.
 
     The caller owns the directory (:func:`deconcnn_cli.training.rundir.own_run`). Every
     attempt is recorded from its first line: a failure anywhere (data loading, checkpoint
     restore, a step) leaves ``failed`` with the exception in status.json, an ``error`` event
-    with its traceback, and the attempt's end line, then re-raises.
+    with its traceback, and the attempt's end line, then re-raises. SIGTERM/SIGUSR2/SIGINT
+    stop the run at the next step boundary; the caller's handlers are restored afterwards,
+    unless ``keep_signal_handlers`` (``decon train``, which exits when the run returns: a
+    late SIGTERM then leaves the exit code of the run, not a kill).
     """
     writer = RunWriter(run_dir, heartbeat_every_s=heartbeat_every_s)
     if writer.status.get("state") in TERMINAL_STATES:  # re-checked by the owner: nothing to do
@@ -464,7 +472,7 @@ def train_run(
         return RunResult(state, int(writer.status.get("step") or 0), already=True)
     stops = StopSignals()
     threads_before = torch.get_num_threads()
-    with stops.installed():
+    with stops.installed(keep=keep_signal_handlers):
         writer.begin(threads=threads)
         try:
             if threads:

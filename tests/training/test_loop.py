@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from deconcnn_cli.config import load_run_config, run_id
 from deconcnn_cli.contract import read_attempts, read_stream
-from deconcnn_cli.training.loop import lr_factor, val_steps_in_epoch
+from deconcnn_cli.training.loop import StopSignals, lr_factor, val_steps_in_epoch
 from tests.conftest import TINY, run_cli
 
 SPE = 13  # digits: 1797 images, 180 held out -> 1617 train -> ceil(1617 / 128) = 13
@@ -144,3 +147,23 @@ def test_train_command_on_cifar_format_files(tmp_path: Path, monkeypatch: pytest
     steps = read_stream(run / "metrics" / "step.csv")
     assert len(steps) == 2  # 180 train images (20 held out) / batch 128 -> 2 steps
     assert json.loads((run / "config.json").read_text())["config"]["data"]["dataset"] == "cifar10"
+
+
+def test_stop_signal_handlers_restored_or_kept_after_the_run():
+    """``train_run`` restores the caller's handlers; ``decon train`` (keep) ignores the stop
+    signals once the run has ended, so a SIGTERM while the process exits (interpreter
+    shutdown included) cannot turn a completed run's exit 0 into -15."""
+    previous = signal.getsignal(signal.SIGUSR2)
+    try:
+        restored = StopSignals()
+        with restored.installed():
+            assert signal.getsignal(signal.SIGUSR2) is not previous
+        assert signal.getsignal(signal.SIGUSR2) is previous
+        kept = StopSignals()
+        with kept.installed(keep=True):
+            pass
+        assert signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGUSR2)  # the default action would end this process
+        time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

@@ -290,7 +290,7 @@ def test_sigterm_at_random_moments_then_resume_is_identical(reference: Path, tmp
         status = read_json(run / "status.json")
         if codes[-1] == 0:  # it finished before the signal
             break
-        assert codes[-1] == 128 + signal.SIGTERM, proc.stderr.read().decode()
+        assert codes[-1] == 128 + signal.SIGTERM, (status, proc.stderr.read().decode())
         assert status["state"] == "interrupted" and "SIGTERM" in status["reason"]
         assert status["last_checkpoint_step"] in (None, status["step"])
         if status["step"]:
