@@ -6,13 +6,17 @@ Two measurements, side by side in one run:
    evaluations), one curvature evaluation at the defaults (cold at initialisation, as at step
    0 of a run; then warm-started from the eigenvector of the evaluation ``--between`` steps
    earlier, 500 as in a run), one gradient-noise evaluation (k = 8), one loss-curve-shape
-   update on a 17,600-step curve. From them, the overhead a 50-epoch CIFAR-10 run would see:
-   352 steps/epoch x 50 = 17,600 steps, curvature at step 0 (cold) and every 500 steps (35
-   warm), noise every 2 epochs (25), shape every epoch (50):
-   ``overhead = (C_cold + 35 C_curv + 25 C_noise + 50 C_shape) / (17,600 C_step)``.
+   update on a 17,600-step curve, one validation pass over 5,000 images (CIFAR-10's split).
+   From them, the overhead a 50-epoch CIFAR-10 run would see: 352 steps/epoch x 50 = 17,600
+   steps, curvature at step 0 (cold) and every 500 steps (35 warm), noise every 2 epochs
+   (25), shape every epoch (50):
+   ``overhead = (C_cold + 35 C_curv + 25 C_noise + 50 C_shape) / (17,600 C_step)``, of the
+   training steps alone; and of the run as it runs, whose time also holds its 200 validation
+   passes (4 an epoch): ``... / (17,600 C_step + 200 C_val)``.
    Every unit is measured on the same model, so the ratio transfers; absolute times do not.
 2. **A direct run** (``--direct``): the real loop (``train_run``) on a CIFAR-shaped dataset
-   (the digits tiled to 45,000 training images, 32 px: 352 steps per epoch), 1,408 steps =
+   (the digits tiled to 45,000 training and 5,000 validation images, 32 px: 352 steps per
+   epoch), 1,408 steps =
    4 CIFAR epochs, with the metrics at default cadences (curvature at steps 0, 500, 1000;
    noise at 704 and 1408; shape at every epoch end) against the same run with them off.
    Its ratio carries one extra curvature evaluation per 1,408 steps vs the full run's
@@ -38,19 +42,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import cifar_shaped_loop, tiled_digits  # noqa: E402  (bench/ sibling)
+from _common import CIFAR_VAL, cifar_shaped_loop, tiled_digits  # noqa: E402  (bench/ sibling)
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from deconcnn_cli.analysis import hessian, noise
 from deconcnn_cli.config import RunConfig, load_run_config, prepare_run_dir
 from deconcnn_cli.training import measure
 from deconcnn_cli.training.data import steps_per_epoch, train_batch
-from deconcnn_cli.training.loop import build_optimizer, train_run
+from deconcnn_cli.training.device import resolve_precision
+from deconcnn_cli.training.loop import build_optimizer, evaluate, train_run
 from deconcnn_cli.training.models import build_model
 
 CIFAR_STEPS = 17_600
 CIFAR_SPE = 352
-N_CURV, N_NOISE, N_SHAPE = 36, 25, 50
+N_CURV, N_NOISE, N_SHAPE, N_VAL = 36, 25, 50, 200
 
 
 def make_config(width: float, metrics_on: bool) -> RunConfig:
@@ -116,8 +121,9 @@ def old_estimator_rel_sem(model, splits, cfg: RunConfig, seed: int) -> float:
 
 def unit_costs(width: float, reps: int, between: int, compare_old: bool) -> dict[str, float]:
     cfg = make_config(width, metrics_on=True)
-    splits = tiled_digits(cfg, n_train=4096)
+    splits = tiled_digits(cfg, n_train=4096, n_val=CIFAR_VAL)
     spe = steps_per_epoch(splits.n_train, 128)
+    fp32 = resolve_precision("fp32", torch.device("cpu"))
     torch.manual_seed(0)
     model = build_model(cfg.model, splits.num_classes)
     opt = build_optimizer(cfg, model)
@@ -145,7 +151,14 @@ def unit_costs(width: float, reps: int, between: int, compare_old: bool) -> dict
     x, y = probe
     chunk = min(cfg.data.batch_size, x.shape[0])
     state: dict = {"eigenvector": None}
-    results: dict[str, list[float]] = {"step": [], "curv": [], "noise": [], "shape": [], "hvp": []}
+    results: dict[str, list[float]] = {
+        "step": [],
+        "curv": [],
+        "noise": [],
+        "shape": [],
+        "hvp": [],
+        "val": [],
+    }
     curv_rows = []
 
     def curvature(step: int) -> float:
@@ -182,6 +195,9 @@ def unit_costs(width: float, reps: int, between: int, compare_old: bool) -> dict
         t0 = time.perf_counter()
         measure.shape_row(losses, cfg, CIFAR_SPE)
         results["shape"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        evaluate(model, splits, cfg.data.batch_size, fp32)
+        results["val"].append(time.perf_counter() - t0)
         with hessian.preserved_model_state(model, train=True):
             op = hessian.HessianOperator(model, x, y, chunk_size=chunk)
             v = torch.randn(op.n_params)
@@ -229,7 +245,7 @@ def direct_run(width: float, steps: int) -> dict[str, float]:
     for name in calls:
         setattr(measure, name, timed(name))
     try:
-        with cifar_shaped_loop(cfg), tempfile.TemporaryDirectory() as tmp:
+        with cifar_shaped_loop(cfg, n_val=CIFAR_VAL), tempfile.TemporaryDirectory() as tmp:
             prepare_run_dir(cfg, Path(tmp) / "r")
             t0 = time.perf_counter()
             train_run(cfg, Path(tmp) / "r", stop_after_steps=steps)
@@ -268,6 +284,7 @@ def main() -> None:
         ("curv", "curvature evaluation (warm)"),
         ("noise", "noise evaluation (k=8)"),
         ("shape", "shape update (17,600 steps)"),
+        ("val", "validation pass (5,000 images)"),
     ]:
         print(f"{label:<34}{u[key]:>18.4f}{u[key] / s:>18.1f}")
     curv = u["curv_cold"] + (N_CURV - 1) * u["curv"]  # step 0 cold, then warm every 500
@@ -276,7 +293,9 @@ def main() -> None:
         f"predicted overhead of a 50-epoch CIFAR run: {cost / (CIFAR_STEPS * s):.2%}"
         f"  (curvature {curv / (CIFAR_STEPS * s):.2%},"
         f" noise {N_NOISE * u['noise'] / (CIFAR_STEPS * s):.2%},"
-        f" shape {N_SHAPE * u['shape'] / (CIFAR_STEPS * s):.2%}); target <= 5%, never > 10%"
+        f" shape {N_SHAPE * u['shape'] / (CIFAR_STEPS * s):.2%}) of the training steps;"
+        f" {cost / (CIFAR_STEPS * s + N_VAL * u['val']):.2%} of the run (steps + {N_VAL}"
+        " validation passes); target <= 5%, never > 10%"
     )
     print(
         f"HVPs per curvature evaluation: warm median {u['n_hvp']:.0f} (max {u['n_hvp_max']}),"
@@ -313,14 +332,18 @@ def main() -> None:
             f" {d['total']:.1f}s, in metrics {metrics:.1f}s (curvature"
             f" {spent['curvature_row']:.1f}s, noise {spent['noise_row']:.1f}s, shape"
             f" {spent['shape_row']:.1f}s): overhead {metrics / (d['total'] - metrics):.2%}"
-            f" (unit-cost model for this window: {model / (n * s):.2%})"
+            f" (unit-cost model for this window, its {4 * n // CIFAR_SPE} validation passes"
+            f" included: {model / (n * s + 4 * n // CIFAR_SPE * u['val']):.2%})"
         )
         step = (d["total"] - metrics) / n  # includes validation and checkpoints, as in a run
         cold, warm = d["curvature_row"][0], d["curvature_row"][1:]
         full = cold + (N_CURV - 1) * (statistics.median(warm) if warm else cold)
         full += N_NOISE * (statistics.median(d["noise_row"]) if d["noise_row"] else u["noise"])
         full += N_SHAPE * (statistics.median(d["shape_row"]) if d["shape_row"] else 0.0)
-        print(f"direct per-call costs scaled to a 50-epoch run: {full / (CIFAR_STEPS * step):.2%}")
+        print(
+            f"direct per-call costs scaled to a 50-epoch run (its validation included):"
+            f" {full / (CIFAR_STEPS * step):.2%}"
+        )
 
 
 if __name__ == "__main__":

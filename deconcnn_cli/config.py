@@ -366,14 +366,16 @@ class GridSpec(_Strict):
     variants: Annotated[list[str], Field(min_length=1)]
     profiles: list[str] = []  # extra profiles layered after the variant (e.g. ["smoke"])
     overrides: dict[str, Any] = {}  # a nested config layer applied to every run
+    variant_overrides: dict[str, dict[str, Any]] = {}  # one more layer for one variant
     axes: GridAxes
     variant_axes: dict[str, VariantAxes] = {}
 
     @model_validator(mode="after")
     def _variant_axes_known(self) -> GridSpec:
-        unknown = sorted(set(self.variant_axes) - set(self.variants))
-        if unknown:
-            raise ValueError(f"variant_axes names variants not in `variants`: {unknown}")
+        for key in ("variant_axes", "variant_overrides"):
+            unknown = sorted(set(getattr(self, key)) - set(self.variants))
+            if unknown:
+                raise ValueError(f"{key} names variants not in `variants`: {unknown}")
         if len(set(self.variants)) != len(self.variants):
             raise ValueError("variants lists a name twice")
         return self

@@ -97,6 +97,10 @@ def _base_layers(spec: GridSpec, variant: str) -> list[Layer]:
         layers.append((str(p), read_toml(p)))
     if spec.overrides:
         layers.append((f"grid {spec.name} overrides", spec.overrides))
+    if spec.variant_overrides.get(variant):
+        layers.append(
+            (f"grid {spec.name} variant_overrides.{variant}", spec.variant_overrides[variant])
+        )
     return layers
 
 

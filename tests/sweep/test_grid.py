@@ -28,6 +28,8 @@ def test_demo_grid_is_every_variant_on_offline_data_with_a_sane_adamw_lr():
     assert {r.lr for r in runs if r.variant == "adamw"} == {0.003}
     assert {r.lr for r in runs if r.variant != "adamw"} == {0.1}
     assert all(r.config.schedule.epochs == 6 for r in runs)
+    width = {r.variant: r.config.model.width_mult for r in runs}
+    assert width["narrow"] == width["base"] / 2  # narrow stays narrower than base
 
 
 def test_loss_lin_slope_is_the_216_runs_of_the_protocol():
@@ -89,6 +91,19 @@ def test_per_variant_axes_replace_the_common_ones(tmp_path):
     ]
 
 
+def test_variant_overrides_apply_to_their_variant_only(tmp_path):
+    text = (
+        GRID
+        + "[overrides.model]\nwidth_mult = 0.25\n"
+        + "[variant_overrides.adamw.model]\nwidth_mult = 0.125\n"
+    )
+    runs = expand_grid_runs(load_grid(str(_write(tmp_path, text))))
+    assert {(r.variant, r.config.model.width_mult) for r in runs} == {
+        ("base", 0.25),
+        ("adamw", 0.125),
+    }
+
+
 def test_grid_hash_tracks_results_not_locations(tmp_path):
     spec = load_grid(str(_write(tmp_path, GRID)))
     h = grid_hash(expand_grid(spec))
@@ -105,6 +120,8 @@ def test_grid_hash_tracks_results_not_locations(tmp_path):
         (GRID + "bogus = 1\n", "bogus"),
         (GRID.replace("lr = [0.1, 0.2]", "lr = [-0.1]"), "axes.lr.0"),
         (GRID + "[variant_axes.narrow]\nlr = [0.1]\n", "narrow"),
+        (GRID + "[variant_overrides.narrow.model]\nwidth_mult = 0.5\n", "narrow"),
+        (GRID + "[variant_overrides.base.model]\nwidth = 0.5\n", "model.width"),
         (GRID + "[overrides.optim]\nnope = 1\n", "optim.nope"),
         (GRID.replace('variants = ["base", "adamw"]', 'variants = ["nosuch"]'), "nosuch"),
     ],
