@@ -122,6 +122,18 @@ def exit_code_for(state: str, signal_number: int | None = None) -> int:
 # ---- threads: a launcher that starts several runs on one allocation sets this env var to
 # their number; each run then takes its share of the CPUs it was given (see default_threads).
 CONCURRENT_RUNS_ENV = "DECON_CONCURRENT_RUNS"
+# ---- GPU memory: a launcher that starts N runs on one GPU sets this to N; each run then caps
+# its CUDA caching allocator at its share of the card (training.device.cap_gpu_memory).
+GPU_SHARE_ENV = "DECON_GPU_SHARE"
+
+
+def gpu_share(environ: dict[str, str] | None = None) -> int:
+    """How many runs share this process's GPU (``$DECON_GPU_SHARE``; 1 when unset or bad)."""
+    env = os.environ if environ is None else environ
+    try:
+        return max(1, int(env.get(GPU_SHARE_ENV, "1")))
+    except ValueError:
+        return 1
 
 
 def default_threads(environ: dict[str, str] | None = None) -> int:

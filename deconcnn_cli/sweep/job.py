@@ -46,9 +46,17 @@ def train_command(run_dir: Path, threads: int) -> list[str]:
     ]
 
 
-def child_env(threads: int) -> dict[str, str]:
+def child_env(threads: int, gpu_share: int = 1) -> dict[str, str]:
+    """A run's environment: its threads, and how many runs share its GPU (each caps its
+    CUDA allocator at its share: ``training.device.cap_gpu_memory``)."""
     n = str(threads)
-    return {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": n,
+        "MKL_NUM_THREADS": n,
+        "PYTHONUNBUFFERED": "1",
+        contract.GPU_SHARE_ENV: str(max(1, gpu_share)),
+    }
 
 
 def needs_start(run_dir: Path) -> str | None:
@@ -73,14 +81,14 @@ class _Child:
     log: Any
 
 
-def _start(run_dir: Path, threads: int) -> _Child:
+def _start(run_dir: Path, threads: int, gpu_share: int = 1) -> _Child:
     log = open(run_dir / contract.LOG_FILE, "ab")  # noqa: SIM115 - closed in _reap
     proc = subprocess.Popen(
         train_command(run_dir, threads),
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=child_env(threads),
+        env=child_env(threads, gpu_share),
         preexec_fn=_ignore_usr2,
     )
     _log(f"started {run_dir.name} (pid {proc.pid}, {threads} threads)")
@@ -162,7 +170,7 @@ class RunGroup:
                 todo.append(d)
         threads = max(1, cpus // max(1, len(todo)))
         terminated = self._on_sigterm()
-        self._children = [_start(d, threads) for d in todo]
+        self._children = [_start(d, threads, len(todo)) for d in todo]
         _wait_children(self._children, float("inf"))
         if terminated:  # cancelled, or requeued without the hook (preemption, scontrol)
             _log("SIGTERM: the runs saved; exiting without a result for the scheduler to act")
@@ -243,7 +251,7 @@ def run_local(spec: dict[str, Any]) -> int:
                 _log(f"{d.name}: not started ({why})")
                 continue
             started[d] = started.get(d, 0) + 1
-            children.append(_start(d, threads))
+            children.append(_start(d, threads, parallel))
         time.sleep(POLL_S)
     if stop:
         for child in children:

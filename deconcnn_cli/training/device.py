@@ -17,6 +17,8 @@ import torch
 from deconcnn_cli.errors import ConfigError, PrecisionError
 
 NATIVE_BF16_MAJOR = 8  # bf16 tensor cores from Ampere (sm_80); Turing (RTX8000, sm_75) emulates
+# Per process, outside the caching allocator: the CUDA context, cuDNN/cuBLAS workspaces.
+CONTEXT_RESERVE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,23 @@ def resolve_device(spec: str) -> torch.device:
             "device: cuda requested but no CUDA device is visible", "use --device cpu"
         )
     return device
+
+
+def cap_gpu_memory(device: torch.device, share: int) -> float | None:
+    """Cap this process's CUDA caching allocator at its share of the card; the fraction set.
+
+    With ``share`` runs on one GPU (two per RTX8000 on the cluster), each may allocate at most
+    ``(total - share x CONTEXT_RESERVE_BYTES) / share / total`` of the card. A run whose
+    curvature evaluation would overrun its share then gets the CUDA out-of-memory error itself
+    (recorded as NaN + event by ``measure.guarded``; training goes on) instead of starving the
+    other run's training step. None (nothing set): not a CUDA device, or a card of its own.
+    """
+    if device.type != "cuda" or share <= 1:
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = max(0.05, (total - share * CONTEXT_RESERVE_BYTES) / share / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -31,6 +31,7 @@ from deconcnn_cli.contract import (
     INTERRUPTED,
     TERMINAL_STATES,
     exit_code_for,
+    gpu_share,
 )
 from deconcnn_cli.training import measure
 from deconcnn_cli.training.checkpoint import (
@@ -45,7 +46,13 @@ from deconcnn_cli.training.data import (
     train_batch,
     val_batches,
 )
-from deconcnn_cli.training.device import Precision, exact_fp32, resolve_device, resolve_precision
+from deconcnn_cli.training.device import (
+    Precision,
+    cap_gpu_memory,
+    exact_fp32,
+    resolve_device,
+    resolve_precision,
+)
 from deconcnn_cli.training.models import build_model
 from deconcnn_cli.training.writer import RunWriter
 
@@ -255,6 +262,14 @@ class _Run:
         self.cfg, self.run_dir, self.writer = cfg, run_dir, writer
         self.device = resolve_device(cfg.device)
         self.prec = resolve_precision(cfg.precision, self.device, writer.status.get("precision"))
+        share = gpu_share()
+        fraction = cap_gpu_memory(self.device, share)
+        if fraction is not None:
+            writer.log_event(
+                "info",
+                f"{share} runs share this GPU: CUDA memory capped at {fraction:.1%} of it",
+                gpu_memory_fraction=fraction,
+            )
         self.splits = load_splits(
             cfg.data.dataset,
             cfg.data.data_dir,

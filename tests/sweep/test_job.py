@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from deconcnn_cli.sweep.job import RunGroup, needs_start, train_command
+from deconcnn_cli.contract import GPU_SHARE_ENV
+from deconcnn_cli.sweep import job
+from deconcnn_cli.sweep.job import RunGroup, child_env, needs_start, train_command
 from tests.test_completion import _complete
 
 
@@ -35,6 +37,21 @@ def test_child_command_and_start_rule(tmp_path):
         "--threads", "4",
     ]  # fmt: skip
     assert needs_start(tmp_path) == "no config.json"
+
+
+def test_the_runs_of_a_gpu_job_are_told_how_many_share_its_gpu(tmp_path, monkeypatch):
+    """The children are faked at the process boundary (``_start``): no GPU here."""
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for d in dirs:
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+    started = []
+    monkeypatch.setattr(job, "_start", lambda d, threads, share: started.append((d, share)))
+    monkeypatch.setattr(job, "_wait_children", lambda children, timeout: None)
+    with pytest.raises(RuntimeError, match="runs not finished"):  # the fakes train nothing
+        RunGroup([str(d) for d in dirs], max_attempts=3)()
+    assert started == [(dirs[0], 2), (dirs[1], 2)]
+    assert child_env(4, 2)[GPU_SHARE_ENV] == "2" and child_env(4)[GPU_SHARE_ENV] == "1"
 
 
 def test_completes_grid_and_resource_names():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from deconcnn_cli.contract import GPU_SHARE_ENV, gpu_share
 from deconcnn_cli.errors import ConfigError, PrecisionError
 from deconcnn_cli.training import measure
 from deconcnn_cli.training.checkpoint import (
@@ -15,7 +16,7 @@ from deconcnn_cli.training.checkpoint import (
     rng_states,
     save_checkpoint,
 )
-from deconcnn_cli.training.device import exact_fp32, resolve_precision
+from deconcnn_cli.training.device import cap_gpu_memory, exact_fp32, resolve_precision
 from deconcnn_cli.training.writer import RunWriter
 
 CUDA = torch.device("cuda")
@@ -106,3 +107,24 @@ def test_tf32_off_inside_analysis_calls_and_restored_after(tmp_path):
         assert seen == [(False, False)] and _tf32() == (True, True)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@pytest.mark.parametrize(("share", "fraction"), [(1, None), (2, (48 - 2) / 2 / 48), (3, 15 / 48)])
+def test_gpu_memory_capped_at_the_runs_share_of_the_card(mocker, share, fraction):
+    """No GPU here: the card (48 GiB, an RTX8000) is faked at torch.cuda's boundary."""
+    props = mocker.patch("torch.cuda.get_device_properties")
+    props.return_value.total_memory = 48 << 30
+    set_fraction = mocker.patch("torch.cuda.set_per_process_memory_fraction")
+    got = cap_gpu_memory(CUDA, share)
+    if fraction is None:
+        assert got is None and not set_fraction.called
+    else:
+        assert got == pytest.approx(fraction)
+        set_fraction.assert_called_once_with(pytest.approx(fraction), CUDA)
+    assert cap_gpu_memory(CPU, 2) is None  # nothing to cap on the CPU
+
+
+def test_gpu_share_from_the_launcher_environment():
+    assert gpu_share({}) == 1
+    assert gpu_share({GPU_SHARE_ENV: "2"}) == 2
+    assert gpu_share({GPU_SHARE_ENV: "two"}) == 1 and gpu_share({GPU_SHARE_ENV: "0"}) == 1
