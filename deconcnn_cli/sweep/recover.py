@@ -6,7 +6,10 @@ cause                              strategy                                     
 timeout, preempted, node_failure,  resume from the newest checkpoint (resubmit; the  K times
 cancelled, interrupted             run's own directory holds its progress)
 stalled, job no longer running     resume                                            K times
-job ended, heartbeat still fresh   wait: resumable once the heartbeat is stale       -
+job ended, heartbeat still fresh   resume at once when the process is known dead     K times
+                                   (its own SLURM job ended, or its pid is gone on
+                                   this host: the run is *released*, below); else
+                                   wait until the heartbeat is stale                 -
 stalled, job still RUNNING (hung)  ``scancel`` the job; the next recover resumes     K times
 oom_cgroup, oom_cuda               rerun *alone* on its GPU (one run per job). The   once
                                    batch size and everything measured stay as they
@@ -20,9 +23,16 @@ diverged, completed, live runs     nothing: results, or already in hand         
 =================================  ===============================================  =========
 
 After the limit for the same cause (``MAX_SAME_CAUSE`` = K = 3) the run is left for a person
-and the plan says so. Every action taken is appended to ``<root>/recover.jsonl`` (time, run,
-cause, action, job ids), which is also where the counts come from; submissions go through
-``sweep.submit.submit_runs`` and are recorded in the manifest with their reason. No torch.
+and the plan says so. A run killed without a word (``scancel --signal=KILL``, a node that
+died) still says ``running`` with a fresh heartbeat for up to ``STALLED_AFTER_S``. When the
+process is known dead (the SLURM job its status.json names has ended, so none of its
+processes survive, or its owner pid is gone on this host) recover releases the run before
+resubmitting it: status.json becomes ``interrupted`` with the reason, the dead owner's
+owner.json is removed and a warning event says who did it; the next attempt resumes from
+the newest checkpoint at once. Every action taken is appended to ``<root>/recover.jsonl``
+(time, run, cause, action, job ids), which is also where the counts come from; submissions
+go through ``sweep.submit.submit_runs`` and are recorded in the manifest with their reason.
+No torch.
 
 Exit codes of ``decon recover``: ``EXIT_RECOVERED`` 0 (nothing left for a person),
 ``EXIT_NEEDS_PERSON`` 1 (some runs are, each listed with why), 2 bad input.
@@ -32,6 +42,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -43,7 +54,7 @@ from deconcnn_cli.errors import SweepError
 from deconcnn_cli.sweep import classify as C
 from deconcnn_cli.sweep.monitor import RunRow, SweepReport, last_traceback, observe_sweep
 from deconcnn_cli.sweep.observe import RECOVER_LOG_FILE, SweepView, load_sweep
-from deconcnn_cli.sweep.scheduler import cancel_jobs
+from deconcnn_cli.sweep.scheduler import LIVE_STATES, cancel_jobs
 from deconcnn_cli.sweep.store import SweepStore
 
 EXIT_RECOVERED = 0
@@ -83,6 +94,7 @@ class Action:
     job_id: str | None = None
     previous: int = 0  # earlier recoveries of this run for this cause
     traceback: str | None = None  # for PERSON after an exception
+    release: bool = False  # its process is known dead: mark it interrupted before resubmitting
 
 
 @dataclass
@@ -152,13 +164,15 @@ def _decide(sweep: SweepView, row: RunRow, done: Counter[tuple[str, str]]) -> Ac
             why = f"{detail}: its local runner lives; stop it, then decon recover"
             return Action(run_id, cause, PERSON, why, job_id, previous)
         action = CANCEL
-    if (
-        action in (RESUME, RETRY, ALONE)
-        and row.heartbeat_age_s is not None
-        and (
-            row.written_state == contract.RUNNING and row.heartbeat_age_s < contract.STALLED_AFTER_S
-        )
-    ):
+    fresh = (
+        row.heartbeat_age_s is not None
+        and row.written_state == contract.RUNNING
+        and row.heartbeat_age_s < contract.STALLED_AFTER_S
+    )
+    dead = fresh and action in (RESUME, RETRY, ALONE) and process_ended(sweep.run_dir(run_id), row)
+    if dead:
+        detail = f"{detail}; {dead}: released"
+    if action in (RESUME, RETRY, ALONE) and fresh and not dead:
         # the scheduler says the job ended, but a process on another host could still be
         # writing: resubmit only once the heartbeat is stale (submit_runs refuses before)
         left = contract.STALLED_AFTER_S - row.heartbeat_age_s
@@ -177,7 +191,63 @@ def _decide(sweep: SweepView, row: RunRow, done: Counter[tuple[str, str]]) -> Ac
             f"stopped, a person must look ({detail})"
         )
         return Action(run_id, cause, PERSON, why, job_id, previous, tb)
-    return Action(run_id, cause, action, detail, job_id, previous)
+    return Action(run_id, cause, action, detail, job_id, previous, release=bool(dead))
+
+
+def process_ended(run_dir: Path, row: RunRow) -> str:
+    """Why the process that last wrote ``running`` into this run is known dead ("" if not).
+
+    Under SLURM no process of an ended job survives it (its cgroup is killed before the job
+    leaves the queue), so when the scheduler says the job that status.json names has ended,
+    its fresh heartbeat is a dead process's last. On this host the owner's pid is asked.
+    """
+    from deconcnn_cli.training.rundir import pid_alive  # torch-free
+
+    status = contract.read_json(run_dir / contract.STATUS_FILE) or {}
+    if row.executor == "slurm" and row.job_id and row.job_state is not None:
+        ids = {str(status.get("slurm_job_id"))}
+        if status.get("slurm_array_job_id") is not None:
+            ids.add(f"{status.get('slurm_array_job_id')}_{status.get('slurm_array_task_id')}")
+        if row.job_id in ids and row.job_state not in LIVE_STATES:
+            return f"its process ended with job {row.job_id} ({row.job_state})"
+    owner = contract.read_json(run_dir / contract.OWNER_FILE)
+    host = socket.gethostname()
+    if (
+        owner
+        and owner.get("host") == host == status.get("host")
+        and isinstance(owner.get("pid"), int)
+        and owner.get("pid") == status.get("pid")
+        and not pid_alive(owner["pid"])
+    ):
+        return f"its process (pid {owner['pid']} on {host}) is gone"
+    return ""
+
+
+def release_run(run_dir: Path, why: str) -> bool:
+    """Mark a run whose process is known dead as ``interrupted`` and drop its owner claim.
+
+    Only a run that still says ``running`` is touched (a process that wrote its own end
+    meanwhile is left as it wrote it). Its progress is its checkpoints: nothing else changes.
+    """
+    status = contract.read_json(run_dir / contract.STATUS_FILE)
+    if not status or status.get("state") != contract.RUNNING:
+        return False
+    status.update(
+        state=contract.INTERRUPTED,
+        reason=f"{why}; released by decon recover (resumes from its newest checkpoint)",
+    )
+    contract.atomic_write_json(run_dir / contract.STATUS_FILE, status)
+    (run_dir / contract.OWNER_FILE).unlink(missing_ok=True)
+    record = {
+        "time": time.time(),
+        "attempt": status.get("attempt"),
+        "level": "warning",
+        "message": f"{why}; released by decon recover",
+        "by": "decon recover",
+    }
+    with open(run_dir / contract.EVENTS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return True
 
 
 def _log_actions(root: Path, actions: list[Action], job_ids: dict[str, list[str]]) -> None:
@@ -235,6 +305,9 @@ def apply_recovery(plan: RecoverPlan, resources: str | None = None) -> dict[str,
     cancel = [a for a in plan.actions if a.action == CANCEL]
     if cancel:
         cancel_jobs(sorted({a.job_id for a in cancel if a.job_id}))
+    for a in plan.actions:
+        if a.release:
+            release_run(sweep.run_dir(a.run_id), a.why.rsplit(": released", 1)[0])
     groups: dict[tuple[str, str, bool], list[Action]] = {}
     for a in plan.actions:
         if a.action in (RESUME, RETRY, ALONE, SUBMIT):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from deconcnn_cli import contract
+from deconcnn_cli.sweep.recover import release_run
 from tests.conftest import run_cli
 from tests.sweep.fakes import (
     calls_made,
@@ -251,26 +252,46 @@ def test_local_runner_liveness(tmp_path: Path) -> None:
     assert rows == {"q_queued": ("pending", None), "r_gone": ("missing", "not_started")}
 
 
-def test_killed_run_waits_for_a_stale_heartbeat(
+def test_killed_run_is_released_at_once_when_its_own_job_ended(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # scancel --signal=KILL: the scheduler says CANCELLED, the run's status still says running
     root = tmp_path / "sweep"
-    write_manifest(root, ["m_killed", "n_old"], [("200", ["m_killed"]), ("201", ["n_old"])])
-    write_run(root, "m_killed", "running", step=20, heartbeat_age_s=30)
+    write_manifest(
+        root,
+        ["m_killed", "n_old", "p_unsure"],
+        [("200", ["m_killed"]), ("201", ["n_old"]), ("202", ["p_unsure"])],
+    )
+    killed = write_run(root, "m_killed", "running", step=20, heartbeat_age_s=30, slurm_job_id="200")
+    (killed / "owner.json").write_text(json.dumps({"host": "gpu7", "pid": 4242}))
     write_run(root, "n_old", "running", step=20, heartbeat_age_s=STALE)
+    # status names another job than the one that ended: its process may still be writing
+    write_run(root, "p_unsure", "running", step=20, heartbeat_age_s=30, slurm_job_id="999")
     install_fake_scheduler(
         monkeypatch,
         tmp_path / "bin",
         squeue="",
-        sacct=f"200|CANCELLED by 0|0:0|None|vm|{SUB}|00:01:00\n"
-        f"201|CANCELLED by 0|0:0|None|vm|{SUB}|00:01:00\n",
+        sacct="".join(
+            f"{j}|CANCELLED by 0|0:0|None|vm|{SUB}|00:01:00\n" for j in ("200", "201", "202")
+        ),
     )
     rows = {r["run_id"]: (r["state"], r["cause"]) for r in _monitor(root)["runs"]}
-    assert rows == {"m_killed": ("interrupted", "cancelled"), "n_old": ("interrupted", "cancelled")}
+    assert set(rows.values()) == {("interrupted", "cancelled")}
+    before = tree_snapshot(root / "runs")
     proc = run_cli("recover", "--dry-run", "--json", "--root", str(root))
+    assert tree_snapshot(root / "runs") == before  # a dry run releases nothing
     actions = {a["run_id"]: a for a in json.loads(proc.stdout)["actions"]}
-    assert actions["m_killed"]["action"] == "wait"
-    assert re.search(r"resumable in \d+ s", actions["m_killed"]["why"])
-    assert actions["n_old"]["action"] == "resume"
+    assert actions["m_killed"]["action"] == "resume" and actions["m_killed"]["release"]
+    assert "its process ended with job 200 (CANCELLED): released" in actions["m_killed"]["why"]
+    assert actions["p_unsure"]["action"] == "wait"
+    assert re.search(r"resumable in \d+ s", actions["p_unsure"]["why"])
+    assert actions["n_old"]["action"] == "resume" and not actions["n_old"]["release"]
     assert proc.returncode == 0
+
+    assert release_run(killed, "its process ended with job 200 (CANCELLED)")
+    status = json.loads((killed / "status.json").read_text())
+    assert status["state"] == "interrupted" and "job 200" in status["reason"]
+    assert status["step"] == 20 and not (killed / "owner.json").exists()
+    (event,) = contract.read_events(killed)
+    assert event["level"] == "warning" and event["by"] == "decon recover"
+    assert not release_run(killed, "again")  # only a run that still says running

@@ -98,26 +98,18 @@ def _monitor_says_cancelled(root: Path) -> dict[str, dict]:
 
 
 def _recover(root: Path, job_id: str, run_ids: set[str]) -> None:
-    """recover until every run is resubmitted: a KILLed run whose heartbeat is still fresh
-    is planned as `wait` and resumed by a later recover."""
+    """One recover resubmits every run at once: after a KILL too, whose fresh heartbeat is a
+    dead process's last once the scheduler says its job ended (the run is released)."""
     deadline = time.time() + 120
     while time.time() < deadline and _squeue_lists([job_id]):
         time.sleep(1)  # let the cancelled job's processes end before resubmitting
-    resumed: set[str] = set()
-    deadline = time.time() + contract.STALLED_AFTER_S + 120
-    while True:
-        proc = run_cli("recover", "--json", "--root", str(root))
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        out = json.loads(proc.stdout)
-        actions = {a["run_id"]: a for a in out["actions"]}
-        assert all(a["cause"] == "cancelled" for a in actions.values()), actions
-        assert all(a["action"] in ("resume", "wait") for a in actions.values()), actions
-        resumed |= set(out["new_jobs"])
-        if not any(a["action"] == "wait" for a in actions.values()):
-            break
-        assert time.time() < deadline, actions
-        time.sleep(10)
-    assert resumed == run_ids
+    proc = run_cli("recover", "--json", "--root", str(root))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = json.loads(proc.stdout)
+    actions = {a["run_id"]: a for a in out["actions"]}
+    assert all(a["cause"] == "cancelled" for a in actions.values()), actions
+    assert all(a["action"] == "resume" for a in actions.values()), actions
+    assert set(out["new_jobs"]) == run_ids
 
 
 def test_cancel_and_kill_are_reported_recovered_and_verified(tmp_path: Path) -> None:
@@ -149,6 +141,9 @@ def test_cancel_and_kill_are_reported_recovered_and_verified(tmp_path: Path) -> 
     assert second != first
     _monitor_says_cancelled(root)
     _recover(root, second, set(rows))
+    for rid in rows:  # released by recover: no 120 s wait for a stale heartbeat
+        events = contract.read_events(root / "runs" / rid)
+        assert any(e.get("by") == "decon recover" for e in events), events
 
     _poll(root, lambda r: all(x.state == "completed" for x in r.rows), "completion")
     for rid in rows:
