@@ -25,7 +25,7 @@ import math
 import numpy as np
 import torch
 
-from deconcnn_cli.analysis.lanczos import DEFAULT_GAP_CAP, lanczos_top
+from deconcnn_cli.analysis.lanczos import DEFAULT_GAP_CAP, MatrixOperator, lanczos_top
 
 N = 300
 TAIL = [k**-0.5 for k in range(1, 20)]
@@ -38,15 +38,6 @@ SPECTRA = {
     "resnet step 1000": [12.063, 6.629, 6.031, 3.883, 3.523, 3.211, 3.116, 2.844, 2.718, 2.639]
     + [2.0 * k**-0.5 for k in range(1, 30)],
 }
-
-
-class MatrixHVP:
-    def __init__(self, matrix: torch.Tensor) -> None:
-        self.matrix, self.n_params = matrix, matrix.shape[0]
-        self.device, self.dtype = matrix.device, matrix.dtype
-
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        return self.matrix @ v.to(self.dtype)
 
 
 def matrix_with(top: list[float], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +73,7 @@ def main() -> None:
                         if start == "warm":
                             v0 = u1 + 0.5 * v0 / v0.norm()
                         r = lanczos_top(
-                            MatrixHVP(matrix),
+                            MatrixOperator(matrix),
                             v0=v0,
                             tol=tol,
                             max_hvp=120,

@@ -58,6 +58,17 @@ class HVPOperator(Protocol):
     def __call__(self, v: torch.Tensor) -> torch.Tensor: ...
 
 
+class MatrixOperator:
+    """An :class:`HVPOperator` for an explicit symmetric matrix (tests, benches)."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.matrix, self.n_params = matrix, matrix.shape[0]
+        self.device, self.dtype = matrix.device, matrix.dtype
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matrix @ v.to(self.dtype)
+
+
 @dataclass(frozen=True)
 class LanczosResult:
     """Top eigenvalue of a symmetric operator; ``value`` NaN and ``reason`` unless converged.

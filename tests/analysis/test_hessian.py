@@ -20,6 +20,7 @@ from deconcnn_cli.analysis.hessian import (
     top_hessian_eigenvalue,
 )
 from deconcnn_cli.analysis.lanczos import DEFAULT_GAP_CAP, lanczos_top
+from deconcnn_cli.analysis.lanczos import MatrixOperator as MatrixHVP
 
 HVP_REL_TOL = 1e-5  # HVP vs dense Hessian, float64
 EIG_REL_TOL = 1e-3  # protocol: lambda_max to 1e-3 relative
@@ -77,17 +78,6 @@ def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int
 
     with preserved_model_state(model, train=True):
         return torch.autograd.functional.hessian(loss, theta)
-
-
-class MatrixHVP:
-    """An HVPOperator for an explicit symmetric matrix."""
-
-    def __init__(self, matrix: torch.Tensor) -> None:
-        self.matrix, self.n_params = matrix, matrix.shape[0]
-        self.device, self.dtype = matrix.device, matrix.dtype
-
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        return self.matrix @ v.to(self.dtype)
 
 
 def snapshot(model: nn.Module) -> dict:
