@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -295,3 +296,36 @@ def test_killed_run_is_released_at_once_when_its_own_job_ended(
     (event,) = contract.read_events(killed)
     assert event["level"] == "warning" and event["by"] == "decon recover"
     assert not release_run(killed, "again")  # only a run that still says running
+
+
+def test_a_dead_owner_on_this_host_is_known_dead(tmp_path: Path) -> None:
+    """The local executor's case: a SIGKILLed trainer's pid is gone on this very host."""
+    import socket
+    import subprocess
+
+    from deconcnn_cli.sweep.recover import process_ended
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    run = write_run(tmp_path, "r", "running", heartbeat_age_s=5, host=host, pid=dead.pid)
+    (run / "owner.json").write_text(json.dumps({"host": host, "pid": dead.pid}))
+    row = _row(executor="local")
+    assert process_ended(run, row) == f"its process (pid {dead.pid} on {host}) is gone"
+    live = write_run(tmp_path, "s", "running", heartbeat_age_s=5, host=host, pid=os.getpid())
+    (live / "owner.json").write_text(json.dumps({"host": host, "pid": os.getpid()}))
+    assert process_ended(live, row) == ""
+    # under SLURM: only the job that status.json names counts
+    array = write_run(tmp_path, "t", "running", slurm_array_job_id="80", slurm_array_task_id="1")
+    assert process_ended(array, _row(job_id="80_1", job_state="CANCELLED")) != ""
+    assert process_ended(array, _row(job_id="80_1", job_state="COMPLETING")) == ""
+    assert process_ended(array, _row(job_id="80_2", job_state="CANCELLED")) == ""
+
+
+def _row(executor: str = "slurm", job_id: str | None = None, job_state: str | None = None):
+    from deconcnn_cli.sweep.monitor import RunRow
+
+    return RunRow(
+        "r", "interrupted", "cancelled", "", 10, 100, 1.0, None, 1, 0.0, 0.0,
+        job_id, job_state, executor, "running", 5.0,
+    )  # fmt: skip
