@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import statistics
+import time
+from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
-from deconcnn_cli.config import RunConfig
+from deconcnn_cli.config import RunConfig, load_run_config
 from deconcnn_cli.training import loop as loop_mod
-from deconcnn_cli.training.data import DataSplits, load_splits
+from deconcnn_cli.training.data import DataSplits, load_splits, steps_per_epoch, train_batch
+from deconcnn_cli.training.models import build_model
 
 CIFAR_TRAIN = 45_000  # CIFAR-10's 50,000 minus the 10% validation split: 352 steps of 128
 CIFAR_VAL = 5_000  # the validation split a run evaluates 4 times an epoch
@@ -60,3 +64,61 @@ def cifar_shaped_loop(
         yield
     finally:
         loop_mod.load_splits = original
+
+
+def median_time(fn: Callable[[], object], reps: int, *, warmup: bool = False) -> float:
+    """Median wall time of ``reps`` calls (after one untimed call with ``warmup``)."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_config(width: float, cadence: dict | None = None) -> RunConfig:
+    """The base variant at ``width`` on the digits at 32 px, CPU, 4 epochs with 1 of warmup;
+    ``cadence``: overrides of the metrics' cadences (e.g. all 0 for a run without them)."""
+    return load_run_config(
+        variant="base",
+        flags={
+            "model": {"width_mult": width},
+            "device": "cpu",
+            "data": {"dataset": "digits", "image_size": 32},
+            "schedule": {"epochs": 4, "warmup_epochs": 1.0},
+            "cadence": cadence or {},
+        },
+    )
+
+
+class Trajectory:
+    """The benches' training trajectory: ResNet-18 (base variant) at ``width`` on the digits
+    tiled to 4,096 images at 32 px, SGD at a constant ``lr`` from a fixed seed."""
+
+    def __init__(self, width: float, lr: float) -> None:
+        self.cfg = bench_config(width)
+        self.splits = tiled_digits(self.cfg, n_train=4096)
+        self.spe = steps_per_epoch(self.splits.n_train, 128)
+        torch.manual_seed(0)
+        self.model = build_model(self.cfg.model, self.splits.num_classes)
+        self.opt = loop_mod.build_optimizer(self.cfg, self.model)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.step_no = 0
+
+    def step(self) -> None:
+        x, y = train_batch(
+            self.splits, step=self.step_no, steps_per_epoch=self.spe, batch_size=128, seed=0,
+            augment=True, image_size=32,
+        )  # fmt: skip
+        loss = F.cross_entropy(self.model(x), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.step_no += 1
+
+    def advance_to(self, step: int) -> None:
+        while self.step_no < step:
+            self.step()

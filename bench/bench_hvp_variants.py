@@ -21,28 +21,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
-import time
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from _common import median_time  # noqa: E402  (bench/ sibling)
 from torch import nn
 from torch.func import functional_call, grad, jvp
 
 from deconcnn_cli.analysis import hessian
 from deconcnn_cli.config import load_run_config
 from deconcnn_cli.training.models import build_model
-
-
-def median_time(fn: Callable[[], object], reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bn_mean(self: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
@@ -90,14 +79,14 @@ def main() -> None:
 
     for _ in range(20):
         step()
-    t_step = median_time(step)
+    t_step = median_time(step, 5, warmup=True)
     print(f"ResNet-18 width {args.width}, 128 images at 32 px, 1 thread; unit = one step")
     print(f"{'training step':<44}{t_step * 1e3:8.0f} ms   1.00")
     with hessian.preserved_model_state(model, train=True):
         op = hessian.HessianOperator(model, x, y, chunk_size=128)
         v = torch.randn(op.n_params)
         ref = op(v)
-        t_hvp = median_time(lambda: op(v))
+        t_hvp = median_time(lambda: op(v), 5, warmup=True)
         print(
             f"{'HVP, cached graph (the default)':<44}{t_hvp * 1e3:8.0f} ms   {t_hvp / t_step:.2f}"
         )
@@ -116,7 +105,7 @@ def main() -> None:
                     is_grads_batched=True,
                 )
 
-            t = median_time(batched, 3) / k
+            t = median_time(batched, 3, warmup=True) / k
             print(
                 f"{f'HVP, {k} probes batched, per probe':<44}{t * 1e3:8.0f} ms   {t / t_step:.2f}"
             )
@@ -144,7 +133,7 @@ def main() -> None:
             lambda p: g(p, {n: b.clone() for n, b in buffers.items()}), (params,), (tangent,)
         )[1]
 
-    t = median_time(forward_over_reverse, 3)
+    t = median_time(forward_over_reverse, 3, warmup=True)
     out = torch.cat([forward_over_reverse()[n].reshape(-1) for n in names])
     diff = float((out - ref).norm() / ref.norm())
     print(
@@ -155,7 +144,7 @@ def main() -> None:
         with batchnorm_as(model, forward), hessian.preserved_model_state(model, train=True):
             op_bn = hessian.HessianOperator(model, x, y, chunk_size=128)
             out = op_bn(v)
-            t = median_time(lambda op_bn=op_bn: op_bn(v))
+            t = median_time(lambda op_bn=op_bn: op_bn(v), 5, warmup=True)
             diff = float((out - ref).norm() / ref.norm())
             print(
                 f"{f'HVP, BatchNorm decomposed ({label})':<44}{t * 1e3:8.0f} ms   "

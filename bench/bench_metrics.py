@@ -42,7 +42,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import CIFAR_VAL, cifar_shaped_loop, tiled_digits  # noqa: E402  (bench/ sibling)
+from _common import (  # noqa: E402  (bench/ sibling)
+    CIFAR_VAL,
+    bench_config,
+    cifar_shaped_loop,
+    median_time,
+    tiled_digits,
+)
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from deconcnn_cli.analysis import hessian, noise
@@ -59,30 +65,8 @@ N_CURV, N_NOISE, N_SHAPE, N_VAL = 36, 25, 50, 200
 
 
 def make_config(width: float, metrics_on: bool) -> RunConfig:
-    cadence = (
-        {}
-        if metrics_on
-        else {"curvature_every_steps": 0, "noise_every_epochs": 0, "shape_every_epochs": 0}
-    )
-    return load_run_config(
-        variant="base",
-        flags={
-            "model": {"width_mult": width},
-            "device": "cpu",
-            "data": {"dataset": "digits", "image_size": 32},
-            "schedule": {"epochs": 4, "warmup_epochs": 1.0},
-            "cadence": cadence,
-        },
-    )
-
-
-def median_time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    off = {"curvature_every_steps": 0, "noise_every_epochs": 0, "shape_every_epochs": 0}
+    return bench_config(width, None if metrics_on else off)
 
 
 def tight_lambda(op: hessian.HessianOperator) -> tuple[float, int]:

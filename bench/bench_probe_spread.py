@@ -24,16 +24,12 @@ import statistics
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from _common import tiled_digits  # noqa: E402  (bench/ sibling)
+from _common import Trajectory  # noqa: E402  (bench/ sibling)
 
 from deconcnn_cli.analysis import hessian
 from deconcnn_cli.analysis.lanczos import lanczos_top
-from deconcnn_cli.config import load_run_config
 from deconcnn_cli.training import measure
-from deconcnn_cli.training.data import normalize, steps_per_epoch, train_batch
-from deconcnn_cli.training.loop import build_optimizer
-from deconcnn_cli.training.models import build_model
+from deconcnn_cli.training.data import normalize
 
 TOLS = (1e-3, 3e-3, 1e-2)
 
@@ -47,43 +43,16 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--skip-init", action="store_true", help="first point after --between steps")
     args = ap.parse_args()
-    cfg = load_run_config(
-        variant="base",
-        flags={
-            "model": {"width_mult": args.width},
-            "device": "cpu",
-            "data": {"dataset": "digits", "image_size": 32},
-        },
-    )
-    splits = tiled_digits(cfg, n_train=4096)
-    spe = steps_per_epoch(splits.n_train, 128)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, splits.num_classes)
-    opt = build_optimizer(cfg, model)
-    for g in opt.param_groups:
-        g["lr"] = args.lr
+    run = Trajectory(args.width, args.lr)
+    cfg, splits, model = run.cfg, run.splits, run.model
     run_probe = measure.probe_batch(splits, cfg)
     prev_vec: torch.Tensor | None = None
-    step = 0
     spreads, pair_diffs = [], []
     print(f"ResNet-18 width {args.width}, lr {args.lr}, {args.batches} probe batches per point")
     for point in range(args.points):
         if point or args.skip_init:
-            for _ in range(args.between):
-                x, y = train_batch(
-                    splits,
-                    step=step,
-                    steps_per_epoch=spe,
-                    batch_size=128,
-                    seed=0,
-                    augment=True,
-                    image_size=32,
-                )
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
+            run.advance_to(run.step_no + args.between)
+        step = run.step_no
         lams = []
         vec = None
         for b in range(args.batches):

@@ -22,16 +22,11 @@ import argparse
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from _common import tiled_digits  # noqa: E402  (bench/ sibling)
+from _common import Trajectory  # noqa: E402  (bench/ sibling)
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from deconcnn_cli.analysis import hessian, lanczos
-from deconcnn_cli.config import load_run_config
 from deconcnn_cli.training import measure
-from deconcnn_cli.training.data import steps_per_epoch, train_batch
-from deconcnn_cli.training.loop import build_optimizer
-from deconcnn_cli.training.models import build_model
 
 
 def main() -> None:
@@ -42,35 +37,14 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=16)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = load_run_config(
-        variant="base",
-        flags={
-            "model": {"width_mult": args.width},
-            "device": "cpu",
-            "data": {"dataset": "digits", "image_size": 32},
-            "schedule": {"epochs": 4, "warmup_epochs": 1.0},
-        },
-    )
-    splits = tiled_digits(cfg, n_train=4096)
-    spe = steps_per_epoch(splits.n_train, 128)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, splits.num_classes)
-    opt = build_optimizer(cfg, model)
-    for group in opt.param_groups:
-        group["lr"] = args.lr
-    x, y = measure.probe_batch(splits, cfg)
-    previous, step = None, 0
+    run = Trajectory(args.width, args.lr)
+    cfg, model = run.cfg, run.model
+    x, y = measure.probe_batch(run.splits, cfg)
+    previous = None
     print(f"ResNet-18 width {args.width}, lr {args.lr}, {args.probes} probes per point")
     for target in (int(s) for s in args.points.split(",")):
-        while step < target:
-            xb, yb = train_batch(
-                splits, step=step, steps_per_epoch=spe, batch_size=128, seed=0,
-                augment=True, image_size=32,
-            )  # fmt: skip
-            opt.zero_grad()
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
-            step += 1
+        run.advance_to(target)
+        step = run.step_no
         with hessian.preserved_model_state(model, train=True):
             op = hessian.HessianOperator(model, x, y, chunk_size=128)
             n = op.n_params
@@ -86,8 +60,8 @@ def main() -> None:
             values, q = values[order], torch.from_numpy(vectors[:, order]).double()
             start = hessian.lanczos_start(previous, op.gradient)
             gap_cap = 10 * cfg.analysis.lanczos_tol if previous is not None else 3e-3
-            run = lanczos.lanczos_top(op, v0=start, tol=cfg.analysis.lanczos_tol, gap_cap=gap_cap)
-            previous = run.vector
+            warm = lanczos.lanczos_top(op, v0=start, tol=cfg.analysis.lanczos_tol, gap_cap=gap_cap)
+            previous = warm.vector
             gen = torch.Generator().manual_seed(step)
             plain, proj, krylov = [], [], []
             for _ in range(args.probes):
@@ -95,7 +69,7 @@ def main() -> None:
                 plain.append(float(z @ op(z).double()))
                 proj.append((q.T @ z).numpy())
                 w = z.float()
-                for b in run.basis:
+                for b in warm.basis:
                     w -= b * float(lanczos.dot64(b, w))
                 krylov.append(float(lanczos.dot64(w, op(w).float())))
             plain_a, proj_a = np.asarray(plain), np.asarray(proj)
@@ -105,10 +79,10 @@ def main() -> None:
                 trace = values[:k].sum() + samples.mean()
                 spread = samples.std(ddof=1) / abs(trace)
                 print(f"  top {k:2d} exact eigenvectors deflated: one probe's spread {spread:.1%}")
-            trace = float(np.trace(run.tridiagonal)) + float(np.mean(krylov))
+            trace = float(np.trace(warm.tridiagonal)) + float(np.mean(krylov))
             spread = float(np.std(krylov, ddof=1)) / abs(trace)
             print(
-                f"  the run's Krylov basis ({run.n_hvp} vectors): one probe's spread {spread:.1%}"
+                f"  the run's Krylov basis ({warm.n_hvp} vectors): one probe's spread {spread:.1%}"
                 f" -> rel. SEM {spread / np.sqrt(cfg.analysis.hutchinson_probes):.1%} at the"
                 f" default m = {cfg.analysis.hutchinson_probes}"
             )
