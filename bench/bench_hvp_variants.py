@@ -1,18 +1,20 @@
-"""Ways to compute the curvature's Hessian-vector products, each timed in training steps.
+"""Ways to compute the curvature's Hessian-vector products: cost in training steps, accuracy.
 
 On one model (ResNet-18 for CIFAR at ``--width``, 32 px, 128 images, 20 SGD steps from
 initialisation so BN statistics are not trivial), side by side in one process on one thread:
 
 - one training step (forward, backward, SGD update): the unit;
-- the cached-graph HVP ``analysis.hessian.HessianOperator`` uses (reverse over reverse);
-- the same graph with ``k`` probes at once (``is_grads_batched``: vmap over the double
+- the cached-graph HVP with the native BatchNorm kernel (``plain_batchnorm=False``), with
+  train-mode BatchNorm from plain ops (``hessian.plain_batchnorm``: the default of
+  ``HessianOperator``), and from plain ops on ``torch.var_mean``;
+- the graph build, for each;
+- the default graph with ``k`` probes at once (``is_grads_batched``: vmap over the double
   backward), per probe;
 - forward over reverse (``torch.func.jvp`` of ``torch.func.grad``: no retained graph, the
-  forward and backward recomputed per HVP);
-- BatchNorm decomposed into plain ops, two ways (``mean`` + squared deviations;
-  ``var_mean``), with the HVP's relative difference from the native one.
+  forward and backward recomputed per HVP).
 
-Also the share of one HVP spent in BatchNorm's double backward (torch profiler).
+Accuracy: each float32 HVP's relative distance from a float64 HVP (native BatchNorm) at the
+same weights and vector; and the share of one native HVP spent in BatchNorm's double backward.
 
     python bench/bench_hvp_variants.py [--width 0.125]
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 
 import torch
@@ -32,15 +35,6 @@ from torch.func import functional_call, grad, jvp
 from deconcnn_cli.analysis import hessian
 from deconcnn_cli.config import load_run_config
 from deconcnn_cli.training.models import build_model
-
-
-def bn_mean(self: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    mean = x.mean(dim=(0, 2, 3), keepdim=True)
-    c = x - mean
-    var = (c * c).mean(dim=(0, 2, 3), keepdim=True)
-    return torch.addcmul(
-        self.bias[:, None, None], c * torch.rsqrt(var + self.eps), self.weight[:, None, None]
-    )
 
 
 def bn_var_mean(self: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
@@ -80,21 +74,56 @@ def main() -> None:
     for _ in range(20):
         step()
     t_step = median_time(step, 5, warmup=True)
+    n = sum(p.numel() for p in model.parameters())
+    v = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    m64 = copy.deepcopy(model).double()
+    with hessian.preserved_model_state(m64, train=True):
+        exact = hessian.HessianOperator(m64, x.double(), y, chunk_size=128, plain_batchnorm=False)
+        ref = exact(v.double())
+        del exact
+
+    def report(label: str, seconds: float, out: torch.Tensor | None = None) -> None:
+        err = (
+            ""
+            if out is None
+            else f"   vs float64 {float((out.double() - ref).norm() / ref.norm()):.1e}"
+        )
+        print(f"{label:<54}{seconds * 1e3:8.0f} ms   {seconds / t_step:5.2f}{err}")
+
     print(f"ResNet-18 width {args.width}, 128 images at 32 px, 1 thread; unit = one step")
-    print(f"{'training step':<44}{t_step * 1e3:8.0f} ms   1.00")
+    report("training step", t_step)
+    for label, plain, forward in (
+        ("native BatchNorm", False, None),
+        ("BatchNorm from plain ops (the default)", True, None),
+        ("BatchNorm from plain ops on var_mean", False, bn_var_mean),
+    ):
+        patch = batchnorm_as(model, forward) if forward else contextlib.nullcontext()
+        with patch, hessian.preserved_model_state(model, train=True):
+
+            def build(plain: bool = plain) -> hessian.HessianOperator:
+                return hessian.HessianOperator(model, x, y, chunk_size=128, plain_batchnorm=plain)
+
+            report(f"graph build, {label}", median_time(build, 3, warmup=True))
+            op = build()
+            report(f"HVP, {label}", median_time(lambda op=op: op(v), 5, warmup=True), op(v))
+            if not plain and forward is None:
+                from torch.profiler import profile
+
+                with profile() as prof:
+                    op(v)
+                events = prof.key_averages()
+                total = sum(e.self_cpu_time_total for e in events)
+                key = "NativeBatchNormBackwardBackward0"
+                bn = sum(e.cpu_time_total for e in events if e.key == key)
+                print(f"  share of that HVP in BatchNorm's double backward: {bn / total:.0%}")
+            del op
     with hessian.preserved_model_state(model, train=True):
         op = hessian.HessianOperator(model, x, y, chunk_size=128)
-        v = torch.randn(op.n_params)
-        ref = op(v)
-        t_hvp = median_time(lambda: op(v), 5, warmup=True)
-        print(
-            f"{'HVP, cached graph (the default)':<44}{t_hvp * 1e3:8.0f} ms   {t_hvp / t_step:.2f}"
-        )
         sizes = [p.numel() for p in op.params]
         for k in (2, 4, 6):
             vs = torch.randn(k, op.n_params)
 
-            def batched(vs: torch.Tensor = vs, k: int = k) -> object:
+            def batched(vs: torch.Tensor = vs, k: int = k, op=op) -> object:  # noqa: ANN001
                 pieces = vs.split(sizes, dim=1)
                 return torch.autograd.grad(
                     [g for _, g in op._pairs],
@@ -105,22 +134,15 @@ def main() -> None:
                     is_grads_batched=True,
                 )
 
-            t = median_time(batched, 3, warmup=True) / k
-            print(
-                f"{f'HVP, {k} probes batched, per probe':<44}{t * 1e3:8.0f} ms   {t / t_step:.2f}"
+            report(
+                f"HVP, default, {k} probes batched, per probe",
+                median_time(batched, 3, warmup=True) / k,
             )
-        from torch.profiler import profile
-
-        with profile() as prof:
-            op(v)
-        events = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in events)
-        bn = sum(e.cpu_time_total for e in events if e.key == "NativeBatchNormBackwardBackward0")
-        print(f"  share of one HVP in BatchNorm's double backward: {bn / total:.0%}")
-    names = [n for n, _ in model.named_parameters()]
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    tangent = {n: t.view_as(params[n]) for n, t in zip(names, v.split(sizes), strict=True)}
+        del op
+    names = [name for name, _ in model.named_parameters()]
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    tangent = {name: t.view_as(params[name]) for name, t in zip(names, v.split(sizes), strict=True)}
 
     def loss(p: dict, b: dict) -> torch.Tensor:
         return F.cross_entropy(functional_call(model, (p, b), (x,)), y)
@@ -130,27 +152,15 @@ def main() -> None:
     def forward_over_reverse() -> dict:
         # train-mode BN writes its buffers: fresh copies made inside the transformed function
         return jvp(
-            lambda p: g(p, {n: b.clone() for n, b in buffers.items()}), (params,), (tangent,)
+            lambda p: g(p, {k: b.clone() for k, b in buffers.items()}), (params,), (tangent,)
         )[1]
 
-    t = median_time(forward_over_reverse, 3, warmup=True)
-    out = torch.cat([forward_over_reverse()[n].reshape(-1) for n in names])
-    diff = float((out - ref).norm() / ref.norm())
-    print(
-        f"{'HVP, forward over reverse (torch.func)':<44}{t * 1e3:8.0f} ms   {t / t_step:.2f}"
-        f"   rel. diff {diff:.1e}"
+    out = torch.cat([forward_over_reverse()[name].reshape(-1) for name in names])
+    report(
+        "HVP, forward over reverse (torch.func)",
+        median_time(forward_over_reverse, 3, warmup=True),
+        out,
     )
-    for label, forward in (("mean", bn_mean), ("var_mean", bn_var_mean)):
-        with batchnorm_as(model, forward), hessian.preserved_model_state(model, train=True):
-            op_bn = hessian.HessianOperator(model, x, y, chunk_size=128)
-            out = op_bn(v)
-            t = median_time(lambda op_bn=op_bn: op_bn(v), 5, warmup=True)
-            diff = float((out - ref).norm() / ref.norm())
-            print(
-                f"{f'HVP, BatchNorm decomposed ({label})':<44}{t * 1e3:8.0f} ms   "
-                f"{t / t_step:.2f}   rel. diff {diff:.1e}"
-            )
-            del op_bn
 
 
 if __name__ == "__main__":

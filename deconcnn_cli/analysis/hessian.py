@@ -109,7 +109,14 @@ class HessianOperator:
 
     The constructor runs the forward pass and ``torch.autograd.grad(..., create_graph=True)``
     once; each call is one backward through that graph (``.grad`` is never touched). The
-    forward updates BN buffers: use it inside ``preserved_model_state(model, train=True)``.
+    forward may update BN buffers: use it inside ``preserved_model_state(model, train=True)``.
+
+    With ``plain_batchnorm`` (default) every affine BatchNorm in train mode is computed, for
+    this forward only, from plain ops (:func:`plain_batchnorm`): the same function (its HVPs
+    equal the native ones to 1e-12 in float64), whose double backward is cheaper and more
+    accurate than the native kernel's (``bench/bench_hvp_variants.py``, ResNet-18 width
+    0.125: one HVP 2.5 instead of 2.8 training steps, the graph build 1.2 instead of 0.9;
+    the float32 HVP within 4e-6 of a float64 one, the native kernel's 1.7e-3 off).
 
     Parameters
     ----------
@@ -120,10 +127,18 @@ class HessianOperator:
     chunk_size : int
         Forward in chunks of this many examples (the training batch size, so train-mode BN
         sees batches like SGD's); loss = chunk mean losses weighted by chunk size.
+    plain_batchnorm : bool
+        Compute train-mode BatchNorm from plain ops for the graph (see above).
     """
 
     def __init__(
-        self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, chunk_size: int
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        chunk_size: int,
+        plain_batchnorm: bool = True,
     ) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params or not self.params[0].dtype.is_floating_point:
@@ -137,7 +152,8 @@ class HessianOperator:
         self.n_hvp = 0
         inputs, targets = _to_device(inputs, self.device, self.dtype), targets.to(self.device)
         n_total = inputs.shape[0]
-        with torch.enable_grad(), torch.autocast(self.device.type, enabled=False):
+        plain = plain_batchnorm_forward(model) if plain_batchnorm else contextlib.nullcontext()
+        with torch.enable_grad(), torch.autocast(self.device.type, enabled=False), plain:
             loss = torch.zeros((), device=self.device, dtype=self.dtype)
             for start in range(0, n_total, chunk_size):
                 x, y = inputs[start : start + chunk_size], targets[start : start + chunk_size]
@@ -166,6 +182,39 @@ class HessianOperator:
                 allow_unused=True,
             )
         return _flatten(hv, self.params)
+
+
+def plain_batchnorm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Train-mode BatchNorm from plain ops: the centred input ``c = x - mean``, the biased
+    variance ``mean(c^2)`` (as ``F.batch_norm`` normalises), then ``c * weight / sqrt(var +
+    eps) + bias``, per channel. The running statistics are not updated (the curvature
+    restores them anyway)."""
+    dims = (0, *range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    c = x - x.mean(dim=dims, keepdim=True)
+    var = c.square().mean(dim=dims, keepdim=True)
+    return c * (module.weight.view(shape) * torch.rsqrt(var + module.eps)) + module.bias.view(shape)
+
+
+@contextlib.contextmanager
+def plain_batchnorm_forward(model: nn.Module) -> Iterator[None]:
+    """Inside the block, every affine BatchNorm of ``model`` in train mode runs
+    :func:`plain_batchnorm` (hooks still run); the modules are restored on exit."""
+    patched = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.training
+        and m.affine
+        and "forward" not in vars(m)
+    ]
+    for m in patched:
+        m.forward = plain_batchnorm.__get__(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
 
 
 def top_hessian_eigenvalue(

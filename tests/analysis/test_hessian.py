@@ -16,6 +16,7 @@ from deconcnn_cli.analysis.hessian import (
     evaluate_curvature,
     hutchinson_trace,
     lanczos_start,
+    plain_batchnorm_forward,
     preserved_model_state,
     top_hessian_eigenvalue,
 )
@@ -579,3 +580,17 @@ def test_warm_evaluation_trusts_the_ritz_gap_up_to_ten_tol() -> None:
     )
     assert warm.n_hvp - probes == relaxed.n_hvp < strict.n_hvp
     assert abs(warm.lambda_max - truth) / truth <= tol
+
+
+def test_plain_batchnorm_graph_gives_the_native_hvp_and_leaves_the_model_as_found() -> None:
+    model, (x, y) = tiny_cnn(), probe_batch()
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    with preserved_model_state(model, train=True):
+        native = HessianOperator(model, x, y, chunk_size=CHUNK, plain_batchnorm=False)(v)
+    with preserved_model_state(model, train=True):
+        plain = HessianOperator(model, x, y, chunk_size=CHUNK)(v)
+    torch.testing.assert_close(plain, native, rtol=1e-12, atol=1e-12)
+    assert not any("forward" in vars(m) for m in model.modules())  # patched only inside
+    model.eval()  # eval-mode BatchNorm (running statistics) is never replaced
+    with plain_batchnorm_forward(model):
+        assert "forward" not in vars(model[1])
