@@ -4,9 +4,9 @@ On one model (ResNet-18 for CIFAR at ``--width``, 32 px, 128 images, 20 SGD step
 initialisation so BN statistics are not trivial), side by side in one process on one thread:
 
 - one training step (forward, backward, SGD update): the unit;
-- the cached-graph HVP with the native BatchNorm kernel (``plain_batchnorm=False``), with
-  train-mode BatchNorm from plain ops (``hessian.plain_batchnorm``: the default of
-  ``HessianOperator``), and from plain ops on ``torch.var_mean``;
+- the cached-graph HVP with the native BatchNorm kernel (``plain_batchnorm=False``) and
+  with train-mode BatchNorm from plain ops (``hessian.plain_batchnorm``: the default of
+  ``HessianOperator``);
 - the graph build, for each;
 - the default graph with ``k`` probes at once (``is_grads_batched``: vmap over the double
   backward), per probe;
@@ -22,37 +22,16 @@ same weights and vector; and the share of one native HVP spent in BatchNorm's do
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from _common import median_time  # noqa: E402  (bench/ sibling)
-from torch import nn
 from torch.func import functional_call, grad, jvp
 
 from deconcnn_cli.analysis import hessian
 from deconcnn_cli.config import load_run_config
 from deconcnn_cli.training.models import build_model
-
-
-def bn_var_mean(self: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0, keepdim=True)
-    scale = self.weight[:, None, None] * torch.rsqrt(var + self.eps)
-    return (x - mean) * scale + self.bias[:, None, None]
-
-
-@contextlib.contextmanager
-def batchnorm_as(model: nn.Module, forward: Callable) -> Iterator[None]:
-    mods = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in mods:
-        m.forward = forward.__get__(m)
-    try:
-        yield
-    finally:
-        for m in mods:
-            del m.forward
 
 
 def main() -> None:
@@ -92,13 +71,11 @@ def main() -> None:
 
     print(f"ResNet-18 width {args.width}, 128 images at 32 px, 1 thread; unit = one step")
     report("training step", t_step)
-    for label, plain, forward in (
-        ("native BatchNorm", False, None),
-        ("BatchNorm from plain ops (the default)", True, None),
-        ("BatchNorm from plain ops on var_mean", False, bn_var_mean),
+    for label, plain in (
+        ("native BatchNorm", False),
+        ("BatchNorm from plain ops (the default)", True),
     ):
-        patch = batchnorm_as(model, forward) if forward else contextlib.nullcontext()
-        with patch, hessian.preserved_model_state(model, train=True):
+        with hessian.preserved_model_state(model, train=True):
 
             def build(plain: bool = plain) -> hessian.HessianOperator:
                 return hessian.HessianOperator(model, x, y, chunk_size=128, plain_batchnorm=plain)
@@ -106,7 +83,7 @@ def main() -> None:
             report(f"graph build, {label}", median_time(build, 3, warmup=True))
             op = build()
             report(f"HVP, {label}", median_time(lambda op=op: op(v), 5, warmup=True), op(v))
-            if not plain and forward is None:
+            if not plain:
                 from torch.profiler import profile
 
                 with profile() as prof:
