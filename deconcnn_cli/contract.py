@@ -209,6 +209,15 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line and fsync it (``attempts.jsonl``, ``events.jsonl``): a reader sees
+    whole lines, and a crash mid-write leaves at most one partial line, which it skips."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Records of a JSON-lines file; a partial or corrupt line (a crash mid-write) is skipped."""
     try:

@@ -245,8 +245,7 @@ def release_run(run_dir: Path, why: str) -> bool:
         "message": f"{why}; released by decon recover",
         "by": "decon recover",
     }
-    with open(run_dir / contract.EVENTS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    contract.append_jsonl(run_dir / contract.EVENTS_FILE, record)
     return True
 
 

@@ -31,6 +31,7 @@ from deconcnn_cli.contract import (
     STATUS_FILE,
     STREAMS,
     TEMP_MARK,
+    append_jsonl,
     atomic_write_bytes,
     complete_lines,
     format_cell,
@@ -234,10 +235,7 @@ class RunWriter:
         self._append_jsonl(EVENTS_FILE, {**record, **fields})
 
     def _append_jsonl(self, name: str, record: dict[str, Any]) -> None:
-        with open(self.run_dir / name, "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.run_dir / name, record)
 
     def truncate_before(self, next_step: int) -> None:
         """Cut every stream, and the step-tied events, to ``step < next_step``: a resume
