@@ -130,26 +130,26 @@ GPU_SHARE_ENV = "DECON_GPU_SHARE"
 def gpu_share(environ: dict[str, str] | None = None) -> int:
     """How many runs share this process's GPU (``$DECON_GPU_SHARE``; 1 when unset or bad)."""
     env = os.environ if environ is None else environ
-    try:
-        return max(1, int(env.get(GPU_SHARE_ENV, "1")))
-    except ValueError:
-        return 1
+    return max(1, _env_int(env, GPU_SHARE_ENV) or 1)
 
 
 def default_threads(environ: dict[str, str] | None = None) -> int:
     """Intra-op threads for one run: the CPUs this process is given (``SLURM_CPUS_PER_TASK``,
     else the affinity mask), divided by ``$DECON_CONCURRENT_RUNS`` when set; at least 1."""
     env = os.environ if environ is None else environ
-    try:
-        cpus = int(env.get("SLURM_CPUS_PER_TASK", ""))
-    except ValueError:
+    cpus = _env_int(env, "SLURM_CPUS_PER_TASK")
+    if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
     cpus = cpus or os.cpu_count() or 1
+    return max(1, cpus // max(1, _env_int(env, CONCURRENT_RUNS_ENV) or 1))
+
+
+def _env_int(env: dict[str, str] | os._Environ[str], name: str) -> int | None:
+    """``int($name)``, or None when unset or not an integer."""
     try:
-        runs = max(1, int(env.get(CONCURRENT_RUNS_ENV, "1")))
+        return int(env.get(name, ""))
     except ValueError:
-        runs = 1
-    return max(1, cpus // runs)
+        return None
 
 
 # ---- ownership: owner.json names the process training the run (written when it takes the

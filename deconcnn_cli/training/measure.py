@@ -227,18 +227,9 @@ def _finite_prefix(losses: list[float]) -> list[float]:
     return losses
 
 
-SUMMARY_SHAPE_KEYS = (
-    "burn_in_step",
-    "alpha_early",
-    "alpha_early_r2",
-    "alpha_full",
-    "power_law_r2",
-    "power_law_rmse",
-    "alpha_early_lr",
-    "alpha_full_lr",
-    "power_law_r2_lr",
-    "knee_epoch",
-    "knee_censored",
+# the shape stream's fits, without its position and the offset-form fit: one list (contract.py)
+SUMMARY_SHAPE_KEYS = tuple(
+    c for c in STREAMS["shape"] if c not in ("step", "epoch") and not c.startswith("offset_")
 )
 
 
