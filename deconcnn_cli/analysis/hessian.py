@@ -352,8 +352,9 @@ def evaluate_curvature(
         if not math.isfinite(operator.loss):
             reason = f"non-finite probe loss ({operator.loss})"
             return CurvatureResult(math.nan, math.nan, math.nan, math.nan, 0, None, reason)
-        start = lanczos_start(v0, operator.gradient)
-        warm = _usable(v0)
+        previous = _unit(v0, operator.device)  # None: a cold evaluation
+        start = lanczos_start(previous, operator.gradient)
+        warm = previous is not None
         gap_cap = max(DEFAULT_GAP_CAP, WARM_GAP_CAP_PER_TOL * tol) if warm else DEFAULT_GAP_CAP
         eig = top_hessian_eigenvalue(operator, v0=start, tol=tol, max_hvp=max_hvp, gap_cap=gap_cap)
         defl = deflate and eig.basis is not None
@@ -387,15 +388,8 @@ def lanczos_start(
     depends on the weights and the probe batch only, never on the Hutchinson probes, so the
     deflated trace stays unbiased.
     """
-    g = gradient.detach().to(torch.float64).reshape(-1)
-    g_norm = float(torch.linalg.vector_norm(g))
-    g = g / g_norm if math.isfinite(g_norm) and g_norm > 0 else None
-    v = None
-    if v0 is not None:
-        v = torch.as_tensor(np.asarray(v0) if isinstance(v0, np.ndarray) else v0)
-        v = v.detach().to(g.device if g is not None else "cpu", torch.float64).reshape(-1)
-        v_norm = float(torch.linalg.vector_norm(v))
-        v = v / v_norm if math.isfinite(v_norm) and v_norm > 0 else None
+    g = _unit(gradient, gradient.device)
+    v = _unit(v0, g.device if g is not None else torch.device("cpu"))
     if v is not None and g is not None:
         if v.shape != g.shape:
             raise ValueError(f"v0 must have {g.numel()} elements, got {v.numel()}")
@@ -403,13 +397,15 @@ def lanczos_start(
     return v if v is not None else g
 
 
-def _usable(v0: torch.Tensor | np.ndarray | None) -> bool:
-    """Whether ``v0`` is a usable warm start (non-zero and finite)."""
-    if v0 is None:
-        return False
-    v = torch.as_tensor(np.asarray(v0) if isinstance(v0, np.ndarray) else v0).detach()
-    norm = float(torch.linalg.vector_norm(v.to(torch.float64)))
-    return math.isfinite(norm) and norm > 0
+def _unit(v: torch.Tensor | np.ndarray | None, device: torch.device) -> torch.Tensor | None:
+    """``v / |v|`` as a flat float64 vector on ``device``; None if ``v`` is None, zero or not
+    finite (not a usable start)."""
+    if v is None:
+        return None
+    v = torch.as_tensor(np.asarray(v) if isinstance(v, np.ndarray) else v)
+    v = v.detach().to(device, torch.float64).reshape(-1)
+    norm = float(torch.linalg.vector_norm(v))
+    return v / norm if math.isfinite(norm) and norm > 0 else None
 
 
 def _flatten(tensors: Sequence[torch.Tensor | None], params: list[torch.Tensor]) -> torch.Tensor:
