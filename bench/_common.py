@@ -97,9 +97,9 @@ class Trajectory:
     """The benches' training trajectory: ResNet-18 (base variant) at ``width`` on the digits
     tiled to 4,096 images at 32 px, SGD at a constant ``lr`` from a fixed seed."""
 
-    def __init__(self, width: float, lr: float) -> None:
+    def __init__(self, width: float, lr: float, n_val: int | None = None) -> None:
         self.cfg = bench_config(width)
-        self.splits = tiled_digits(self.cfg, n_train=4096)
+        self.splits = tiled_digits(self.cfg, n_train=4096, n_val=n_val)
         self.spe = steps_per_epoch(self.splits.n_train, 128)
         torch.manual_seed(0)
         self.model = build_model(self.cfg.model, self.splits.num_classes)

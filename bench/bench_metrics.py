@@ -41,23 +41,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from _common import (  # noqa: E402  (bench/ sibling)
     CIFAR_VAL,
+    Trajectory,
     bench_config,
     cifar_shaped_loop,
     median_time,
-    tiled_digits,
 )
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from deconcnn_cli.analysis import hessian, noise
 from deconcnn_cli.config import RunConfig, load_run_config, prepare_run_dir
 from deconcnn_cli.training import measure
-from deconcnn_cli.training.data import steps_per_epoch, train_batch
 from deconcnn_cli.training.device import resolve_precision
-from deconcnn_cli.training.loop import build_optimizer, evaluate, train_run
-from deconcnn_cli.training.models import build_model
+from deconcnn_cli.training.loop import evaluate, train_run
 
 CIFAR_STEPS = 17_600
 CIFAR_SPE = 352
@@ -105,31 +102,9 @@ def old_estimator_rel_sem(model, splits, cfg: RunConfig, seed: int) -> float:
 
 def unit_costs(width: float, reps: int, between: int, compare_old: bool) -> dict[str, float]:
     cfg = make_config(width, metrics_on=True)
-    splits = tiled_digits(cfg, n_train=4096, n_val=CIFAR_VAL)
-    spe = steps_per_epoch(splits.n_train, 128)
+    run = Trajectory(width, 0.05, n_val=CIFAR_VAL)
+    splits, model, train_step = run.splits, run.model, run.step
     fp32 = resolve_precision("fp32", torch.device("cpu"))
-    torch.manual_seed(0)
-    model = build_model(cfg.model, splits.num_classes)
-    opt = build_optimizer(cfg, model)
-    for g in opt.param_groups:
-        g["lr"] = 0.05
-    step_no = [0]
-
-    def train_step() -> None:
-        x, y = train_batch(
-            splits,
-            step=step_no[0],
-            steps_per_epoch=spe,
-            batch_size=128,
-            seed=0,
-            augment=True,
-            image_size=32,
-        )
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step_no[0] += 1
 
     probe = measure.probe_batch(splits, cfg)
     x, y = probe
@@ -170,7 +145,7 @@ def unit_costs(width: float, reps: int, between: int, compare_old: bool) -> dict
             train_step()
             step_times.append(time.perf_counter() - t0)
         results["step"].append(statistics.median(step_times))
-        results["curv"].append(curvature(step_no[0]))  # warm start from `between` steps ago
+        results["curv"].append(curvature(run.step_no))  # warm start from `between` steps ago
         if compare_old:
             old_rel_sem.append(old_estimator_rel_sem(model, splits, cfg, rep))
         t0 = time.perf_counter()
