@@ -157,14 +157,16 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return html.escape(str(value))
 
 
-def _table(headers: list[str], rows: list[list[str]], verdict_col: int | None = None) -> str:
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    """An HTML table; the first two columns left-aligned, the last (the verdict) classed by
+    its value for its colour."""
     head = "".join(f'<th class="{"l" if i < 2 else ""}">{h}</th>' for i, h in enumerate(headers))
     body = []
     for row in rows:
         cells = []
         for i, cell in enumerate(row):
             cls = "l" if i < 2 else ""
-            if i == verdict_col:
+            if i == len(row) - 1:
                 cls += " " + cell.replace(" ", "-")
             cells.append(f'<td class="{cls.strip()}">{cell}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
@@ -188,7 +190,7 @@ def _h1_table(rows: list[dict[str, Any]]) -> str:
         ]  # fmt: skip
         for r in rows
     ]
-    return _table(headers, body, verdict_col=8)
+    return _table(headers, body)
 
 
 def _h2_table(rows: list[dict[str, Any]]) -> str:
@@ -211,7 +213,7 @@ def _h2_table(rows: list[dict[str, Any]]) -> str:
         ]  # fmt: skip
         for r in rows
     ]
-    return _table(headers, body, verdict_col=9)
+    return _table(headers, body)
 
 
 _CAPTIONS = {
