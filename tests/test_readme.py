@@ -88,7 +88,7 @@ def test_readme_shows_train_and_sweep_commands() -> None:
     assert any(c[1] == "validate" and "--json" in c for c in docs_only)  # docs/ are read too
 
 
-def _without_slurm(tmp_path: Path) -> dict[str, str]:
+def _without_slurm() -> dict[str, str]:
     """PATH with every directory that holds ``sbatch`` or ``srun`` left out."""
     keep = [
         d
@@ -126,7 +126,7 @@ def test_readme_sweep_command_runs_as_shown(
             assert runs == 216 and "108" in proc.stdout  # runs, GPU jobs
         assert not any(tmp_path.iterdir())  # a dry run writes nothing
     elif cmd == "submit" and "local" not in args:  # no SLURM here: a clear refusal
-        proc = run_cli(*args[1:], cwd=tmp_path, env=_without_slurm(tmp_path))
+        proc = run_cli(*args[1:], cwd=tmp_path, env=_without_slurm())
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert proc.stderr.startswith("error:") and "hint:" in proc.stderr
         assert "Traceback" not in proc.stderr
