@@ -11,7 +11,12 @@ initialisation so BN statistics are not trivial), side by side in one process on
 - the default graph with ``k`` probes at once (``is_grads_batched``: vmap over the double
   backward), per probe;
 - forward over reverse (``torch.func.jvp`` of ``torch.func.grad``: no retained graph, the
-  forward and backward recomputed per HVP).
+  forward and backward recomputed per HVP);
+- central finite differences of the gradient, ``(g(w + eps v) - g(w - eps v)) / (2 eps)``
+  with ``eps = delta |w| / |v|``: two plain forward+backward passes and no graph, but the
+  gradient of a ReLU network jumps wherever a unit crosses zero, so the quotient does not
+  converge to the autograd HVP as ``delta`` shrinks (its float64 error is printed beside the
+  float32 one: the error is the kinks', not rounding's).
 
 Accuracy: each float32 HVP's relative distance from a float64 HVP (native BatchNorm) at the
 same weights and vector; and the share of one native HVP spent in BatchNorm's double backward.
@@ -138,6 +143,34 @@ def main() -> None:
         median_time(forward_over_reverse, 3, warmup=True),
         out,
     )
+    for delta in (1e-1, 1e-3, 1e-5):
+        fd32 = finite_difference_hvp(model, x, y, v, delta)
+        fd64 = finite_difference_hvp(m64, x.double(), y, v.double(), delta).double()
+        seconds = median_time(lambda d=delta: finite_difference_hvp(model, x, y, v, d), 3)
+        report(f"HVP, central finite differences, delta {delta:.0e}", seconds, fd32)
+        print(f"  the same in float64: vs float64 HVP {float((fd64 - ref).norm() / ref.norm()):.1e}")
+
+
+def finite_difference_hvp(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, v: torch.Tensor, delta: float
+) -> torch.Tensor:
+    """``(g(w + eps v) - g(w - eps v)) / (2 eps)``, ``eps = delta |w| / |v|``, train-mode BN
+    (buffers restored), from two plain gradients at shifted copies of the parameters."""
+    names = [name for name, _ in model.named_parameters()]
+    w = [p.detach() for _, p in model.named_parameters()]
+    eps = delta * float(torch.cat([t.reshape(-1) for t in w]).norm()) / float(v.norm())
+    pieces = v.split([t.numel() for t in w])
+    grads = []
+    for sign in (1.0, -1.0):
+        shifted = {
+            n: (t + sign * eps * d.view_as(t)).requires_grad_(True)
+            for n, t, d in zip(names, w, pieces, strict=True)
+        }
+        with hessian.preserved_model_state(model, train=True):
+            loss = F.cross_entropy(functional_call(model, shifted, (x,)), y)
+            g = torch.autograd.grad(loss, list(shifted.values()))
+        grads.append(torch.cat([t.reshape(-1) for t in g]))
+    return (grads[0] - grads[1]) / (2 * eps)
 
 
 if __name__ == "__main__":

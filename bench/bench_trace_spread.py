@@ -9,7 +9,12 @@ at each of ``--points`` it computes, at the same weights and on the run's probe 
   (for exact eigenvectors ``P H P = H - Q Lambda Q^T``): one probe's relative spread
   ``sd(samples) / trace`` with the top k deflated, k = 0, 1, 3, 6, 9, 12;
 - the same for the run's own estimator: deflated by the Krylov basis of a warm Lanczos run
-  at the run's tolerance (``evaluate_curvature``'s start: previous eigenvector + gradient).
+  at the run's tolerance (``evaluate_curvature``'s start: previous eigenvector + gradient);
+- whether the Gauss-Newton part could serve as a control variate: for each deflated probe
+  also ``w^T G w`` (G = J^T diag-block(softmax Hessian) J / N, from one forward-mode JVP of
+  the logits), the spread of ``w^T (H - G) w`` beside that of ``w^T H w``, their
+  correlation, and the JVP's cost in training steps. A control variate pays only if the
+  residual's spread is well below H's for less than an HVP's extra cost.
 
 The relative SEM of an m-probe estimate is that spread / sqrt(m).
 
@@ -22,8 +27,10 @@ import argparse
 
 import numpy as np
 import torch
-from _common import Trajectory  # noqa: E402  (bench/ sibling)
+from _common import Trajectory, median_time  # noqa: E402  (bench/ sibling)
 from scipy.sparse.linalg import LinearOperator, eigsh
+
+from torch.func import functional_call, jvp
 
 from deconcnn_cli.analysis import hessian, lanczos
 from deconcnn_cli.training import measure
@@ -41,6 +48,7 @@ def main() -> None:
     cfg, model = run.cfg, run.model
     x, y = measure.probe_batch(run.splits, cfg)
     previous = None
+    step_s = median_time(run.step, 3)  # the unit of cost (3 steps of the trajectory)
     print(f"ResNet-18 width {args.width}, lr {args.lr}, {args.probes} probes per point")
     for target in (int(s) for s in args.points.split(",")):
         run.advance_to(target)
@@ -63,7 +71,7 @@ def main() -> None:
             warm = lanczos.lanczos_top(op, v0=start, tol=cfg.analysis.lanczos_tol, gap_cap=gap_cap)
             previous = warm.vector
             gen = torch.Generator().manual_seed(step)
-            plain, proj, krylov = [], [], []
+            plain, proj, krylov, ggn = [], [], [], []
             for _ in range(args.probes):
                 z = (2 * torch.randint(0, 2, (n,), generator=gen) - 1).double()
                 plain.append(float(z @ op(z).double()))
@@ -72,6 +80,7 @@ def main() -> None:
                 for b in warm.basis:
                     w -= b * float(lanczos.dot64(b, w))
                 krylov.append(float(lanczos.dot64(w, op(w).float())))
+                ggn.append(gauss_newton_quadratic(model, x, w))
             plain_a, proj_a = np.asarray(plain), np.asarray(proj)
             print(f"step {step}: top eigenvalues {np.round(values[:6], 3).tolist()} ...")
             for k in (0, 1, 3, 6, 9, 12):
@@ -86,7 +95,28 @@ def main() -> None:
                 f" -> rel. SEM {spread / np.sqrt(cfg.analysis.hutchinson_probes):.1%} at the"
                 f" default m = {cfg.analysis.hutchinson_probes}"
             )
+            residual = np.asarray(krylov) - np.asarray(ggn)
+            jvp_s = median_time(lambda: gauss_newton_quadratic(model, x, w), 3)
+            hvp_s = median_time(lambda op=op: op(w), 3)
+            print(
+                f"  Gauss-Newton control variate: spread of w^T (H - G) w"
+                f" {float(np.std(residual, ddof=1)) / abs(trace):.1%} against w^T H w's"
+                f" {spread:.1%}, correlation {np.corrcoef(krylov, ggn)[0, 1]:.2f};"
+                f" w^T G w costs {jvp_s / step_s:.2f} steps, an HVP {hvp_s / step_s:.2f}"
+            )
             del op
+
+
+def gauss_newton_quadratic(model: torch.nn.Module, x: torch.Tensor, w: torch.Tensor) -> float:
+    """``w^T G w`` for the mean cross-entropy's Gauss-Newton matrix on ``x`` (train-mode BN,
+    buffers left as found): ``sum_n (Jw)_n^T (diag(p_n) - p_n p_n^T) (Jw)_n / N``."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    pieces = w.to(next(iter(params.values())).dtype).split([p.numel() for p in params.values()])
+    tangents = {name: t.view_as(p) for (name, p), t in zip(params.items(), pieces, strict=True)}
+    with hessian.preserved_model_state(model, train=True), hessian.plain_batchnorm_forward(model):
+        logits, jw = jvp(lambda p: functional_call(model, p, (x,)), (params,), (tangents,))
+    p, q = logits.softmax(-1).double(), jw.double()
+    return float(((p * q * q).sum(-1) - (p * q).sum(-1) ** 2).sum() / x.shape[0])
 
 
 if __name__ == "__main__":

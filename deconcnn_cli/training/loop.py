@@ -313,6 +313,7 @@ class _Run:
         for note in skipped:
             self.writer.log_event("warning", f"skipped checkpoint {note}")
         if state is not None:
+            self._adopt_checkpoint_precision(state.get("precision"))
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -324,6 +325,22 @@ class _Run:
             restore_rng_states(state["rng"])
             self.start_step = self.last_checkpoint_step = state["next_step"]
         self.writer.truncate_before(self.start_step)  # replayed rows are never doubled
+
+    def _adopt_checkpoint_precision(self, saved: str | None) -> None:
+        """The checkpoint's precision wins over one chosen afresh: status.json (which
+        normally carries it) may be gone, and the weights, scaler and RNG state are those of
+        the saved precision. Refused (``PrecisionError``) where this device cannot run it."""
+        if saved is None or saved == self.prec.name:
+            return
+        chosen, recorded = self.prec.name, self.writer.status.get("precision")
+        self.prec = resolve_precision(self.cfg.precision, self.device, saved)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.prec.use_scaler)
+        why = f"status.json said {recorded}" if recorded else "status.json did not carry it"
+        self.writer.log_event(
+            "warning",
+            f"resuming in {saved}, the checkpoint's precision, not {chosen} ({why})",
+            precision=saved,
+        )
 
     # ---- actions, in the order the loop takes them
     def measure_curvature(self, step: int) -> None:

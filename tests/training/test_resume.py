@@ -349,3 +349,27 @@ def test_contract_and_run_dir_creation_do_not_import_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_lost_status_json_resumes_in_the_checkpoints_precision(tmp_path: Path, mocker):
+    """status.json normally carries the precision ``auto`` chose at the first start; without
+    it the checkpoint's precision wins over a fresh choice. The first attempt's device is
+    faked at the precision choice: ``auto`` picks bf16 as on an A100 (fp32 on this CPU)."""
+    from deconcnn_cli.training import loop
+    from deconcnn_cli.training.device import Precision
+
+    run, cfg = tmp_path / "run", _cfg()
+    on_a100 = mocker.patch.object(
+        loop, "resolve_precision", side_effect=lambda spec, device, stored=None: Precision(
+            stored or "bf16", device.type
+        )
+    )  # fmt: skip
+    first = _segment(cfg, run, 13)
+    assert (first.state, first.steps_done) == ("interrupted", 13)
+    assert json.loads((run / "status.json").read_text())["precision"] == "bf16"
+    mocker.stop(on_a100)
+    (run / "status.json").unlink()
+    assert _segment(cfg, run, None).state == "completed"
+    assert json.loads((run / "status.json").read_text())["precision"] == "bf16"
+    assert [e["precision"] for e in read_events(run) if "precision" in e] == ["bf16"]
+    assert load_latest_checkpoint(run)[0]["precision"] == "bf16"
