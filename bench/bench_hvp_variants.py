@@ -148,7 +148,9 @@ def main() -> None:
         fd64 = finite_difference_hvp(m64, x.double(), y, v.double(), delta).double()
         seconds = median_time(lambda d=delta: finite_difference_hvp(model, x, y, v, d), 3)
         report(f"HVP, central finite differences, delta {delta:.0e}", seconds, fd32)
-        print(f"  the same in float64: vs float64 HVP {float((fd64 - ref).norm() / ref.norm()):.1e}")
+        print(
+            f"  the same in float64: vs float64 HVP {float((fd64 - ref).norm() / ref.norm()):.1e}"
+        )
 
 
 def finite_difference_hvp(

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from _common import Trajectory, median_time  # noqa: E402  (bench/ sibling)
 from scipy.sparse.linalg import LinearOperator, eigsh
-
 from torch.func import functional_call, jvp
 
 from deconcnn_cli.analysis import hessian, lanczos
@@ -96,8 +95,8 @@ def main() -> None:
                 f" default m = {cfg.analysis.hutchinson_probes}"
             )
             residual = np.asarray(krylov) - np.asarray(ggn)
-            jvp_s = median_time(lambda: gauss_newton_quadratic(model, x, w), 3)
-            hvp_s = median_time(lambda op=op: op(w), 3)
+            jvp_s = median_time(lambda w=w: gauss_newton_quadratic(model, x, w), 3)
+            hvp_s = median_time(lambda op=op, w=w: op(w), 3)
             print(
                 f"  Gauss-Newton control variate: spread of w^T (H - G) w"
                 f" {float(np.std(residual, ddof=1)) / abs(trace):.1%} against w^T H w's"

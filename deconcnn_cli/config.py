@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from deconcnn_cli.contract import CONFIG_FILE, atomic_write_json, read_json
 from deconcnn_cli.errors import ConfigError, RunDirError
@@ -413,6 +413,13 @@ class ResourceProfile(_Strict):
     # -- local
     parallel_runs: Annotated[int, Field(ge=1)] = 1
     host_memory_gb_per_run: dict[str, Annotated[float, Field(gt=0)]] = {}  # per variant
+    _source: str = PrivateAttr(default="")  # how to load it again (set by the loader)
+
+    @property
+    def reference(self) -> str:
+        """What a sweep records to load this profile again (recover, resubmit): its name
+        when it is a shipped profile, else the absolute path of the file it came from."""
+        return self._source or self.name
 
     @model_validator(mode="after")
     def _fits_on_card(self) -> ResourceProfile:
@@ -472,4 +479,7 @@ def load_resource_profile(name_or_path: str) -> ResourceProfile:
     path = resolve_named(name_or_path, "resource profile")
     data = read_toml(path)
     data.setdefault("name", path.stem)
-    return validate_file(ResourceProfile, path, data, "resource profile")
+    profile = validate_file(ResourceProfile, path, data, "resource profile")
+    shipped = path.resolve() == (profiles_dir() / "resources" / f"{path.stem}.toml").resolve()
+    profile._source = path.stem if shipped else str(path.resolve())
+    return profile

@@ -403,7 +403,7 @@ def _submit_groups(
     entry = store.record_submission(
         manifest,
         executor=plan.executor,
-        resources=plan.resources.name,
+        resources=plan.resources.reference,
         jobs=jobs,
         reason=reason,
         **extra,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from deconcnn_cli.sweep.monitor import observe_sweep
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 
 def wait_all_final(root: Path, timeout_s: float = 600) -> dict[str, int]:
@@ -96,3 +96,41 @@ def test_recover_submits_missing_retries_failed_and_reruns_oom_alone(tmp_path: P
     # recovering a recovered sweep does nothing
     again = json.loads(run_cli("recover", "--json", "--root", str(root)).stdout)
     assert again["actions"] == [] and again["new_jobs"] == {}
+
+
+@pytest.mark.slow
+def test_a_resource_profile_given_as_a_path_is_found_again_by_recover(tmp_path: Path) -> None:
+    """The sweep records the profile's absolute path (a name only for shipped profiles), so
+    recover from another directory, without --resources, submits with the same file."""
+    mine = tmp_path / "profiles"
+    mine.mkdir()
+    text = (REPO / "profiles" / "resources" / "local.toml").read_text()
+    (mine / "laptop.toml").write_text(text.replace("parallel_runs = 2", "parallel_runs = 1"))
+    root = tmp_path / "sweep"
+    proc = run_cli(
+        "submit", "--grid", "smoke", "--resources", "profiles/laptop.toml", "--root", str(root),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((root / "sweep.json").read_text())
+    assert manifest["submissions"][0]["resources"] == str((mine / "laptop.toml").resolve())
+    wait_all_final(root)
+    wait_runners_gone(root)
+    shutil.rmtree(sorted((root / "runs").iterdir())[0])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run_cli("recover", "--root", str(root), cwd=elsewhere)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    manifest = json.loads((root / "sweep.json").read_text())
+    assert [s["resources"] for s in manifest["submissions"]] == [
+        str((mine / "laptop.toml").resolve())
+    ] * 2
+    assert wait_all_final(root)["completed"] == 4
+
+
+def test_a_shipped_resource_profile_is_recorded_by_name() -> None:
+    from deconcnn_cli.sweep.grid import load_resources
+
+    assert load_resources("local").reference == "local"
+    shipped = REPO / "profiles" / "resources" / "local.toml"
+    assert load_resources(str(shipped)).reference == "local"
