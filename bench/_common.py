@@ -78,11 +78,15 @@ def median_time(fn: Callable[[], object], reps: int, *, warmup: bool = False) ->
     return statistics.median(times)
 
 
-def bench_config(width: float, cadence: dict | None = None) -> RunConfig:
+def bench_config(
+    width: float, cadence: dict | None = None, overrides: list[str] | None = None
+) -> RunConfig:
     """The base variant at ``width`` on the digits at 32 px, CPU, 4 epochs with 1 of warmup;
-    ``cadence``: overrides of the metrics' cadences (e.g. all 0 for a run without them)."""
+    ``cadence``: overrides of the metrics' cadences (e.g. all 0 for a run without them);
+    ``overrides``: ``--set``-style ``KEY=VALUE`` strings (e.g. ``analysis.n_probe=64``)."""
     return load_run_config(
         variant="base",
+        overrides=overrides,
         flags={
             "model": {"width_mult": width},
             "device": "cpu",

@@ -51,7 +51,7 @@ from _common import (  # noqa: E402  (bench/ sibling)
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from deconcnn_cli.analysis import hessian, noise
-from deconcnn_cli.config import RunConfig, load_run_config, prepare_run_dir
+from deconcnn_cli.config import RunConfig, prepare_run_dir
 from deconcnn_cli.training import measure
 from deconcnn_cli.training.device import resolve_precision
 from deconcnn_cli.training.loop import evaluate, train_run
@@ -61,9 +61,12 @@ CIFAR_SPE = 352
 N_CURV, N_NOISE, N_SHAPE, N_VAL = 36, 25, 50, 200
 
 
+OVERRIDES: list[str] = []  # --set KEY=VALUE: the analysis settings under test (default: none)
+
+
 def make_config(width: float, metrics_on: bool) -> RunConfig:
     off = {"curvature_every_steps": 0, "noise_every_epochs": 0, "shape_every_epochs": 0}
-    return bench_config(width, None if metrics_on else off)
+    return bench_config(width, None if metrics_on else off, OVERRIDES)
 
 
 def tight_lambda(op: hessian.HessianOperator) -> tuple[float, int]:
@@ -225,14 +228,25 @@ def main() -> None:
     ap.add_argument("--compare-old", action="store_true", help="old trace estimator's SEM")
     ap.add_argument("--direct", action="store_true")
     ap.add_argument("--direct-steps", type=int, default=1408, help="steps of the direct run")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override to measure instead of the defaults (repeatable), e.g."
+        " analysis.n_probe=64",
+    )
     args = ap.parse_args()
+    OVERRIDES[:] = args.set
     u = unit_costs(args.width, args.reps, args.between, args.compare_old)
     s = u["step"]
-    a = load_run_config(variant="base").analysis
+    a = make_config(args.width, metrics_on=True).analysis
     print(f"ResNet-18 width {args.width}, 32 px, batch 128, CPU threads {torch.get_num_threads()}")
+    settings = "overrides " + " ".join(args.set) if args.set else "defaults"
     print(
-        f"defaults: n_probe {a.n_probe}, hutchinson_probes {a.hutchinson_probes}, "
-        f"lanczos_tol {a.lanczos_tol:g}, lanczos_max_hvp {a.lanczos_max_hvp}; "
+        f"{settings}: n_probe {a.n_probe}, hutchinson_probes {a.hutchinson_probes}, "
+        f"lanczos_tol {a.lanczos_tol:g}, lanczos_max_hvp {a.lanczos_max_hvp}, noise_k "
+        f"{a.noise_k}; "
         f"warm starts {args.between} steps apart"
     )
     print(f"{'unit':<34}{'seconds (median)':>18}{'step-equivalents':>18}")
@@ -241,7 +255,7 @@ def main() -> None:
         ("hvp", "one HVP (cached graph, probe batch)"),
         ("curv_cold", "curvature evaluation (cold, init)"),
         ("curv", "curvature evaluation (warm)"),
-        ("noise", "noise evaluation (k=8)"),
+        ("noise", f"noise evaluation (k={a.noise_k})"),
         ("shape", "shape update (17,600 steps)"),
         ("val", "validation pass (5,000 images)"),
     ]:
