@@ -254,6 +254,9 @@ class StopSignals:
 # ---------------------------------------------------------------------------------------------
 # The run: its state and the named actions the loop performs
 
+TIMED = ("curvature", "noise", "shape", "validation", "checkpoint")  # status.json "timing"
+ANALYSIS_TIMED = ("curvature", "noise", "shape")  # the metrics the 5% budget is about
+
 
 class _Run:
     """Model, optimizer, data and buffers of one attempt, restored from the newest checkpoint."""
@@ -306,6 +309,8 @@ class _Run:
         self.t_block, self.steps_block = time.perf_counter(), 0
         self.last_grad_norm = torch.zeros((), device=self.device)
         self.steps_done = self.start_step
+        self.t_attempt = time.perf_counter()  # restarted when the loop begins
+        self.seconds = dict.fromkeys(TIMED, 0.0)  # wall time of this attempt's actions
 
     def _restore(self) -> None:
         """Resume from the newest valid checkpoint; cut the streams and events back to it."""
@@ -341,6 +346,30 @@ class _Run:
             f"resuming in {saved}, the checkpoint's precision, not {chosen} ({why})",
             precision=saved,
         )
+
+    @contextlib.contextmanager
+    def timed(self, kind: str) -> Iterator[None]:
+        """Add the block's wall time to ``seconds[kind]``. Every timed action ends with a
+        host sync (its results are Python floats or a saved file), so on a GPU the time is
+        the device's too; training steps are not timed (the rest of the wall time)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[kind] += time.perf_counter() - t0
+
+    def timing(self) -> dict[str, float]:
+        """This attempt's wall time, the seconds of each timed action, and the analysis
+        overhead: (curvature + noise + shape) / (everything else), as the benches define it
+        (docs/run-directory.md, "Timing")."""
+        wall = time.perf_counter() - self.t_attempt
+        analysis = sum(self.seconds[k] for k in ANALYSIS_TIMED)
+        rest = wall - analysis
+        return {
+            "wall_s": round(wall, 3),
+            **{f"{k}_s": round(v, 3) for k, v in self.seconds.items()},
+            "analysis_overhead": round(analysis / rest, 5) if rest > 0 else None,
+        }
 
     # ---- actions, in the order the loop takes them
     def measure_curvature(self, step: int) -> None:
@@ -425,7 +454,10 @@ class _Run:
         self.steps_done = rows[-1]["step"] + 1
         spe, total = self.sched.steps_per_epoch, self.sched.total_steps
         self.writer.write_status(
-            step=self.steps_done, epoch=self.steps_done / spe, steps_per_s=rate
+            step=self.steps_done,
+            epoch=self.steps_done / spe,
+            steps_per_s=rate,
+            timing=self.timing(),
         )
         if on_progress is not None:
             last = rows[-1]["loss_train_nats"]
@@ -563,6 +595,7 @@ def _train(
         reason=result.reason,
         step=result.steps_done,
         epoch=result.steps_done / s.steps_per_epoch,
+        timing=run.timing(),
     )
     return result
 
@@ -587,10 +620,12 @@ def _loop(
             on_progress(Progress(step, s.total_steps, step / spe, math.nan, 0.0, phase=phase))
 
     run.model.train()
+    run.t_attempt = time.perf_counter()
     for step in range(run.start_step, s.total_steps):
         if curvature_due(step, s):
             announce(f"curvature at step {step} ...", step)
-            run.measure_curvature(step)
+            with run.timed("curvature"):
+                run.measure_curvature(step)
             announce("training ...", step)
         run.train_step(step)
 
@@ -598,19 +633,23 @@ def _loop(
         bad = run.flush(on_progress) if plan.flush else None
         if bad is None:
             if plan.validate:
-                run.validate(step)
+                with run.timed("validation"):
+                    run.validate(step)
             if plan.noise:
                 announce(f"gradient noise at epoch {(step + 1) // s.steps_per_epoch} ...", step + 1)
-                run.measure_noise(step)
+                with run.timed("noise"):
+                    run.measure_noise(step)
             if plan.shape:
-                run.measure_shape(step)
+                with run.timed("shape"):
+                    run.measure_shape(step)
             if plan.stop is None and stops.requested:  # arrived during this step's work
                 plan = decide(step)
                 bad = run.flush(on_progress) if plan.flush else None
         if bad is not None:
             return RunResult(DIVERGED, bad + 1, f"non-finite training loss at step {bad}")
         if plan.checkpoint:
-            run.checkpoint(step + 1)
+            with run.timed("checkpoint"):
+                run.checkpoint(step + 1)
         if plan.stop == INTERRUPTED:
             sig = stops.received[0] if stops.received else None
             reason = f"signal {signal.Signals(sig).name}" if sig else "stop_after_steps"

@@ -156,6 +156,7 @@ class RunWriter:
             attempt=self.attempt,
             reason=None,
             exception_type=None,
+            timing=None,  # the previous attempt's is in its end line
             threads=threads,
             **self.identity(),
         )
@@ -189,11 +190,14 @@ class RunWriter:
         steps_done: int,
         exit_code: int,
         exception_type: str | None = None,
+        timing: dict[str, Any] | None = None,
         **fields: Any,
     ) -> None:
-        """Final status of this attempt and its end line; stops the heartbeat first."""
+        """Final status of this attempt and its end line; stops the heartbeat first.
+        ``timing`` (the loop's, when it ran) goes to both."""
         self.stop_heartbeat()
-        self.write_status(state=state, exception_type=exception_type, **fields)
+        extra = {} if timing is None else {"timing": timing}
+        self.write_status(state=state, exception_type=exception_type, **fields, **extra)
         self.record_start(resumed_from_step=None)  # a failure before the start line
         if not self._end_recorded:
             self._end_recorded = True
@@ -207,6 +211,7 @@ class RunWriter:
                     "steps_done": steps_done,
                     "exception_type": exception_type,
                     "exit_code": exit_code,
+                    **extra,
                 },
             )
 

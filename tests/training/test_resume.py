@@ -373,3 +373,26 @@ def test_a_lost_status_json_resumes_in_the_checkpoints_precision(tmp_path: Path,
     assert json.loads((run / "status.json").read_text())["precision"] == "bf16"
     assert [e["precision"] for e in read_events(run) if "precision" in e] == ["bf16"]
     assert load_latest_checkpoint(run)[0]["precision"] == "bf16"
+
+
+def test_each_attempt_records_where_its_time_went(tmp_path: Path):
+    """status.json's ``timing`` and each attempt's end line: wall time, the seconds of every
+    timed action, and the analysis overhead (curvature + noise + shape over the rest)."""
+    cfg, run = _cfg(), tmp_path / "run"
+    assert _segment(cfg, run, 17).state == "interrupted"
+    assert _segment(cfg, run, None).state == "completed"
+    ends = [a for a in read_attempts(run) if a.get("event") == "end"]
+    assert len(ends) == 2
+    for end in ends:
+        t = end["timing"]
+        parts = [t[f"{k}_s"] for k in ("curvature", "noise", "shape", "validation", "checkpoint")]
+        assert all(p >= 0 for p in parts) and sum(parts) < t["wall_s"]
+        analysis = t["curvature_s"] + t["noise_s"] + t["shape_s"]
+        assert t["analysis_overhead"] == pytest.approx(analysis / (t["wall_s"] - analysis), 1e-3)
+        assert t["curvature_s"] > 0 and t["validation_s"] > 0 and t["checkpoint_s"] > 0
+    curvature_rows = read_stream(run / "metrics" / "curvature.csv")
+    noise_rows = read_stream(run / "metrics" / "noise.csv")
+    assert curvature_rows and noise_rows  # the smoke profile measures both
+    assert ends[1]["timing"]["noise_s"] > 0
+    status = json.loads((run / "status.json").read_text())
+    assert status["timing"] == ends[-1]["timing"]
