@@ -23,9 +23,12 @@ from deconcnn_cli.errors import DeconError
 from deconcnn_cli.export import stats
 from deconcnn_cli.export.columns import COLUMN_NAMES, DTYPES, require_columns
 from deconcnn_cli.export.dataset import Dataset, collect
+from deconcnn_cli.export.files import RUNS_DIR
 
 REPORT_FILE = "report.html"
 STATS_FILE = "report.json"
+ANALYSIS_KINDS = ("curvature", "noise", "shape")  # the metrics of METRICS.md's 5% budget
+BUDGET, CEILING = 0.05, 0.10  # the share METRICS.md budgets, and the one it forbids
 
 
 class ReportError(DeconError):
@@ -74,6 +77,41 @@ def hypothesis_tables(df: Any) -> tuple[list[stats.H1Row], list[stats.H2Row]]:
     return h1, h2
 
 
+def metrics_cost(root: Path, df: Any) -> list[dict[str, Any]]:
+    """The analysis metrics' cost over the completed runs, overall and per variant.
+
+    From every attempt's end line (``timing``, docs/run-directory.md): ``overhead`` = the
+    summed curvature + noise + shape seconds over the summed rest of the attempts' wall time
+    (the benches' definition), ``runs`` = completed runs with timing. Runs from before the
+    timing was recorded are left out; with none, the overall row has ``runs`` 0 and NaN.
+    """
+    sums: dict[str, list[float]] = {"all": [0, 0.0, 0.0]}
+    for run_id, variant, status in zip(df["run_id"], df["variant"], df["status"], strict=True):
+        if status != "completed" or not run_id:
+            continue
+        ends = contract.read_attempts(root / RUNS_DIR / str(run_id))
+        timings = [a["timing"] for a in ends if isinstance(a.get("timing"), dict)]
+        if not timings:
+            continue
+        analysis = sum(float(t.get(f"{k}_s") or 0.0) for t in timings for k in ANALYSIS_KINDS)
+        wall = sum(float(t.get("wall_s") or 0.0) for t in timings)
+        for key in ("all", str(variant)):
+            acc = sums.setdefault(key, [0, 0.0, 0.0])
+            acc[0] += 1
+            acc[1] += analysis
+            acc[2] += wall - analysis
+    return [
+        {
+            "variant": key,
+            "runs": int(n),
+            "analysis_h": analysis / 3600,
+            "rest_h": rest / 3600,
+            "overhead": analysis / rest if rest > 0 else math.nan,
+        }
+        for key, (n, analysis, rest) in sorted(sums.items(), key=lambda kv: kv[0] != "all")
+    ]
+
+
 def build_report(root: Path, out: Path) -> Report:
     """Read the sweep at ``root`` and write the report into ``out`` (created if needed)."""
     from deconcnn_cli.export import figures
@@ -109,6 +147,7 @@ def build_report(root: Path, out: Path) -> Report:
         "counts_by_status": data.counts_by_status(),
         "h1": [stats.as_dict(r) for r in h1],
         "h2": [stats.as_dict(r) for r in h2],
+        "metrics_cost": metrics_cost(root, df),
         "warnings": data.warnings,
     }
     stats_json = out / STATS_FILE
@@ -143,6 +182,8 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td.l, th.l { text-align: left; }
 .supported { background: #d9f2d9; } .not-supported { background: #f8d7d7; }
 .inconclusive { background: #fff3cd; } .too-few-runs { background: #eee; }
+.within-budget { background: #d9f2d9; } .over-budget { background: #fff3cd; }
+.over-ceiling { background: #f8d7d7; }
 figure { margin: 1em 0 2em; } figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 0.9em; color: #555; } code { background: #f5f5f5; padding: 0 0.2em; }
 .warn { color: #8a5300; }
@@ -237,6 +278,32 @@ def _img(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def _cost_table(rows: list[dict[str, Any]]) -> str:
+    if not rows or not rows[0]["runs"]:
+        return "<p>No completed run has recorded its timing.</p>"
+    body = [
+        [
+            html.escape(r["variant"]),
+            str(r["runs"]),
+            _fmt(r["rest_h"]),
+            _fmt(r["analysis_h"]),
+            "—" if r["overhead"] is None else f"{r['overhead']:.2%}",
+            _budget_verdict(r["overhead"]),
+        ]
+        for r in rows
+    ]
+    headers = ["variant", "runs", "training h", "metrics h", "overhead", "verdict"]
+    return _table(headers, body)
+
+
+def _budget_verdict(overhead: float | None) -> str:
+    if overhead is None:
+        return "no data"
+    if overhead <= BUDGET:
+        return "within budget"
+    return "over budget" if overhead <= CEILING else "over ceiling"
+
+
 def render_html(payload: dict[str, Any], figs: dict[str, Path]) -> str:
     p = _json_safe(payload)
     counts = ", ".join(f"{n} {s}" for s, n in p["counts_by_status"].items())
@@ -272,6 +339,12 @@ percentile where BCa cannot be formed). Target: |ρ| ≥ {stats.H2_TARGET}.
 otherwise <em>inconclusive</em>. Rows with time <em>lr</em> use the fits against cumulative
 learning rate.</p>
 {_h2_table(p["h2"])}
+<h2>Cost of the analysis metrics</h2>
+<p>Curvature, gradient noise and curve shape as a share of the rest of the completed runs'
+time, summed over every attempt's recorded timing, on the hardware the runs ran on. Budget
+(METRICS.md): at most {BUDGET:.0%}, never over {CEILING:.0%}. A short run weighs its cold curvature
+evaluation at step 0 far more than a 50-epoch run does.</p>
+{_cost_table(p["metrics_cost"])}
 <h2>Figures</h2>
 {figures_html}
 </body></html>

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from deconcnn_cli.contract import read_attempts
 from deconcnn_cli.export import stats
 from deconcnn_cli.export.columns import SchemaError
 from deconcnn_cli.export.dataset import export
@@ -188,6 +189,24 @@ def test_report_on_a_real_smoke_sweep_with_every_state(sweep: Path, tmp_path: Pa
     h2_all = payload["h2"][0]
     assert h2_all["verdict"] == stats.TOO_FEW and h2_all["rho"] is None
     assert math.isclose(payload["h1"][0]["n_runs"], 1)
+    # the metrics' cost: the one completed run's recorded timing (the diverged one is left out)
+    (timing,) = [a["timing"] for a in read_attempts(sweep / "runs" / "done") if "timing" in a]
+    analysis = timing["curvature_s"] + timing["noise_s"] + timing["shape_s"]
+    cost = payload["metrics_cost"]
+    assert [(r["variant"], r["runs"]) for r in cost] == [("all", 1), ("base", 1)]
+    assert cost[0]["overhead"] == pytest.approx(analysis / (timing["wall_s"] - analysis), 1e-9)
+    assert cost[0]["analysis_h"] == pytest.approx(analysis / 3600, 1e-9)
+    page = (out / "report.html").read_text()
+    assert "Cost of the analysis metrics" in page and f"{cost[0]['overhead']:.2%}" in page
+
+
+def test_a_sweep_without_recorded_timing_says_so(built):
+    page = built.html.read_text()
+    assert "No completed run has recorded its timing." in page
+    payload = json.loads(built.stats_json.read_text())
+    assert payload["metrics_cost"] == [
+        {"variant": "all", "runs": 0, "analysis_h": 0.0, "rest_h": 0.0, "overhead": None}
+    ]
 
 
 def test_bad_root_is_an_error_not_a_traceback(tmp_path: Path):
