@@ -82,6 +82,20 @@ STREAMS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# ---- timing: where an attempt's wall time went (status.json and its end line in attempts.jsonl,
+# key "timing": wall_s, <action>_s for each timed action, analysis_overhead). The analysis
+# actions are the metrics of METRICS.md's cost budget (docs/run-directory.md, "Timing").
+TIMED_ACTIONS = ("curvature", "noise", "shape", "validation", "checkpoint")
+ANALYSIS_ACTIONS = ("curvature", "noise", "shape")
+
+
+def analysis_split(timing: dict[str, Any]) -> tuple[float, float]:
+    """(seconds in the analysis actions, the rest of ``wall_s``) of one ``timing`` dict;
+    missing values count 0. ``analysis / rest`` is the overhead the benches define."""
+    analysis = sum(float(timing.get(f"{k}_s") or 0.0) for k in ANALYSIS_ACTIONS)
+    return analysis, float(timing.get("wall_s") or 0.0) - analysis
+
+
 # ---- run states as written to status.json by the run itself
 RUNNING = "running"
 INTERRUPTED = "interrupted"  # stopped by a signal or --max-steps, checkpointed at `step`

@@ -27,7 +27,6 @@ from deconcnn_cli.export.files import RUNS_DIR
 
 REPORT_FILE = "report.html"
 STATS_FILE = "report.json"
-ANALYSIS_KINDS = ("curvature", "noise", "shape")  # the metrics of METRICS.md's 5% budget
 BUDGET, CEILING = 0.05, 0.10  # the share METRICS.md budgets, and the one it forbids
 
 
@@ -93,13 +92,12 @@ def metrics_cost(root: Path, df: Any) -> list[dict[str, Any]]:
         timings = [a["timing"] for a in ends if isinstance(a.get("timing"), dict)]
         if not timings:
             continue
-        analysis = sum(float(t.get(f"{k}_s") or 0.0) for t in timings for k in ANALYSIS_KINDS)
-        wall = sum(float(t.get("wall_s") or 0.0) for t in timings)
+        parts = [contract.analysis_split(t) for t in timings]
         for key in ("all", str(variant)):
             acc = sums.setdefault(key, [0, 0.0, 0.0])
             acc[0] += 1
-            acc[1] += analysis
-            acc[2] += wall - analysis
+            acc[1] += sum(analysis for analysis, _ in parts)
+            acc[2] += sum(rest for _, rest in parts)
     return [
         {
             "variant": key,

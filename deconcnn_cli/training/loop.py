@@ -30,6 +30,8 @@ from deconcnn_cli.contract import (
     HEARTBEAT_EVERY_S,
     INTERRUPTED,
     TERMINAL_STATES,
+    TIMED_ACTIONS,
+    analysis_split,
     exit_code_for,
     gpu_share,
 )
@@ -254,9 +256,6 @@ class StopSignals:
 # ---------------------------------------------------------------------------------------------
 # The run: its state and the named actions the loop performs
 
-TIMED = ("curvature", "noise", "shape", "validation", "checkpoint")  # status.json "timing"
-ANALYSIS_TIMED = ("curvature", "noise", "shape")  # the metrics the 5% budget is about
-
 
 class _Run:
     """Model, optimizer, data and buffers of one attempt, restored from the newest checkpoint."""
@@ -310,7 +309,7 @@ class _Run:
         self.last_grad_norm = torch.zeros((), device=self.device)
         self.steps_done = self.start_step
         self.t_attempt = time.perf_counter()  # restarted when the loop begins
-        self.seconds = dict.fromkeys(TIMED, 0.0)  # wall time of this attempt's actions
+        self.seconds = dict.fromkeys(TIMED_ACTIONS, 0.0)  # wall time of this attempt's actions
 
     def _restore(self) -> None:
         """Resume from the newest valid checkpoint; cut the streams and events back to it."""
@@ -362,14 +361,12 @@ class _Run:
         """This attempt's wall time, the seconds of each timed action, and the analysis
         overhead: (curvature + noise + shape) / (everything else), as the benches define it
         (docs/run-directory.md, "Timing")."""
-        wall = time.perf_counter() - self.t_attempt
-        analysis = sum(self.seconds[k] for k in ANALYSIS_TIMED)
-        rest = wall - analysis
-        return {
-            "wall_s": round(wall, 3),
+        timing = {
+            "wall_s": round(time.perf_counter() - self.t_attempt, 3),
             **{f"{k}_s": round(v, 3) for k, v in self.seconds.items()},
-            "analysis_overhead": round(analysis / rest, 5) if rest > 0 else None,
         }
+        analysis, rest = analysis_split(timing)
+        return {**timing, "analysis_overhead": round(analysis / rest, 5) if rest > 0 else None}
 
     # ---- actions, in the order the loop takes them
     def measure_curvature(self, step: int) -> None:
