@@ -290,7 +290,7 @@ def _cost_table(rows: list[dict[str, Any]]) -> str:
         ]
         for r in rows
     ]
-    headers = ["variant", "runs", "training h", "metrics h", "overhead", "verdict"]
+    headers = ["variant", "runs", "rest h", "metrics h", "overhead", "verdict"]
     return _table(headers, body)
 
 
@@ -339,7 +339,8 @@ learning rate.</p>
 {_h2_table(p["h2"])}
 <h2>Cost of the analysis metrics</h2>
 <p>Curvature, gradient noise and curve shape as a share of the rest of the completed runs'
-time, summed over every attempt's recorded timing, on the hardware the runs ran on. Budget
+time (training steps, validation, checkpoints: <em>rest h</em>), summed over every attempt's
+recorded timing, on the hardware the runs ran on. Budget
 (METRICS.md): at most {BUDGET:.0%}, never over {CEILING:.0%}. A short run weighs its cold curvature
 evaluation at step 0 far more than a 50-epoch run does.</p>
 {_cost_table(p["metrics_cost"])}
