@@ -14,7 +14,10 @@ with the protocol's cadences scaled to that epoch (validation 4x an epoch, curva
    each; B is SIGKILLed past its first checkpoint and resumed while C goes on;
 3. prints the precision chosen (auto: bf16 from sm_80, fp16 + GradScaler below), whether B's
    resumed streams equal C's and A's, and the largest relative difference of the training loss
-   (A vs C is the card's own run-to-run nondeterminism, the baseline for B).
+   (A vs C is the card's own run-to-run nondeterminism, the baseline for B);
+4. prints what the analysis metrics cost run A on this card (its recorded ``timing``), and
+   that scaled to a 50-epoch CIFAR run at the protocol's cadences: the figure METRICS.md's 5%
+   budget is about, which the CPU benches cannot give for a GPU.
 
 Exit code 0 when every run completed with the expected precision and B matches C as closely
 as A does; 1 otherwise.
@@ -122,6 +125,30 @@ def _same(a: Path, b: Path) -> bool:
     )
 
 
+def _metrics_cost(run_dir: Path) -> str:
+    """What the analysis metrics cost run A on this card, from its recorded ``timing``
+    (docs/run-directory.md), and that scaled to a 50-epoch CIFAR run at the protocol's
+    cadences (36 curvature, 25 noise, 50 shape evaluations over 17,600 steps). The per-call
+    means include the cold curvature evaluation at step 0, so the curvature part is an upper
+    bound; this check validates 3.5x more often per step than CIFAR, so the step time is a
+    little high. Read it to about ±20%."""
+    from deconcnn_cli.contract import analysis_split, read_stream, stream_path
+
+    status = _status(run_dir)
+    timing, steps = status.get("timing") or {}, int(status.get("step") or 0)
+    counts = {k: len(read_stream(stream_path(run_dir, k))) for k in ("curvature", "noise", "shape")}
+    if not timing or not steps or not counts["curvature"]:
+        return "metrics cost: no timing recorded"
+    analysis, rest = analysis_split(timing)
+    per_call = {k: timing[f"{k}_s"] / n if n else 0.0 for k, n in counts.items()}
+    cost = 36 * per_call["curvature"] + 25 * per_call["noise"] + 50 * per_call["shape"]
+    return (
+        f"metrics {analysis / rest:.1%} of the rest at this check's cadences; scaled to a "
+        f"50-epoch CIFAR run about {cost / (17_600 * rest / steps):.1%} (curvature "
+        f"{per_call['curvature'] / (rest / steps):.0f} steps per evaluation, cold included)"
+    )
+
+
 def check_variant(variant: str, steps: int, tmp: Path) -> bool:
     import torch
 
@@ -153,7 +180,7 @@ def check_variant(variant: str, steps: int, tmp: Path) -> bool:
         f"{_peak_gib(b):.2f} + {_peak_gib(c):.2f} GiB two at once; killed at step {killed_at}; "
         f"resumed streams identical to C: {_same(b, c)}, to A: {_same(b, a)}; "
         f"max rel diff of loss B-C {resume_diff:.1e} (A-C baseline {base_diff:.1e}); "
-        f"states {states}; {time.time() - t0:.0f} s",
+        f"states {states}; {time.time() - t0:.0f} s; {_metrics_cost(a)}",
         flush=True,
     )
     return ok and precision == expected and states == ["completed"] * 3 and matches
