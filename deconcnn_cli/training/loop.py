@@ -253,6 +253,20 @@ class StopSignals:
                 signal.signal(s, signal.SIG_IGN if keep else handler)
 
 
+def _stored_precision(checkpoint: dict[str, Any] | None, writer: RunWriter) -> str | None:
+    """The precision an earlier attempt chose: the resumed checkpoint's (its weights, scaler
+    and RNG state are of that precision), else status.json's; None at a first start. When
+    status.json lost it or disagrees, a warning event says so."""
+    recorded = writer.status.get("precision")
+    saved = (checkpoint or {}).get("precision")
+    if saved is not None and saved != recorded:
+        why = f"status.json said {recorded}" if recorded else "status.json did not carry it"
+        writer.log_event(
+            "warning", f"resuming in {saved}, the checkpoint's precision ({why})", precision=saved
+        )
+    return saved or recorded
+
+
 # ---------------------------------------------------------------------------------------------
 # The run: its state and the named actions the loop performs
 
@@ -263,7 +277,10 @@ class _Run:
     def __init__(self, cfg: RunConfig, run_dir: Path, writer: RunWriter) -> None:
         self.cfg, self.run_dir, self.writer = cfg, run_dir, writer
         self.device = resolve_device(cfg.device)
-        self.prec = resolve_precision(cfg.precision, self.device, writer.status.get("precision"))
+        checkpoint, skipped = load_latest_checkpoint(run_dir)  # on the CPU
+        self.prec = resolve_precision(
+            cfg.precision, self.device, _stored_precision(checkpoint, writer)
+        )
         share = gpu_share()
         fraction = cap_gpu_memory(self.device, share)
         if fraction is not None:
@@ -299,7 +316,7 @@ class _Run:
         self.analysis_state: dict[str, Any] = {"eigenvector": None}
         self.start_step = 0
         self.last_checkpoint_step: int | None = None
-        self._restore()
+        self._restore(checkpoint, skipped)
 
         self.losses = measure.read_step_losses(writer)
         self.buf_loss: list[torch.Tensor] = []  # 0-d device tensors: no sync per step
@@ -311,13 +328,11 @@ class _Run:
         self.t_attempt = time.perf_counter()  # restarted when the loop begins
         self.seconds = dict.fromkeys(TIMED_ACTIONS, 0.0)  # wall time of this attempt's actions
 
-    def _restore(self) -> None:
+    def _restore(self, state: dict[str, Any] | None, skipped: list[str]) -> None:
         """Resume from the newest valid checkpoint; cut the streams and events back to it."""
-        state, skipped = load_latest_checkpoint(self.run_dir)
         for note in skipped:
             self.writer.log_event("warning", f"skipped checkpoint {note}")
         if state is not None:
-            self._adopt_checkpoint_precision(state.get("precision"))
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -329,22 +344,6 @@ class _Run:
             restore_rng_states(state["rng"])
             self.start_step = self.last_checkpoint_step = state["next_step"]
         self.writer.truncate_before(self.start_step)  # replayed rows are never doubled
-
-    def _adopt_checkpoint_precision(self, saved: str | None) -> None:
-        """The checkpoint's precision wins over one chosen afresh: status.json (which
-        normally carries it) may be gone, and the weights, scaler and RNG state are those of
-        the saved precision. Refused (``PrecisionError``) where this device cannot run it."""
-        if saved is None or saved == self.prec.name:
-            return
-        chosen, recorded = self.prec.name, self.writer.status.get("precision")
-        self.prec = resolve_precision(self.cfg.precision, self.device, saved)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.prec.use_scaler)
-        why = f"status.json said {recorded}" if recorded else "status.json did not carry it"
-        self.writer.log_event(
-            "warning",
-            f"resuming in {saved}, the checkpoint's precision, not {chosen} ({why})",
-            precision=saved,
-        )
 
     @contextlib.contextmanager
     def timed(self, kind: str) -> Iterator[None]:
