@@ -17,6 +17,11 @@ from deconcnn_cli.training.models import build_model
 
 CIFAR_TRAIN = 45_000  # CIFAR-10's 50,000 minus the 10% validation split: 352 steps of 128
 CIFAR_VAL = 5_000  # the validation split a run evaluates 4 times an epoch
+CIFAR_SPE = 352  # steps per epoch at batch 128
+CIFAR_STEPS = 17_600  # a 50-epoch run
+# the protocol's evaluations in that run: curvature at step 0 and every 500 steps, noise every
+# 2 epochs, shape every epoch, validation 4 times an epoch
+N_CURV, N_NOISE, N_SHAPE, N_VAL = 36, 25, 50, 200
 
 
 def tiled_digits(

@@ -42,7 +42,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from _common import (  # noqa: E402  (bench/ sibling)
+    CIFAR_SPE,
+    CIFAR_STEPS,
     CIFAR_VAL,
+    N_CURV,
+    N_NOISE,
+    N_SHAPE,
+    N_VAL,
     Trajectory,
     bench_config,
     cifar_shaped_loop,
@@ -55,11 +61,6 @@ from deconcnn_cli.config import RunConfig, prepare_run_dir
 from deconcnn_cli.training import measure
 from deconcnn_cli.training.device import resolve_precision
 from deconcnn_cli.training.loop import evaluate, train_run
-
-CIFAR_STEPS = 17_600
-CIFAR_SPE = 352
-N_CURV, N_NOISE, N_SHAPE, N_VAL = 36, 25, 50, 200
-
 
 OVERRIDES: list[str] = []  # --set KEY=VALUE: the analysis settings under test (default: none)
 

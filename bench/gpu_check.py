@@ -132,6 +132,8 @@ def _metrics_cost(run_dir: Path) -> str:
     means include the cold curvature evaluation at step 0, so the curvature part is an upper
     bound; this check validates 3.5x more often per step than CIFAR, so the step time is a
     little high. Read it to about ±20%."""
+    from _common import CIFAR_STEPS, N_CURV, N_NOISE, N_SHAPE  # bench/ sibling
+
     from deconcnn_cli.contract import analysis_split, read_stream, stream_path
 
     status = _status(run_dir)
@@ -141,10 +143,12 @@ def _metrics_cost(run_dir: Path) -> str:
         return "metrics cost: no timing recorded"
     analysis, rest = analysis_split(timing)
     per_call = {k: timing[f"{k}_s"] / n if n else 0.0 for k, n in counts.items()}
-    cost = 36 * per_call["curvature"] + 25 * per_call["noise"] + 50 * per_call["shape"]
+    cost = sum(
+        n * per_call[k] for k, n in (("curvature", N_CURV), ("noise", N_NOISE), ("shape", N_SHAPE))
+    )
     return (
         f"metrics {analysis / rest:.1%} of the rest at this check's cadences; scaled to a "
-        f"50-epoch CIFAR run about {cost / (17_600 * rest / steps):.1%} (curvature "
+        f"50-epoch CIFAR run about {cost / (CIFAR_STEPS * rest / steps):.1%} (curvature "
         f"{per_call['curvature'] / (rest / steps):.0f} steps per evaluation, cold included)"
     )
 
