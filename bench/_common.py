@@ -25,11 +25,15 @@ N_CURV, N_NOISE, N_SHAPE, N_VAL = 36, 25, 50, 200
 
 
 def tiled_digits(
-    cfg: RunConfig, n_train: int = CIFAR_TRAIN, n_val: int | None = None
+    cfg: RunConfig,
+    n_train: int = CIFAR_TRAIN,
+    n_val: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> DataSplits:
     """The digits at the config's image size, tiled so the training split has ``n_train``
     images (CIFAR-10's step count per epoch); the validation split is the digits' own, or
-    tiled to ``n_val`` images (CIFAR-10's 5,000: a validation pass costs what a run's does)."""
+    tiled to ``n_val`` images (CIFAR-10's 5,000: a validation pass costs what a run's does).
+    On ``device``, as ``load_splits`` puts a run's data (the run's device)."""
     d = cfg.data
     base = load_splits(
         "digits",
@@ -45,13 +49,13 @@ def tiled_digits(
     val_reps = -(-(n_val or base.n_val) // base.n_val)
     val_idx = torch.arange(val_reps * base.n_val)[: n_val or base.n_val]
     return DataSplits(
-        train_x=base.train_x.repeat(reps, 1, 1, 1)[idx],
-        train_y=base.train_y.repeat(reps)[idx],
-        val_x=base.val_x.repeat(val_reps, 1, 1, 1)[val_idx],
-        val_y=base.val_y.repeat(val_reps)[val_idx],
+        train_x=base.train_x.repeat(reps, 1, 1, 1)[idx].to(device),
+        train_y=base.train_y.repeat(reps)[idx].to(device),
+        val_x=base.val_x.repeat(val_reps, 1, 1, 1)[val_idx].to(device),
+        val_y=base.val_y.repeat(val_reps)[val_idx].to(device),
         num_classes=base.num_classes,
-        mean=base.mean,
-        std=base.std,
+        mean=base.mean.to(device),
+        std=base.std.to(device),
         name="digits-tiled",
         train_indices=idx,
         val_indices=base.val_indices.repeat(val_reps)[val_idx],
@@ -62,9 +66,10 @@ def tiled_digits(
 def cifar_shaped_loop(
     cfg: RunConfig, n_train: int = CIFAR_TRAIN, n_val: int | None = None
 ) -> Iterator[None]:
-    """Make ``train_run`` load :func:`tiled_digits` instead of the configured dataset."""
+    """Make ``train_run`` load :func:`tiled_digits` instead of the configured dataset, on the
+    device the run asks for."""
     original = loop_mod.load_splits
-    loop_mod.load_splits = lambda *a, **k: tiled_digits(cfg, n_train, n_val)
+    loop_mod.load_splits = lambda *a, **k: tiled_digits(cfg, n_train, n_val, k["device"])
     try:
         yield
     finally:

@@ -1,26 +1,39 @@
-"""The GPU path, checked on a CUDA machine in a few minutes (target < 8 min on one modern GPU).
+"""The GPU path on one card, in a few minutes: the job's own environment, the protocol's criteria.
 
-Not run by the test suite (this project's machines have no GPU). A maintainer with a CUDA
-device runs::
+Not run by the test suite (this project's machines have no GPU). On a CUDA machine::
 
-    .venv/bin/python bench/gpu_check.py [--variants base bn_off narrow adamw] [--steps 300]
+    .venv/bin/python bench/gpu_check.py [--variants base bn_off narrow adamw] [--steps 200]
+                                        [--out DIR] [--skip-micro]
 
-Per variant, at full width on 32 px images (the offline digits tiled to 100 steps an epoch),
-with the protocol's cadences scaled to that epoch (validation 4x an epoch, curvature every
-150 steps and at step 0, noise every 2 epochs, shape every epoch, checkpoint every epoch):
+Each run is the real loop (``train_run``) at full width on 32 px images (the offline digits
+tiled to ``SPE`` = 50 steps of 128 an epoch), with the protocol's cadences scaled to that
+epoch (validation 4x an epoch, curvature at step 0 and every 100 steps, noise every 2 epochs,
+shape and a checkpoint every epoch), started as a job starts it: a child process with the
+job's environment (``sweep.job.child_env``: threads, ``DECON_GPU_SHARE``,
+``CUBLAS_WORKSPACE_CONFIG``, ``DECON_REQUIRE_GPU=1``).
 
-1. run A alone: steps/s and peak ``torch.cuda.max_memory_allocated``;
-2. runs B and C at once on the same card (two runs per GPU, as on the cluster): peak memory of
-   each; B is SIGKILLed past its first checkpoint and resumed while C goes on;
-3. prints the precision chosen (auto: bf16 from sm_80, fp16 + GradScaler below), whether B's
-   resumed streams equal C's and A's, and the largest relative difference of the training loss
-   (A vs C is the card's own run-to-run nondeterminism, the baseline for B);
-4. prints what the analysis metrics cost run A on this card (its recorded ``timing``), and
-   that scaled to a 50-epoch CIFAR run at the protocol's cadences: the figure METRICS.md's 5%
-   budget is about, which the CPU benches cannot give for a GPU.
+1. **micro** (in this process, per variant): the peak extra memory of one curvature
+   evaluation over a training step's; one HVP in fp32, fp16 and bf16 autocast (ms, and the
+   relative error against a float64 HVP of the same vector); the cost of deterministic
+   kernels (steps/s on and off); fused vs for-each optimizer under fp16 + GradScaler; the
+   time and size of one checkpoint.
+2. **job** (per variant): run A alone (1 run on the card); runs B and C at once with
+   ``DECON_GPU_SHARE=2`` (2 runs per card, as a job runs them) while NVML samples the card's
+   utilization; B is SIGKILLed past its first checkpoint and resumed. Every stream of B must
+   equal C's and A's byte for byte (deterministic kernels, draws made on the CPU).
+3. **fp16** (base): the same in fp16 + GradScaler, the RTX8000's precision, on any card.
+4. **mps** (base): B and C again under a CUDA MPS daemon of this script's own
+   (``sweep.mps``), when one can start.
 
-Exit code 0 when every run completed with the expected precision and B matches C as closely
-as A does; 1 otherwise.
+It prints one table (the figures docs/performance.md records, with the card's name) and
+writes ``gpu_check.json`` under ``--out``. The projection of a 50-epoch CIFAR run uses each
+action's own measured cost from the runs' ``timing`` (docs/run-directory.md), scaled to the
+protocol's counts (17,600 steps; 36 curvature, 25 noise, 50 shape, 200 validation passes of
+5,000 images, a checkpoint every ``checkpoint_every_minutes``).
+
+Exit 0 when every run completed in the expected precision, every resume is byte-identical,
+and the protocol's criteria hold (2 runs per card without OOM, utilization > 80% with 2
+runs, projected 50-epoch run < 30 min, memory within the 48 GB card, metrics <= 10%).
 """
 
 from __future__ import annotations
@@ -30,58 +43,84 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-SPE = 100  # steps per epoch of the tiled digits (12,800 training images / 128)
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+SPE = 50  # steps per epoch of the tiled digits (6,400 training images / 128)
+CURV_EVERY = 100
 STREAMS = ("step", "val", "curvature", "noise", "shape")
+CARD_GB = 48.0  # the protocol's card (RTX 8000)
+LIMITS = {"wall_min": 30.0, "util": 0.80, "metrics": 0.10, "metrics_goal": 0.05}
+EXTRA: list[str] = []  # --set overrides (a CPU dry run of this script: --set device="cpu")
+THREADS = [2]  # CPU threads per run (--threads; a job gives each run cpus_per_run)
+RESULTS: dict[str, Any] = {"variants": {}, "micro": {}, "checks": []}
 
 
-EXTRA: list[str] = []  # --set overrides (a CPU dry run of the script itself, e.g.)
+def log(message: str) -> None:
+    print(message, flush=True)
 
 
-def _cfg(variant: str, steps: int):
+def _cfg(variant: str, steps: int, precision: str = "auto"):
     from deconcnn_cli.config import load_run_config
 
-    epochs = max(1, math.ceil(steps / SPE))
+    epochs = max(2, math.ceil(steps / SPE))
     overrides = [
         'data.dataset="digits"',
         "data.image_size=32",
         f"schedule.epochs={epochs}",
         "schedule.warmup_epochs=0.5",
-        "cadence.curvature_every_steps=150",
+        f"cadence.curvature_every_steps={CURV_EVERY}",
         'device="cuda"',
+        f'precision="{precision}"',
         *EXTRA,
     ]
     return load_run_config(variant=variant, profiles=None, overrides=overrides, flags={})
 
 
-def worker(variant: str, steps: int, run_dir: Path) -> None:
-    """One run (or its resume) in this process; writes peak memory beside the run."""
-    import torch
+# ---------------------------------------------------------------------------------------------
+# Worker: one run (or its resume) in a child process
 
-    sys.path.insert(0, str(REPO))
-    from bench._common import cifar_shaped_loop
+
+def worker(variant: str, steps: int, precision: str, run_dir: Path) -> None:
+    import torch
+    from _common import cifar_shaped_loop
+
     from deconcnn_cli.config import prepare_run_dir
     from deconcnn_cli.training.loop import train_run
 
-    cfg = _cfg(variant, steps)
+    cfg = _cfg(variant, steps, precision)
     prepare_run_dir(cfg, run_dir)
     with cifar_shaped_loop(cfg, n_train=SPE * cfg.data.batch_size):
-        result = train_run(cfg, run_dir)
+        result = train_run(cfg, run_dir, threads=int(os.environ.get("OMP_NUM_THREADS", "2")))
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
-    out = {"state": result.state, "peak_bytes": peak}
+    reserved = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0
+    out = {"state": result.state, "peak_bytes": peak, "reserved_bytes": reserved}
     (run_dir.parent / f"{run_dir.name}.gpu.json").write_text(json.dumps(out))
 
 
-def _start(variant: str, steps: int, run_dir: Path) -> subprocess.Popen:
+def _start(variant: str, steps: int, run_dir: Path, share: int, precision: str, env=None):
+    from deconcnn_cli.sweep.job import child_env
+
     args = [sys.executable, __file__, "--worker", variant, "--steps", str(steps)]
     extra = [x for e in EXTRA for x in ("--set", e)]
-    return subprocess.Popen([*args, *extra, "--run-dir", str(run_dir)], cwd=REPO)
+    environ = {**child_env(THREADS[0], share, require_gpu=not _dry()), **(env or {})}
+    cmd = [*args, *extra, "--precision", precision, "--run-dir", str(run_dir)]
+    log_file = open(run_dir.parent / f"{run_dir.name}.log", "ab")  # noqa: SIM115
+    return subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=log_file, stderr=log_file)
+
+
+def _dry() -> bool:
+    return any(e.startswith("device=") for e in EXTRA)
 
 
 def _status(run_dir: Path) -> dict:
@@ -90,129 +129,440 @@ def _status(run_dir: Path) -> dict:
     return read_json(run_dir / "status.json") or {}
 
 
-def _rate(run_dir: Path) -> float:
-    from deconcnn_cli.contract import read_attempts
+def _gpu_json(run_dir: Path) -> dict:
+    path = run_dir.parent / f"{run_dir.name}.gpu.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
-    lines = [a for a in read_attempts(run_dir) if a.get("event") != "end"]
+
+def _tail(run_dir: Path) -> str:
+    path = run_dir.parent / f"{run_dir.name}.log"
+    return path.read_text(errors="replace")[-1500:] if path.exists() else ""
+
+
+def _same(a: Path, b: Path) -> dict[str, bool]:
+    out = {}
+    for n in STREAMS:
+        pa, pb = a / "metrics" / f"{n}.csv", b / "metrics" / f"{n}.csv"
+        out[n] = pa.exists() and pb.exists() and pa.read_bytes() == pb.read_bytes()
+    return out
+
+
+class Utilization:
+    """The card's utilization (NVML, 10 Hz) while the block runs; mean and count of samples."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self.error = ""
+
+    def __enter__(self) -> Utilization:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception as exc:  # no NVML: the criterion is not measured
+            self.error = f"NVML unavailable: {exc}"
+            return self
+
+        def sample() -> None:
+            while not self._stop.wait(0.1):
+                self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    @property
+    def mean(self) -> float | None:
+        # drop the first and last second: process start-up and exit
+        core = self.samples[10:-10] if len(self.samples) > 40 else self.samples
+        return statistics.fmean(core) if core else None
+
+
+def _projection(run_dir: Path) -> dict[str, float]:
+    """Seconds of a 50-epoch CIFAR run at the protocol's cadences, from this run's timing."""
+    from _common import CIFAR_STEPS, CIFAR_VAL, N_CURV, N_NOISE, N_SHAPE, N_VAL
+
+    from deconcnn_cli.contract import read_attempts, read_stream, stream_path
+
     ends = [a for a in read_attempts(run_dir) if a.get("event") == "end"]
-    return _status(run_dir)["step"] / (ends[-1]["end_unix"] - lines[0]["start_unix"])
-
-
-def _peak_gib(run_dir: Path) -> float:
-    data = json.loads((run_dir.parent / f"{run_dir.name}.gpu.json").read_text())
-    return data["peak_bytes"] / 2**30
-
-
-def _max_rel_diff(a: Path, b: Path) -> float:
-    from deconcnn_cli.contract import read_stream
-
-    ra, rb = (read_stream(p / "metrics" / "step.csv") for p in (a, b))
-    if len(ra) != len(rb):
-        return math.inf
-    diffs = [
-        abs(float(x["loss_train_nats"]) - float(y["loss_train_nats"]))
-        / max(abs(float(x["loss_train_nats"])), 1e-12)
-        for x, y in zip(ra, rb, strict=True)
-    ]
-    return max(diffs, default=0.0)
-
-
-def _same(a: Path, b: Path) -> bool:
-    return all(
-        (a / "metrics" / f"{n}.csv").read_text() == (b / "metrics" / f"{n}.csv").read_text()
-        for n in STREAMS
-        if (a / "metrics" / f"{n}.csv").exists()
-    )
-
-
-def _metrics_cost(run_dir: Path) -> str:
-    """What the analysis metrics cost run A on this card, from its recorded ``timing``
-    (docs/run-directory.md), and that scaled to a 50-epoch CIFAR run at the protocol's
-    cadences (36 curvature, 25 noise, 50 shape evaluations over 17,600 steps). The per-call
-    means include the cold curvature evaluation at step 0, so the curvature part is an upper
-    bound; this check validates 3.5x more often per step than CIFAR, so the step time is a
-    little high. Read it to about ±20%."""
-    from _common import CIFAR_STEPS, N_CURV, N_NOISE, N_SHAPE  # bench/ sibling
-
-    from deconcnn_cli.contract import analysis_split, read_stream, stream_path
-
-    status = _status(run_dir)
-    timing, steps = status.get("timing") or {}, int(status.get("step") or 0)
+    timing = (ends[-1].get("timing") if ends else None) or _status(run_dir).get("timing") or {}
+    steps = int(_status(run_dir).get("step") or 0)
     counts = {k: len(read_stream(stream_path(run_dir, k))) for k in ("curvature", "noise", "shape")}
-    if not timing or not steps or not counts["curvature"]:
-        return "metrics cost: no timing recorded"
-    analysis, rest = analysis_split(timing)
-    per_call = {k: timing[f"{k}_s"] / n if n else 0.0 for k, n in counts.items()}
-    cost = sum(
-        n * per_call[k] for k, n in (("curvature", N_CURV), ("noise", N_NOISE), ("shape", N_SHAPE))
-    )
-    return (
-        f"metrics {analysis / rest:.1%} of the rest at this check's cadences; scaled to a "
-        f"50-epoch CIFAR run about {cost / (CIFAR_STEPS * rest / steps):.1%} (curvature "
-        f"{per_call['curvature'] / (rest / steps):.0f} steps per evaluation, cold included)"
-    )
+    n_val = len(read_stream(stream_path(run_dir, "val")))
+    n_ckpt = math.ceil(steps / SPE)
+    if not timing or not steps:
+        return {}
+    timed = sum(timing.get(f"{k}_s", 0.0) for k in ("curvature", "noise", "shape", "validation"))
+    train_s = timing["wall_s"] - timed - timing.get("checkpoint_s", 0.0)
+    per_step = train_s / steps
+    per = {k: timing[f"{k}_s"] / n if n else 0.0 for k, n in counts.items()}
+    val_images = _val_images(run_dir)
+    per_val = timing["validation_s"] / n_val * (CIFAR_VAL / val_images) if n_val else 0.0
+    per_ckpt = timing.get("checkpoint_s", 0.0) / max(1, n_ckpt)
+    metrics = N_CURV * per["curvature"] + N_NOISE * per["noise"] + N_SHAPE * per["shape"]
+    train = CIFAR_STEPS * per_step
+    rest = train + N_VAL * per_val + 6 * per_ckpt  # ~6 checkpoints (every 10 min, at the end)
+    return {
+        "s_per_step": per_step,
+        "s_per_curvature": per["curvature"],
+        "s_per_noise": per["noise"],
+        "s_per_shape": per["shape"],
+        "s_per_val_cifar": per_val,
+        "s_per_checkpoint": per_ckpt,
+        "projected_min": (rest + metrics) / 60,
+        "metrics_share": metrics / rest,
+    }
 
 
-def check_variant(variant: str, steps: int, tmp: Path) -> bool:
+def _val_images(run_dir: Path) -> int:
+    from _common import tiled_digits
+
+    from deconcnn_cli.config import load_run_config
+
+    cfg = load_run_config(variant="base", overrides=['data.dataset="digits"'], flags={})
+    return tiled_digits(cfg, n_train=128).n_val
+
+
+def check_variant(
+    variant: str, steps: int, tmp: Path, precision: str = "auto", mps_env=None, tag: str = ""
+) -> bool:
     import torch
 
-    a, b, c = (tmp / f"{variant}_{x}" for x in "abc")
+    name = f"{variant}{tag}"
+    a, b, c = (tmp / f"{name}_{x}" for x in "abc")
+    for d in (a, b, c):
+        d.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    proc = _start(variant, steps, a)
-    assert proc.wait() == 0, f"{variant}: run A failed"
-    pb, pc = _start(variant, steps, b), _start(variant, steps, c)
-    while _status(b).get("step", 0) <= SPE + 20:  # past the first checkpoint (epoch 1)
-        assert pb.poll() is None, f"{variant}: run B ended before it could be killed"
-        time.sleep(0.2)
-    pb.send_signal(signal.SIGKILL)
-    pb.wait()
-    killed_at = _status(b).get("step")
-    pb = _start(variant, steps, b)
-    ok = pb.wait() == 0 and pc.wait() == 0
-    if torch.cuda.is_available():
+    ok = True
+    if not mps_env:
+        pa = _start(variant, steps, a, 1, precision)
+        if pa.wait() != 0:
+            log(f"{name}: run A failed\n{_tail(a)}")
+            return False
+    with Utilization() as util:
+        pb = _start(variant, steps, b, 2, precision, mps_env)
+        pc = _start(variant, steps, c, 2, precision, mps_env)
+        while int(_status(b).get("step") or 0) <= SPE + 5:  # past the checkpoint at epoch 1
+            if pb.poll() is not None:
+                log(f"{name}: run B ended before it could be killed\n{_tail(b)}")
+                return False
+            time.sleep(0.05)
+        pb.send_signal(signal.SIGKILL)
+        pb.wait()
+        killed_at = _status(b).get("step")
+        pb = _start(variant, steps, b, 2, precision, mps_env)
+        ok = pb.wait() == 0 and pc.wait() == 0
+    if not ok:
+        log(f"{name}: B or C failed\n{_tail(b)}\n{_tail(c)}")
+    if torch.cuda.is_available() and precision == "auto":
         major, minor = torch.cuda.get_device_capability()
-        expected, arch = ("bf16" if major >= 8 else "fp16"), f"sm_{major}{minor}"
-    else:  # a CPU dry run of this script
-        expected, arch = "fp32", "cpu"
-    precision = _status(a).get("precision")
-    states = [_status(r).get("state") for r in (a, b, c)]
-    base_diff, resume_diff = _max_rel_diff(a, c), _max_rel_diff(b, c)
-    matches = _same(b, c) or resume_diff <= base_diff + 1e-7
-    print(
-        f"{variant:7s} precision {precision} (expected {expected} on {arch}); "
-        f"{_rate(a):6.1f} steps/s alone; peak {_peak_gib(a):.2f} GiB alone, "
-        f"{_peak_gib(b):.2f} + {_peak_gib(c):.2f} GiB two at once; killed at step {killed_at}; "
-        f"resumed streams identical to C: {_same(b, c)}, to A: {_same(b, a)}; "
-        f"max rel diff of loss B-C {resume_diff:.1e} (A-C baseline {base_diff:.1e}); "
-        f"states {states}; {time.time() - t0:.0f} s; {_metrics_cost(a)}",
-        flush=True,
+        expected = "bf16" if major >= 8 else "fp16"
+    else:
+        expected = "fp32" if _dry() else precision
+    ref = c if mps_env else a
+    same_c, same_a = _same(b, c), _same(b, ref)
+    states = [_status(r).get("state") for r in (ref, b, c)]
+    peaks = {r.name[-1]: _gpu_json(r).get("peak_bytes", 0) / 2**30 for r in (ref, b, c)}
+    proj_alone = _projection(ref)
+    proj_two = _projection(c)
+    row = {
+        "precision": _status(c).get("precision"),
+        "expected_precision": expected,
+        "states": states,
+        "killed_at": killed_at,
+        "resumed_identical_to_C": same_c,
+        "resumed_identical_to_A": same_a,
+        "steps_per_s_alone": 1 / proj_alone["s_per_step"] if proj_alone else None,
+        "steps_per_s_two": 1 / proj_two["s_per_step"] if proj_two else None,
+        "peak_gib": peaks,
+        "utilization_two": util.mean,
+        "utilization_error": util.error,
+        "projection_alone": proj_alone,
+        "projection_two": proj_two,
+        "mps": (_status(c).get("mps") if mps_env else None),
+        "events_c": _events(c),
+        "seconds": time.time() - t0,
+    }
+    RESULTS["variants"][name] = row
+    identical = all(same_c.values()) and all(same_a.values())
+    good = ok and states == ["completed"] * 3 and identical and row["precision"] == expected
+    log(
+        f"{name:12s} {row['precision']} (expected {expected}); steps/s alone "
+        f"{_f(row['steps_per_s_alone'])}, two at once {_f(row['steps_per_s_two'])}; util "
+        f"{_pct(util.mean)}; peak GiB {peaks}; killed at {killed_at}; identical to C "
+        f"{all(same_c.values())}, to A {all(same_a.values())} {same_c if not identical else ''};"
+        f" projected 50-epoch run {_f(proj_two.get('projected_min'))} min (2/card), metrics "
+        f"{_pct(proj_two.get('metrics_share'))}; {row['seconds']:.0f} s; states {states}"
     )
-    return ok and precision == expected and states == ["completed"] * 3 and matches
+    return good
+
+
+def _events(run_dir: Path) -> list[str]:
+    from deconcnn_cli.contract import read_jsonl
+
+    return [
+        e.get("message", "")[:160]
+        for e in read_jsonl(run_dir / "events.jsonl")
+        if e.get("level") in ("warning", "error")
+    ][:6]
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro measurements, in this process
+
+
+def micro(variants: list[str]) -> None:
+    import torch
+    import torch.nn.functional as F
+    from _common import median_time, tiled_digits
+
+    from deconcnn_cli.analysis import hessian
+    from deconcnn_cli.training.checkpoint import save_checkpoint
+    from deconcnn_cli.training.data import normalize, train_batch
+    from deconcnn_cli.training.device import deterministic, resolve_device
+    from deconcnn_cli.training.loop import build_optimizer
+    from deconcnn_cli.training.models import build_model
+
+    device = resolve_device("cuda" if not _dry() else "cpu")
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    for variant in variants:
+        cfg = _cfg(variant, 200)
+        splits = tiled_digits(cfg, n_train=SPE * 128, device=device)
+        torch.manual_seed(0)
+        model = build_model(cfg.model, splits.num_classes).to(device)
+        opt = build_optimizer(cfg, model)
+        x = normalize(splits.train_x[:128], splits.mean, splits.std)
+        y = splits.train_y[:128]
+        row: dict[str, Any] = {}
+        prec = torch.bfloat16 if cuda and torch.cuda.get_device_capability()[0] >= 8 else None
+
+        def step(model=model, opt=opt, x=x, y=y, prec=prec) -> None:
+            with torch.autocast(device.type, dtype=prec or torch.float32, enabled=prec is not None):
+                loss = F.cross_entropy(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(3):
+            step()
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base_alloc = torch.cuda.memory_allocated()
+            step()
+            sync()
+            row["train_step_peak_gib"] = (torch.cuda.max_memory_allocated() - base_alloc) / 2**30
+            torch.cuda.reset_peak_memory_stats()
+            base_alloc = torch.cuda.memory_allocated()
+        gen = torch.Generator().manual_seed(0)
+        t0 = time.perf_counter()
+        res = hessian.evaluate_curvature(
+            model, x, y, chunk_size=128, n_probes=cfg.analysis.hutchinson_probes, generator=gen,
+            tol=cfg.analysis.lanczos_tol, max_hvp=cfg.analysis.lanczos_max_hvp,
+        )  # fmt: skip
+        sync()
+        row["curvature_cold_s"] = time.perf_counter() - t0
+        row["curvature_n_hvp"] = res.n_hvp
+        row["lambda_max"] = res.lambda_max
+        if cuda:
+            row["curvature_extra_peak_gib"] = (
+                torch.cuda.max_memory_allocated() - base_alloc
+            ) / 2**30
+        # HVP precision: time and error against a float64 HVP of the same vector
+        v = torch.randn(sum(p.numel() for p in model.parameters()), generator=gen).to(device)
+        m64 = build_model(cfg.model, splits.num_classes).to(device).double()
+        m64.load_state_dict(model.state_dict())
+        exact = hessian.HessianOperator(m64, x.double(), y, chunk_size=128)(v.double())
+        del m64
+        for p in ("fp32", "fp16", "bf16"):
+            op = hessian.HessianOperator(model, x, y, chunk_size=128, precision=p)
+            hv = op(v)
+            err = float((hv.double() - exact).norm() / exact.norm())
+            row[f"hvp_{p}_ms"] = 1e3 * median_time(lambda op=op, v=v: (op(v), sync()), 5)
+            row[f"hvp_{p}_rel_err"] = err
+            del op
+        row["step_ms"] = 1e3 * median_time(lambda step=step: (step(), sync()), 10)
+        with deterministic(device):
+            row["step_deterministic_ms"] = 1e3 * median_time(lambda step=step: (step(), sync()), 10)
+        # fused vs for-each under fp16 + GradScaler (the RTX8000's path)
+        if cuda:
+            for fused in (False, True):
+                o = build_optimizer(cfg, model, fused=fused)
+                scaler = torch.amp.GradScaler("cuda")
+
+                def fp16_step(o=o, scaler=scaler, model=model, x=x, y=y) -> None:
+                    with torch.autocast("cuda", dtype=torch.float16):
+                        loss = F.cross_entropy(model(x).float(), y)
+                    o.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(o)
+                    scaler.step(o)
+                    scaler.update()
+
+                fp16_step()
+                row[f"fp16_step_{'fused' if fused else 'foreach'}_ms"] = 1e3 * median_time(
+                    lambda f=fp16_step: (f(), sync()), 10
+                )
+        # one checkpoint of the run's state, to local disk
+        with tempfile.TemporaryDirectory() as d:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+            t0 = time.perf_counter()
+            path = save_checkpoint(Path(d), 1, state)
+            row["checkpoint_s"] = time.perf_counter() - t0
+            row["checkpoint_mb"] = path.stat().st_size / 1e6
+        batch_check = train_batch(
+            splits, step=0, steps_per_epoch=SPE, batch_size=128, seed=0, augment=True,
+            image_size=32,
+        )  # fmt: skip
+        row["batch_on_device"] = str(batch_check[0].device)
+        RESULTS["micro"][variant] = row
+        log(f"micro {variant:7s} " + ", ".join(f"{k} {_num(v)}" for k, v in row.items()))
+        del model, opt
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def _num(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def verdicts() -> bool:
+    """The protocol's criteria, PASS/FAIL each, from what was measured."""
+    rows = [r for k, r in RESULTS["variants"].items() if "_" not in k]
+    checks = []
+
+    def check(name: str, ok: bool | None, detail: str) -> None:
+        verdict = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
+        checks.append({"criterion": name, "verdict": verdict, "detail": detail})
+        log(f"{verdict:4s} {name}: {detail}")
+
+    if rows:
+        worst_min = max(r["projection_two"].get("projected_min", math.inf) for r in rows)
+        check(
+            "50-epoch run < 30 min (2 per card)",
+            worst_min < LIMITS["wall_min"],
+            f"{worst_min:.1f} min worst",
+        )
+        utils = [r["utilization_two"] for r in rows if r["utilization_two"] is not None]
+        check(
+            "utilization > 80% (2 per card)",
+            min(utils) > LIMITS["util"] if utils else None,
+            f"{min(utils):.1%} lowest" if utils else rows[0]["utilization_error"],
+        )
+        peak = max(r["peak_gib"]["b"] + r["peak_gib"]["c"] for r in rows)
+        check(
+            "memory within 48 GB (2 per card)",
+            peak * 2**30 / 1e9 < CARD_GB,
+            f"{peak:.2f} GiB peak of two runs",
+        )
+        no_oom = all(not any("out of memory" in e for e in r["events_c"]) for r in rows)
+        check("no OOM with 2 runs per card", no_oom, "events of the runs")
+        share = max(r["projection_two"].get("metrics_share", math.inf) for r in rows)
+        check(
+            "metrics <= 10% of the run", share <= LIMITS["metrics"], f"{share:.1%} worst (goal 5%)"
+        )
+    return all(c["verdict"] != "FAIL" for c in checks) and bool(checks)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["base", "bn_off", "narrow", "adamw"])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--set", action="append", default=[], help="extra config override")
+    parser.add_argument("--out", type=Path, default=None, help="where gpu_check.json goes")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads per run")
+    parser.add_argument("--skip-micro", action="store_true")
+    parser.add_argument("--skip-fp16", action="store_true")
+    parser.add_argument("--skip-mps", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     a = parser.parse_args()
     EXTRA.extend(a.set)
+    THREADS[0] = a.threads
     if a.worker:
-        worker(a.worker, a.steps, a.run_dir)
+        worker(a.worker, a.steps, a.precision, a.run_dir)
         return
     import torch
 
-    if not torch.cuda.is_available() and not any(e.startswith("device=") for e in EXTRA):
+    if not torch.cuda.is_available() and not _dry():
         raise SystemExit("gpu_check: no CUDA device visible")
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (dry run)"
-    print(f"{name}, torch {torch.__version__}", flush=True)
-    os.environ.setdefault("DECON_CONCURRENT_RUNS", "2")
+    RESULTS["card"], RESULTS["torch"] = name, torch.__version__
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        RESULTS["capability"] = f"sm_{major}{minor}"
+    log(f"{name} {RESULTS.get('capability', '')}, torch {torch.__version__}")
+    out = a.out or Path(tempfile.gettempdir())
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+
+    def save() -> None:
+        (out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+
+    def guarded(label: str, fn, *args, **kwargs) -> None:
+        try:
+            results.append(bool(fn(*args, **kwargs)))
+        except Exception as exc:  # one phase's failure does not hide the others' figures
+            import traceback
+
+            traceback.print_exc()
+            log(f"{label}: failed: {type(exc).__name__}: {exc}")
+            results.append(False)
+        save()
+
     with tempfile.TemporaryDirectory() as tmp:
-        results = [check_variant(v, a.steps, Path(tmp)) for v in a.variants]
-    print("gpu_check:", "PASS" if all(results) else "FAIL")
-    sys.exit(0 if all(results) else 1)
+        if not a.skip_micro:
+            guarded("micro", lambda: micro(a.variants) or True)
+        for v in a.variants:
+            guarded(v, check_variant, v, a.steps, Path(tmp))
+        if not a.skip_fp16 and "base" in a.variants and not _dry():
+            guarded("fp16", check_variant, "base", a.steps, Path(tmp), "fp16", None, "_fp16")
+        if not a.skip_mps and "base" in a.variants:
+            from deconcnn_cli.sweep.mps import start_mps
+
+            daemon = start_mps("gpu-check")
+            RESULTS["mps"] = {"active": daemon.active, "reason": daemon.reason}
+            log(f"MPS: {'started' if daemon.active else 'not started: ' + daemon.reason}")
+            try:
+                if daemon.active:
+                    guarded(
+                        "mps",
+                        check_variant,
+                        "base",
+                        a.steps,
+                        Path(tmp),
+                        "auto",
+                        daemon.env(),
+                        "_mps",
+                    )
+            finally:
+                daemon.stop()
+    ok = verdicts() and all(results)
+    save()
+    log(f"gpu_check: {'PASS' if ok else 'FAIL'} (json: {out / 'gpu_check.json'})")
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ class AnalysisConfig(_Strict):
     noise_k: Annotated[int, Field(ge=2)] = 8  # mini-batch gradients per noise estimate
     alpha_early_epochs: tuple[float, float] = (5.0, 15.0)  # [start, end) of the early fit
     burn_in_ce_nats: Annotated[float, Field(gt=0)] = 1.0
+    # the precision of the curvature's Hessian-vector products (docs/performance.md, "HVP
+    # precision"); fp32 is exact to ~1e-6, fp16/bf16 autocast is cheaper on tensor cores
+    hvp_precision: Literal["fp32", "fp16", "bf16"] = "fp32"
 
 
 class RunConfig(_Strict):
@@ -117,9 +120,18 @@ _NOT_IDENTITY: dict[str, Any] = {
 }
 
 
+# Fields added after sweeps were run: left out of the identity at the value that reproduces
+# what those runs computed, so their run ids (and resubmitting them) do not change.
+_IDENTITY_WHEN_NOT: dict[tuple[str, str], Any] = {("analysis", "hvp_precision"): "fp32"}
+
+
 def identity_dict(cfg: RunConfig) -> dict[str, Any]:
     """The canonical, result-affecting part of a config, as plain JSON types."""
-    return cfg.model_dump(mode="json", exclude=_NOT_IDENTITY)
+    ident = cfg.model_dump(mode="json", exclude=_NOT_IDENTITY)
+    for (section, key), old in _IDENTITY_WHEN_NOT.items():
+        if ident.get(section, {}).get(key) == old:
+            del ident[section][key]
+    return ident
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -410,6 +422,11 @@ class ResourceProfile(_Strict):
     array_parallelism: Annotated[int, Field(ge=1)] = 64  # the %N of every array
     max_array_size: Annotated[int, Field(ge=1)] | None = None  # None: ask `scontrol show config`
     signal_delay_s: Annotated[int, Field(ge=10)] = 120  # USR2 this long before the limit
+    # the runs must train on a GPU: one that finds none fails at once, naming the driver and
+    # the wheel's CUDA, instead of training on the CPU (docs/cluster.md)
+    require_gpu: bool = False
+    # one CUDA MPS control daemon per job, shared by its runs (docs/cluster.md, "MPS")
+    mps: bool = False
     # -- local
     parallel_runs: Annotated[int, Field(ge=1)] = 1
     host_memory_gb_per_run: dict[str, Annotated[float, Field(gt=0)]] = {}  # per variant

@@ -139,6 +139,17 @@ CONCURRENT_RUNS_ENV = "DECON_CONCURRENT_RUNS"
 # ---- GPU memory: a launcher that starts N runs on one GPU sets this to N; each run then caps
 # its CUDA caching allocator at its share of the card (training.device.cap_gpu_memory).
 GPU_SHARE_ENV = "DECON_GPU_SHARE"
+# ---- a job whose resource profile asks for a GPU sets this to 1: a run then fails (with the
+# driver's and the wheel's CUDA versions) instead of training on the CPU (training.device)
+REQUIRE_GPU_ENV = "DECON_REQUIRE_GPU"
+# ---- exact replay on a GPU: cuBLAS's deterministic workspace, read when its first handle is
+# made (so set in the run's environment); DECON_DETERMINISTIC=warn lets a torch build that
+# lacks a deterministic kernel warn instead of fail (training.device.deterministic)
+CUBLAS_ENV, CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG", ":4096:8"
+DETERMINISTIC_ENV = "DECON_DETERMINISTIC"
+# ---- CUDA MPS: a job that started its MPS daemon sets DECON_MPS=1 in its runs' environment,
+# else 0 with the reason (sweep.mps); each run records it in status.json and its start line
+MPS_STATE_ENV, MPS_REASON_ENV = "DECON_MPS", "DECON_MPS_REASON"
 
 
 def gpu_share(environ: dict[str, str] | None = None) -> int:

@@ -40,3 +40,10 @@ class SchedulerError(DeconError):
     """The scheduler is unreachable or refused a submission (exit 5)."""
 
     exit_code = 5
+
+
+class GpuRequiredError(DeconError):
+    """A GPU job (its resource profile asks for one) found no usable CUDA device: the run
+    fails at once with the reason, never trains on the CPU instead."""
+
+    exit_code = 1

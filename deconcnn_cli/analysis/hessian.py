@@ -13,6 +13,7 @@ free) plus Hutchinson on the deflated operator ``(I - QQ^T) H (I - QQ^T)``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from deconcnn_cli.analysis.lanczos import (
     lanczos_top,
 )
 
+HVP_PRECISIONS = ("fp32", "fp16", "bf16")  # HessianOperator's precision (analysis.hvp_precision)
 DEFAULT_DEFLATE = True  # deflate the trace with the Lanczos Krylov basis (measured: docs/)
 # A warm evaluation (a previous eigenvector given) trusts the Ritz gap up to 10 x tol of
 # |theta|: it stops once r <= sqrt(10 tol) |theta| (~3.2 tol, so the rigorous residual bound
@@ -129,6 +131,12 @@ class HessianOperator:
         sees batches like SGD's); loss = chunk mean losses weighted by chunk size.
     plain_batchnorm : bool
         Compute train-mode BatchNorm from plain ops for the graph (see above).
+    precision : str
+        ``fp32`` (default): the graph and every product in the parameters' dtype, autocast
+        off. ``fp16``/``bf16``: the forward graph and the products under autocast to that
+        dtype (the tensor-core precision of training on a GPU); vectors, products and every
+        dot product stay in float32/float64. Accuracy and cost: docs/performance.md, "HVP
+        precision".
     """
 
     def __init__(
@@ -139,7 +147,10 @@ class HessianOperator:
         *,
         chunk_size: int,
         plain_batchnorm: bool = True,
+        precision: str = "fp32",
     ) -> None:
+        if precision not in HVP_PRECISIONS:
+            raise ValueError(f"precision must be one of {HVP_PRECISIONS}, got {precision!r}")
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params or not self.params[0].dtype.is_floating_point:
             raise ValueError("model needs trainable floating-point parameters")
@@ -153,11 +164,17 @@ class HessianOperator:
         inputs, targets = _to_device(inputs, self.device, self.dtype), targets.to(self.device)
         n_total = inputs.shape[0]
         plain = plain_batchnorm_forward(model) if plain_batchnorm else contextlib.nullcontext()
-        with torch.enable_grad(), torch.autocast(self.device.type, enabled=False), plain:
+        self._autocast = functools.partial(
+            torch.autocast,
+            self.device.type,
+            dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+            enabled=precision != "fp32",
+        )
+        with torch.enable_grad(), self._autocast(), plain:
             loss = torch.zeros((), device=self.device, dtype=self.dtype)
             for start in range(0, n_total, chunk_size):
                 x, y = inputs[start : start + chunk_size], targets[start : start + chunk_size]
-                loss = loss + F.cross_entropy(model(x), y) * (x.shape[0] / n_total)
+                loss = loss + F.cross_entropy(model(x).to(self.dtype), y) * (x.shape[0] / n_total)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         self.loss = float(loss.detach())
         self._pairs = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
@@ -173,7 +190,7 @@ class HessianOperator:
         self.n_hvp += 1
         if not self._pairs:
             return torch.zeros(self.n_params, device=self.device, dtype=self.dtype)
-        with torch.autocast(self.device.type, enabled=False):
+        with self._autocast():
             hv = torch.autograd.grad(
                 [g for _, g in self._pairs],
                 self.params,
@@ -325,6 +342,7 @@ def evaluate_curvature(
     tol: float = DEFAULT_TOL,
     max_hvp: int = DEFAULT_MAX_HVP,
     deflate: bool = DEFAULT_DEFLATE,
+    precision: str = "fp32",
 ) -> CurvatureResult:
     """``lambda_max`` and Krylov-deflated Hutchinson trace; the model is left as found.
 
@@ -348,7 +366,9 @@ def evaluate_curvature(
     if n_probes < 2:
         raise ValueError(f"n_probes must be >= 2, got {n_probes}")
     with preserved_model_state(model, train=True):
-        operator = HessianOperator(model, inputs, targets, chunk_size=chunk_size)
+        operator = HessianOperator(
+            model, inputs, targets, chunk_size=chunk_size, precision=precision
+        )
         if not math.isfinite(operator.loss):
             reason = f"non-finite probe loss ({operator.loss})"
             return CurvatureResult(math.nan, math.nan, math.nan, math.nan, 0, None, reason)

@@ -167,7 +167,10 @@ def train(
 
         check_available(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download)
         # fail before writing: the device must run the precision (the run's stored one if any)
-        resolve_precision(cfg.precision, resolve_device(cfg.device), status.get("precision"))
+        # (a GPU the job requires but cannot see is checked by the run itself, which records
+        # the failure and its reason in the run directory)
+        device = resolve_device(cfg.device, require_gpu=False)
+        resolve_precision(cfg.precision, device, status.get("precision"))
         prepare_run_dir(cfg, target)
         with own_run(target):
             result = _run(cfg, target, console, quiet, max_steps, threads or default_threads())

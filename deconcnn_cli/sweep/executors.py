@@ -206,6 +206,8 @@ def submit_slurm(
                             [str(store.run_dir(r)) for r in g],
                             resources.max_attempts,
                             grace_s(resources),
+                            require_gpu=resources.require_gpu,
+                            mps=resources.mps,
                         )
                     )
                     for g in chunk

@@ -46,17 +46,30 @@ def train_command(run_dir: Path, threads: int) -> list[str]:
     ]
 
 
-def child_env(threads: int, gpu_share: int = 1) -> dict[str, str]:
-    """A run's environment: its threads, and how many runs share its GPU (each caps its
-    CUDA allocator at its share: ``training.device.cap_gpu_memory``)."""
+def child_env(
+    threads: int,
+    gpu_share: int = 1,
+    *,
+    require_gpu: bool = False,
+    mps: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """A run's environment: its threads; how many runs share its GPU (each caps its CUDA
+    allocator at its share: ``training.device.cap_gpu_memory``); cuBLAS's deterministic
+    workspace (it must be set before CUDA initialises); ``DECON_REQUIRE_GPU`` when the
+    resource profile asks for a GPU (the run then fails rather than train on the CPU); and
+    the job's MPS daemon (``sweep.mps``: its pipe directories, or why there is none)."""
     n = str(threads)
-    return {
+    env = {
         **os.environ,
         "OMP_NUM_THREADS": n,
         "MKL_NUM_THREADS": n,
         "PYTHONUNBUFFERED": "1",
         contract.GPU_SHARE_ENV: str(max(1, gpu_share)),
+        contract.CUBLAS_ENV: os.environ.get(contract.CUBLAS_ENV) or contract.CUBLAS_WORKSPACE,
+        contract.REQUIRE_GPU_ENV: "1" if require_gpu else "0",
+        **(mps or {}),
     }
+    return env
 
 
 def needs_start(run_dir: Path) -> str | None:
@@ -81,14 +94,15 @@ class _Child:
     log: Any
 
 
-def _start(run_dir: Path, threads: int, gpu_share: int = 1) -> _Child:
+def _start(run_dir: Path, threads: int, gpu_share: int = 1, **env: Any) -> _Child:
+    """Start one run; ``env``: ``child_env``'s keywords (require_gpu, mps)."""
     log = open(run_dir / contract.LOG_FILE, "ab")  # noqa: SIM115 - closed in _reap
     proc = subprocess.Popen(
         train_command(run_dir, threads),
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=child_env(threads, gpu_share),
+        env=child_env(threads, gpu_share, **env),
         preexec_fn=_ignore_usr2,
     )
     _log(f"started {run_dir.name} (pid {proc.pid}, {threads} threads)")
@@ -146,11 +160,15 @@ class RunGroup:
     run_dirs: list[str]
     max_attempts: int
     grace_s: float = 60.0  # how long checkpoint() waits for the children to save
+    require_gpu: bool = False  # the profile asks for a GPU: a run never falls back to the CPU
+    mps: bool = False  # start a CUDA MPS daemon for the job's runs (sweep.mps)
     _children: list[_Child] = field(default_factory=list, repr=False, compare=False)
+    _mps: Any = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_children"] = []
+        state["_mps"] = None
         return state
 
     def __call__(self) -> dict[str, str]:
@@ -170,8 +188,15 @@ class RunGroup:
                 todo.append(d)
         threads = max(1, cpus // max(1, len(todo)))
         terminated = self._on_sigterm()
-        self._children = [_start(d, threads, len(todo)) for d in todo]
-        _wait_children(self._children, float("inf"))
+        try:
+            mps_env = self._start_mps(restarts) if todo else {}
+            self._children = [
+                _start(d, threads, len(todo), require_gpu=self.require_gpu, mps=mps_env)
+                for d in todo
+            ]
+            _wait_children(self._children, float("inf"))
+        finally:  # completion, a run's failure, SIGTERM (cancel, requeue), USR2's exit
+            self._stop_mps()
         if terminated:  # cancelled, or requeued without the hook (preemption, scontrol)
             _log("SIGTERM: the runs saved; exiting without a result for the scheduler to act")
             sys.exit(128 + signal.SIGTERM)
@@ -180,6 +205,29 @@ class RunGroup:
         if bad:  # an honest failure status: the scheduler records FAILED
             raise RuntimeError(f"runs not finished: {bad}")
         return states
+
+    def _start_mps(self, restarts: int) -> dict[str, str]:
+        """The job's MPS daemon, if the profile asks for one: the runs' environment for it
+        (its pipe directories, or ``DECON_MPS=0`` and why it could not start)."""
+        if not self.mps:
+            return {}
+        from deconcnn_cli.sweep.mps import start_mps
+
+        job = os.environ.get("SLURM_JOB_ID") or f"pid{os.getpid()}"
+        self._mps = start_mps(f"{job}-{restarts}")
+        if self._mps.active:
+            _log(f"MPS control daemon started ({self._mps.root})")
+        else:
+            _log(f"MPS not started: {self._mps.reason}; the runs go on without it")
+        return self._mps.env()
+
+    def _stop_mps(self) -> None:
+        if self._mps is not None:
+            was_active = self._mps.active
+            self._mps.stop()
+            if was_active:
+                _log("MPS control daemon stopped")
+            self._mps = None
 
     def _on_sigterm(self) -> list[int]:
         """On SIGTERM pass it to the runs (they checkpoint and exit) and remember it: the job
@@ -208,7 +256,10 @@ class RunGroup:
         left = _wait_children(alive, self.grace_s, resend=signal.SIGUSR2)
         for child in left:
             _log(f"{child.run_dir.name} did not exit within {self.grace_s:.0f} s")
-        fresh = RunGroup(list(self.run_dirs), self.max_attempts, self.grace_s)
+        self._stop_mps()  # the requeued job starts its own
+        fresh = RunGroup(
+            list(self.run_dirs), self.max_attempts, self.grace_s, self.require_gpu, self.mps
+        )
         return submitit.helpers.DelayedSubmission(fresh)
 
 

@@ -266,10 +266,12 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
 
 
 def epoch_permutation(n: int, *, seed: int, epoch: int, device: torch.device) -> Tensor:
-    """The order of the ``n`` training images in ``epoch``: a randperm on ``device`` from a
-    generator seeded with ``derive_seed(seed, "epoch", epoch)``."""
-    generator = torch.Generator(device=device).manual_seed(derive_seed(seed, "epoch", epoch))
-    return torch.randperm(n, generator=generator, device=device)
+    """The order of the ``n`` training images in ``epoch``: a randperm from a CPU generator
+    seeded with ``derive_seed(seed, "epoch", epoch)``, moved to ``device``. Every draw of a
+    run is made on the CPU, so the same run gets the same batches on any card (a CUDA
+    generator's stream is not promised to match across GPU models)."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
+    return torch.randperm(n, generator=generator).to(device)
 
 
 @lru_cache(maxsize=4)
@@ -308,7 +310,7 @@ def train_batch(
     rows = order[position * batch_size : (position + 1) * batch_size]
     x, y = splits.train_x[rows], splits.train_y[rows]
     if augment:
-        generator = torch.Generator(device=device).manual_seed(derive_seed(seed, "augment", step))
+        generator = torch.Generator().manual_seed(derive_seed(seed, "augment", step))  # CPU
         images = augment_batch(x, generator, out_size=image_size)
     elif x.shape[-1] != image_size or x.shape[-2] != image_size:
         images = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear")

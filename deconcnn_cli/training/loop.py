@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import threading
 import time
@@ -29,6 +30,8 @@ from deconcnn_cli.contract import (
     DIVERGED,
     HEARTBEAT_EVERY_S,
     INTERRUPTED,
+    MPS_REASON_ENV,
+    MPS_STATE_ENV,
     TERMINAL_STATES,
     TIMED_ACTIONS,
     analysis_split,
@@ -51,14 +54,22 @@ from deconcnn_cli.training.data import (
 from deconcnn_cli.training.device import (
     Precision,
     cap_gpu_memory,
+    deterministic,
     exact_fp32,
     resolve_device,
     resolve_precision,
 )
 from deconcnn_cli.training.models import build_model
+from deconcnn_cli.training.schedule import lr_factor, warmup_steps
 from deconcnn_cli.training.writer import RunWriter
 
+__all__ = ["RunResult", "Progress", "build_optimizer", "evaluate", "lr_factor", "train_run"]
+
 LN2 = math.log(2.0)
+# fp16: GradScaler skips a step whose gradients overflowed and halves the scale; this many
+# skipped steps in a row (the scale has fallen by 2^-50: no overflow left to fix) is a
+# divergence, not a scale still settling (docs/run-directory.md, "Skipped fp16 steps")
+MAX_SKIPPED_IN_A_ROW = 50
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
@@ -168,22 +179,18 @@ def after_step(step: int, s: Schedule, *, buffered: int, stop_requested: bool) -
     return EndOfStep(flush, validate, noise, shape, checkpoint, stop)
 
 
-def lr_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
-    """Multiplier of the peak lr at optimizer step ``step`` (from 0): linear warmup from 0 over
-    ``warmup_steps``, then cosine to 0 at ``total_steps``."""
-    if step < warmup_steps:
-        return step / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
-
-
 def val_steps_in_epoch(spe: int, per_epoch: int) -> set[int]:
     """Positions (0-based, within an epoch) after which validation runs; the last is spe-1."""
     return {math.ceil(q * spe / per_epoch) - 1 for q in range(1, per_epoch + 1)}
 
 
-def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: RunConfig, model: torch.nn.Module, *, fused: bool = False
+) -> torch.optim.Optimizer:
+    """SGD or AdamW as the config says. ``fused``: the single-kernel CUDA implementation,
+    which also takes GradScaler's inf flag on the device (no host sync per fp16 step)."""
     o = cfg.optim
+    kind = {"fused": True} if fused else {}
     if o.name == "sgd":
         return torch.optim.SGD(
             model.parameters(),
@@ -191,9 +198,10 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optim
             momentum=o.momentum,
             nesterov=o.nesterov,
             weight_decay=o.weight_decay,
+            **kind,
         )
     return torch.optim.AdamW(
-        model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+        model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, **kind
     )
 
 
@@ -253,6 +261,16 @@ class StopSignals:
                 signal.signal(s, signal.SIG_IGN if keep else handler)
 
 
+def mps_state() -> dict[str, Any]:
+    """Whether this run runs under the job's CUDA MPS daemon (``sweep.mps`` sets
+    ``DECON_MPS``), and why not; empty where no job said (a bare ``decon train``)."""
+    state = os.environ.get(MPS_STATE_ENV)
+    if state is None:
+        return {}
+    reason = os.environ.get(MPS_REASON_ENV, "")
+    return {"mps": state == "1", **({"mps_reason": reason} if state != "1" else {})}
+
+
 def _stored_precision(checkpoint: dict[str, Any] | None, writer: RunWriter) -> str | None:
     """The precision an earlier attempt chose: the resumed checkpoint's (its weights, scaler
     and RNG state are of that precision), else status.json's; None at a first start. When
@@ -274,9 +292,10 @@ def _stored_precision(checkpoint: dict[str, Any] | None, writer: RunWriter) -> s
 class _Run:
     """Model, optimizer, data and buffers of one attempt, restored from the newest checkpoint."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, writer: RunWriter) -> None:
-        self.cfg, self.run_dir, self.writer = cfg, run_dir, writer
-        self.device = resolve_device(cfg.device)
+    def __init__(
+        self, cfg: RunConfig, run_dir: Path, writer: RunWriter, device: torch.device
+    ) -> None:
+        self.cfg, self.run_dir, self.writer, self.device = cfg, run_dir, writer, device
         checkpoint, skipped = load_latest_checkpoint(run_dir)  # on the CPU
         self.prec = resolve_precision(
             cfg.precision, self.device, _stored_precision(checkpoint, writer)
@@ -300,16 +319,19 @@ class _Run:
         )
         spe = steps_per_epoch(self.splits.n_train, cfg.data.batch_size)
         self.sched = Schedule.of(cfg, spe)
-        warmup_steps = round(cfg.schedule.warmup_epochs * spe)
-        total = self.sched.total_steps
+        warmup, total = warmup_steps(cfg, spe), self.sched.total_steps
 
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, self.splits.num_classes).to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(cfg, self.model)
+        # fused on CUDA, chosen at the first start and kept for every attempt (status.json)
+        stored_fused = writer.status.get("optimizer_fused")
+        self.fused = bool(stored_fused) if stored_fused is not None else self.device.type == "cuda"
+        self.fused = self.fused and self.device.type == "cuda"
+        self.optimizer = build_optimizer(cfg, self.model, fused=self.fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, warmup_steps=warmup_steps, total_steps=total)
+            self.optimizer, lambda s: lr_factor(s, warmup_steps=warmup, total_steps=total)
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.prec.use_scaler)
         self.probe = measure.probe_batch(self.splits, cfg)
@@ -321,6 +343,10 @@ class _Run:
         self.losses = measure.read_step_losses(writer)
         self.buf_loss: list[torch.Tensor] = []  # 0-d device tensors: no sync per step
         self.buf_correct: list[torch.Tensor] = []
+        self.buf_skipped: list[torch.Tensor] = []  # fp16: 1 where GradScaler skipped the step
+        self.skipped_in_a_row = int(writer.status.get("skipped_in_a_row") or 0)
+        self.skipped_total = int(writer.status.get("skipped_steps") or 0)
+        self.diverged_reason: str | None = None
         self.buf_rows: list[dict[str, Any]] = []  # host-known fields of the buffered steps
         self.t_block, self.steps_block = time.perf_counter(), 0
         self.last_grad_norm = torch.zeros((), device=self.device)
@@ -402,6 +428,9 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
+        if self.prec.use_scaler:  # the overflow flag GradScaler will skip on, kept on the device
+            found = self.scaler._found_inf_per_device(self.optimizer).values()
+            self.buf_skipped.append(torch.stack([f.to(self.device) for f in found]).amax())
         params = self.model.parameters()
         if cfg.grad_clip_norm is not None:
             self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
@@ -428,21 +457,33 @@ class _Run:
         """Write the buffered per-step rows; return the first non-finite step, if any."""
         if not self.buf_rows:
             return None
-        host = torch.stack([torch.stack(self.buf_loss), torch.stack(self.buf_correct).float()])
-        values = host.tolist()  # the block's one host sync
+        n = len(self.buf_rows)
+        parts = [torch.stack(self.buf_loss).float(), torch.stack(self.buf_correct).float()]
+        fp16 = bool(self.buf_skipped)
+        if fp16:  # the skipped flags, and the loss scale after the block
+            parts += [torch.stack(self.buf_skipped).float(), self.scaler._get_scale_async()]
+        flat = torch.cat([t.reshape(-1).float() for t in parts]).tolist()  # the one host sync
+        losses, correct, flags = flat[:n], flat[n : 2 * n], flat[2 * n : 3 * n]
         self.buf_loss.clear()
         self.buf_correct.clear()
+        self.buf_skipped.clear()
         rows, bad = self.buf_rows, None
         for i, row in enumerate(rows):
-            nats = values[0][i]
+            nats = losses[i]
             row.update(
                 loss_train_nats=nats,
                 loss_train_bits=nats / LN2,
-                acc_train=values[1][i] / row.pop("_batch"),
+                acc_train=correct[i] / row.pop("_batch"),
             )
             if not math.isfinite(nats):
                 bad, rows = row["step"], rows[: i + 1]
+                self.diverged_reason = f"non-finite training loss at step {bad}"
                 break
+            if fp16 and self._count_skipped(row["step"], flags[i]) is not None:
+                bad, rows = row["step"], rows[: i + 1]
+                break
+        if fp16:
+            self._record_skipped(rows, flags, flat[-1])
         self.writer.streams["step"].append(rows)
         self.losses.extend(r["loss_train_nats"] for r in rows)
         elapsed = time.perf_counter() - self.t_block
@@ -460,6 +501,40 @@ class _Run:
             on_progress(Progress(self.steps_done, total, self.steps_done / spe, last, rate))
         self.buf_rows, self.t_block, self.steps_block = [], time.perf_counter(), 0
         return bad
+
+    def _count_skipped(self, step: int, flag: float) -> int | None:
+        """Track fp16 steps skipped in a row; the step that makes it a divergence, if any."""
+        if flag > 0:
+            self.skipped_in_a_row += 1
+            self.skipped_total += 1
+        else:
+            self.skipped_in_a_row = 0
+        if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            self.diverged_reason = (
+                f"{self.skipped_in_a_row} fp16 steps in a row skipped (inf/NaN gradients) up to "
+                f"step {step}: the loss scale cannot recover"
+            )
+            return step
+        return None
+
+    def _record_skipped(self, rows: list[dict[str, Any]], flags: list[float], scale: float) -> None:
+        """Skipped fp16 steps of this block: an event naming them, and the totals with the
+        loss scale in status.json (written at every flush of an fp16 run)."""
+        skipped = [r["step"] for r, f in zip(rows, flags, strict=False) if f > 0]
+        if skipped:
+            self.writer.log_event(
+                "warning",
+                f"fp16: {len(skipped)} step(s) skipped (inf/NaN gradients), loss scale now "
+                f"{scale:g}",
+                steps=skipped,
+                loss_scale=scale,
+                skipped_in_a_row=self.skipped_in_a_row,
+            )
+        self.writer.write_status(
+            skipped_steps=self.skipped_total,
+            skipped_in_a_row=self.skipped_in_a_row,
+            loss_scale=scale,
+        )
 
     def validate(self, step: int) -> None:
         loss_val, acc_val = evaluate(self.model, self.splits, self.cfg.data.batch_size, self.prec)
@@ -545,8 +620,10 @@ def train_run(
                 )
             for orphan in writer.remove_orphans():
                 writer.log_event("warning", f"removed orphan temp file {orphan}")
-            run = _Run(cfg, run_dir, writer)
-            return _train(run, stops, stop_after_steps, on_progress)
+            device = resolve_device(cfg.device)
+            with deterministic(device):
+                run = _Run(cfg, run_dir, writer, device)
+                return _train(run, stops, stop_after_steps, on_progress)
         except BaseException as exc:
             writer.record_failure(exc, steps_done=int(writer.status.get("step") or 0))
             raise
@@ -562,7 +639,10 @@ def _train(
     on_progress: Callable[[Progress], None] | None,
 ) -> RunResult:
     writer, s = run.writer, run.sched
-    writer.record_start(resumed_from_step=run.start_step)
+    mps = mps_state()
+    writer.record_start(resumed_from_step=run.start_step, device=str(run.device), **mps)
+    if run.device.type == "cuda" and mps.get("mps_reason"):
+        writer.log_event("info", f"not under CUDA MPS: {mps['mps_reason']}")
     writer.write_status(
         step=run.start_step,
         epoch=run.start_step / s.steps_per_epoch,
@@ -570,6 +650,8 @@ def _train(
         steps_per_epoch=s.steps_per_epoch,
         precision=run.prec.name,
         device=str(run.device),
+        optimizer_fused=run.fused,
+        **mps,
         last_checkpoint_step=run.last_checkpoint_step,
         steps_per_s=None,
     )
@@ -642,7 +724,8 @@ def _loop(
                 plan = decide(step)
                 bad = run.flush(on_progress) if plan.flush else None
         if bad is not None:
-            return RunResult(DIVERGED, bad + 1, f"non-finite training loss at step {bad}")
+            reason = run.diverged_reason or f"non-finite training loss at step {bad}"
+            return RunResult(DIVERGED, bad + 1, reason)
         if plan.checkpoint:
             with run.timed("checkpoint"):
                 run.checkpoint(step + 1)

@@ -26,6 +26,7 @@ from deconcnn_cli.training.data import (
     normalize,
 )
 from deconcnn_cli.training.device import exact_fp32
+from deconcnn_cli.training.schedule import lr_per_step
 from deconcnn_cli.training.writer import RunWriter
 
 NAN = float("nan")
@@ -45,17 +46,22 @@ def guarded(
             return fn(*args)
     except Exception as exc:
         name = type(exc).__name__
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            del exc  # drop the traceback's frames (and the tensors they hold) before freeing
-            gc.collect()
-            torch.cuda.empty_cache()
-            message = "CUDA out of memory (cache freed)"
-        else:
-            message = str(exc)
-        writer.log_event(
-            "warning", f"{stream} metrics failed: {name}: {message}", step=step, exception_type=name
-        )
-        return {c: NAN for c in STREAMS[stream] if c not in ("step", "epoch")} | {"step": step}
+        oom = isinstance(exc, torch.cuda.OutOfMemoryError)
+        message = "CUDA out of memory (cache freed)" if oom else str(exc)
+    # Out of the except block: the exception, its traceback and the failed evaluation's
+    # tensors in its frames are released only here, so only now can the cache be freed.
+    if oom:
+        free_cuda_cache()
+    writer.log_event(
+        "warning", f"{stream} metrics failed: {name}: {message}", step=step, exception_type=name
+    )
+    return {c: NAN for c in STREAMS[stream] if c not in ("step", "epoch")} | {"step": step}
+
+
+def free_cuda_cache() -> None:
+    """Collect what the failed evaluation left and return the cached blocks to the driver."""
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def probe_batch(splits: DataSplits, cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +80,9 @@ def curvature_row(
     state: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     x, y = probe
-    gen = torch.Generator(device=x.device).manual_seed(derive_seed(cfg.seed, "hutchinson", step))
+    # drawn on the CPU, then moved: the same probes on any card (a CUDA generator's stream can
+    # depend on the card's multiprocessor count), so a requeue onto another GPU changes nothing
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "hutchinson", step))
     res = hessian.evaluate_curvature(
         model,
         x,
@@ -85,6 +93,7 @@ def curvature_row(
         v0=state.get("eigenvector"),
         tol=cfg.analysis.lanczos_tol,
         max_hvp=cfg.analysis.lanczos_max_hvp,
+        precision=cfg.analysis.hvp_precision,
     )
     row = {
         "step": step,
@@ -108,8 +117,8 @@ def noise_batches(
     out = []
     for i in range(cfg.analysis.noise_k):
         seed = derive_seed(cfg.seed, f"noise{i}", step)
-        gen = torch.Generator(device=device).manual_seed(seed)
-        rows = torch.randperm(splits.n_train, generator=gen, device=device)[:b]
+        gen = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on any card
+        rows = torch.randperm(splits.n_train, generator=gen)[:b].to(device)
         x = splits.train_x[rows]
         if cfg.data.augmentation == "crop_flip":
             x = augment_batch(x, gen, out_size=cfg.data.image_size)
@@ -149,16 +158,6 @@ def _smooth_window(spe: int) -> int:
     """Centred smoother / burn-in window: about a quarter epoch, odd, at least 3 steps."""
     w = max(3, spe // 4)
     return w if w % 2 else w + 1
-
-
-def lr_per_step(cfg: RunConfig, spe: int, n_steps: int) -> np.ndarray:
-    """The lr each of steps ``0 .. n_steps - 1`` used: the schedule as ``train_run`` runs it."""
-    from deconcnn_cli.training.loop import lr_factor  # loop imports this module
-
-    warmup = round(cfg.schedule.warmup_epochs * spe)
-    total = cfg.schedule.epochs * spe
-    factors = [lr_factor(s, warmup_steps=warmup, total_steps=total) for s in range(n_steps)]
-    return cfg.optim.lr * np.asarray(factors, dtype=np.float64)
 
 
 def _knee_cells(steps: np.ndarray, loss: np.ndarray, burn: int | None, spe: int) -> dict:

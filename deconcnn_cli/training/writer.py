@@ -166,8 +166,9 @@ class RunWriter:
     def identity(self) -> dict[str, Any]:
         return {"host": socket.gethostname(), "pid": os.getpid(), **slurm_ids()}
 
-    def record_start(self, *, resumed_from_step: int | None) -> None:
-        """The attempt's start line in attempts.jsonl (written once)."""
+    def record_start(self, *, resumed_from_step: int | None, **fields: Any) -> None:
+        """The attempt's start line in attempts.jsonl (written once); ``fields``: what else
+        the attempt ran with (its device, whether under MPS)."""
         if self._start_recorded:
             return
         self._start_recorded = True
@@ -180,6 +181,7 @@ class RunWriter:
                 "threads": self.status.get("threads"),
                 "resumed_from_step": resumed_from_step,
                 "code_version": code_version(),
+                **fields,
             },
         )
 

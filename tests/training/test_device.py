@@ -4,11 +4,13 @@ TF32 off inside every analysis call."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from deconcnn_cli.contract import GPU_SHARE_ENV, gpu_share
-from deconcnn_cli.errors import ConfigError, PrecisionError
+from deconcnn_cli.errors import ConfigError, GpuRequiredError, PrecisionError
 from deconcnn_cli.training import measure
 from deconcnn_cli.training.checkpoint import (
     load_latest_checkpoint,
@@ -16,7 +18,16 @@ from deconcnn_cli.training.checkpoint import (
     rng_states,
     save_checkpoint,
 )
-from deconcnn_cli.training.device import cap_gpu_memory, exact_fp32, resolve_precision
+from deconcnn_cli.training.device import (
+    CUBLAS_ENV,
+    CUBLAS_WORKSPACE,
+    REQUIRE_GPU_ENV,
+    cap_gpu_memory,
+    deterministic,
+    exact_fp32,
+    resolve_device,
+    resolve_precision,
+)
 from deconcnn_cli.training.writer import RunWriter
 
 CUDA = torch.device("cuda")
@@ -110,18 +121,66 @@ def test_tf32_off_inside_analysis_calls_and_restored_after(tmp_path):
 
 
 @pytest.mark.parametrize(("share", "fraction"), [(1, None), (2, (48 - 2) / 2 / 48), (3, 15 / 48)])
-def test_gpu_memory_capped_at_the_runs_share_of_the_card(mocker, share, fraction):
-    """No GPU here: the card (48 GiB, an RTX8000) is faked at torch.cuda's boundary."""
-    props = mocker.patch("torch.cuda.get_device_properties")
-    props.return_value.total_memory = 48 << 30
-    set_fraction = mocker.patch("torch.cuda.set_per_process_memory_fraction")
-    got = cap_gpu_memory(CUDA, share)
+@pytest.mark.parametrize("spec", ["cuda", "cuda:0", "cuda:1"])
+def test_gpu_memory_capped_at_the_runs_share_of_the_card(fake_card, share, fraction, spec):
+    """No GPU here: the card (48 GiB, an RTX8000) is faked at the driver boundary only, so
+    torch's own set_per_process_memory_fraction checks the device it is given (a bare
+    ``cuda``, which it refuses, crashed every run that shared a card on f8ca2ac)."""
+    fake_card.count, fake_card.current = 2, 1 if spec == "cuda:1" else 0
+    got = cap_gpu_memory(torch.device(spec), share)
     if fraction is None:
-        assert got is None and not set_fraction.called
+        assert got is None and fake_card.fractions == []
     else:
         assert got == pytest.approx(fraction)
-        set_fraction.assert_called_once_with(pytest.approx(fraction), CUDA)
+        assert fake_card.fractions == [(pytest.approx(fraction), 1 if spec == "cuda:1" else 0)]
     assert cap_gpu_memory(CPU, 2) is None  # nothing to cap on the CPU
+
+
+def test_the_fake_card_keeps_torchs_device_check(fake_card):
+    """The fake must refuse what torch refuses: a device without an index."""
+    with pytest.raises(ValueError, match="specified index"):
+        torch.cuda.set_per_process_memory_fraction(0.5, torch.device("cuda"))
+
+
+def test_resolved_devices_carry_their_index(fake_card, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fake_card.count, fake_card.current = 2, 1
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert resolve_device("cpu") == CPU
+
+
+def test_a_gpu_job_without_a_usable_gpu_fails_naming_driver_and_wheel(monkeypatch, tmp_path):
+    """auto falls back to the CPU only where no GPU is required ($DECON_REQUIRE_GPU unset)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fake_smi = tmp_path / "nvidia-smi"
+    fake_smi.write_text("#!/bin/sh\necho '470.57.02, Quadro RTX 8000'\n")
+    fake_smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert resolve_device("auto") == CPU
+    monkeypatch.setenv(REQUIRE_GPU_ENV, "1")
+    with pytest.raises(GpuRequiredError) as err:
+        resolve_device("auto")
+    assert "470.57.02" in err.value.message and "built for CUDA" in err.value.message
+    with pytest.raises(GpuRequiredError):
+        resolve_device("cpu")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(GpuRequiredError, match="no NVIDIA driver found"):
+        resolve_device("cuda")
+
+
+def test_deterministic_block_sets_and_restores_the_flags(monkeypatch):
+    monkeypatch.delenv(CUBLAS_ENV, raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic(CPU):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert not torch.backends.cudnn.deterministic
+    assert CUBLAS_ENV not in os.environ  # set only for CUDA
+    with deterministic(torch.device("cuda", 0)):
+        assert os.environ[CUBLAS_ENV] == CUBLAS_WORKSPACE
 
 
 def test_gpu_share_from_the_launcher_environment():
