@@ -75,6 +75,10 @@ class CadenceConfig(_Strict):
     noise_every_epochs: Annotated[int, Field(ge=0)] = 2  # noise + spectral metrics; 0 = off
     shape_every_epochs: Annotated[int, Field(ge=0)] = 1  # alpha_early/alpha_full; 0 = off
     checkpoint_every_epochs: Annotated[int, Field(ge=1)] = 1
+    # ... at an epoch end only once this many minutes passed since the last checkpoint (0:
+    # every such epoch end); and always on a stop signal and at the end. A checkpoint is
+    # 134-179 MB at full width: every epoch would be 5-15% of a GPU run (docs/performance.md)
+    checkpoint_every_minutes: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 10.0
     flush_every_steps: Annotated[int, Field(ge=1)] = 200  # per-step rows written in blocks
 
 
@@ -116,7 +120,7 @@ class RunConfig(_Strict):
 _NOT_IDENTITY: dict[str, Any] = {
     "device": True,
     "data": {"data_dir": True, "download": True},
-    "cadence": {"flush_every_steps": True},
+    "cadence": {"flush_every_steps": True, "checkpoint_every_minutes": True},
 }
 
 

@@ -111,6 +111,7 @@ class Schedule:
     noise_every_epochs: int
     shape_every_epochs: int
     checkpoint_every_epochs: int
+    checkpoint_every_s: float  # at an epoch end, once this long since the last checkpoint
     flush_every_steps: int
 
     @classmethod
@@ -124,6 +125,7 @@ class Schedule:
             noise_every_epochs=c.noise_every_epochs,
             shape_every_epochs=c.shape_every_epochs,
             checkpoint_every_epochs=c.checkpoint_every_epochs,
+            checkpoint_every_s=60.0 * c.checkpoint_every_minutes,
             flush_every_steps=c.flush_every_steps,
         )
 
@@ -145,13 +147,22 @@ def curvature_due(step: int, s: Schedule) -> bool:
     return bool(s.curvature_every_steps) and step % s.curvature_every_steps == 0
 
 
-def after_step(step: int, s: Schedule, *, buffered: int, stop_requested: bool) -> EndOfStep:
+def after_step(
+    step: int,
+    s: Schedule,
+    *,
+    buffered: int,
+    stop_requested: bool,
+    since_checkpoint_s: float = math.inf,
+) -> EndOfStep:
     """The actions after step ``step`` (counted from 0) with ``buffered`` unflushed rows.
 
     - validation at the epoch's validation positions; noise and shape at their epoch ends;
     - the final step completes the run (even when a stop was asked for at that moment);
     - otherwise a requested stop interrupts it, with a checkpoint at ``step + 1``;
-    - a checkpoint at every ``checkpoint_every_epochs`` epoch end and at the final step;
+    - a checkpoint at every ``checkpoint_every_epochs`` epoch end once
+      ``since_checkpoint_s`` (the attempt's seconds since its last checkpoint, or since it
+      started) reached ``checkpoint_every_s``; and always at a stop and at the final step;
     - a flush whenever the block is full, and before anything that reads the per-step rows
       or must find them on disk: validation, noise, shape, a checkpoint, a stop, and the
       curvature evaluation before the next step (so no metric row lies past a divergence).
@@ -166,7 +177,8 @@ def after_step(step: int, s: Schedule, *, buffered: int, stop_requested: bool) -
         stop: str | None = COMPLETED
     else:
         stop = INTERRUPTED if stop_requested else None
-    checkpoint = (epoch_end and done_epochs % s.checkpoint_every_epochs == 0) or stop is not None
+    on_cadence = epoch_end and done_epochs % s.checkpoint_every_epochs == 0
+    checkpoint = (on_cadence and since_checkpoint_s >= s.checkpoint_every_s) or stop is not None
     flush = buffered > 0 and (
         buffered >= s.flush_every_steps
         or validate
@@ -352,6 +364,7 @@ class _Run:
         self.last_grad_norm = torch.zeros((), device=self.device)
         self.steps_done = self.start_step
         self.t_attempt = time.perf_counter()  # restarted when the loop begins
+        self.checkpoint_clock = time.monotonic()  # when the last checkpoint (or start) was
         self.seconds = dict.fromkeys(TIMED_ACTIONS, 0.0)  # wall time of this attempt's actions
 
     def _restore(self, state: dict[str, Any] | None, skipped: list[str]) -> None:
@@ -574,6 +587,7 @@ class _Run:
         }
         save_checkpoint(self.run_dir, next_step, state)
         self.last_checkpoint_step = next_step
+        self.checkpoint_clock = time.monotonic()
         self.writer.write_status(last_checkpoint_step=next_step)
 
 
@@ -689,7 +703,10 @@ def _loop(
 
     def decide(step: int) -> EndOfStep:
         asked = stops.requested or (stop_after_steps is not None and step + 1 >= stop_after_steps)
-        return after_step(step, s, buffered=len(run.buf_rows), stop_requested=asked)
+        since = time.monotonic() - run.checkpoint_clock
+        return after_step(
+            step, s, buffered=len(run.buf_rows), stop_requested=asked, since_checkpoint_s=since
+        )
 
     def announce(phase: str, step: int) -> None:
         """Tell the caller what runs now (a cold Lanczos at step 0 can take minutes)."""

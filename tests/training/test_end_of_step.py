@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from deconcnn_cli.contract import COMPLETED, INTERRUPTED
@@ -17,6 +19,7 @@ SMOKE = Schedule(
     noise_every_epochs=1,
     shape_every_epochs=1,
     checkpoint_every_epochs=2,
+    checkpoint_every_s=0.0,
     flush_every_steps=8,
 )
 GO = EndOfStep()
@@ -76,3 +79,17 @@ def test_curvature_before_step_zero_and_every_n():
     assert [t for t in range(39) if curvature_due(t, SMOKE)] == [0, 10, 20, 30]
     off = Schedule(**{**SMOKE.__dict__, "curvature_every_steps": 0})
     assert not any(curvature_due(t, off) for t in range(39))
+
+
+def test_epoch_checkpoints_wait_for_the_time_cadence():
+    """At a checkpointing epoch end (step 25: epoch 2 of 2-epoch cadence) a checkpoint is due
+    only once ``checkpoint_every_s`` passed since the last; a stop and the end always save."""
+    timed = dataclasses.replace(SMOKE, checkpoint_every_s=600.0)
+    early = after_step(25, timed, buffered=3, stop_requested=False, since_checkpoint_s=599.0)
+    late = after_step(25, timed, buffered=3, stop_requested=False, since_checkpoint_s=600.0)
+    assert not early.checkpoint and late.checkpoint
+    odd_epoch = after_step(12, timed, buffered=3, stop_requested=False, since_checkpoint_s=1e9)
+    assert not odd_epoch.checkpoint  # not a checkpointing epoch, however long it has been
+    stop = after_step(5, timed, buffered=1, stop_requested=True, since_checkpoint_s=0.0)
+    end = after_step(38, timed, buffered=1, stop_requested=False, since_checkpoint_s=0.0)
+    assert stop.checkpoint and end.checkpoint

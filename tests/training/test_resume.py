@@ -397,3 +397,21 @@ def test_each_attempt_records_where_its_time_went(tmp_path: Path):
     assert ends[1]["timing"]["noise_s"] > 0
     status = json.loads((run / "status.json").read_text())
     assert status["timing"] == ends[-1]["timing"]
+
+
+def test_time_cadence_skips_epoch_checkpoints_but_not_stop_or_end(tmp_path: Path):
+    """The default cadence (10 minutes) on a run far shorter: no epoch-end checkpoint, one at
+    the stop, the resume exact from it, one at the end."""
+    cfg = _cfg(
+        "cadence.checkpoint_every_minutes=10",
+        "cadence.curvature_every_steps=0",
+        "cadence.noise_every_epochs=0",
+    )
+    run = tmp_path / "run"
+    assert _segment(cfg, run, 20).state == "interrupted"  # past the epoch end at step 13
+    assert [step for step, _ in list_checkpoints(run)] == [20]
+    events = read_events(run)
+    assert _segment(cfg, run, None).state == "completed"
+    assert [step for step, _ in list_checkpoints(run)] == [39, 20]  # the newest two kept
+    assert read_json(run / "status.json")["last_checkpoint_step"] == 39
+    assert not [e for e in events if e.get("level") == "error"]
