@@ -46,7 +46,7 @@ def test_the_runs_of_a_gpu_job_are_told_how_many_share_its_gpu(tmp_path, monkeyp
         d.mkdir()
         (d / "config.json").write_text("{}")
     started = []
-    monkeypatch.setattr(job, "_start", lambda d, threads, share: started.append((d, share)))
+    monkeypatch.setattr(job, "_start", lambda d, threads, share, **env: started.append((d, share)))
     monkeypatch.setattr(job, "_wait_children", lambda children, timeout: None)
     with pytest.raises(RuntimeError, match="runs not finished"):  # the fakes train nothing
         RunGroup([str(d) for d in dirs], max_attempts=3)()

@@ -1,0 +1,142 @@
+"""CUDA MPS in the job: a fake ``nvidia-cuda-mps-control`` on PATH (the process boundary; no
+GPU here) records every call and the pipe directory it was given; the job's real code starts
+it, hands its directories to the runs and quits it on every way a job ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deconcnn_cli import contract
+from deconcnn_cli.sweep import job, mps
+from deconcnn_cli.sweep.job import RunGroup, child_env
+
+FAKE = """#!/bin/sh
+# a fake MPS control program: -d "starts" a daemon (a marker in the pipe directory); commands
+# come on stdin: get_server_list answers while it runs, quit stops it
+log="{log}"
+if [ "$1" = "-d" ]; then
+  echo "-d pipe=$CUDA_MPS_PIPE_DIRECTORY log=$CUDA_MPS_LOG_DIRECTORY" >> "$log"
+  {start}
+fi
+read cmd
+echo "$cmd pipe=$CUDA_MPS_PIPE_DIRECTORY" >> "$log"
+[ -e "$CUDA_MPS_PIPE_DIRECTORY/control" ] || exit 1
+[ "$cmd" = quit ] && rm -f "$CUDA_MPS_PIPE_DIRECTORY/control"
+exit 0
+"""
+STARTS = 'touch "$CUDA_MPS_PIPE_DIRECTORY/control"; exit 0'
+
+
+def install_fake_mps(monkeypatch, bin_dir: Path, start: str = STARTS) -> Path:
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    log = bin_dir / "mps.log"
+    log.touch()
+    script = bin_dir / mps.CONTROL
+    script.write_text(FAKE.format(log=log, start=start))
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv(mps.PIPE_ENV, raising=False)
+    return log
+
+
+def calls(log: Path) -> list[str]:
+    return [line.split()[0] for line in log.read_text().splitlines()]
+
+
+def test_the_daemon_is_private_to_the_job_and_quit_with_its_folder(tmp_path, monkeypatch):
+    log = install_fake_mps(monkeypatch, tmp_path / "bin")
+    daemon = mps.start_mps("1234-0", base=str(tmp_path))
+    assert daemon.active, daemon.reason
+    env = daemon.env()
+    pipe = Path(env[mps.PIPE_ENV])
+    assert pipe.is_dir() and (pipe.stat().st_mode & 0o777) == 0o700
+    assert "decon-mps-1234-0-" in str(pipe) and env[mps.STATE_ENV] == "1"
+    other = mps.start_mps("1234-0", base=str(tmp_path))  # a requeue of the same job
+    assert other.env()[mps.PIPE_ENV] != str(pipe)  # never shares a folder
+    other.stop()
+    daemon.stop()
+    assert calls(log)[:2] == ["-d", "get_server_list"] and calls(log)[-1] == "quit"
+    assert f"pipe={pipe}" in log.read_text().splitlines()[0]
+    assert not pipe.exists()  # pipe and log directories removed
+
+
+def test_mps_that_cannot_start_says_why_and_the_job_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    missing = mps.start_mps("1", base=str(tmp_path))
+    assert not missing.active and "not found" in missing.reason
+    assert missing.env() == {mps.STATE_ENV: "0", mps.REASON_ENV: missing.reason}
+    install_fake_mps(monkeypatch, tmp_path / "bin", start='echo "permission denied" >&2; exit 3')
+    refused = mps.start_mps("2", base=str(tmp_path))
+    assert not refused.active and "exited 3" in refused.reason and "permission" in refused.reason
+    assert not list(tmp_path.glob("decon-mps-*"))  # nothing left behind
+    install_fake_mps(monkeypatch, tmp_path / "bin2", start="exit 0")  # starts, never answers
+    monkeypatch.setattr(mps, "CALL_TIMEOUT_S", 1.0)
+    silent = mps.start_mps("3", base=str(tmp_path))
+    assert not silent.active and "did not answer" in silent.reason
+    monkeypatch.setenv(mps.PIPE_ENV, "/var/run/nvidia-mps")
+    assert "not ours" in mps.start_mps("4", base=str(tmp_path)).reason
+
+
+def test_a_job_hands_its_daemon_to_its_runs_and_quits_it(tmp_path, monkeypatch):
+    """Completion and a run's failure: the children faked at the process boundary."""
+    log = install_fake_mps(monkeypatch, tmp_path / "bin")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for d in dirs:
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+    seen = []
+    monkeypatch.setattr(job, "_start", lambda d, t, share, **env: seen.append(env))
+    monkeypatch.setattr(job, "_wait_children", lambda children, timeout: None)
+    with pytest.raises(RuntimeError, match="runs not finished"):  # the fakes train nothing
+        RunGroup([str(d) for d in dirs], max_attempts=3, mps=True, require_gpu=True)()
+    assert [e["require_gpu"] for e in seen] == [True, True]
+    pipes = {e["mps"][mps.PIPE_ENV] for e in seen}
+    assert len(pipes) == 1 and calls(log)[-1] == "quit"  # one daemon, quit after the runs
+    env = child_env(2, 2, require_gpu=True, mps=seen[0]["mps"])
+    assert env[mps.PIPE_ENV] in pipes and env[contract.REQUIRE_GPU_ENV] == "1"
+    assert env[contract.CUBLAS_ENV] == contract.CUBLAS_WORKSPACE
+    assert not Path(next(iter(pipes))).exists()
+
+
+def test_sigterm_quits_the_daemon_and_the_run_recorded_it_ran_under_mps(tmp_path, monkeypatch):
+    """A real job process, a real `decon train` child: the child inherits the daemon's
+    environment (status.json and the attempt's start line say mps), and the job's SIGTERM
+    (a cancel, a requeue) quits the daemon."""
+    from deconcnn_cli.sweep.grid import expand_grid_runs, load_grid
+    from deconcnn_cli.sweep.store import SweepStore
+
+    log = install_fake_mps(monkeypatch, tmp_path / "bin")
+    spec = load_grid("smoke")
+    cfg = expand_grid_runs(spec)[0].config
+    long = cfg.model_copy(update={"schedule": cfg.schedule.model_copy(update={"epochs": 60})})
+    run_dir = SweepStore(tmp_path / "sweep").write_run_config(long)
+    code = (
+        "from deconcnn_cli.sweep.job import RunGroup; "
+        f"RunGroup([{str(run_dir)!r}], max_attempts=2, mps=True)()"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_CPUS_PER_TASK": "1"}
+    env.update(TMPDIR=str(tmp_path), SLURM_JOB_ID="777")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while contract.view_run(run_dir).step < 1:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    assert calls(log) == ["-d", "get_server_list"]  # running: not quit yet
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, out
+    assert calls(log)[-1] == "quit" and "MPS control daemon stopped" in out
+    status = json.loads((run_dir / "status.json").read_text())
+    start = contract.read_attempts(run_dir)[0]
+    assert status["mps"] is True and start["mps"] is True
+    assert not list(tmp_path.glob("decon-mps-777-0-*"))
