@@ -43,11 +43,9 @@ import json
 import math
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -56,11 +54,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from deconcnn_cli.sweep.validate import LIMIT_METRICS, LIMIT_UTIL, LIMIT_WALL_MIN  # noqa: E402
+
 SPE = 50  # steps per epoch of the tiled digits (6,400 training images / 128)
 CURV_EVERY = 100
 STREAMS = ("step", "val", "curvature", "noise", "shape")
 CARD_GB = 48.0  # the protocol's card (RTX 8000)
-LIMITS = {"wall_min": 30.0, "util": 0.80, "metrics": 0.10, "metrics_goal": 0.05}
 EXTRA: list[str] = []  # --set overrides (a CPU dry run of this script: --set device="cpu")
 THREADS = [2]  # CPU threads per run (--threads; a job gives each run cpus_per_run)
 RESULTS: dict[str, Any] = {"variants": {}, "micro": {}, "checks": []}
@@ -147,91 +146,23 @@ def _same(a: Path, b: Path) -> dict[str, bool]:
     return out
 
 
-class Utilization:
-    """The card's utilization (NVML, 10 Hz) while the block runs; mean and count of samples."""
-
-    def __init__(self) -> None:
-        self.samples: list[float] = []
-        self._stop = threading.Event()
-        self.error = ""
-
-    def __enter__(self) -> Utilization:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        except Exception as exc:  # no NVML: the criterion is not measured
-            self.error = f"NVML unavailable: {exc}"
-            return self
-
-        def sample() -> None:
-            while not self._stop.wait(0.1):
-                self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-
-    @property
-    def mean(self) -> float | None:
-        # drop the first and last second: process start-up and exit
-        core = self.samples[10:-10] if len(self.samples) > 40 else self.samples
-        return statistics.fmean(core) if core else None
-
-
 def _projection(run_dir: Path) -> dict[str, float]:
-    """Seconds of a 50-epoch CIFAR run at the protocol's cadences, from this run's timing."""
-    from _common import CIFAR_STEPS, CIFAR_VAL, N_CURV, N_NOISE, N_SHAPE, N_VAL
-
-    from deconcnn_cli.contract import read_attempts, read_stream, stream_path
-
-    ends = [a for a in read_attempts(run_dir) if a.get("event") == "end"]
-    timing = (ends[-1].get("timing") if ends else None) or _status(run_dir).get("timing") or {}
-    steps = int(_status(run_dir).get("step") or 0)
-    counts = {k: len(read_stream(stream_path(run_dir, k))) for k in ("curvature", "noise", "shape")}
-    n_val = len(read_stream(stream_path(run_dir, "val")))
-    n_ckpt = math.ceil(steps / SPE)
-    if not timing or not steps:
-        return {}
-    timed = sum(timing.get(f"{k}_s", 0.0) for k in ("curvature", "noise", "shape", "validation"))
-    train_s = timing["wall_s"] - timed - timing.get("checkpoint_s", 0.0)
-    per_step = train_s / steps
-    per = {k: timing[f"{k}_s"] / n if n else 0.0 for k, n in counts.items()}
-    val_images = _val_images(run_dir)
-    per_val = timing["validation_s"] / n_val * (CIFAR_VAL / val_images) if n_val else 0.0
-    per_ckpt = timing.get("checkpoint_s", 0.0) / max(1, n_ckpt)
-    metrics = N_CURV * per["curvature"] + N_NOISE * per["noise"] + N_SHAPE * per["shape"]
-    train = CIFAR_STEPS * per_step
-    rest = train + N_VAL * per_val + 6 * per_ckpt  # ~6 checkpoints (every 10 min, at the end)
-    return {
-        "s_per_step": per_step,
-        "s_per_curvature": per["curvature"],
-        "s_per_noise": per["noise"],
-        "s_per_shape": per["shape"],
-        "s_per_val_cifar": per_val,
-        "s_per_checkpoint": per_ckpt,
-        "projected_min": (rest + metrics) / 60,
-        "metrics_share": metrics / rest,
-    }
-
-
-def _val_images(run_dir: Path) -> int:
+    """A 50-epoch CIFAR run at the protocol's cadences from this run's own costs: the same
+    projection as ``decon validate`` (``sweep.validate.project_protocol_run``)."""
     from _common import tiled_digits
 
-    from deconcnn_cli.config import load_run_config
+    from deconcnn_cli.sweep.validate import project_protocol_run
 
-    cfg = load_run_config(variant="base", overrides=['data.dataset="digits"'], flags={})
-    return tiled_digits(cfg, n_train=128).n_val
+    n_val = tiled_digits(_cfg("base", 200), n_train=128).n_val
+    return project_protocol_run(run_dir, n_val) or {}
 
 
 def check_variant(
     variant: str, steps: int, tmp: Path, precision: str = "auto", mps_env=None, tag: str = ""
 ) -> bool:
     import torch
+
+    from deconcnn_cli.sweep.validate import UtilizationSampler
 
     name = f"{variant}{tag}"
     a, b, c = (tmp / f"{name}_{x}" for x in "abc")
@@ -244,7 +175,7 @@ def check_variant(
         if pa.wait() != 0:
             log(f"{name}: run A failed\n{_tail(a)}")
             return False
-    with Utilization() as util:
+    with UtilizationSampler() as util:
         pb = _start(variant, steps, b, 2, precision, mps_env)
         pc = _start(variant, steps, c, 2, precision, mps_env)
         while int(_status(b).get("step") or 0) <= SPE + 5:  # past the checkpoint at epoch 1
@@ -278,8 +209,8 @@ def check_variant(
         "killed_at": killed_at,
         "resumed_identical_to_C": same_c,
         "resumed_identical_to_A": same_a,
-        "steps_per_s_alone": 1 / proj_alone["s_per_step"] if proj_alone else None,
-        "steps_per_s_two": 1 / proj_two["s_per_step"] if proj_two else None,
+        "steps_per_s_alone": proj_alone.get("steps_per_s"),
+        "steps_per_s_two": proj_two.get("steps_per_s"),
         "peak_gib": peaks,
         "utilization_two": util.mean,
         "utilization_error": util.error,
@@ -462,13 +393,13 @@ def verdicts() -> bool:
         worst_min = max(r["projection_two"].get("projected_min", math.inf) for r in rows)
         check(
             "50-epoch run < 30 min (2 per card)",
-            worst_min < LIMITS["wall_min"],
+            worst_min < LIMIT_WALL_MIN,
             f"{worst_min:.1f} min worst",
         )
         utils = [r["utilization_two"] for r in rows if r["utilization_two"] is not None]
         check(
             "utilization > 80% (2 per card)",
-            min(utils) > LIMITS["util"] if utils else None,
+            min(utils) > LIMIT_UTIL if utils else None,
             f"{min(utils):.1%} lowest" if utils else rows[0]["utilization_error"],
         )
         peak = max(r["peak_gib"]["b"] + r["peak_gib"]["c"] for r in rows)
@@ -480,9 +411,7 @@ def verdicts() -> bool:
         no_oom = all(not any("out of memory" in e for e in r["events_c"]) for r in rows)
         check("no OOM with 2 runs per card", no_oom, "events of the runs")
         share = max(r["projection_two"].get("metrics_share", math.inf) for r in rows)
-        check(
-            "metrics <= 10% of the run", share <= LIMITS["metrics"], f"{share:.1%} worst (goal 5%)"
-        )
+        check("metrics <= 10% of the run", share <= LIMIT_METRICS, f"{share:.1%} worst (goal 5%)")
     return all(c["verdict"] != "FAIL" for c in checks) and bool(checks)
 
 

@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,134 @@ def _describe_resources(name: str) -> str:
 # 2-3. short runs
 
 
+# ---------------------------------------------------------------------------------------------
+# The protocol's criteria on a GPU (METRICS.md): 2 runs per card, no OOM, utilization > 80%,
+# a 50-epoch run < 30 min, memory within the card; the metrics <= 10% of a run (5% the goal)
+
+# one 50-epoch CIFAR-10 run at batch 128: 352 steps an epoch; curvature at step 0 and every
+# 500 steps, noise every 2 epochs, shape every epoch, validation 4 times an epoch over 5,000
+# images; about 6 checkpoints (every 10 minutes of a < 30 min run, and at the end)
+PROTOCOL_RUN = {
+    "steps": 17_600,
+    "curvature": 36,
+    "noise": 25,
+    "shape": 50,
+    "validation": 200,
+    "val_images": 5_000,
+    "checkpoints": 6,
+}
+LIMIT_WALL_MIN, LIMIT_UTIL, LIMIT_METRICS, GOAL_METRICS = 30.0, 0.80, 0.10, 0.05
+GPU_CRITERIA = (
+    "steps/s per run",
+    "GPU utilization",
+    "peak memory per run and card",
+    "projected 50-epoch run",
+    "metrics' share of the run",
+)
+
+
+def project_protocol_run(run_dir: Path, val_images: int) -> dict[str, float] | None:
+    """One 50-epoch protocol run's wall time, from a short run's own measured costs.
+
+    Each action's cost per call comes from the run's ``timing`` (status.json; the last
+    attempt) divided by the rows its stream holds: the training step (wall time less every
+    timed action, per step), one curvature, noise and shape evaluation, one validation pass
+    (scaled from the short run's ``val_images`` to CIFAR-10's 5,000) and one checkpoint;
+    then multiplied by the counts of ``PROTOCOL_RUN``. The curvature's mean includes the
+    cold evaluation at step 0 (an upper bound for the 35 warm ones). None before a timing.
+    """
+    status = contract.read_json(run_dir / contract.STATUS_FILE) or {}
+    timing, steps = status.get("timing") or {}, int(status.get("step") or 0)
+    if not timing or steps < 1 or not timing.get("wall_s"):
+        return None
+    rows = {
+        k: len(contract.read_stream(contract.stream_path(run_dir, k)))
+        for k in ("curvature", "noise", "shape", "val")
+    }
+    timed = ("curvature", "noise", "shape", "validation", "checkpoint")
+    train_s = timing["wall_s"] - sum(float(timing.get(f"{k}_s") or 0.0) for k in timed)
+    n_ckpt = int(timing.get("checkpoints") or 0)
+
+    def per(key: str, n: int) -> float:
+        return float(timing.get(f"{key}_s") or 0.0) / n if n else 0.0
+
+    p = PROTOCOL_RUN
+    cost = {
+        "step_s": max(train_s, 0.0) / steps,
+        "curvature_s": per("curvature", rows["curvature"]),
+        "noise_s": per("noise", rows["noise"]),
+        "shape_s": per("shape", rows["shape"]),
+        "validation_s": per("validation", rows["val"]) * p["val_images"] / max(1, val_images),
+        "checkpoint_s": per("checkpoint", n_ckpt),
+    }
+    metrics = sum(p[k] * cost[f"{k}_s"] for k in ("curvature", "noise", "shape"))
+    rest = (
+        p["steps"] * cost["step_s"]
+        + p["validation"] * cost["validation_s"]
+        + p["checkpoints"] * cost["checkpoint_s"]
+    )
+    return {
+        **cost,
+        "steps_per_s": 1 / cost["step_s"] if cost["step_s"] > 0 else math.inf,
+        "projected_min": (rest + metrics) / 60,
+        "metrics_share": metrics / rest if rest > 0 else math.inf,
+    }
+
+
+def gpu_criteria(
+    variant: str, results: list[ProbeResult], card_gb: float | None, util: float | None
+) -> list[Check]:
+    """The protocol's GPU criteria for ``variant``'s runs measured together on one card."""
+    n = len(results)
+    proj = [project_protocol_run(r.run_dir, r.n_val or 1) for r in results]
+    if not all(proj):
+        return [Check(f"{variant}: {c}", FAIL, "no timing recorded") for c in GPU_CRITERIA]
+    rates = ", ".join(f"{q['steps_per_s']:.1f}" for q in proj)
+    checks = [Check(f"{variant}: steps/s per run", PASS, f"{rates} steps/s, {n} on one card")]
+    if util is None:
+        checks.append(Check(f"{variant}: GPU utilization", WARN, "not measured (no NVML)"))
+    else:
+        ok = util > LIMIT_UTIL
+        checks.append(
+            Check(
+                f"{variant}: GPU utilization",
+                PASS if ok else WARN,
+                f"{util:.0%} over the runs {'>' if ok else '<='} {LIMIT_UTIL:.0%}",
+            )
+        )
+    peaks = [(r.cuda_peak_reserved_gb or 0.0) + (r.cuda_context_gb or 0.0) for r in results]
+    total = sum(peaks)
+    fits = card_gb is None or total <= card_gb
+    checks.append(
+        Check(
+            f"{variant}: peak memory per run and card",
+            PASS if fits else FAIL,
+            " + ".join(f"{x:.2f}" for x in peaks)
+            + f" = {total:.2f} GB"
+            + (f" of a {card_gb:.1f} GB card" if card_gb else ""),
+        )
+    )
+    worst = max(q["projected_min"] for q in proj)
+    checks.append(
+        Check(
+            f"{variant}: projected 50-epoch run",
+            PASS if worst < LIMIT_WALL_MIN else FAIL,
+            f"{worst:.1f} min with {n} per card {'<' if worst < LIMIT_WALL_MIN else '>='} "
+            f"{LIMIT_WALL_MIN:.0f} min",
+        )
+    )
+    share = max(q["metrics_share"] for q in proj)
+    verdict = PASS if share <= GOAL_METRICS else WARN if share <= LIMIT_METRICS else FAIL
+    checks.append(
+        Check(
+            f"{variant}: metrics' share of the run",
+            verdict,
+            f"{share:.1%} (goal {GOAL_METRICS:.0%}, ceiling {LIMIT_METRICS:.0%})",
+        )
+    )
+    return checks
+
+
 @dataclass(frozen=True)
 class ProbeResult:
     variant: str
@@ -124,6 +253,7 @@ class ProbeResult:
     cuda_total_gb: float | None
     run_dir: Path
     stderr_tail: str
+    n_val: int | None = None  # images in the short run's validation split
 
 
 def probe_config(spec: GridSpec, variant: str, steps: int, gpu: bool) -> dict[str, Any]:
@@ -156,6 +286,25 @@ def probe_config(spec: GridSpec, variant: str, steps: int, gpu: bool) -> dict[st
 def run_probe(cfg: dict[str, Any], run_dir: Path, steps: int, timeout_s: float) -> ProbeResult:
     """Train ``cfg`` for ``steps`` steps in a child process; measure that child's peak RSS
     (``wait4``'s rusage, this child only) and, on a GPU, what the probe reports."""
+    return run_probes(cfg, [run_dir], steps, timeout_s)[0]
+
+
+def run_probes(
+    cfg: dict[str, Any],
+    run_dirs: list[Path],
+    steps: int,
+    timeout_s: float,
+    env: dict[str, str] | None = None,
+) -> list[ProbeResult]:
+    """The short run of ``cfg`` in one child process per directory, all at once (as a job
+    runs ``runs_per_gpu`` runs on one card), with ``env`` on top of this environment."""
+    started = [_start_probe(cfg, d, steps, env) for d in run_dirs]
+    return [_finish_probe(cfg, proc, d, timeout_s) for proc, d in started]
+
+
+def _start_probe(
+    cfg: dict[str, Any], run_dir: Path, steps: int, env: dict[str, str] | None
+) -> tuple[subprocess.Popen, Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir.parent / f"{run_dir.name}.config.json").write_text(json.dumps(cfg))
     report = run_dir.parent / f"{run_dir.name}.probe.json"
@@ -164,14 +313,24 @@ def run_probe(cfg: dict[str, Any], run_dir: Path, steps: int, timeout_s: float) 
            str(run_dir.parent / f"{run_dir.name}.config.json"), str(run_dir), str(steps),
            str(report)]  # fmt: skip
     with open(err, "wb") as err_f:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_f)
-        try:
-            _, status, usage = _wait4(proc, timeout_s)
-            code = os.waitstatus_to_exitcode(status)
-        except TimeoutError:
-            proc.kill()
-            _, status, usage = os.wait4(proc.pid, 0)
-            code = -9
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=err_f, env={**os.environ, **(env or {})}
+        )
+    return proc, run_dir
+
+
+def _finish_probe(
+    cfg: dict[str, Any], proc: subprocess.Popen, run_dir: Path, timeout_s: float
+) -> ProbeResult:
+    report = run_dir.parent / f"{run_dir.name}.probe.json"
+    err = run_dir.parent / f"{run_dir.name}.stderr"
+    try:
+        _, status, usage = _wait4(proc, timeout_s)
+        code = os.waitstatus_to_exitcode(status)
+    except TimeoutError:
+        proc.kill()
+        _, status, usage = os.wait4(proc.pid, 0)
+        code = -9
     probe = contract.read_json(report) or {}
     view = contract.view_run(run_dir)
     tail = err.read_text(errors="replace")[-600:] if err.exists() else ""
@@ -190,6 +349,7 @@ def run_probe(cfg: dict[str, Any], run_dir: Path, steps: int, timeout_s: float) 
         cuda_total_gb=probe.get("cuda_total_gb"),
         run_dir=run_dir,
         stderr_tail=tail,
+        n_val=probe.get("n_val"),
     )
 
 
@@ -307,21 +467,106 @@ def validate(
     except DeconError as exc:
         return checks + [Check("short runs", FAIL, f"not run: {exc.message}")]
     with tempfile.TemporaryDirectory(prefix="decon-validate-", dir=work_dir) as tmp:
-        for variant in spec.variants:
-            cfg = probe_config(spec, variant, steps, gpu)
-            result = run_probe(cfg, Path(tmp) / variant, steps, timeout_s)
-            label = f"{variant} (lr {result.lr:g}, {result.steps_done} steps)"
-            if result.state is None or result.state == contract.FAILED or result.returncode < 0:
-                checks.append(Check(f"{label}: trains", FAIL, result.stderr_tail.strip()[-300:]))
-                continue
-            how = "stopped as asked, resumable" if result.state == contract.INTERRUPTED else ""
-            checks.append(Check(f"{label}: trains", PASS, f"state {result.state} {how}".strip()))
-            checks.append(Check(f"{variant}: streams", *check_streams(result.run_dir)))
-            checks.append(
-                Check(f"{variant}: dynamics", *check_dynamics(result.run_dir, result.state))
-            )
-            checks.extend(check_memory(result, prof, gpu))
+        daemon = _start_mps(prof) if gpu else None
+        try:
+            checks += _short_runs(spec, prof, steps, gpu, Path(tmp), timeout_s, daemon)
+        finally:
+            if daemon is not None:
+                daemon.stop()
+    if not gpu:
+        checks += [Check(name, SKIP, "skipped: no GPU") for name in GPU_CRITERIA]
+    elif daemon is not None and prof.mps:
+        state = "on" if daemon.active else f"not started: {daemon.reason}"
+        checks.append(Check("CUDA MPS", PASS if daemon.active else WARN, state))
     return checks
+
+
+def _start_mps(prof: ResourceProfile) -> Any:
+    """The profile's MPS daemon for the probes, as a job starts it (None: not asked for)."""
+    if not prof.mps:
+        return None
+    from deconcnn_cli.sweep.mps import start_mps
+
+    return start_mps(f"validate-{os.getpid()}")
+
+
+def _short_runs(
+    spec: GridSpec,
+    prof: ResourceProfile,
+    steps: int,
+    gpu: bool,
+    tmp: Path,
+    timeout_s: float,
+    daemon: Any,
+) -> list[Check]:
+    """Each variant's short run: alone on a CPU; on a GPU ``runs_per_gpu`` at once on the
+    card, in the job's environment (its share of the card, MPS when the profile says so),
+    with the card's utilization sampled while they run."""
+    from deconcnn_cli.sweep.job import child_env
+
+    checks: list[Check] = []
+    for variant in spec.variants:
+        cfg = probe_config(spec, variant, steps, gpu)
+        n = prof.runs_per_gpu if gpu else 1
+        dirs = [tmp / (variant if i == 0 else f"{variant}_{i}") for i in range(n)]
+        env = None
+        if gpu:
+            mps_env = daemon.env() if daemon is not None else {}
+            env = child_env(prof.cpus_per_run, n, require_gpu=True, mps=mps_env)
+        with UtilizationSampler(enabled=gpu) as util:
+            results = run_probes(cfg, dirs, steps, timeout_s, env)
+        result = results[0]
+        label = f"{variant} (lr {result.lr:g}, {result.steps_done} steps)"
+        if result.state is None or result.state == contract.FAILED or result.returncode < 0:
+            checks.append(Check(f"{label}: trains", FAIL, result.stderr_tail.strip()[-300:]))
+            continue
+        how = "stopped as asked, resumable" if result.state == contract.INTERRUPTED else ""
+        checks.append(Check(f"{label}: trains", PASS, f"state {result.state} {how}".strip()))
+        checks.append(Check(f"{variant}: streams", *check_streams(result.run_dir)))
+        checks.append(Check(f"{variant}: dynamics", *check_dynamics(result.run_dir, result.state)))
+        checks.extend(check_memory(result, prof, gpu))
+        if gpu:
+            checks.extend(gpu_criteria(variant, results, result.cuda_total_gb, util.mean))
+    return checks
+
+
+class UtilizationSampler:
+    """The GPU's utilization (NVML, ``nvidia-ml-py``: the GPU path's own dependency) sampled
+    10 times a second inside the block; ``mean`` over it, None where NVML is missing."""
+
+    def __init__(self, enabled: bool = True, index: int = 0) -> None:
+        self.enabled, self.index = enabled, index
+        self.samples: list[float] = []
+        self.error = ""
+        self._stop = threading.Event()
+
+    def __enter__(self) -> UtilizationSampler:
+        if not self.enabled:
+            return self
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
+        except Exception as exc:  # ImportError, or NVML's own errors: not measured
+            self.error = f"NVML unavailable: {exc}"
+            return self
+
+        def sample() -> None:
+            while not self._stop.wait(0.1):
+                self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100)
+
+        threading.Thread(target=sample, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    @property
+    def mean(self) -> float | None:
+        """Mean over the samples, the first and last second (start-up, exit) left out."""
+        core = self.samples[10:-10] if len(self.samples) > 40 else self.samples
+        return sum(core) / len(core) if core else None
 
 
 def failed(checks: list[Check]) -> bool:

@@ -20,6 +20,7 @@ def main(argv: list[str]) -> int:
 
     from deconcnn_cli.config import RunConfig, prepare_run_dir
     from deconcnn_cli.contract import atomic_write_json
+    from deconcnn_cli.training.data import load_splits
     from deconcnn_cli.training.device import resolve_device
     from deconcnn_cli.training.loop import train_run
     from deconcnn_cli.training.rundir import own_run
@@ -40,6 +41,11 @@ def main(argv: list[str]) -> int:
         out["cuda_peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / GB
         out["cuda_peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / GB
     out["steps_done"] = result.steps_done
+    d = cfg.data  # the validation split's size: a pass's cost scales to CIFAR-10's 5,000
+    out["n_val"] = load_splits(
+        d.dataset, d.data_dir, val_fraction=d.val_fraction, split_seed=d.split_seed,
+        image_size=d.image_size, download=False, device=torch.device("cpu"),
+    ).n_val  # fmt: skip
     atomic_write_json(Path(report), out)
     return 0
 

@@ -365,6 +365,7 @@ class _Run:
         self.steps_done = self.start_step
         self.t_attempt = time.perf_counter()  # restarted when the loop begins
         self.checkpoint_clock = time.monotonic()  # when the last checkpoint (or start) was
+        self.n_checkpoints = 0
         self.seconds = dict.fromkeys(TIMED_ACTIONS, 0.0)  # wall time of this attempt's actions
 
     def _restore(self, state: dict[str, Any] | None, skipped: list[str]) -> None:
@@ -402,6 +403,7 @@ class _Run:
         timing = {
             "wall_s": round(time.perf_counter() - self.t_attempt, 3),
             **{f"{k}_s": round(v, 3) for k, v in self.seconds.items()},
+            "checkpoints": self.n_checkpoints,  # saved by this attempt (checkpoint_s is theirs)
         }
         analysis, rest = analysis_split(timing)
         return {**timing, "analysis_overhead": round(analysis / rest, 5) if rest > 0 else None}
@@ -588,6 +590,7 @@ class _Run:
         save_checkpoint(self.run_dir, next_step, state)
         self.last_checkpoint_step = next_step
         self.checkpoint_clock = time.monotonic()
+        self.n_checkpoints += 1
         self.writer.write_status(last_checkpoint_step=next_step)
 
 

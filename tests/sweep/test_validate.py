@@ -3,6 +3,7 @@ dynamics are judged from a real short run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -104,6 +105,50 @@ def test_short_run_memory_streams_and_dynamics(probe: v.ProbeResult, tmp_path: P
     assert status == v.FAIL and "curvature.csv header" in detail
 
 
+def test_projection_of_a_protocol_run_from_the_short_runs_own_costs(probe: v.ProbeResult):
+    """Recomputed here from status.json's timing and the streams' row counts."""
+    got = v.project_protocol_run(probe.run_dir, probe.n_val)
+    status = json.loads((probe.run_dir / "status.json").read_text())
+    t = status["timing"]
+    rows = {
+        k: len(contract.read_stream(contract.stream_path(probe.run_dir, k)))
+        for k in ("curvature", "noise", "shape", "val")
+    }
+    timed = sum(t[f"{k}_s"] for k in ("curvature", "noise", "shape", "validation", "checkpoint"))
+    step = (t["wall_s"] - timed) / status["step"]
+    assert probe.n_val and got["step_s"] == pytest.approx(step)
+    assert got["validation_s"] == pytest.approx(
+        t["validation_s"] / rows["val"] * 5000 / probe.n_val
+    )
+    metrics = (
+        36 * t["curvature_s"] / rows["curvature"]
+        + 25 * t["noise_s"] / rows["noise"]
+        + 50 * t["shape_s"] / rows["shape"]
+    )
+    assert got["checkpoint_s"] == pytest.approx(t["checkpoint_s"] / t["checkpoints"])
+    rest = 17_600 * step + 200 * got["validation_s"] + 6 * got["checkpoint_s"]
+    assert got["metrics_share"] == pytest.approx(metrics / rest)
+    assert got["projected_min"] == pytest.approx((rest + metrics) / 60)
+
+
+def test_gpu_criteria_pass_warn_and_fail(probe: v.ProbeResult):
+    """The rules, on a real short run's files standing in for two runs on one card."""
+    two = [dataclasses.replace(probe, cuda_peak_reserved_gb=10.0, cuda_context_gb=0.5)] * 2
+    proj = v.project_protocol_run(probe.run_dir, probe.n_val)
+    ok = {c.name.split(": ")[1]: c for c in v.gpu_criteria("base", two, 48.0, 0.93)}
+    assert set(ok) == set(v.GPU_CRITERIA)
+    assert ok["GPU utilization"].status == v.PASS and "93%" in ok["GPU utilization"].detail
+    assert ok["peak memory per run and card"].status == v.PASS
+    assert "21.00 GB of a 48.0 GB card" in ok["peak memory per run and card"].detail
+    wall = v.PASS if proj["projected_min"] < 30 else v.FAIL  # a CPU run: likely FAIL
+    assert ok["projected 50-epoch run"].status == wall
+    low = {c.name.split(": ")[1]: c for c in v.gpu_criteria("base", two, 16.0, 0.5)}
+    assert low["GPU utilization"].status == v.WARN
+    assert low["peak memory per run and card"].status == v.FAIL
+    none = {c.name.split(": ")[1]: c for c in v.gpu_criteria("base", two, 48.0, None)}
+    assert none["GPU utilization"].status == v.WARN  # not measured is never a pass
+
+
 def test_cli_fails_on_a_variant_over_its_memory_figure(profiles: Path):
     env = {**os.environ, "DECON_PROFILES": str(profiles), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -113,6 +158,8 @@ def test_cli_fails_on_a_variant_over_its_memory_figure(profiles: Path):
     )  # fmt: skip
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "base: host memory" in proc.stdout and "FAIL: 1 failed" in proc.stdout
+    # the protocol's GPU criteria are never judged without a GPU
+    assert proc.stdout.count("skipped: no GPU") == len(v.GPU_CRITERIA)
 
 
 def test_divergence_and_stalls_are_flagged(tmp_path: Path):
