@@ -1,13 +1,14 @@
 """What one checkpoint costs, and what the checkpoint cadence makes of it.
 
 A full-width ResNet-18 (CIFAR-10, 11.2 M parameters) after one optimizer step, SGD with
-momentum and AdamW, with the curvature's float64 warm-start eigenvector: its state is saved with the run's own ``save_checkpoint`` (torch.save to
-memory, an atomic write with fsync, the SHA-256 beside it, pruning to the newest two), and,
-side by side in the same run, the same bytes written plainly (one ``write_bytes``, no fsync,
-no hash): the ratio is what the checkpoint's safety costs over a bare copy on this disk.
-Then the share of a run that checkpointing takes, per cadence, for an epoch of ``--epoch-s``
-seconds (a GPU epoch of the protocol is 7-15 s, issue 16): every epoch, against the default
-time cadence (every 10 minutes, at a stop and at the end: ~6 in a < 30-minute run).
+momentum and AdamW, with the curvature's float64 warm-start eigenvector: its state is saved
+with the run's own ``save_checkpoint`` (torch.save to memory, an atomic write with fsync, the
+SHA-256 beside it, pruning to the newest two), and, side by side in the same run, the same
+bytes written plainly (one ``write_bytes``, no fsync, no hash): the ratio is what the
+checkpoint's safety costs over a bare copy on this disk. Then the share of a run that
+checkpointing takes, per cadence, for an epoch of ``--epoch-s`` seconds (a GPU epoch of the
+protocol is 7-15 s, issue 16): every epoch, against the default time cadence (every 10
+minutes, at a stop and at the end: ~6 in a < 30-minute run).
 
     python bench/bench_checkpoint.py [--reps 3] [--dir /path/on/the/cluster/filesystem]
 
