@@ -24,8 +24,22 @@ def test_cuda_run_uses_amp_and_resumes(tmp_path: Path):
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "completed" and status["precision"] == expected
     assert status["device"].startswith("cuda")
+    assert status["device"] == "cuda:0" and status["optimizer_fused"] is True
     full = run_cli(*args, "--root", str(tmp_path / "b"))
     assert full.returncode == 0, full.stderr
     a = (run / "metrics" / "step.csv").read_text().splitlines()
     b = (only_run(tmp_path / "b") / "metrics" / "step.csv").read_text().splitlines()
     assert len(a) == len(b) == 40  # header + 39 steps, none doubled or missing after resume
+    for name in ("step", "val", "curvature", "noise", "shape"):  # deterministic: exact replay
+        resumed = (run / "metrics" / f"{name}.csv").read_bytes()
+        assert resumed == (only_run(tmp_path / "b") / "metrics" / f"{name}.csv").read_bytes()
+
+
+def test_two_runs_share_the_card_under_the_jobs_environment(tmp_path: Path):
+    """DECON_GPU_SHARE=2 as a job sets it: the memory cap takes a device with its index."""
+    env = {"DECON_GPU_SHARE": "2", "DECON_REQUIRE_GPU": "1"}
+    args = ["train", "-v", "base", *TINY, "--root", str(tmp_path)]
+    done = run_cli(*args, env=env)
+    assert done.returncode == 0, done.stderr
+    events = (only_run(tmp_path) / "events.jsonl").read_text()
+    assert "2 runs share this GPU" in events
