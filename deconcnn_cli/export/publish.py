@@ -126,7 +126,6 @@ def check_replaceable(ts_dir: Path) -> None:
             rel = str(here / name)
             if (ts_dir / rel).is_symlink() or rel not in allowed_dirs:
                 foreign.append(rel + "/")
-        dirs[:] = [d for d in dirs if str(here / d) in allowed_dirs]
         for name in files:
             rel = str(here / name)
             if name == SWEEP_MANIFEST:
