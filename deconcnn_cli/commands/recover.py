@@ -17,6 +17,7 @@ from deconcnn_cli.sweep.recover import (
     RecoverPlan,
     recover_sweep,
 )
+from deconcnn_cli.sweep.trust import writable_warning
 
 _VERB = {
     "resume": "resume from its newest checkpoint",
@@ -62,6 +63,8 @@ def recover(
     """Resume, rerun alone, retry once or hand to a person: each unfinished run by its cause."""
     with exit_on_error():
         plan, new_jobs = recover_sweep(root, run_ids or None, dry_run=dry_run, resources=resources)
+    if (loose := writable_warning(root)) is not None:
+        typer.echo(f"warning: {loose}", err=True)
     if as_json:
         typer.echo(json.dumps({**plan.to_json(), "dry_run": dry_run, "new_jobs": new_jobs}))
     else:

@@ -23,6 +23,7 @@ from deconcnn_cli.sweep.submit import (
     submit_grid,
     wait_targets,
 )
+from deconcnn_cli.sweep.trust import writable_warning
 
 WAIT_REFRESH_S = 5.0
 
@@ -74,6 +75,8 @@ def submit(
     except DeconError as exc:
         _fail(exc)
     _render_plan(console, result.plan, dry_run)
+    if (loose := writable_warning(store.root)) is not None:
+        typer.echo(f"warning: {loose}", err=True)
     if dry_run:
         console.print("dry run: nothing written, nothing submitted")
         return

@@ -31,6 +31,15 @@ from deconcnn_cli.export.files import (
     write_parquet_rows,
     write_timeseries,
 )
+from deconcnn_cli.export.publish import (
+    check_destinations,
+    check_replaceable,
+    new_staging,
+    output_lock,
+    repair_interrupted,
+    swap_in,
+    write_mark,
+)
 
 MANIFEST_FILE = "sweep.json"
 FORMATS = ("csv", "parquet")
@@ -331,7 +340,9 @@ def export(
     """Write ``out``, ``<stem>_metadata.json`` and (optionally) ``<stem>_timeseries/``.
 
     Refuses to replace existing outputs unless ``force``; then each is replaced whole (the
-    table and metadata atomically, the time-series folder built aside and swapped in).
+    table and metadata atomically, the time-series folder built aside and swapped in), and
+    the time-series folder only if an earlier export wrote it (:mod:`.publish`). Holds the
+    output's lock throughout, so concurrent exports of one output run one after the other.
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
@@ -345,29 +356,42 @@ def export(
         )
     read_manifest(root)  # a bad root is reported before anything about the outputs
     meta_path, ts_dir = output_paths(out)
+    check_destinations(out, meta_path, ts_dir if timeseries else None, root)
     targets = [out, meta_path] + ([ts_dir] if timeseries else [])
+    with output_lock(out):  # from the overwrite check to the last write: one export at a time
+        notes = repair_interrupted(ts_dir)  # a killed export's old folder is put back first
+        _check_overwrite(targets, force)
+        if timeseries and ts_dir.exists():
+            check_replaceable(ts_dir)
+        start = time.perf_counter()
+        data = collect(root, verify=verify)
+        data.warnings += notes
+        if timeseries:
+            _publish_timeseries(data, ts_dir, out, fmt)
+        if fmt == "csv":
+            contract.atomic_write_bytes(out, to_csv_text(data.rows).encode())
+        else:
+            write_parquet_rows(data.rows, out)
+        meta = metadata(data, fmt, timeseries, time.perf_counter() - start)
+        contract.atomic_write_json(meta_path, meta)
+    return data, meta
+
+
+def _check_overwrite(targets: list[Path], force: bool) -> None:
     existing = [str(p) for p in targets if p.exists()]
     if existing and not force:
         raise ExportError(
             f"would overwrite {', '.join(existing)}",
             "pass --force to replace them, or give another output path",
         )
-    if not out.parent.is_dir():
-        raise ExportError(f"folder {out.parent} does not exist", "create it or choose another path")
-    start = time.perf_counter()
-    data = collect(root, verify=verify)
-    if timeseries:
-        staging = ts_dir.with_name(f".{ts_dir.name}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+
+
+def _publish_timeseries(data: Dataset, ts_dir: Path, out: Path, fmt: str) -> None:
+    """Build the folder under a unique staging name, mark it, swap it in whole."""
+    staging = new_staging(ts_dir)
+    try:
         write_timeseries(data.root, data.rows, staging, fmt)
-        if ts_dir.exists():
-            shutil.rmtree(ts_dir)
-        staging.rename(ts_dir)
-    if fmt == "csv":
-        contract.atomic_write_bytes(out, to_csv_text(data.rows).encode())
-    else:
-        write_parquet_rows(data.rows, out)
-    meta = metadata(data, fmt, timeseries, time.perf_counter() - start)
-    contract.atomic_write_json(meta_path, meta)
-    return data, meta
+        write_mark(staging, out, data.root)
+        swap_in(staging, ts_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once swapped in

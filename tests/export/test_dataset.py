@@ -135,7 +135,8 @@ def test_metadata(sweep: Path, exported: Path):
 
 def test_time_series_round_trip_csv(sweep: Path, exported: Path):
     ts = exported.parent / "results_timeseries"
-    assert sorted(p.name for p in ts.iterdir()) == ["blown", "broken", "done"]  # not `absent`
+    names = sorted(p.name for p in ts.iterdir())
+    assert names == [".decon_export.json", "blown", "broken", "done"]  # not `absent`
     for run_id in ("done", "blown"):
         for name in contract.STREAMS:
             original = contract.read_stream(contract.stream_path(sweep / "runs" / run_id, name))
