@@ -28,12 +28,15 @@ from deconcnn_cli.contract import (
     COMPLETED,
     DIVERGED,
     HEARTBEAT_EVERY_S,
+    HOLD_ENV,
     INTERRUPTED,
     TERMINAL_STATES,
     TIMED_ACTIONS,
+    Hold,
     analysis_split,
     exit_code_for,
     gpu_share,
+    hold_from_env,
 )
 from deconcnn_cli.training import measure
 from deconcnn_cli.training.checkpoint import (
@@ -60,6 +63,7 @@ from deconcnn_cli.training.writer import RunWriter
 
 LN2 = math.log(2.0)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+HOLD_POLL_S = 0.1  # how often a held run looks for its release file (or a stop signal)
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,8 @@ class Schedule:
 
 @dataclass(frozen=True)
 class EndOfStep:
-    """What happens after a step, in this order: flush, validate, noise, shape, checkpoint, stop."""
+    """What happens after a step, in this order: flush, validate, noise, shape, hold,
+    checkpoint, stop."""
 
     flush: bool = False
     validate: bool = False
@@ -127,6 +132,7 @@ class EndOfStep:
     shape: bool = False
     checkpoint: bool = False
     stop: str | None = None  # COMPLETED, INTERRUPTED or None (go on)
+    hold: bool = False  # wait for $DECON_HOLD's release file or a stop signal (a test hook)
 
 
 def curvature_due(step: int, s: Schedule) -> bool:
@@ -134,7 +140,9 @@ def curvature_due(step: int, s: Schedule) -> bool:
     return bool(s.curvature_every_steps) and step % s.curvature_every_steps == 0
 
 
-def after_step(step: int, s: Schedule, *, buffered: int, stop_requested: bool) -> EndOfStep:
+def after_step(
+    step: int, s: Schedule, *, buffered: int, stop_requested: bool, hold_due: bool = False
+) -> EndOfStep:
     """The actions after step ``step`` (counted from 0) with ``buffered`` unflushed rows.
 
     - validation at the epoch's validation positions; noise and shape at their epoch ends;
@@ -143,7 +151,9 @@ def after_step(step: int, s: Schedule, *, buffered: int, stop_requested: bool) -
     - a checkpoint at every ``checkpoint_every_epochs`` epoch end and at the final step;
     - a flush whenever the block is full, and before anything that reads the per-step rows
       or must find them on disk: validation, noise, shape, a checkpoint, a stop, and the
-      curvature evaluation before the next step (so no metric row lies past a divergence).
+      curvature evaluation before the next step (so no metric row lies past a divergence);
+    - ``hold_due`` (``$DECON_HOLD`` names ``step + 1``, a test hook): hold, unless the run
+      completes or stops here; flushed first, so status.json shows the step the run waits at.
     """
     spe = s.steps_per_epoch
     position, done_epochs = step % spe, step // spe + 1
@@ -155,6 +165,7 @@ def after_step(step: int, s: Schedule, *, buffered: int, stop_requested: bool) -
         stop: str | None = COMPLETED
     else:
         stop = INTERRUPTED if stop_requested else None
+    hold = hold_due and stop is None
     checkpoint = (epoch_end and done_epochs % s.checkpoint_every_epochs == 0) or stop is not None
     flush = buffered > 0 and (
         buffered >= s.flush_every_steps
@@ -164,8 +175,9 @@ def after_step(step: int, s: Schedule, *, buffered: int, stop_requested: bool) -
         or checkpoint
         or stop is not None
         or curvature_due(step + 1, s)
+        or hold
     )
-    return EndOfStep(flush, validate, noise, shape, checkpoint, stop)
+    return EndOfStep(flush, validate, noise, shape, checkpoint, stop, hold)
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int) -> float:
@@ -487,6 +499,19 @@ class _Run:
         )
         self.writer.streams["shape"].append([{**row, "step": step, "epoch": (step + 1) // spe}])
 
+    def hold(self, steps_done: int, hold: Hold, stops: StopSignals) -> None:
+        """Wait until ``hold.release_file`` exists or a stop signal came ($DECON_HOLD, a test
+        hook: a signal sent now certainly finds the run mid-training). The heartbeat goes on."""
+        self.writer.log_event(
+            "info",
+            f"held after step {steps_done} ({HOLD_ENV}) until {hold.release_file} exists "
+            "or a stop signal comes",
+            step=steps_done,
+        )
+        while not stops.requested and not hold.release_file.exists():
+            time.sleep(HOLD_POLL_S)
+        self.t_block = time.perf_counter()  # the next block's steps/s leaves the wait out
+
     def checkpoint(self, next_step: int) -> None:
         state = {
             "model": self.model.state_dict(),
@@ -604,10 +629,14 @@ def _loop(
 ) -> RunResult:
     """Steps from the resume point until the schedule, a stop or a divergence ends the run."""
     s = run.sched
+    hold = hold_from_env()
 
     def decide(step: int) -> EndOfStep:
         asked = stops.requested or (stop_after_steps is not None and step + 1 >= stop_after_steps)
-        return after_step(step, s, buffered=len(run.buf_rows), stop_requested=asked)
+        hold_due = hold is not None and step + 1 in hold.at_steps
+        return after_step(
+            step, s, buffered=len(run.buf_rows), stop_requested=asked, hold_due=hold_due
+        )
 
     def announce(phase: str, step: int) -> None:
         """Tell the caller what runs now (a cold Lanczos at step 0 can take minutes)."""
@@ -638,6 +667,9 @@ def _loop(
             if plan.shape:
                 with run.timed("shape"):
                     run.measure_shape(step)
+            if plan.hold and hold is not None:
+                announce(f"held after step {step + 1} ({HOLD_ENV}) ...", step + 1)
+                run.hold(step + 1, hold, stops)
             if plan.stop is None and stops.requested:  # arrived during this step's work
                 plan = decide(step)
                 bad = run.flush(on_progress) if plan.flush else None
