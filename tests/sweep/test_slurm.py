@@ -45,14 +45,15 @@ def _wait(store: SweepStore, submission: dict, timeout_s: float = 900) -> None:
 
 @contextlib.contextmanager
 def _released_and_cancelled(release: Path, job_ids: list[str]):  # noqa: ANN202
-    """On the way out, pass or fail: let runs held by ``$DECON_HOLD`` go, and cancel jobs
-    still queued or running (a failed test must not leave the node busy for the next)."""
+    """On the way out let runs held by ``$DECON_HOLD`` go; on a failure also cancel the jobs
+    (a failed test must not leave the node busy for the next one)."""
     try:
         yield
+    except BaseException:
+        subprocess.run(["scancel", *job_ids], capture_output=True)
+        raise
     finally:
         release.touch()
-        if job_ids:
-            subprocess.run(["scancel", *job_ids], capture_output=True)
 
 
 def _skip_reason(submit_output: str, run_id: str) -> str:
