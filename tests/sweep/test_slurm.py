@@ -69,7 +69,8 @@ def _sacct_states(job_ids: list[str], duplicates: bool = False) -> list[tuple[st
     while True:
         out = subprocess.run(cmd + (["-D"] if duplicates else []), capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
-        rows = [tuple(line.split("|")[:2]) for line in out.stdout.split()]
+        lines = [line.split("|") for line in out.stdout.splitlines() if line.strip()]
+        rows = [(job, state.split()[0]) for job, state, *_ in lines]  # "CANCELLED by 0"
         if not {"RUNNING", "COMPLETING", "PENDING"} & {s for _, s in rows}:
             return rows  # type: ignore[return-value]
         assert time.monotonic() < deadline, rows
