@@ -3,7 +3,9 @@
 ``make test-slurm`` starts one (scripts/slurm-local/start.sh) and runs these; elsewhere they
 are deselected with a one-line note (conftest.py). Runs are tiny CPU runs on digits; the two
 fake GPUs of the local SLURM stand in for the cards, so each job holds two runs, as on the
-RTX 8000 cluster.
+RTX 8000 cluster. No assertion races a run's own progress: a signal meant for a training run
+finds it held at a named step (``$DECON_HOLD``), and a state read while the runs go on
+accepts every state they can have reached.
 """
 
 from __future__ import annotations
