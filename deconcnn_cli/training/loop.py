@@ -499,14 +499,15 @@ class _Run:
         )
         self.writer.streams["shape"].append([{**row, "step": step, "epoch": (step + 1) // spe}])
 
-    def hold(self, steps_done: int, hold: Hold, stops: StopSignals) -> None:
-        """Wait until ``hold.release_file`` exists or a stop signal came ($DECON_HOLD, a test
-        hook: a signal sent now certainly finds the run mid-training). The heartbeat goes on."""
+    def hold(self, step: int, hold: Hold, stops: StopSignals) -> None:
+        """After step ``step``, wait until ``hold.release_file`` exists or a stop signal came
+        ($DECON_HOLD, a test hook: a signal sent now certainly finds the run mid-training).
+        The heartbeat goes on. The event is tied to ``step``: kept by a resume after it."""
         self.writer.log_event(
             "info",
-            f"held after step {steps_done} ({HOLD_ENV}) until {hold.release_file} exists "
+            f"held after {step + 1} steps ({HOLD_ENV}) until {hold.release_file} exists "
             "or a stop signal comes",
-            step=steps_done,
+            step=step,
         )
         while not stops.requested and not hold.release_file.exists():
             time.sleep(HOLD_POLL_S)
@@ -668,8 +669,8 @@ def _loop(
                 with run.timed("shape"):
                     run.measure_shape(step)
             if plan.hold and hold is not None:
-                announce(f"held after step {step + 1} ({HOLD_ENV}) ...", step + 1)
-                run.hold(step + 1, hold, stops)
+                announce(f"held after {step + 1} steps ({HOLD_ENV}) ...", step + 1)
+                run.hold(step, hold, stops)
             if plan.stop is None and stops.requested:  # arrived during this step's work
                 plan = decide(step)
                 bad = run.flush(on_progress) if plan.flush else None
