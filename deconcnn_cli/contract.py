@@ -169,6 +169,39 @@ def default_threads(environ: dict[str, str] | None = None) -> int:
     return max(1, cpus // max(1, _env_int(env, CONCURRENT_RUNS_ENV) or 1))
 
 
+# ---- a test hook: ``$DECON_HOLD="N[,N...]:PATH"`` holds a run after N steps until PATH exists or
+# a stop signal comes, so a test can signal a run that is certainly mid-training, whatever the
+# machine's speed (tests/sweep/test_slurm*.py). Unset in normal use: the loop then never waits.
+HOLD_ENV = "DECON_HOLD"
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Where a run waits (steps done) and the file that lets it go on."""
+
+    at_steps: frozenset[int]
+    release_file: Path
+
+
+def hold_from_env(environ: dict[str, str] | None = None) -> Hold | None:
+    """``$DECON_HOLD`` parsed (None when unset or empty); a malformed value raises ValueError."""
+    env = os.environ if environ is None else environ
+    text = env.get(HOLD_ENV, "").strip()
+    if not text:
+        return None
+    steps, sep, path = text.partition(":")
+    try:
+        at_steps = frozenset(int(n) for n in steps.split(","))
+    except ValueError:
+        at_steps = frozenset()
+    if not sep or not path or not at_steps or min(at_steps) < 1:
+        raise ValueError(
+            f"${HOLD_ENV}={text!r}: expected STEPS:PATH, steps done as positive integers "
+            "separated by commas, e.g. '5,30:/tmp/release'"
+        )
+    return Hold(at_steps, Path(path))
+
+
 def _env_int(env: dict[str, str] | os._Environ[str], name: str) -> int | None:
     """``int($name)``, or None when unset or not an integer."""
     try:

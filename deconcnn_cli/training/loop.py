@@ -29,14 +29,17 @@ from deconcnn_cli.contract import (
     COMPLETED,
     DIVERGED,
     HEARTBEAT_EVERY_S,
+    HOLD_ENV,
     INTERRUPTED,
     MPS_REASON_ENV,
     MPS_STATE_ENV,
     TERMINAL_STATES,
     TIMED_ACTIONS,
+    Hold,
     analysis_split,
     exit_code_for,
     gpu_share,
+    hold_from_env,
 )
 from deconcnn_cli.training import measure
 from deconcnn_cli.training.checkpoint import (
@@ -71,6 +74,7 @@ LN2 = math.log(2.0)
 # divergence, not a scale still settling (docs/run-directory.md, "Skipped fp16 steps")
 MAX_SKIPPED_IN_A_ROW = 50
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+HOLD_POLL_S = 0.1  # how often a held run looks for its release file (or a stop signal)
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,8 @@ class Schedule:
 
 @dataclass(frozen=True)
 class EndOfStep:
-    """What happens after a step, in this order: flush, validate, noise, shape, checkpoint, stop."""
+    """What happens after a step, in this order: flush, validate, noise, shape, hold,
+    checkpoint, stop."""
 
     flush: bool = False
     validate: bool = False
@@ -140,6 +145,7 @@ class EndOfStep:
     shape: bool = False
     checkpoint: bool = False
     stop: str | None = None  # COMPLETED, INTERRUPTED or None (go on)
+    hold: bool = False  # wait for $DECON_HOLD's release file or a stop signal (a test hook)
 
 
 def curvature_due(step: int, s: Schedule) -> bool:
@@ -154,6 +160,7 @@ def after_step(
     buffered: int,
     stop_requested: bool,
     since_checkpoint_s: float = math.inf,
+    hold_due: bool = False,
 ) -> EndOfStep:
     """The actions after step ``step`` (counted from 0) with ``buffered`` unflushed rows.
 
@@ -165,7 +172,9 @@ def after_step(
       started) reached ``checkpoint_every_s``; and always at a stop and at the final step;
     - a flush whenever the block is full, and before anything that reads the per-step rows
       or must find them on disk: validation, noise, shape, a checkpoint, a stop, and the
-      curvature evaluation before the next step (so no metric row lies past a divergence).
+      curvature evaluation before the next step (so no metric row lies past a divergence);
+    - ``hold_due`` (``$DECON_HOLD`` names ``step + 1``, a test hook): hold, unless the run
+      completes or stops here; flushed first, so status.json shows the step the run waits at.
     """
     spe = s.steps_per_epoch
     position, done_epochs = step % spe, step // spe + 1
@@ -177,6 +186,7 @@ def after_step(
         stop: str | None = COMPLETED
     else:
         stop = INTERRUPTED if stop_requested else None
+    hold = hold_due and stop is None
     on_cadence = epoch_end and done_epochs % s.checkpoint_every_epochs == 0
     checkpoint = (on_cadence and since_checkpoint_s >= s.checkpoint_every_s) or stop is not None
     flush = buffered > 0 and (
@@ -187,8 +197,9 @@ def after_step(
         or checkpoint
         or stop is not None
         or curvature_due(step + 1, s)
+        or hold
     )
-    return EndOfStep(flush, validate, noise, shape, checkpoint, stop)
+    return EndOfStep(flush, validate, noise, shape, checkpoint, stop, hold)
 
 
 def val_steps_in_epoch(spe: int, per_epoch: int) -> set[int]:
@@ -577,6 +588,20 @@ class _Run:
         )
         self.writer.streams["shape"].append([{**row, "step": step, "epoch": (step + 1) // spe}])
 
+    def hold(self, step: int, hold: Hold, stops: StopSignals) -> None:
+        """After step ``step``, wait until ``hold.release_file`` exists or a stop signal came
+        ($DECON_HOLD, a test hook: a signal sent now certainly finds the run mid-training).
+        The heartbeat goes on. The event is tied to ``step``: kept by a resume after it."""
+        self.writer.log_event(
+            "info",
+            f"held after {step + 1} steps ({HOLD_ENV}) until {hold.release_file} exists "
+            "or a stop signal comes",
+            step=step,
+        )
+        while not stops.requested and not hold.release_file.exists():
+            time.sleep(HOLD_POLL_S)
+        self.t_block = time.perf_counter()  # the next block's steps/s leaves the wait out
+
     def checkpoint(self, next_step: int) -> None:
         state = {
             "model": self.model.state_dict(),
@@ -703,12 +728,19 @@ def _loop(
 ) -> RunResult:
     """Steps from the resume point until the schedule, a stop or a divergence ends the run."""
     s = run.sched
+    hold = hold_from_env()
 
     def decide(step: int) -> EndOfStep:
         asked = stops.requested or (stop_after_steps is not None and step + 1 >= stop_after_steps)
         since = time.monotonic() - run.checkpoint_clock
+        hold_due = hold is not None and step + 1 in hold.at_steps
         return after_step(
-            step, s, buffered=len(run.buf_rows), stop_requested=asked, since_checkpoint_s=since
+            step,
+            s,
+            buffered=len(run.buf_rows),
+            stop_requested=asked,
+            since_checkpoint_s=since,
+            hold_due=hold_due,
         )
 
     def announce(phase: str, step: int) -> None:
@@ -740,6 +772,9 @@ def _loop(
             if plan.shape:
                 with run.timed("shape"):
                     run.measure_shape(step)
+            if plan.hold and hold is not None:
+                announce(f"held after {step + 1} steps ({HOLD_ENV}) ...", step + 1)
+                run.hold(step, hold, stops)
             if plan.stop is None and stops.requested:  # arrived during this step's work
                 plan = decide(step)
                 bad = run.flush(on_progress) if plan.flush else None

@@ -3,11 +3,14 @@
 ``make test-slurm`` starts one (scripts/slurm-local/start.sh) and runs these; elsewhere they
 are deselected with a one-line note (conftest.py). Runs are tiny CPU runs on digits; the two
 fake GPUs of the local SLURM stand in for the cards, so each job holds two runs, as on the
-RTX 8000 cluster.
+RTX 8000 cluster. No assertion races a run's own progress: a signal meant for a training run
+finds it held at a named step (``$DECON_HOLD``), and a state read while the runs go on
+accepts every state they can have reached.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -42,6 +45,25 @@ def _wait(store: SweepStore, submission: dict, timeout_s: float = 900) -> None:
         time.sleep(3)
 
 
+@contextlib.contextmanager
+def _released_and_cancelled(release: Path, job_ids: list[str]):  # noqa: ANN202
+    """On the way out let runs held by ``$DECON_HOLD`` go; on a failure also cancel the jobs
+    (a failed test must not leave the node busy for the next one)."""
+    try:
+        yield
+    except BaseException:
+        subprocess.run(["scancel", *job_ids], capture_output=True)
+        raise
+    finally:
+        release.touch()
+
+
+def _skip_reason(submit_output: str, run_id: str) -> str:
+    """Why ``decon submit`` skipped ``run_id`` (its line under "skipped (N):")."""
+    (line,) = [x for x in submit_output.splitlines() if x.strip().startswith(f"{run_id}: ")]
+    return line.split(": ", 1)[1].strip()
+
+
 def _sacct_states(job_ids: list[str], duplicates: bool = False) -> list[tuple[str, str]]:
     """(job id, state) rows once the jobs have left the queue (runs end a moment before)."""
     cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)]
@@ -49,7 +71,8 @@ def _sacct_states(job_ids: list[str], duplicates: bool = False) -> list[tuple[st
     while True:
         out = subprocess.run(cmd + (["-D"] if duplicates else []), capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
-        rows = [tuple(line.split("|")[:2]) for line in out.stdout.split()]
+        lines = [line.split("|") for line in out.stdout.splitlines() if line.strip()]
+        rows = [(job, state.split()[0]) for job, state, *_ in lines]  # "CANCELLED by 0"
         if not {"RUNNING", "COMPLETING", "PENDING"} & {s for _, s in rows}:
             return rows  # type: ignore[return-value]
         assert time.monotonic() < deadline, rows
@@ -71,8 +94,13 @@ def test_concurrent_submits_make_no_duplicates_and_the_smoke_grid_completes(tmp_
     ids = [rid for job in sub["jobs"] for rid in job["run_ids"]]
     assert sorted(ids) == sorted(manifest["runs"]) and len(ids) == 4
     assert len(sub["jobs"]) == 2 and all(len(j["run_ids"]) == 2 for j in sub["jobs"])
+    # the second submit skipped every run as the first one's, in whatever state the first
+    # job had reached by then (queued, started, even finished: a matter of speed)
     second = next(out for out, _ in outs if "nothing to submit" in out)
-    assert second.count("queued in job") == 4
+    reasons = {rid: _skip_reason(second, rid) for rid in ids}
+    assert all(r.startswith(("queued in job", "live", "completed")) for r in reasons.values()), (
+        reasons
+    )
     store = SweepStore(root)
     _wait(store, sub)
     for rid in ids:
@@ -83,16 +111,18 @@ def test_concurrent_submits_make_no_duplicates_and_the_smoke_grid_completes(tmp_
     assert sorted(_sacct_states(job_ids)) == sorted((j, "COMPLETED") for j in job_ids)
 
 
-# ~40 s of CPU per run without curvature metrics. The job is submitted with a long limit;
-# once both runs are training, the test cuts the limit so that SLURM's timeout signal comes
-# while they train (SLURM signals up to ~30 s early), and lifts it again after the requeue:
-# two attempts, whatever the machine's speed.
+# Each run is held after HOLD_AT_STEPS steps ($DECON_HOLD, contract.py) until a stop signal:
+# whatever the machine's speed, SLURM's timeout signal finds both runs mid-training. The job is
+# submitted with a long limit; once both runs wait there, the test cuts the limit so that the
+# signal comes within a minute or two, and lifts it again after the requeue. The hold is mid
+# epoch 2 (13 steps an epoch), on neither a flush nor a validation boundary.
+HOLD_AT_STEPS = 18
 REQUEUE_GRID = """
 name = "requeue"
 variants = ["base"]
 profiles = ["smoke"]
 [overrides.schedule]
-epochs = 24
+epochs = 4
 [overrides.cadence]
 curvature_every_steps = 0
 [axes]
@@ -101,7 +131,7 @@ weight_decay = [1e-3]
 seed = [0, 1]
 """
 
-ONE_MINUTE = """
+TEN_MINUTES = """
 executor = "slurm"
 partition = "debug"
 gres = "gpu:1"
@@ -115,11 +145,12 @@ max_attempts = 12
 
 
 def _time_out_once(store: SweepStore, job_id: str, run_ids: list[str]) -> None:
-    """Once every run trains, cut the job's limit to 35-95 s from now (SLURM sends the
-    signal within ~30 s of the limit minus signal_delay_s); after the requeue, lift it."""
+    """Once every run is held at HOLD_AT_STEPS, cut the job's limit to 35-95 s from now (SLURM
+    sends the signal within ~30 s of the limit minus signal_delay_s); after the requeue, lift
+    it. The runs cannot finish meanwhile: they wait for the signal."""
     deadline = time.monotonic() + 600
-    while not all(contract.view_run(store.run_dir(r)).step >= 1 for r in run_ids):
-        assert time.monotonic() < deadline, "the runs never started training"
+    while not all(contract.view_run(store.run_dir(r)).step >= HOLD_AT_STEPS for r in run_ids):
+        assert time.monotonic() < deadline, "the runs never reached their hold"
         time.sleep(1)
     elapsed_s = int(_sacct(job_id, "ElapsedRaw")[-1])
     _set_limit(job_id, -(-(elapsed_s + 35) // 60))  # ceil, in minutes
@@ -143,13 +174,13 @@ def _sacct(job_id: str, field: str, requeues: bool = False) -> list[str]:
 
 
 def test_a_job_at_its_time_limit_requeues_and_both_runs_resume_exactly(tmp_path):
-    """Each attempt gets one minute, a run needs more: the job is signalled, both runs
+    """The job reaches its time limit while both runs train: it is signalled, both runs
     checkpoint, the job is requeued and both resume from their own directories. The final
     numbers equal those of the same run trained without interruption."""
     grid = tmp_path / "requeue.toml"
     grid.write_text(REQUEUE_GRID)
-    resources = tmp_path / "one_minute.toml"
-    resources.write_text(ONE_MINUTE)
+    resources = tmp_path / "ten_minutes.toml"
+    resources.write_text(TEN_MINUTES)
     first = expand_grid_runs(load_grid(str(grid)))[0]
     reference = SweepStore(tmp_path / "reference").write_run_config(first.config)
     ref = subprocess.Popen(
@@ -158,20 +189,24 @@ def test_a_job_at_its_time_limit_requeues_and_both_runs_resume_exactly(tmp_path)
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO,
     )  # fmt: skip
     root = tmp_path / "sweep"
+    release = tmp_path / "release"  # created only on the way out
+    held = {**ENV, contract.HOLD_ENV: f"{HOLD_AT_STEPS}:{release}"}
     out = subprocess.run(_submit_cmd(root, str(grid), str(resources)), capture_output=True,
-                         text=True, env=ENV, cwd=REPO, timeout=300)  # fmt: skip
+                         text=True, env=held, cwd=REPO, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr
     store = SweepStore(root)
     (sub,) = store.read_manifest()["submissions"]
     (job,) = sub["jobs"]
-    _time_out_once(store, job["job_id"], job["run_ids"])
-    assert ref.wait(timeout=1500) == 0, ref.stdout.read() if ref.stdout else ""
-    _wait(store, sub, timeout_s=1500)
+    with _released_and_cancelled(release, [job["job_id"]]):
+        _time_out_once(store, job["job_id"], job["run_ids"])
+        assert ref.wait(timeout=1500) == 0, ref.stdout.read() if ref.stdout else ""
+        _wait(store, sub, timeout_s=1500)
     for rid in job["run_ids"]:
         run_dir = store.run_dir(rid)
         assert contract.view_run(run_dir).state == "completed"
         attempts = contract.read_attempt_starts(run_dir)
         assert len(attempts) >= 2, f"{rid} was never interrupted"
+        assert attempts[1]["resumed_from_step"] == HOLD_AT_STEPS  # stopped where it was held
         assert all(a["resumed_from_step"] > 0 for a in attempts[1:])
     states = [s for j, s in _sacct_states([job["job_id"]], duplicates=True)]
     assert "REQUEUED" in states and states[-1] == "COMPLETED"
@@ -190,7 +225,7 @@ def test_a_job_at_its_time_limit_requeues_and_both_runs_resume_exactly(tmp_path)
 
 def test_an_unknown_partition_is_refused_before_anything_is_written(tmp_path):
     resources = tmp_path / "bad.toml"
-    resources.write_text(ONE_MINUTE.replace('partition = "debug"', 'partition = "nope"'))
+    resources.write_text(TEN_MINUTES.replace('partition = "debug"', 'partition = "nope"'))
     root = tmp_path / "sweep"
     out = subprocess.run(_submit_cmd(root, "smoke", str(resources)), capture_output=True,
                          text=True, env=ENV, cwd=REPO, timeout=300)  # fmt: skip

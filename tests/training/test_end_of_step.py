@@ -75,6 +75,23 @@ def test_every_stop_flushes_and_checkpoints_the_next_step():
             assert plan.flush and plan.checkpoint and plan.stop is not None
 
 
+@pytest.mark.parametrize(
+    ("step", "buffered", "stop_requested", "expected"),
+    [
+        (5, 2, False, EndOfStep(flush=True, hold=True)),  # flushed: status shows the held step
+        (5, 0, False, EndOfStep(hold=True)),
+        (3, 4, False, EndOfStep(flush=True, validate=True, hold=True)),  # after validation
+        (5, 2, True, STOP),  # a stop already asked for: no hold, the run stops here
+        (38, 3, False, EndOfStep(True, True, True, True, True, COMPLETED)),  # the final step
+    ],
+)
+def test_a_hold_waits_after_the_steps_work_unless_the_run_ends(
+    step: int, buffered: int, stop_requested: bool, expected: EndOfStep
+):
+    got = after_step(step, SMOKE, buffered=buffered, stop_requested=stop_requested, hold_due=True)
+    assert got == expected
+
+
 def test_curvature_before_step_zero_and_every_n():
     assert [t for t in range(39) if curvature_due(t, SMOKE)] == [0, 10, 20, 30]
     off = Schedule(**{**SMOKE.__dict__, "curvature_every_steps": 0})

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from deconcnn_cli import contract
 from deconcnn_cli.contract import read_attempts, read_events, read_json, read_stream
 from deconcnn_cli.training.checkpoint import list_checkpoints, load_latest_checkpoint
 from tests.conftest import REPO, TINY, only_run, run_cli, subprocess_env
@@ -28,11 +29,11 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
-def _start(root: Path) -> subprocess.Popen:
+def _start(root: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "deconcnn_cli", *ARGS, "--root", str(root)],
         cwd=REPO,
-        env=subprocess_env(),
+        env=subprocess_env() | (env or {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -104,6 +105,53 @@ def test_sigterm_checkpoints_and_exits_resumably(reference: Path, tmp_path: Path
         assert (run / "metrics" / f"{name}.csv").read_text() == (
             reference / "metrics" / f"{name}.csv"
         ).read_text(), name
+
+
+def test_a_held_run_waits_until_a_signal_or_its_release_file(reference: Path, tmp_path: Path):
+    """$DECON_HOLD (the SLURM tests' hook): the run stops advancing at the named step until a
+    stop signal (it then checkpoints there) or the release file; the streams stay exact."""
+    release = tmp_path / "release"
+    env = {contract.HOLD_ENV: f"20,30:{release}"}
+    root = tmp_path / "runs"
+    proc = _start(root, env)
+    _wait_for(lambda: _step(root) == 20, proc)
+    run = only_run(root)
+    time.sleep(1.5)  # a run that did not wait would move on (and stop past 20 below)
+    assert _step(root) == 20 and proc.poll() is None
+    held = [e for e in read_events(run) if contract.HOLD_ENV in e.get("message", "")]
+    assert [e["step"] for e in held] == [19]  # tied to the last step done
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    status = read_json(run / "status.json")
+    assert (status["state"], status["step"], status["last_checkpoint_step"]) == (
+        "interrupted", 20, 20
+    )  # fmt: skip
+
+    proc = _start_resume(run, env)  # resumes after 20: held again at 30 only
+    _wait_for(lambda: _step(root) == 30, proc)
+    time.sleep(1.5)
+    assert _step(root) == 30 and proc.poll() is None
+    release.touch()
+    assert proc.wait(timeout=300) == 0
+    held = [e for e in read_events(run) if contract.HOLD_ENV in e.get("message", "")]
+    assert [e["step"] for e in held] == [19, 29]  # the first kept by the resume after it
+    _assert_streams_equal(run, reference)
+
+
+def test_a_malformed_hold_is_refused(tmp_path: Path):
+    for bad in ("20", "x:/tmp/r", "0:/tmp/r", "20:", "20,,30:/tmp/r"):
+        with pytest.raises(ValueError, match="DECON_HOLD"):
+            contract.hold_from_env({contract.HOLD_ENV: bad})
+    assert contract.hold_from_env({}) is None
+    hold = contract.hold_from_env({contract.HOLD_ENV: "5,30:/tmp/a:b"})
+    assert hold == contract.Hold(frozenset({5, 30}), Path("/tmp/a:b"))
+
+
+def _step(root: Path) -> int:
+    """The step status.json shows (0 before the run directory exists)."""
+    runs = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    status = (read_json(runs[0] / "status.json") or {}) if runs else {}
+    return int(status.get("step") or 0)
 
 
 def test_corrupt_newest_checkpoint_falls_back(reference: Path, tmp_path: Path):
@@ -252,11 +300,11 @@ def test_a_failing_curvature_evaluation_is_a_nan_row(tmp_path: Path, mocker):
     assert [e["step"] for e in warnings] == [0, 10] and freed.call_count == 2
 
 
-def _start_resume(run: Path) -> subprocess.Popen:
+def _start_resume(run: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "deconcnn_cli", "train", "--run-dir", str(run), "--quiet"],
         cwd=REPO,
-        env=subprocess_env(),
+        env=subprocess_env() | (env or {}),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
