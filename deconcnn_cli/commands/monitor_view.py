@@ -22,7 +22,7 @@ from rich.text import Text
 from deconcnn_cli.sweep.monitor import RunRow, SweepReport
 
 MAX_ROWS = 40  # rows printed at most (--watch: as many as the terminal's height holds)
-MIN_DETAIL_COLUMN = 28  # narrower than this, a run's detail goes under its row
+MIN_DETAIL_COLUMN = 36  # narrower than this, a run's detail goes under its row
 JOB_FULL = 10  # job ids up to this long are shown whole (SLURM: 1234567_89)
 STYLE = {
     "running": "green",
@@ -93,8 +93,9 @@ def run_labels(run_ids: Iterable[str]) -> dict[str, str]:
 def job_tails(job_ids: Iterable[str]) -> dict[str, str]:
     """Each job id, or for a long one (a local runner's) ``…`` and the shortest tail that
     still tells it from the others."""
-    long_ids = sorted({j for j in job_ids if len(j) > JOB_FULL})
-    out = {j: j for j in job_ids if len(j) <= JOB_FULL}
+    ids = set(job_ids)
+    long_ids = sorted(j for j in ids if len(j) > JOB_FULL)
+    out = {j: j for j in ids if len(j) <= JOB_FULL}
     n = 4
     while n < JOB_FULL and len({j[-n:] for j in long_ids}) < len(long_ids):
         n += 1
@@ -145,6 +146,8 @@ def _row_lines(row: RunRow, cells: tuple[str, ...], lay: _Layout) -> list[Text]:
             line.append(" " * lay.gap)
         line.append(cell, style=STYLE.get(row.state, "") if HEADERS[i] == "state" else "")
     detail = row.detail
+    if row.job_id and cells[-1] != row.job_id:
+        detail = detail.replace(row.job_id, cells[-1])  # the tail, as in the job column
     if row.cause and row.cause != row.state:
         detail = f"{row.cause}: {detail}" if detail else row.cause
     if not lay.show_job and cells[-1]:
@@ -159,6 +162,10 @@ def _row_lines(row: RunRow, cells: tuple[str, ...], lay: _Layout) -> list[Text]:
     width = sum(lay.widths) + lay.gap * (len(lay.widths) - 1)
     wrapped = textwrap.wrap(detail, max(20, width - 4))[:2]
     return [line, *(Text("    " + w, style="dim", no_wrap=True) for w in wrapped)]
+
+
+def _runs(n: int, word: str = "run") -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _folded(report: SweepReport, width: int) -> list[Text]:
@@ -179,28 +186,40 @@ def _folded(report: SweepReport, width: int) -> list[Text]:
         held = sum(1 for r in rows if r.cause == "held")
         if kind == "array":
             tasks = len({r.job_id for r in rows})
-            text = f"pending: array {key}: {tasks} tasks ({len(rows)} runs), {slots} at a time"
+            text = (
+                f"pending: array {key}: {_runs(tasks, 'task')} ({_runs(len(rows))}), "
+                f"{slots} at a time"
+            )
         elif kind == "local":
-            text = f"pending: {len(rows)} runs in job {tails[key]}, {slots} at a time"
+            text = f"pending: {_runs(len(rows))} in job {tails[key]}, {slots} at a time"
         else:
-            text = f"pending: {len(rows)} runs" + (f" in job {key}" if key else "")
+            text = f"pending: {_runs(len(rows))}" + (f" in job {key}" if key else "")
         if held:
             text += f"; {held} held by the scheduler (--show-failed)"
         out.append(Text(text, style=STYLE["pending"]))
     if missing:
-        text = f"missing: {missing} runs, no run directory and no job (decon recover)"
+        text = f"missing: {_runs(missing)}, no run directory and no job (decon recover)"
         out.append(Text(text, style=STYLE["missing"]))
     for t in out:
         t.overflow = "fold"
     return out
 
 
-def _head(report: SweepReport) -> list[Text]:
-    counts = Text(f"{report.grid}: {len(report.rows)} runs")
-    for state, n in report.counts.items():
-        if n:
-            counts.append("  ")
-            counts.append(f"{state} {n}", style=STYLE.get(state, ""))
+def _counts(report: SweepReport, width: int) -> list[Text]:
+    """``grid: N runs  running 2  pending 176 ...``, wrapped between counts, never inside one."""
+    items = [(f"{report.grid}: {len(report.rows)} runs", "")]
+    items += [(f"{s} {n}", STYLE.get(s, "")) for s, n in report.counts.items() if n]
+    lines = [Text(items[0][0], overflow="fold")]
+    for text, style in items[1:]:
+        if len(lines[-1].plain) + 2 + len(text) > width:
+            lines.append(Text(text, style=style))
+        else:
+            lines[-1].append("  ")
+            lines[-1].append(text, style=style)
+    return lines
+
+
+def _head(report: SweepReport, width: int) -> list[Text]:
     unit = report.hours_unit
     eta = Text.assemble(
         ("ETA ", "bold"),
@@ -208,14 +227,14 @@ def _head(report: SweepReport) -> list[Text]:
         f"   {unit}-hours {report.gpu_hours:.2f} used, {report.gpu_hours_wasted:.2f} "
         "wasted on failed attempts",
     )
-    lines = [counts, eta, Text(_basis(report), style="dim")]
+    lines = [*_counts(report, width), eta, Text(_basis(report), style="dim")]
     sched = report.scheduler
     if sched.query_ids:
         when = "cached" if sched.from_cache else "queried"
         lines.append(
             Text(
                 f"scheduler: {len(sched.query_ids)} job id(s), {sched.calls} call(s) this "
-                f"refresh, {when} {sched.age_s(report.time_unix):.0f} s ago",
+                f"refresh, {when} {max(0.0, sched.age_s(report.time_unix)):.0f} s ago",
                 style="dim",
             )
         )
@@ -237,17 +256,24 @@ def _basis(report: SweepReport) -> str:
     if est.s_per_step is not None and totals:
         per_run = f", {duration(est.s_per_step * statistics.median(totals))} a run"
     source = (
-        f"{est.n_completed_measured} completed runs{per_run}"
+        f"{_runs(est.n_completed_measured, 'completed run')}{per_run}"
         if est.n_completed_measured
         else f"running runs' speed{per_run}"
     )
     return f"ETA from {source}; {left} runs left, {est.busy} of {est.slots} slots busy"
 
 
+def _natural(text: str) -> tuple[tuple[int, str, int], ...]:
+    """``s15`` before ``s106``: digits compare as numbers."""
+    return tuple(
+        (0, "", int(p)) if p.isdigit() else (1, p, 0) for p in re.split(r"(\d+)", text) if p
+    )
+
+
 def _shown(report: SweepReport) -> list[RunRow]:
     order = {s: i for i, s in enumerate(ROW_ORDER)}
     rows = [r for r in report.rows if r.state in order]
-    rows.sort(key=lambda r: (order[r.state], r.run_id))
+    rows.sort(key=lambda r: (order[r.state], _natural(r.run_id)))
     return rows
 
 
@@ -256,7 +282,7 @@ def render_lines(
 ) -> list[Text]:
     """Every line of the glance at ``width`` columns: head, folded runs, rows, what is left
     out. ``max_lines`` (the terminal's height, for --watch) cuts rows, never the head."""
-    lines = _head(report) + _folded(report, width)
+    lines = _head(report, width) + _folded(report, width)
     rows = _shown(report)
     if not rows:
         return lines
