@@ -260,7 +260,7 @@ def _basis(report: SweepReport) -> str:
         if est.n_completed_measured
         else f"running runs' speed{per_run}"
     )
-    return f"ETA from {source}; {left} runs left, {est.busy} of {est.slots} slots busy"
+    return f"ETA from {source}; {_runs(left)} left, {est.busy} of {est.slots} slots busy"
 
 
 def _natural(text: str) -> tuple[tuple[int, str, int], ...]:
