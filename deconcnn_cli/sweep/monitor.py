@@ -235,13 +235,9 @@ def _pools(
         elif kind == "array":
             if parallelism is None:
                 parallelism = _array_parallelism(sweep.manifest)
-            jobs = {r.job_id for r in members[key]}
+            # the array's %N; where its profile cannot be read, what runs now
             running = {r.job_id for r in members[key] if r.job_state == "RUNNING"}
-            waiting = {r.job_id for r in members[key] if r.state == C.PENDING} - running
-            slots = parallelism.get(key) or max(1, len(running))
-            if running and waiting and len(running) < slots:
-                slots = len(running)  # the cluster, not the %N, holds the rest back
-            slots = min(slots, len(jobs))
+            slots = parallelism.get(key) or len(running)
         else:
             slots = 1
         pools[key] = Pool(key, kind, max(1, slots))

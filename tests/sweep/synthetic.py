@@ -25,9 +25,27 @@ VARIANTS = ("base", "bn_off", "narrow", "adamw")
 LRS = ("0.05", "0.1", "0.2")
 WDS = ("0.0001", "0.001", "0.01")
 CYCLE = (
-    "running", "failed", "pending", "stalled", "interrupted", "diverged", "missing",
-    "completed", "pending", "pending", "pending", "pending", "pending", "pending",
-    "completed", "completed", "completed", "completed", "completed", "running", "completed",
+    "running",
+    "failed",
+    "pending",
+    "stalled",
+    "interrupted",
+    "diverged",
+    "missing",
+    "completed",
+    "pending",
+    "pending",
+    "pending",
+    "pending",
+    "pending",
+    "pending",
+    "completed",
+    "completed",
+    "completed",
+    "completed",
+    "completed",
+    "running",
+    "completed",
 )  # fmt: skip (21 long: each state meets every variant)
 TOTAL_STEPS = 17_600
 STEPS_PER_EPOCH = 352
