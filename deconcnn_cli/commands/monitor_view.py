@@ -137,7 +137,11 @@ def _fit(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(0, width - 1)] + "…"
 
 
-def _row_lines(row: RunRow, cells: tuple[str, ...], lay: _Layout) -> list[Text]:
+def _row_lines(
+    row: RunRow, cells: tuple[str, ...], lay: _Layout, *, compact: bool = False
+) -> list[Text]:
+    """The run's row, and its detail: in the detail column, else under the row (``compact``:
+    one line in all, for a terminal too short for every row and its detail)."""
     line = Text(no_wrap=True, overflow="crop")
     for i, w in enumerate(lay.widths):
         cell = _fit(cells[i], w)
@@ -153,11 +157,13 @@ def _row_lines(row: RunRow, cells: tuple[str, ...], lay: _Layout) -> list[Text]:
     if not lay.show_job and cells[-1]:
         detail = f"job {cells[-1]}" + (f"; {detail}" if detail else "")
     if lay.detail_width:
-        wrapped = textwrap.wrap(detail, lay.detail_width)[:3] or [""]
+        wrapped = textwrap.wrap(detail, lay.detail_width)[: 1 if compact else 3] or [""]
+        if compact and len(detail) > len(wrapped[0]):
+            wrapped[0] = _fit(detail, lay.detail_width)
         line.append(" " * lay.gap + wrapped[0], style="dim")
         indent = " " * (sum(lay.widths) + lay.gap * len(lay.widths))
         return [line, *(Text(indent + w, style="dim", no_wrap=True) for w in wrapped[1:])]
-    if not detail or row.state == "running":
+    if not detail or row.state == "running" or compact:
         return [line]  # a running run's detail is its job's RUNNING: nothing to read
     width = sum(lay.widths) + lay.gap * (len(lay.widths) - 1)
     wrapped = textwrap.wrap(detail, max(20, width - 4))[:2]
@@ -299,24 +305,35 @@ def render_lines(
         header.append((" " * lay.gap if i else "") + name)
     if lay.detail_width:
         header.append(" " * lay.gap + "detail")
-    used = sum(max(1, -(-len(t.plain) // width)) for t in lines)  # the head wraps
-    budget = None if max_lines is None else max(2, max_lines - used - 2)
-    body: list[Text] = []
-    n_shown = 0
-    for r, c in zip(candidates, cells, strict=True):
-        row_lines = _row_lines(r, c, lay)
-        if budget is not None and len(body) + len(row_lines) > budget:
-            break
-        body += row_lines
-        n_shown += 1
-    lines += [header, *body]
-    if n_shown < len(rows):
-        rest: dict[str, int] = defaultdict(int)
-        for r in rows[n_shown:]:
-            rest[r.state] += 1
-        what = ", ".join(f"{n} {s}" for s, n in rest.items())
-        lines.append(Text(f"... {what} more (--json lists every run)", style="dim"))
+    body = [_row_lines(r, c, lay) for r, c in zip(candidates, cells, strict=True)]
+    if max_lines is not None:  # --watch: what the terminal holds, the head before any row
+        room = max_lines - _height(lines, width) - 1  # the column header
+        if sum(map(len, body)) + _height([_more(rows, len(body))], width) > room:
+            body = [
+                _row_lines(r, c, lay, compact=True) for r, c in zip(candidates, cells, strict=True)
+            ]
+        while body and sum(map(len, body)) + _height([_more(rows, len(body))], width) > room:
+            body.pop()
+    lines += [header, *(line for row_lines in body for line in row_lines)]
+    if len(body) < len(rows):
+        lines.append(_more(rows, len(body)))
     return lines
+
+
+def _height(lines: list[Text], width: int) -> int:
+    """Terminal lines the given lines take at ``width`` (a longer one wraps)."""
+    return sum(max(1, -(-len(t.plain) // width)) for t in lines)
+
+
+def _more(rows: list[RunRow], n_shown: int) -> Text:
+    """What the rows left out, by state."""
+    if n_shown >= len(rows):
+        return Text("")
+    rest: dict[str, int] = defaultdict(int)
+    for r in rows[n_shown:]:
+        rest[r.state] += 1
+    what = ", ".join(f"{n} {s}" for s, n in rest.items())
+    return Text(f"... {what} more (--json has all)", style="dim")
 
 
 class MonitorView:

@@ -70,9 +70,15 @@ def check_screen(text: str, report: SweepReport, width: int, *, all_rows: bool =
     # one row per run that needs eyes, each state word, epoch, step and attempt whole
     labels = run_labels(r.run_id for r in report.rows)
     eligible = [r for r in report.rows if r.state in ROW_ORDER]
+    states = "|".join(ROW_ORDER)
+    by_label = {
+        m["label"]: line
+        for line in lines
+        if (m := re.match(rf"(?P<label>\S.*?)\s+({states})\s", line))
+    }
     shown = 0
     for r in eligible:
-        row = [line for line in lines if re.match(rf"{re.escape(labels[r.run_id])}\s", line)]
+        row = [by_label[labels[r.run_id]]] if labels[r.run_id] in by_label else []
         if not row:
             continue
         shown += 1
