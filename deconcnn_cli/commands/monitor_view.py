@@ -106,9 +106,13 @@ def job_tails(job_ids: Iterable[str]) -> dict[str, str]:
 @dataclass(frozen=True)
 class _Layout:
     widths: tuple[int, ...]  # of the columns shown
+    gaps: tuple[int, ...]  # spaces before each column (the first: 0)
     show_job: bool
-    gap: int
     detail_width: int  # 0: details go under the row
+
+    @property
+    def width(self) -> int:
+        return sum(self.widths) + sum(self.gaps)
 
 
 def _cells(row: RunRow, label: str, job: str) -> tuple[str, ...]:
@@ -117,20 +121,25 @@ def _cells(row: RunRow, label: str, job: str) -> tuple[str, ...]:
     return (label, row.state, f"{row.epoch:.2f}", step, rate, str(row.attempts), job)
 
 
+# spaces before each column, widest first; between right-aligned numbers one space reads well
+_GAPS = ((0, 2, 2, 2, 2, 2, 2), (0, 2, 2, 1, 1, 1, 2), (0, 1, 1, 1, 1, 1, 1))
+
+
 def _layout(cells: list[tuple[str, ...]], width: int) -> _Layout:
     """Widths that keep state, epoch, step, step/s and att whole: gaps narrow first, then the
     job column goes (into the detail), then the label is cut."""
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(HEADERS)]
-    for gap, show_job in ((2, True), (1, True), (2, False), (1, False)):
+    tries = [(g, True) for g in _GAPS] + [(g[:-1], False) for g in _GAPS]
+    for gaps, show_job in tries:
         cols = widths if show_job else widths[:-1]
-        total = sum(cols) + gap * (len(cols) - 1)
-        if total <= width or (gap, show_job) == (1, False):
+        if sum(cols) + sum(gaps) <= width:
             break
-    if total > width:  # the label gives up what is still missing, down to 8 characters
-        cols = [max(8, cols[0] - (total - width)), *cols[1:]]
-        total = sum(cols) + gap * (len(cols) - 1)
-    spare = width - total - gap
-    return _Layout(tuple(cols), show_job, gap, spare if spare >= MIN_DETAIL_COLUMN else 0)
+    over = sum(cols) + sum(gaps) - width
+    if over > 0:  # the label gives up what is still missing, down to 8 characters
+        cols = [max(8, cols[0] - over), *cols[1:]]
+    lay = _Layout(tuple(cols), tuple(gaps), show_job, 0)
+    spare = width - lay.width - 2
+    return _Layout(lay.widths, lay.gaps, show_job, spare if spare >= MIN_DETAIL_COLUMN else 0)
 
 
 def _fit(text: str, width: int) -> str:
@@ -146,8 +155,7 @@ def _row_lines(
     for i, w in enumerate(lay.widths):
         cell = _fit(cells[i], w)
         cell = cell.rjust(w) if HEADERS[i] in _RIGHT else cell.ljust(w)
-        if i:
-            line.append(" " * lay.gap)
+        line.append(" " * lay.gaps[i])
         line.append(cell, style=STYLE.get(row.state, "") if HEADERS[i] == "state" else "")
     detail = row.detail
     if row.job_id and cells[-1] != row.job_id:
@@ -160,13 +168,12 @@ def _row_lines(
         wrapped = textwrap.wrap(detail, lay.detail_width)[: 1 if compact else 3] or [""]
         if compact and len(detail) > len(wrapped[0]):
             wrapped[0] = _fit(detail, lay.detail_width)
-        line.append(" " * lay.gap + wrapped[0], style="dim")
-        indent = " " * (sum(lay.widths) + lay.gap * len(lay.widths))
+        line.append("  " + wrapped[0], style="dim")
+        indent = " " * (lay.width + 2)
         return [line, *(Text(indent + w, style="dim", no_wrap=True) for w in wrapped[1:])]
     if not detail or row.state == "running" or compact:
         return [line]  # a running run's detail is its job's RUNNING: nothing to read
-    width = sum(lay.widths) + lay.gap * (len(lay.widths) - 1)
-    wrapped = textwrap.wrap(detail, max(20, width - 4))[:2]
+    wrapped = textwrap.wrap(detail, max(20, lay.width - 4))[:2]
     return [line, *(Text("    " + w, style="dim", no_wrap=True) for w in wrapped)]
 
 
@@ -269,17 +276,21 @@ def _basis(report: SweepReport) -> str:
     return f"ETA from {source}; {_runs(left)} left, {est.busy} of {est.slots} slots busy"
 
 
-def _natural(text: str) -> tuple[tuple[int, str, int], ...]:
-    """``s15`` before ``s106``: digits compare as numbers."""
-    return tuple(
-        (0, "", int(p)) if p.isdigit() else (1, p, 0) for p in re.split(r"(\d+)", text) if p
-    )
+def _order(run_id: str) -> tuple:
+    """Grid order: variant, lr, wd, seed as numbers (``s15`` before ``s106``)."""
+    m = _RUN_ID.match(run_id)
+    if m is None:
+        return (1, run_id)
+    try:
+        return (0, m["v"], float(m["lr"]), float(m["wd"]), int(m["s"]), m["h"])
+    except ValueError:
+        return (1, run_id)
 
 
 def _shown(report: SweepReport) -> list[RunRow]:
     order = {s: i for i, s in enumerate(ROW_ORDER)}
     rows = [r for r in report.rows if r.state in order]
-    rows.sort(key=lambda r: (order[r.state], _natural(r.run_id)))
+    rows.sort(key=lambda r: (order[r.state], _order(r.run_id)))
     return rows
 
 
@@ -302,9 +313,9 @@ def render_lines(
     header = Text(no_wrap=True, overflow="crop", style="bold")
     for i, w in enumerate(lay.widths):
         name = HEADERS[i].rjust(w) if HEADERS[i] in _RIGHT else HEADERS[i].ljust(w)
-        header.append((" " * lay.gap if i else "") + name)
+        header.append(" " * lay.gaps[i] + name)
     if lay.detail_width:
-        header.append(" " * lay.gap + "detail")
+        header.append("  detail")
     body = [_row_lines(r, c, lay) for r, c in zip(candidates, cells, strict=True)]
     if max_lines is not None:  # --watch: what the terminal holds, the head before any row
         room = max_lines - _height(lines, width) - 1  # the column header
