@@ -171,6 +171,7 @@ def _row_lines(
         line.append("  " + wrapped[0], style="dim")
         indent = " " * (lay.width + 2)
         return [line, *(Text(indent + w, style="dim", no_wrap=True) for w in wrapped[1:])]
+    line.rstrip()
     if not detail or row.state == "running" or compact:
         return [line]  # a running run's detail is its job's RUNNING: nothing to read
     wrapped = textwrap.wrap(detail, max(20, lay.width - 4))[:2]
@@ -325,6 +326,7 @@ def render_lines(
             ]
         while body and sum(map(len, body)) + _height([_more(rows, len(body))], width) > room:
             body.pop()
+    header.rstrip()
     lines += [header, *(line for row_lines in body for line in row_lines)]
     if len(body) < len(rows):
         lines.append(_more(rows, len(body)))

@@ -332,3 +332,18 @@ def test_watch_in_tmux_at_80_columns(tmp_path: Path) -> None:
         _tmux(sock, "send-keys", "-t", "m", "C-c")
     finally:
         subprocess.run(["tmux", "-S", str(sock), "kill-server"], capture_output=True)
+
+
+def test_docs_show_the_glance_as_it_prints_at_80_columns() -> None:
+    """README and docs/cluster.md show `decon monitor` at 80 columns, in today's layout."""
+    for doc in (REPO / "README.md", REPO / "docs" / "cluster.md"):
+        (block,) = re.findall(r"```text\n\$ decon monitor[^\n]*\n(.*?)```", doc.read_text(), re.S)
+        lines = block.splitlines()
+        assert all(len(line) <= 80 for line in lines), doc
+        assert re.match(r"loss_lin_slope: 216 runs  pending \d+  running \d+", lines[0])
+        eta = next(line for line in lines[1:3] if line.startswith("ETA "))  # counts may wrap
+        assert "unknown" not in eta
+        (header,) = [line for line in lines if line.startswith("run ")]
+        assert header.split() == ["run", "state", "epoch", "step", "step/s", "att", "job"]
+        assert any(line.startswith("pending: ") for line in lines)
+        assert not re.search(r"\spending\s+\d+\.\d\d\s", block)
