@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.padding import Padding
 from rich.text import Text
 
 from deconcnn_cli.commands.monitor_view import render
@@ -22,11 +23,19 @@ from deconcnn_cli.sweep.scheduler import CACHE_TTL_S
 
 
 def render_report(report: SweepReport, show_failed: bool, *, fit_height: bool = False) -> Group:
-    """The glance (monitor_view.py), and with ``show_failed`` each run that needs action."""
-    parts: list[RenderableType] = [render(report, fit_height=fit_height)]
+    """The glance (monitor_view.py), and with ``show_failed`` each run that needs action.
+    ``fit_height`` (--watch): the glance's rows fit the terminal (half of it with
+    ``show_failed``, so that the failures start on screen)."""
+    glance = render(report, fit_height=fit_height, height_share=0.5 if show_failed else 1.0)
+    parts: list[RenderableType] = [glance]
     if show_failed:
         parts += _render_failures(report)
     return Group(*parts)
+
+
+def _indented(text: str, indent: int, style: str = "") -> Padding:
+    """A line that wraps under its own indent at any width."""
+    return Padding(Text(text, style=style), (0, 0, 0, indent), expand=False)
 
 
 def _render_failures(report: SweepReport) -> list[RenderableType]:
@@ -35,16 +44,16 @@ def _render_failures(report: SweepReport) -> list[RenderableType]:
     for row in report.needs_action:
         f = failure_report(sweep, row)
         out.append(Text(f"\n{f.run_id}: {f.state}, cause {f.cause}", style="bold"))
-        out.append(Text(f"  {f.detail}"))
+        out.append(_indented(f.detail, 2))
         if f.exception_type:
-            out.append(Text(f"  exception: {f.exception_type}"))
+            out.append(_indented(f"exception: {f.exception_type}", 2))
         if f.traceback:
-            out.append(Text("  traceback (last lines):", style="dim"))
-            out += [Text(f"    {line}") for line in f.traceback.splitlines()[-8:]]
+            out.append(_indented("traceback (last lines):", 2, "dim"))
+            out += [_indented(line, 4) for line in f.traceback.splitlines()[-8:]]
         if f.log_tail:
-            out.append(Text(f"  tail of {f.log_path}:", style="dim"))
-            out += [Text(f"    {line}") for line in f.log_tail]
-        out.append(Text(f"  fix: {f.fix}", style="green"))
+            out.append(_indented(f"tail of {f.log_path}:", 2, "dim"))
+            out += [_indented(line, 4) for line in f.log_tail]
+        out.append(_indented(f"fix: {f.fix}", 2, "green"))
     if not report.needs_action:
         out.append(Text("\nno run needs action"))
     return out

@@ -350,16 +350,25 @@ def _more(rows: list[RunRow], n_shown: int) -> Text:
 
 
 class MonitorView:
-    """The glance as a rich renderable: laid out afresh for the width it is drawn at."""
+    """The glance as a rich renderable: laid out afresh for the width it is drawn at;
+    ``fit_height``: its rows cut to ``height_share`` of the terminal's height (--watch)."""
 
-    def __init__(self, report: SweepReport, *, fit_height: bool = False) -> None:
+    def __init__(
+        self, report: SweepReport, *, fit_height: bool = False, height_share: float = 1.0
+    ) -> None:
         self.report = report
         self.fit_height = fit_height
+        self.height_share = height_share
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[Text]:
-        height = (options.height or console.height) if self.fit_height else None
+        height = None
+        if self.fit_height:
+            height = int((options.height or console.height) * self.height_share)
         yield from render_lines(self.report, options.max_width, max_lines=height)
 
 
-def render(report: SweepReport, *, fit_height: bool = False) -> RenderableType:
-    return MonitorView(report, fit_height=fit_height)
+def render(
+    report: SweepReport, *, fit_height: bool = False, height_share: float = 1.0
+) -> RenderableType:
+    """The glance of ``report`` (see :class:`MonitorView`)."""
+    return MonitorView(report, fit_height=fit_height, height_share=height_share)
