@@ -182,7 +182,7 @@ def _runs(n: int, word: str = "run") -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def _folded(report: SweepReport, width: int) -> list[Text]:
+def _folded(report: SweepReport) -> list[Text]:
     """One line per job or array holding pending runs; one for the missing runs."""
     pending: dict[str, list[RunRow]] = defaultdict(list)
     missing = 0
@@ -300,7 +300,7 @@ def render_lines(
 ) -> list[Text]:
     """Every line of the glance at ``width`` columns: head, folded runs, rows, what is left
     out. ``max_lines`` (the terminal's height, for --watch) cuts rows, never the head."""
-    lines = _head(report, width) + _folded(report, width)
+    lines = _head(report, width) + _folded(report)
     rows = _shown(report)
     if not rows:
         return lines

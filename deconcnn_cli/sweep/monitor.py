@@ -2,7 +2,8 @@
 
 :func:`observe_sweep` reads ``status.json`` and ``attempts.jsonl`` of every run (no metric
 streams: it must answer in well under a second for hundreds of runs) and classifies each run
-(:mod:`deconcnn_cli.sweep.classify`). :func:`failure_report` adds, for one run that needs
+(:mod:`deconcnn_cli.sweep.classify`), then estimates when the sweep ends from what was measured
+(:mod:`deconcnn_cli.sweep.eta`). :func:`failure_report` adds, for one run that needs
 action, the tail of its log or traceback and the command that fixes it. No torch, no printing.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from deconcnn_cli import contract
+from deconcnn_cli.errors import DeconError
 from deconcnn_cli.sweep import classify as C
 from deconcnn_cli.sweep.eta import EtaEstimate, Work, estimate_eta, typical_s_per_step
 from deconcnn_cli.sweep.observe import JobRef, SweepView, load_sweep
@@ -199,7 +201,7 @@ def _array_parallelism(manifest: dict[str, Any]) -> dict[str, int]:
         if ref not in by_profile:
             try:
                 by_profile[ref] = load_resources(ref).array_parallelism
-            except Exception:  # a profile moved or changed since: the running jobs tell
+            except (DeconError, OSError, ValueError):  # moved or changed since: what runs tells
                 by_profile[ref] = 0
         for job in sub.get("jobs") or []:
             if isinstance(job, dict) and job.get("job_id") is not None:
