@@ -294,20 +294,20 @@ def test_eta_of_a_slurm_array_uses_its_parallelism(
 
 
 def _tmux(sock: Path, *args: str) -> str:
+    """A command to this test's own tmux server (a CI shell may have no TERM: give one)."""
     cmd = ["tmux", "-S", str(sock), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    env = {**os.environ, "TERM": "xterm-256color"}
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux (make test installs it)")
 def test_watch_in_tmux_at_80_columns(tmp_path: Path) -> None:
     syn = write_sweep(tmp_path / "sweep", 216, "local")
     sock = tmp_path / "tmux.sock"
-    env = subprocess_env() | {"PYTHONPATH": str(REPO), "TERM": "xterm-256color"}
-    env.pop("COLUMNS", None)
-    env.pop("LINES", None)
-    cmd = " ".join(
+    env = subprocess_env() | {"PYTHONPATH": str(REPO)}
+    cmd = " ".join(  # the pane's own size, not a COLUMNS/LINES this shell may carry
         [
-            "env",
+            "env -u COLUMNS -u LINES",
             *(f"{k}={shlex.quote(env[k])}" for k in ("PATH", "PYTHONPATH", "OMP_NUM_THREADS")),
             shlex.quote(sys.executable),
             "-m deconcnn_cli monitor --watch --interval 1 --root",
