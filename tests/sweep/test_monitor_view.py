@@ -38,7 +38,10 @@ SWEEPS = {4: "local", 216: "local", 10_000: "slurm"}
         pytest.param(10_000, marks=pytest.mark.slow),
     ],
 )
-def observed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+def observed(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> SweepReport:
+    """A sweep of n runs in every state (4: the first four states), as monitor observes it."""
     n = request.param
     tmp = tmp_path_factory.mktemp(f"sweep{n}")
     syn = write_sweep(tmp / "sweep", n, SWEEPS[n])
