@@ -34,6 +34,8 @@ demo: install
 	@echo "dataset: $(DEMO_ROOT)/results.csv  report: $(DEMO_ROOT)/report/report.html"
 
 test: install-dev
+	@command -v tmux >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q tmux) || echo "no tmux: the monitor --watch terminal test skips"
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q

@@ -1,9 +1,10 @@
-"""Wall time of ``decon monitor --json`` on synthetic sweeps of 216 and 10,000 runs.
+"""Wall time of ``decon monitor`` on synthetic sweeps of 216 and 10,000 runs.
 
 Writes each sweep (manifest, ``runs/<id>/status.json`` + ``attempts.jsonl``; 2 runs per GPU
 job, arrays of at most 1,000 tasks) and a fake ``squeue``/``sacct`` pair on PATH that answers
 for every job and logs each call. Then runs the real CLI in a subprocess: a cold refresh (the
-scheduler is queried) and a warm one (a second shell within the cache TTL). Prints wall times,
+scheduler is queried) and a warm one (a second shell within the cache TTL), both ``--json``,
+and the table a person reads at 80 columns (``table80``, warm). Prints wall times,
 the scheduler calls each refresh made, and the targets (< 1 s at 216 runs, < 5 s at 10,000;
 one batched query per refresh). Torch is never loaded. Usage:
 
@@ -120,9 +121,12 @@ def write_fake_scheduler(bin_dir: Path, job_ids: list[str]) -> Path:
 
 
 def time_monitor(root: Path, env: dict[str, str], *extra: str) -> tuple[float, dict]:
+    """Wall seconds of one ``decon monitor``, and its --json answer (the table: its n_runs)."""
+    table = "--table" in extra
+    args = [a for a in extra if a != "--table"] + ([] if table else ["--json"])
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "deconcnn_cli", "monitor", "--json", "--root", str(root), *extra],
+        [sys.executable, "-m", "deconcnn_cli", "monitor", "--root", str(root), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -132,6 +136,9 @@ def time_monitor(root: Path, env: dict[str, str], *extra: str) -> tuple[float, d
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"monitor failed: {proc.stderr}")
+    if table:
+        first = proc.stdout.splitlines()[0]  # "<grid>: <n> runs  ..."
+        return wall, {"n_runs": int(first.split(": ")[1].split()[0])}
     return wall, json.loads(proc.stdout)
 
 
@@ -156,8 +163,14 @@ def main() -> None:
                 **os.environ,
                 "PATH": f"{tmp / f'bin{n}'}:{os.environ.get('PATH', '')}",
                 "OMP_NUM_THREADS": "1",
+                "COLUMNS": "80",
             }
-            for label, extra in (("cold", ("--refresh",)), ("cached", ())):
+            counts: dict = {}
+            for label, extra in (
+                ("cold", ("--refresh",)),
+                ("cached", ()),
+                ("table80", ("--table",)),
+            ):
                 walls, per_refresh = [], []
                 for _ in range(args.reps):
                     before = len(calls.read_text().splitlines())
@@ -165,6 +178,7 @@ def main() -> None:
                     walls.append(wall)
                     per_refresh.append(len(calls.read_text().splitlines()) - before)
                     assert out["n_runs"] == n
+                    counts = out.get("counts", counts)
                 walls.sort()
                 target = TARGET_S.get(n)
                 ok = "" if target is None else ("ok" if walls[0] < target else "MISSED")
@@ -175,7 +189,7 @@ def main() -> None:
                 )
             print(
                 f"       (writing the {n}-run sweep took {write_s:.1f} s; counts "
-                f"{json.dumps({k: v for k, v in out['counts'].items() if v})})"
+                f"{json.dumps({k: v for k, v in counts.items() if v})})"
             )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

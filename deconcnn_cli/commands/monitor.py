@@ -9,107 +9,51 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
-from rich.table import Table
+from rich.padding import Padding
 from rich.text import Text
 
+from deconcnn_cli.commands.monitor_view import render
 from deconcnn_cli.commands.options import JsonOpt, SweepRootOpt
 from deconcnn_cli.commands.render import exit_on_error
 from deconcnn_cli.sweep.monitor import SweepReport, failure_report, observe_sweep
 from deconcnn_cli.sweep.observe import load_sweep
 from deconcnn_cli.sweep.scheduler import CACHE_TTL_S
 
-MAX_ROWS = 40
-_STYLE = {
-    "running": "green",
-    "pending": "cyan",
-    "completed": "dim",
-    "diverged": "magenta",
-    "interrupted": "yellow",
-    "failed": "bold red",
-    "stalled": "red",
-    "missing": "yellow",
-}
 
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    h, rem = divmod(int(seconds), 3600)
-    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
-
-
-def render_report(report: SweepReport, show_failed: bool) -> Group:
-    sched = report.scheduler
-    counts = "  ".join(f"[{_STYLE[s]}]{s} {n}[/]" for s, n in report.counts.items() if n)
-    head = [
-        Text.from_markup(f"[bold]{report.grid}[/] at {report.root}: {len(report.rows)} runs"),
-        Text.from_markup(counts),
-        Text(
-            f"ETA {_duration(report.eta_s)}   GPU-hours used {report.gpu_hours:.2f}, "
-            f"wasted on failed attempts {report.gpu_hours_wasted:.2f}"
-        ),
-    ]
-    if sched.query_ids:
-        when = "cached" if sched.from_cache else "queried"
-        line = (
-            f"scheduler: {len(sched.query_ids)} job id(s), {sched.calls} call(s) this refresh, "
-            f"{when} {sched.age_s(report.time_unix):.0f} s ago"
-        )
-        head.append(Text(line, style="dim"))
-    for note in sched.notes:
-        head.append(Text(f"scheduler degraded: {note}", style="yellow"))
-    table = Table(box=None, pad_edge=False)
-    for col in ("run", "state", "epoch", "step", "step/s", "att", "job", "detail"):
-        right = col in ("epoch", "step", "step/s", "att")
-        table.add_column(
-            col,
-            justify="right" if right else "left",
-            no_wrap=True,
-            overflow="ellipsis",
-            ratio=1 if col == "detail" else None,
-        )
-    active = [r for r in report.rows if r.state not in ("completed",)]
-    order = {s: i for i, s in enumerate(_STYLE)}
-    active.sort(key=lambda r: (order.get(r.state, 99), r.run_id))
-    for r in active[:MAX_ROWS]:
-        table.add_row(
-            r.run_id,
-            Text(r.state + (f" ({r.cause})" if r.cause else ""), style=_STYLE.get(r.state, "")),
-            f"{r.epoch:.2f}",
-            f"{r.step}/{r.total_steps or '?'}",
-            f"{r.steps_per_s:.1f}" if r.steps_per_s and r.state == "running" else "",
-            str(r.attempts),
-            r.job_id or "",
-            r.detail,
-        )
-    parts: list = [*head]
-    if active:
-        parts.append(table)
-    if len(active) > MAX_ROWS:
-        parts.append(Text(f"... {len(active) - MAX_ROWS} more (--json lists every run)"))
+def render_report(report: SweepReport, show_failed: bool, *, fit_height: bool = False) -> Group:
+    """The glance (monitor_view.py), and with ``show_failed`` each run that needs action.
+    ``fit_height`` (--watch): the glance's rows fit the terminal (half of it with
+    ``show_failed``, so that the failures start on screen)."""
+    glance = render(report, fit_height=fit_height, height_share=0.5 if show_failed else 1.0)
+    parts: list[RenderableType] = [glance]
     if show_failed:
         parts += _render_failures(report)
     return Group(*parts)
 
 
-def _render_failures(report: SweepReport) -> list:
+def _indented(text: str, indent: int, style: str = "") -> Padding:
+    """A line that wraps under its own indent at any width."""
+    return Padding(Text(text, style=style), (0, 0, 0, indent), expand=False)
+
+
+def _render_failures(report: SweepReport) -> list[RenderableType]:
     sweep = load_sweep(report.root)
-    out: list = []
+    out: list[RenderableType] = []
     for row in report.needs_action:
         f = failure_report(sweep, row)
         out.append(Text(f"\n{f.run_id}: {f.state}, cause {f.cause}", style="bold"))
-        out.append(Text(f"  {f.detail}"))
+        out.append(_indented(f.detail, 2))
         if f.exception_type:
-            out.append(Text(f"  exception: {f.exception_type}"))
+            out.append(_indented(f"exception: {f.exception_type}", 2))
         if f.traceback:
-            out.append(Text("  traceback (last lines):", style="dim"))
-            out += [Text(f"    {line}") for line in f.traceback.splitlines()[-8:]]
+            out.append(_indented("traceback (last lines):", 2, "dim"))
+            out += [_indented(line, 4) for line in f.traceback.splitlines()[-8:]]
         if f.log_tail:
-            out.append(Text(f"  tail of {f.log_path}:", style="dim"))
-            out += [Text(f"    {line}") for line in f.log_tail]
-        out.append(Text(f"  fix: {f.fix}", style="green"))
+            out.append(_indented(f"tail of {f.log_path}:", 2, "dim"))
+            out += [_indented(line, 4) for line in f.log_tail]
+        out.append(_indented(f"fix: {f.fix}", 2, "green"))
     if not report.needs_action:
         out.append(Text("\nno run needs action"))
     return out
@@ -147,11 +91,13 @@ def monitor(
         if not watch:
             console.print(render_report(report, show_failed))
             return
-        with Live(render_report(report, show_failed), console=console, auto_refresh=False) as live:
+        # redrawn in place: cut to the terminal's height, so the scrollback never grows
+        view = render_report(report, show_failed, fit_height=True)
+        with Live(view, console=console, auto_refresh=False, vertical_overflow="crop") as live:
             try:
                 while True:
                     time.sleep(interval_s)
                     report = observe_sweep(root, ttl_s=interval_s)
-                    live.update(render_report(report, show_failed), refresh=True)
+                    live.update(render_report(report, show_failed, fit_height=True), refresh=True)
             except KeyboardInterrupt:
                 pass

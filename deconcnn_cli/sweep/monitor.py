@@ -2,13 +2,15 @@
 
 :func:`observe_sweep` reads ``status.json`` and ``attempts.jsonl`` of every run (no metric
 streams: it must answer in well under a second for hundreds of runs) and classifies each run
-(:mod:`deconcnn_cli.sweep.classify`). :func:`failure_report` adds, for one run that needs
+(:mod:`deconcnn_cli.sweep.classify`), then estimates when the sweep ends from what was measured
+(:mod:`deconcnn_cli.sweep.eta`). :func:`failure_report` adds, for one run that needs
 action, the tail of its log or traceback and the command that fixes it. No torch, no printing.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import statistics
 import time
@@ -18,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from deconcnn_cli import contract
+from deconcnn_cli.errors import DeconError
 from deconcnn_cli.sweep import classify as C
+from deconcnn_cli.sweep.eta import EtaEstimate, Work, estimate_eta, typical_s_per_step
 from deconcnn_cli.sweep.observe import JobRef, SweepView, load_sweep
 from deconcnn_cli.sweep.scheduler import (
     CACHE_TTL_S,
@@ -52,6 +56,16 @@ class RunRow:
     heartbeat_age_s: float | None
 
 
+@dataclass(frozen=True)
+class Pool:
+    """Whose slots run a set of runs: a local runner, a SLURM array, a lone SLURM job, or
+    nobody yet (runs never submitted)."""
+
+    key: str  # the runner's job id, the array's job id, "" for none
+    kind: str  # "local" | "array" | "job" | "none"
+    slots: int  # local: runs at once; SLURM: jobs at once (each job's runs share one GPU)
+
+
 @dataclass
 class SweepReport:
     root: Path
@@ -60,9 +74,14 @@ class SweepReport:
     rows: list[RunRow]
     scheduler: SchedulerSnapshot
     counts: dict[str, int] = field(default_factory=dict)
-    eta_s: float | None = None  # remaining steps / the running runs' summed throughput
-    gpu_hours: float = 0.0
+    eta_s: float | None = None  # when the last unfinished run will end (sweep/eta.py)
+    gpu_hours: float = 0.0  # device-hours (the field keeps its name for --json)
     gpu_hours_wasted: float = 0.0
+    # for the table, not in --json
+    eta: EtaEstimate | None = None
+    hours_unit: str = "device"  # "GPU" | "CPU" | "device" (not known yet, or mixed)
+    pools: dict[str, Pool] = field(default_factory=dict)
+    pool_of: dict[str, str] = field(default_factory=dict)  # run id -> Pool.key
 
     @property
     def needs_action(self) -> list[RunRow]:
@@ -147,9 +166,87 @@ def local_job(ref: JobRef, view: contract.RunView | None) -> JobRecord | None:
     return JobRecord(ref.job_id, "RUNNING" if started else "PENDING", source="local")
 
 
-def _gpu_share(ref: JobRef | None) -> float:
-    """The GPU fraction a run holds: its job's one GPU shared by the job's runs."""
-    return 1.0 / len(ref.run_ids) if ref is not None and ref.run_ids else 1.0
+_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _device_share(ref: JobRef | None, local_slots: int, on_gpu: bool) -> float:
+    """The fraction of a device a run holds. SLURM: its job's one GPU shared by the job's
+    runs. Local: the GPU shared by the runner's ``parallel_runs``; on the CPU, its own."""
+    if ref is None or not ref.run_ids:
+        return 1.0
+    if ref.executor == "local":
+        return 1.0 / local_slots if on_gpu else 1.0
+    return 1.0 / len(ref.run_ids)
+
+
+def _local_slots(root: Path, job_id: str) -> int:
+    """``parallel_runs`` of a local runner, from its input ``jobs/<job_id>.json``; else 1."""
+    if not _JOB_NAME.match(job_id):
+        return 1
+    spec = contract.read_json(root / JOBS_DIR / f"{job_id}.json") or {}
+    n = spec.get("parallel_runs")
+    return n if isinstance(n, int) and n >= 1 else 1
+
+
+def _array_parallelism(manifest: dict[str, Any]) -> dict[str, int]:
+    """The %N of each submission's arrays, by job id, from the resource profile it used."""
+    from deconcnn_cli.sweep.grid import load_resources  # pydantic, loaded once per profile
+
+    by_profile: dict[str, int] = {}
+    out: dict[str, int] = {}
+    for sub in manifest.get("submissions") or []:
+        if not isinstance(sub, dict) or sub.get("executor", "slurm") != "slurm":
+            continue
+        ref = str(sub.get("resources") or "")
+        if ref not in by_profile:
+            try:
+                by_profile[ref] = load_resources(ref).array_parallelism
+            except (DeconError, OSError, ValueError):  # moved or changed since: what runs tells
+                by_profile[ref] = 0
+        for job in sub.get("jobs") or []:
+            if isinstance(job, dict) and job.get("job_id") is not None:
+                out[str(job["job_id"]).split("_")[0]] = by_profile[ref]
+    return out
+
+
+def _pools(
+    sweep: SweepView, rows: list[RunRow], local_slots: dict[str, int]
+) -> tuple[dict[str, Pool], dict[str, str]]:
+    """Every run's pool and each pool's slots (see :mod:`deconcnn_cli.sweep.eta`)."""
+    parallelism: dict[str, int] | None = None
+    pool_of: dict[str, str] = {}
+    members: dict[str, list[RunRow]] = {}
+    kinds: dict[str, str] = {}
+    for r in rows:
+        ref = sweep.jobs_by_run.get(r.run_id)
+        if ref is None:
+            key, kind = "", "none"
+        elif ref.executor == "local":
+            key, kind = ref.job_id, "local"
+        elif "_" in ref.job_id:
+            key, kind = ref.job_id.split("_")[0], "array"
+        else:
+            key, kind = ref.job_id, "job"
+        pool_of[r.run_id] = key
+        kinds[key] = kind
+        members.setdefault(key, []).append(r)
+    pools: dict[str, Pool] = {}
+    for key, kind in kinds.items():
+        if kind == "local":
+            slots = local_slots.get(key) or _local_slots(sweep.root, key)
+        elif kind == "array":
+            if parallelism is None:
+                parallelism = _array_parallelism(sweep.manifest)
+            # the array's %N; where its profile cannot be read, what runs now
+            running = {r.job_id for r in members[key] if r.job_state == "RUNNING"}
+            slots = parallelism.get(key) or len(running)
+        else:
+            slots = 1
+        pools[key] = Pool(key, kind, max(1, slots))
+    if "" in pools:  # never submitted: as many at once as the sweep's widest pool
+        widest = max((p.slots for k, p in pools.items() if k), default=1)
+        pools[""] = Pool("", "none", widest)
+    return pools, pool_of
 
 
 def observe_sweep(
@@ -165,6 +262,9 @@ def observe_sweep(
     now = time.time() if now is None else now
     snap = scheduler_snapshot(sweep.root, sweep.slurm_job_ids(), ttl_s=ttl_s, refresh=refresh)
     rows = []
+    local_slots: dict[str, int] = {}
+    devices: set[str] = set()
+    measured: list[tuple[float, int]] = []  # (wall s, steps) of each completed run
     for run_id in sweep.run_ids:
         run_dir = sweep.run_dir(run_id)
         view = contract.view_run(run_dir, now) if run_dir.is_dir() else None
@@ -179,29 +279,37 @@ def observe_sweep(
         used_s, wasted_s = (
             attempt_seconds(contract.read_attempts(run_dir), status, now) if view else (0.0, 0.0)
         )
-        share = _gpu_share(ref)
+        device = str(status.get("device") or "")
+        if device:
+            devices.add(device.split(":")[0])
+        if ref is not None and ref.executor == "local" and ref.job_id not in local_slots:
+            local_slots[ref.job_id] = _local_slots(sweep.root, ref.job_id)
+        slots = local_slots.get(ref.job_id, 1) if ref is not None else 1
+        share = _device_share(ref, slots, on_gpu=device.startswith("cuda"))
         rate = status.get("steps_per_s")
-        rows.append(
-            RunRow(
-                run_id=run_id,
-                state=ob.state,
-                cause=ob.cause,
-                detail=ob.detail,
-                step=view.step if view else 0,
-                total_steps=view.total_steps if view else None,
-                epoch=view.epoch if view else 0.0,
-                steps_per_s=float(rate) if isinstance(rate, int | float) else None,
-                attempts=view.attempt if view else 0,
-                gpu_hours=used_s * share / 3600.0,
-                gpu_hours_wasted=wasted_s * share / 3600.0,
-                job_id=ref.job_id if ref else None,
-                job_state=ob.job_state,
-                executor=ref.executor if ref else None,
-                written_state=view.written_state if view else None,
-                heartbeat_age_s=view.heartbeat_age_s if view else None,
-            )
+        row = RunRow(
+            run_id=run_id,
+            state=ob.state,
+            cause=ob.cause,
+            detail=ob.detail,
+            step=view.step if view else 0,
+            total_steps=view.total_steps if view else None,
+            epoch=view.epoch if view else 0.0,
+            steps_per_s=float(rate) if isinstance(rate, int | float) else None,
+            attempts=view.attempt if view else 0,
+            gpu_hours=used_s * share / 3600.0,
+            gpu_hours_wasted=wasted_s * share / 3600.0,
+            job_id=ref.job_id if ref else None,
+            job_state=ob.job_state,
+            executor=ref.executor if ref else None,
+            written_state=view.written_state if view else None,
+            heartbeat_age_s=view.heartbeat_age_s if view else None,
         )
+        rows.append(row)
+        if row.state == C.COMPLETED and row.step > 0:
+            measured.append((used_s, row.step))
     counts = Counter(r.state for r in rows)
+    pools, pool_of = _pools(sweep, rows, local_slots)
     report = SweepReport(
         root=sweep.root,
         grid=sweep.grid,
@@ -211,26 +319,59 @@ def observe_sweep(
         counts={s: counts.get(s, 0) for s in C.SWEEP_STATES},
         gpu_hours=sum(r.gpu_hours for r in rows),
         gpu_hours_wasted=sum(r.gpu_hours_wasted for r in rows),
+        hours_unit=_hours_unit(devices),
+        pools=pools,
+        pool_of=pool_of,
     )
-    report.eta_s = _eta_s(rows)
+    report.eta = _estimate(rows, measured, pools, pool_of)
+    report.eta_s = report.eta.eta_s
     return report
 
 
-def _eta_s(rows: list[RunRow]) -> float | None:
-    """Steps left in every unfinished run over the running runs' summed steps per second."""
+def _hours_unit(devices: set[str]) -> str:
+    """What the hours were spent on, from the devices the runs say they trained on."""
+    if "cuda" in devices:
+        return "GPU"
+    if devices == {"cpu"}:
+        return "CPU"
+    return "device"
+
+
+def _estimate(
+    rows: list[RunRow],
+    measured: list[tuple[float, int]],
+    pools: dict[str, Pool],
+    pool_of: dict[str, str],
+) -> EtaEstimate:
+    """The sweep's ETA from the completed runs' wall time per step and the running runs'
+    rates, over each pool's slots (:func:`deconcnn_cli.sweep.eta.estimate_eta`)."""
     known = [r.total_steps for r in rows if r.total_steps]
-    if not known:
-        return None
-    typical = statistics.median(known)
-    left = sum(
-        max(0, (r.total_steps or typical) - r.step)
-        for r in rows
-        if r.state not in (C.COMPLETED, C.DIVERGED)
+    typical_total = int(statistics.median(known)) if known else None
+    running = [r for r in rows if r.state == C.RUNNING]
+    s_per_step, n_measured = typical_s_per_step(
+        measured, [r.steps_per_s for r in running if r.steps_per_s]
     )
-    rate = sum(r.steps_per_s or 0.0 for r in rows if r.state == C.RUNNING)
-    if left == 0:
-        return 0.0
-    return left / rate if rate > 0 else None
+    work = []
+    for r in rows:
+        if r.state in (C.COMPLETED, C.DIVERGED):
+            continue
+        total = r.total_steps or typical_total
+        if total is None:
+            return EtaEstimate(None, s_per_step, n_measured, 0, 0, 0)
+        live = r.state == C.RUNNING
+        work.append(
+            Work(
+                run_id=r.run_id,
+                pool=pool_of.get(r.run_id, ""),
+                # a SLURM job's runs share its slot; a local runner's runs each take one
+                unit=r.job_id if r.executor == "slurm" and r.job_id else r.run_id,
+                steps_left=max(0, total - r.step),
+                steps_per_s=r.steps_per_s if live and r.steps_per_s else None,
+                running=live,
+            )
+        )
+    slots = {k: p.slots for k, p in pools.items()}
+    return estimate_eta(work, slots, s_per_step, n_measured)
 
 
 # ---- one run that needs action: its story and its fix
