@@ -234,7 +234,7 @@ def _h1_table(rows: list[dict[str, Any]]) -> str:
 
 def _h2_table(rows: list[dict[str, Any]]) -> str:
     headers = ["group", "time", "runs", "Spearman ρ", "p-value", "95% CI", "CI method",
-               "diverged", "excluded", "verdict"]  # fmt: skip
+               "degenerate resamples redrawn", "diverged", "excluded", "verdict"]  # fmt: skip
     body = [
         [
             _fmt(r["group"]),
@@ -246,6 +246,7 @@ def _h2_table(rows: list[dict[str, Any]]) -> str:
             else f"{r['p_value']:.1e}",
             f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]",
             r["ci_method"] or "—",
+            _degenerate_cell(r),
             str(r["n_diverged"]),
             str(r["n_excluded"]),
             r["verdict"],
@@ -253,6 +254,14 @@ def _h2_table(rows: list[dict[str, Any]]) -> str:
         for r in rows
     ]
     return _table(headers, body)
+
+
+def _degenerate_cell(row: dict[str, Any]) -> str:
+    """How many bootstrap draws had rho undefined and were redrawn, of all draws made."""
+    if not row["n_resamples"]:
+        return "—"
+    drawn = row["n_resamples"] + row["n_degenerate"]
+    return f"{row['n_degenerate']} of {drawn}"
 
 
 _CAPTIONS = {
@@ -331,7 +340,10 @@ target; <em>not supported</em>: the whole interval lies at or below it; otherwis
 <h2>H2: the early exponent predicts the best validation loss</h2>
 <p>Spearman ρ between <code>alpha_early</code> and <code>best_val_ce</code> over completed
 runs, its p-value, and a 95% bootstrap interval ({stats.N_BOOTSTRAP} resamples of runs, BCa;
-percentile where BCa cannot be formed). Target: |ρ| ≥ {stats.H2_TARGET}.
+percentile where BCa cannot be formed). A resample on which ρ is undefined (one run drawn every
+time, or only runs tied in one column) is redrawn: the interval is conditional on a defined ρ,
+and the table counts the redrawn draws (with 4 or 5 runs some always are).
+Target: |ρ| ≥ {stats.H2_TARGET}.
 <em>supported</em>: the whole interval has |ρ| ≥ {stats.H2_TARGET} on one side;
 <em>not supported</em>: the whole interval lies inside (−{stats.H2_TARGET}, {stats.H2_TARGET});
 otherwise <em>inconclusive</em>. Rows with time <em>lr</em> use the fits against cumulative
