@@ -143,6 +143,7 @@ def build_report(root: Path, out: Path) -> Report:
         "grid_hash": data.manifest.get("grid_hash"),
         "generated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "counts_by_status": data.counts_by_status(),
+        "analysis_settings": data.settings_groups(),
         "h1": [stats.as_dict(r) for r in h1],
         "h2": [stats.as_dict(r) for r in h2],
         "metrics_cost": metrics_cost(root, df),
@@ -212,12 +213,47 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def _group(row: dict[str, Any]) -> str:
+    """The group's name, with its settings id where the sweep's runs used several."""
+    sid = row.get("analysis_settings")
+    return _fmt(row["group"]) + (f" <code>[{html.escape(sid)}]</code>" if sid else "")
+
+
+def _settings_section(groups: list[dict[str, Any]]) -> str:
+    """The analysis settings the runs' fits used: one column per distinct set."""
+    known = [g for g in groups if g["settings"] is not None]
+    if not known:
+        return "<p>No run recorded its analysis settings.</p>"
+    keys = list(dict.fromkeys(k for g in known for k in g["settings"]))
+    head = "".join(f"<th>{html.escape(g['id'])} ({g['runs']} runs)</th>" for g in known)
+    body = []
+    for key in keys:
+        values = [g["settings"].get(key) for g in known]
+        cells = "".join(f"<td>{html.escape(_setting_text(v))}</td>" for v in values)
+        mark = ' class="warn"' if len({json.dumps(v) for v in values}) > 1 else ""
+        body.append(f'<tr{mark}><td class="l"><code>{key}</code></td>{cells}</tr>')
+    unknown = sum(g["runs"] for g in groups if g["settings"] is None)
+    note = f"<p>{unknown} run(s) without a run directory have no settings.</p>" if unknown else ""
+    if len(known) > 1:
+        note += (
+            '<p class="warn">The runs used different analysis settings (rows marked): H1 and '
+            "H2 are computed per settings id, never pooled.</p>"
+        )
+    return f'<table><tr><th class="l">setting</th>{head}</tr>{"".join(body)}</table>{note}'
+
+
+def _setting_text(value: Any) -> str:
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
 def _h1_table(rows: list[dict[str, Any]]) -> str:
     headers = ["group", "time", "runs", f"R² ≥ {stats.R2_THRESHOLD}", "share", "95% CI",
                "diverged", "excluded", "verdict"]  # fmt: skip
     body = [
         [
-            _fmt(r["group"]),
+            _group(r),
             r["time_axis"],
             str(r["n_runs"]),
             str(r["n_power_law"]),
@@ -237,7 +273,7 @@ def _h2_table(rows: list[dict[str, Any]]) -> str:
                "degenerate resamples redrawn", "diverged", "excluded", "verdict"]  # fmt: skip
     body = [
         [
-            _fmt(r["group"]),
+            _group(r),
             r["time_axis"],
             str(r["n_runs"]),
             _fmt(r["rho"]),
@@ -329,6 +365,12 @@ def render_html(payload: dict[str, Any], figs: dict[str, Path]) -> str:
 <code>{html.escape(str(p["grid_hash"]))}</code>, generated {p["generated_utc"]}.
 {total} runs: {counts}.</p>
 {f"<ul>{warn}</ul>" if warn else ""}
+<h2>Analysis settings</h2>
+<p>What every run's curve-shape fits used (<code>analysis_settings</code> in its
+<code>summary.json</code>; for a run without one, its <code>config.json</code>): the
+<code>alpha_early</code> window, burn-in threshold and smoothing, bins, knee settings and time
+axes. Ids are the export's <code>analysis_settings</code> column.</p>
+{_settings_section(p["analysis_settings"])}
 <h2>H1: training loss follows a power law</h2>
 <p>Share of completed runs whose power-law fit (log space, burn-in to end) has
 R² ≥ {stats.R2_THRESHOLD}, with an exact (Clopper-Pearson) 95% interval. Target: more than

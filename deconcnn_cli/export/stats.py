@@ -54,6 +54,7 @@ class H1Row:
     n_diverged: int  # counted apart, never in n_runs
     n_excluded: int  # neither: failed, missing, running, or no R^2
     verdict: str
+    analysis_settings: str = ""  # the settings id, where the table's runs used several
 
 
 @dataclass(frozen=True)
@@ -71,14 +72,26 @@ class H2Row:
     n_diverged: int
     n_excluded: int
     verdict: str
+    analysis_settings: str = ""  # the settings id, where the table's runs used several
 
 
 def as_dict(row: H1Row | H2Row) -> dict[str, Any]:
     return asdict(row)
 
 
-def _groups(df: Any) -> list[tuple[str, Any]]:
-    return [("all", df)] + [(str(v), g) for v, g in df.groupby("variant", sort=True)]
+def _groups(df: Any) -> list[tuple[str, str, Any]]:
+    """``(group, settings id, rows)``: overall and per variant, within each set of analysis
+    settings when the table's runs used more than one (never pooled); settings "" otherwise."""
+    ids: list[str] = []
+    if "analysis_settings" in df.columns:
+        ids = sorted({str(v) for v in df["analysis_settings"].dropna()})
+    if len(ids) <= 1:
+        return [("all", "", df)] + [(str(v), "", g) for v, g in df.groupby("variant", sort=True)]
+    out = []
+    for sid in ids:
+        sub = df[df["analysis_settings"] == sid]
+        out += [("all", sid, sub)] + [(str(v), sid, g) for v, g in sub.groupby("variant")]
+    return out
 
 
 def _eligible(df: Any, columns: tuple[str, ...]) -> tuple[Any, int, int]:
@@ -102,13 +115,13 @@ def h1_rows(df: Any, r2_column: str = "r_squared", time_axis: str = "step") -> l
     """H1 overall and per variant on the table's ``r2_column``."""
     require_columns(df.columns, (*H1_COLUMNS, r2_column), "the results table")
     out = []
-    for group, g in _groups(df):
+    for group, sid, g in _groups(df):
         runs, n_div, n_exc = _eligible(g, (r2_column,))
         n = len(runs)
         k = int((runs[r2_column].to_numpy(dtype=float) >= R2_THRESHOLD).sum())
         if n == 0:
             nan = math.nan
-            out.append(H1Row(group, time_axis, 0, 0, nan, nan, nan, n_div, n_exc, TOO_FEW))
+            out.append(H1Row(group, time_axis, 0, 0, nan, nan, nan, n_div, n_exc, TOO_FEW, sid))
             continue
         low, high = clopper_pearson(k, n)
         # "more than 90%": supported when the whole interval lies above the target
@@ -118,7 +131,7 @@ def h1_rows(df: Any, r2_column: str = "r_squared", time_axis: str = "step") -> l
             verdict = NOT_SUPPORTED
         else:
             verdict = INCONCLUSIVE
-        out.append(H1Row(group, time_axis, n, k, k / n, low, high, n_div, n_exc, verdict))
+        out.append(H1Row(group, time_axis, n, k, k / n, low, high, n_div, n_exc, verdict, sid))
     return out
 
 
@@ -230,14 +243,16 @@ def h2_rows(df: Any, alpha_column: str = "alpha_early", time_axis: str = "step")
     """H2 overall and per variant: rho(``alpha_column``, ``best_val_ce``)."""
     require_columns(df.columns, (*H2_COLUMNS, alpha_column), "the results table")
     out = []
-    for group, g in _groups(df):
+    for group, sid, g in _groups(df):
         runs, n_div, n_exc = _eligible(g, (alpha_column, "best_val_ce"))
         n = len(runs)
         x = runs[alpha_column].to_numpy(dtype=float)
         y = runs["best_val_ce"].to_numpy(dtype=float)
         if n < MIN_RUNS_H2 or np.ptp(x) == 0 or np.ptp(y) == 0:
             nan = math.nan
-            row = H2Row(group, time_axis, n, nan, nan, nan, nan, "", 0, 0, n_div, n_exc, TOO_FEW)
+            row = H2Row(
+                group, time_axis, n, nan, nan, nan, nan, "", 0, 0, n_div, n_exc, TOO_FEW, sid
+            )
             out.append(row)
             continue
         res = stats.spearmanr(x, y)
@@ -266,6 +281,7 @@ def h2_rows(df: Any, alpha_column: str = "alpha_early", time_axis: str = "step")
                 n_div,
                 n_exc,
                 verdict,
+                sid,
             )
         )
     return out

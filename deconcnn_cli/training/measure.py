@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deconcnn_cli.analysis import hessian, noise, powerlaw, spectral
+from deconcnn_cli.analysis import hessian, noise, powerlaw, settings, spectral
 from deconcnn_cli.analysis.knee import find_knee
 from deconcnn_cli.config import RunConfig
 from deconcnn_cli.contract import STREAMS, atomic_write_json, parse_cell, read_stream
@@ -146,9 +146,14 @@ def noise_row(
 
 
 def _smooth_window(spe: int) -> int:
-    """Centred smoother / burn-in window: about a quarter epoch, odd, at least 3 steps."""
-    w = max(3, spe // 4)
-    return w if w % 2 else w + 1
+    """Centred smoother / burn-in window (:func:`settings.smooth_window_steps`)."""
+    return settings.smooth_window_steps(spe)
+
+
+def run_analysis_settings(cfg: RunConfig, spe: int) -> dict[str, Any]:
+    """The settings :func:`shape_row` fits with, for ``summary.json`` (``analysis_settings``)."""
+    a = cfg.analysis
+    return settings.analysis_settings(a.alpha_early_epochs, a.burn_in_ce_nats, spe)
 
 
 def lr_per_step(cfg: RunConfig, spe: int, n_steps: int) -> np.ndarray:
@@ -270,6 +275,7 @@ def write_summary(
         "burn_in_loss": burn_in_loss,
         "precision": writer.status.get("precision"),
         "attempts": writer.status.get("attempt"),
+        "analysis_settings": run_analysis_settings(cfg, spe),
     }
     if isinstance(summary["knee_censored"], int):  # 0/1 in shape.csv, a bool in JSON
         summary["knee_censored"] = bool(summary["knee_censored"])

@@ -67,8 +67,13 @@ def write_run(
     summary: Mapping[str, Any] | None = None,
     status_extra: Mapping[str, Any] | None = None,
     curvature_every: int = 500,
+    analysis: Mapping[str, Any] | None = None,
 ) -> Path:
-    """A run directory whose train loss follows ``prefactor * t^-alpha`` (t = step + 1)."""
+    """A run directory whose train loss follows ``prefactor * t^-alpha`` (t = step + 1).
+
+    ``analysis`` sets the config's analysis section (``config.json``); a summary records the
+    settings only where ``summary`` itself has ``analysis_settings``.
+    """
     rng = np.random.default_rng(seed)
     run = root / "runs" / run_id
     (run / contract.METRICS_DIR).mkdir(parents=True, exist_ok=True)
@@ -168,6 +173,7 @@ def write_run(
         schedule={"epochs": max(1, steps // spe), "warmup_epochs": 0},
         cadence={"curvature_every_steps": curvature_every, "noise_every_epochs": 1,
                  "shape_every_epochs": 1, "val_per_epoch": 4},
+        analysis=dict(analysis or {}),
     )  # fmt: skip
     record = {"run_id": run_id, "config_hash": "synthetic", "config": cfg.model_dump(mode="json")}
     contract.atomic_write_json(run / contract.CONFIG_FILE, record)

@@ -127,10 +127,67 @@ def test_metadata(sweep: Path, exported: Path):
     assert meta["counts_by_status"] == {"completed": 1, "diverged": 1, "failed": 1, "missing": 1}
     assert meta["grid"] == "test" and meta["grid_hash"] == "0123456789abcdef"
     assert meta["source_root"] == str(sweep.resolve())
-    assert meta["schema_version"] == 1 and meta["package_version"]
+    assert meta["schema_version"] == 2 and meta["package_version"]
     assert [c["name"] for c in meta["columns"]] == list(COLUMN_NAMES)
     assert {c["name"]: c["dtype"] for c in meta["columns"]}["seed"] == "int"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", meta["export_time_utc"])
+
+
+def test_metadata_states_the_analysis_settings_the_runs_used(exported: Path):
+    """The smoke profile's windows ([1, 3) epochs, burn-in at 2 nats), not the defaults'."""
+    meta = json.loads((exported.parent / "results_metadata.json").read_text())
+    (group,) = [g for g in meta["analysis_settings"] if g["id"] is not None]
+    assert group["runs"] == 3  # done, blown (recorded), broken (its config.json); absent: none
+    assert group["settings"]["alpha_early_epochs"] == [1.0, 3.0]
+    assert group["settings"]["burn_in_ce_nats"] == 2.0
+    assert group["settings"]["burn_in_smooth_window_steps"] == 3  # 13 steps per epoch
+    assert {"id": None, "runs": 1, "settings": None} in meta["analysis_settings"]
+    described = {c["name"]: c["description"] for c in meta["columns"]}
+    assert "over epochs [1, 3) (20 log-uniform bins)" in described["alpha_early"]
+    assert "(3-step centred window) <= 2 nats" in described["burn_in_step"]
+    assert "[5, 15)" not in json.dumps(meta["columns"])
+    cells = _cells(exported)
+    assert {cells[r]["analysis_settings"] for r in ("done", "blown", "broken")} == {group["id"]}
+    assert cells["absent"]["analysis_settings"] == ""
+    assert not any("analysis settings" in w for w in meta["warnings"])
+
+
+def test_runs_with_different_analysis_settings_are_flagged_and_never_pooled(tmp_path: Path):
+    from deconcnn_cli.analysis.settings import analysis_settings
+    from deconcnn_cli.export.report import build_report
+
+    root = tmp_path / "sweep"
+    runs = {f"r{i}": {"variant": "base", "lr": 0.1, "weight_decay": 1e-3, "seed": i}
+            for i in range(10)}  # fmt: skip
+    write_manifest(root, runs)
+    early = analysis_settings([5, 15], 1.0, 20)
+    late = analysis_settings([1, 4], 2.0, 20)
+    rng = random.Random(0)
+    for i in range(10):
+        chosen = early if i < 6 else late
+        alpha = 0.3 + 0.05 * i
+        summary = {"alpha_early": alpha, "power_law_r2": 0.99, "analysis_settings": chosen,
+                   "best_val_ce": 2.0 - alpha + 0.01 * rng.random()}  # fmt: skip
+        write_run(root, f"r{i}", steps=200, summary=summary, curvature_every=50, seed=i)
+    data, meta = export(root, tmp_path / "r.csv", verify=None)
+    ids = {g["id"]: g["runs"] for g in meta["analysis_settings"]}
+    assert sorted(ids.values()) == [4, 6] and None not in ids
+    (warning,) = [w for w in meta["warnings"] if "different analysis settings" in w]
+    assert "never pooled" in warning
+    described = {c["name"]: c["description"] for c in meta["columns"]}
+    assert "differs between runs: see analysis_settings" in described["alpha_early"]
+    assert len({c["analysis_settings"] for c in _cells(tmp_path / "r.csv").values()}) == 2
+    report = build_report(root, tmp_path / "report")
+    for rows in (report.h1, report.h2):
+        assert {r.analysis_settings for r in rows} == set(ids)  # one "all" row per settings
+        assert sorted(r.n_runs for r in rows if r.group == "all") == [4, 6]  # never 10
+    page = report.html.read_text()
+    assert "The runs used different analysis settings" in page
+    for sid in ids:
+        assert f"[{sid}]" in page
+    proc = run_cli("report", "--root", str(root), "--out", str(tmp_path / "rep2"))
+    assert proc.returncode == 0 and "different analysis settings" in proc.stderr
+    assert proc.stdout.count("H2 (step time, analysis settings ") == 2
 
 
 def test_time_series_round_trip_csv(sweep: Path, exported: Path):

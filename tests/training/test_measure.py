@@ -42,6 +42,7 @@ SUMMARY_KEYS = {
     "knee_censored",
     "precision",
     "attempts",
+    "analysis_settings",
 }
 
 
@@ -105,6 +106,11 @@ def test_lr_per_step_is_the_logged_schedule(tmp_path: Path) -> None:
     np.testing.assert_allclose(measure.lr_per_step(cfg, spe, len(rows)), logged, rtol=1e-12)
     summary = read_summary(run)
     assert set(summary) == SUMMARY_KEYS
+    # the smoke profile's own windows, as the run used them
+    assert summary["analysis_settings"]["alpha_early_epochs"] == list(
+        cfg.analysis.alpha_early_epochs
+    )
+    assert summary["analysis_settings"]["burn_in_ce_nats"] == cfg.analysis.burn_in_ce_nats
     assert summary["final_acc_train"] == float(rows[-1]["acc_train"])
     assert summary["knee_censored"] in (None, True, False)
     # smoke: burn-in at 2 nats is reached within 3 epochs, alpha_full/_lr are defined
@@ -137,6 +143,12 @@ def test_summary_of_a_synthetic_run_recovers_known_values(tmp_path: Path) -> Non
     assert set(summary) == SUMMARY_KEYS
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert summary["best_val_ce"] == 1.0 and summary["best_val_epoch"] == 30.0
+    recorded = summary["analysis_settings"]  # what the fits above used, not the defaults' text
+    assert recorded["alpha_early_epochs"] == list(cfg.analysis.alpha_early_epochs)
+    assert recorded["burn_in_ce_nats"] == cfg.analysis.burn_in_ce_nats
+    assert recorded["burn_in_smooth_window_steps"] == 89  # 352 // 4 = 88, made odd
+    assert recorded["time_axes"] == ["step", "lr"]
+    assert recorded["fit_bins"] == 20 and recorded["knee_min_bic_gain"] == 10.0
     assert summary["knee_censored"] is False
     assert summary["knee_epoch"] == pytest.approx(40, rel=KNEE_STEP_REL_TOL)
     assert summary["burn_in_loss"] <= cfg.analysis.burn_in_ce_nats
