@@ -127,8 +127,12 @@ def build_report(root: Path, out: Path) -> Report:
         alpha_cols.append(("alpha_early_lr", "lr time"))
     if stats.has_values(df, "r_squared_lr"):
         r2_cols.append("r_squared_lr")
-    figs = {
-        "loss_curves": figures.loss_curves(df, series, out / "loss_curves.png"),
+    figs = {"loss_curves": figures.loss_curves(df, series, out / "loss_curves.png")}
+    if stats.has_values(df, "alpha_full_lr") or stats.has_values(df, "r_squared_lr"):
+        figs["loss_curves_lr"] = figures.loss_curves(
+            df, series, out / "loss_curves_lr.png", time_axis="lr"
+        )
+    figs |= {
         "alpha_vs_best_val": figures.alpha_vs_best_val(
             df, out / "alpha_vs_best_val.png", alpha_cols
         ),
@@ -301,18 +305,27 @@ def _degenerate_cell(row: dict[str, Any]) -> str:
 
 
 _CAPTIONS = {
-    "loss_curves": "Training loss per step on log-log axes, per variant: the median over "
-    "completed runs (log-binned), the 10-90% band across runs, the power law fitted to the "
-    "median from the median burn-in step on, and the median knee where runs have one.",
+    "loss_curves": "Training loss per step on log-log axes, per variant (the title counts "
+    "its runs in every state): the pointwise median of the completed runs' log-binned curves, "
+    "a band (10-90% of runs from 10 runs on, min-max below that, as labelled), and what H1 "
+    "and H2 use: the runs' own fits, median alpha_full with its interquartile range and the "
+    "share of runs with R² ≥ 0.98. The dashed guide has the median per-run slope from the "
+    "median burn-in on; it is not a fit to the median curve. Red: the median knee.",
+    "loss_curves_lr": "The same against cumulative learning rate τ = Σ lr (the lr-time fits: "
+    "alpha_full_lr, r_squared_lr), which takes the warmup and the cosine anneal out of the "
+    "curve's shape.",
     "alpha_vs_best_val": "H2: early power-law exponent against the best validation loss, "
     "one point per completed run, coloured by variant.",
     "r2_histogram": "H1: R² of each completed run's power-law fit (log space), stacked by "
     "variant; the dashed line is the 0.98 threshold.",
-    "curvature": "Top Hessian eigenvalue and Hessian trace over training, median over each "
-    "variant's runs with the 10-90% band.",
+    "curvature": "Top Hessian eigenvalue and Hessian trace of the mean cross-entropy (nats "
+    "per parameter²) on the fixed probe batch, over training: pointwise median over each "
+    "variant's completed and diverged runs, a band (10-90% from 10 runs, else min-max), and "
+    "on the trace error bars of the median per-run standard error of the Hutchinson estimate.",
     "val_loss_heatmap": "Final validation loss, median over seeds, per learning rate and "
-    "weight decay.",
-    "status_heatmap": "Run status per cell of the grid; colour is the share completed.",
+    "weight decay; each variant on its own grid, one colour scale over the medians shown.",
+    "status_heatmap": "Run status per cell of the grid; colour is the share completed, a "
+    "hatched grey cell has no runs.",
 }
 
 

@@ -212,10 +212,12 @@ def write_grid(
     diverge: tuple[str, float] | None = ("bn_off", 0.2),
     missing: int = 1,
     curvature_every: int = 100,
+    lr_fits: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """A loss_lin_slope-shaped grid (4 variants x 3 lr x 3 wd x ``seeds``) of synthetic runs.
 
     ``diverge`` = (variant, lr) whose runs diverge; the last ``missing`` runs never start.
+    ``lr_fits`` adds the lr-time fits (``alpha_*_lr``, ``power_law_r2_lr``) to the summaries.
     Exponents grow with lr and the best validation loss falls with the exponent, so H2's rho
     is strongly negative; R^2 is ~0.99.
     """
@@ -248,6 +250,9 @@ def write_grid(
             "burn_in_step": 20,
             "knee_epoch": 20.0 if spec["variant"] == "narrow" else None,
         }
+        if lr_fits and state == "completed":
+            summary |= {"alpha_early_lr": alpha * 1.1, "alpha_full_lr": alpha * 1.1,
+                        "power_law_r2_lr": 0.97 + 0.03 * rng.random()}  # fmt: skip
         write_run(
             root, run_id, state=state, steps=steps, steps_per_epoch=steps_per_epoch,
             alpha=alpha, seed=k, summary=summary, curvature_every=curvature_every,
