@@ -24,13 +24,18 @@ class SchemaError(DeconError):
 @dataclass(frozen=True)
 class Column:
     name: str
-    dtype: str  # "int" | "float" | "string"
+    dtype: str  # "int" | "Int64" (an integer that may be empty) | "float" | "string"
     unit: str  # "" when dimensionless or not a quantity
     description: str
 
 
 def _f(name: str, unit: str, description: str) -> Column:
     return Column(name, "float", unit, description)
+
+
+def _i(name: str, unit: str, description: str) -> Column:
+    """An integer count that can be empty (pandas' nullable ``Int64``)."""
+    return Column(name, "Int64", unit, description)
 
 
 def _s(name: str, description: str) -> Column:
@@ -58,7 +63,7 @@ COLUMNS: tuple[Column, ...] = (
         "nats",
         "train CE at burn_in_step, smoothed over {burn_in_smooth_window_steps} steps (centred)",
     ),
-    _f(
+    _i(
         "burn_in_step",
         "steps",
         "first step whose smoothed train CE ({burn_in_smooth_window_steps}"
@@ -94,10 +99,10 @@ COLUMNS: tuple[Column, ...] = (
     _f("alpha_full_lr", "", "alpha_full fitted against cumulative learning rate"),
     _f("r_squared_lr", "", "R^2 of the lr-time power-law fit = power_law_r2_lr"),
     # progress and provenance
-    _f("steps_done", "steps", "optimizer steps completed"),
-    _f("total_steps", "steps", "planned optimizer steps"),
+    _i("steps_done", "steps", "optimizer steps completed"),
+    _i("total_steps", "steps", "planned optimizer steps"),
     _f("epochs_done", "epochs", "steps_done / steps_per_epoch"),
-    _f("attempts", "", "number of starts (attempts.jsonl lines)"),
+    _i("attempts", "", "number of starts (attempts.jsonl lines)"),
     _s("job_ids", "scheduler job ids that ran the run (attempts.jsonl), ';'-separated"),
     _s("submitted_job_ids", "scheduler job ids asked to run it (sweep.json), ';'-separated"),
     _s("host", "host of the last attempt"),

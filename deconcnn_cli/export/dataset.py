@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -298,8 +299,11 @@ def run_row(
     return row
 
 
-def collect(root: Path, verify: VerifyFn | None = None, now: float | None = None) -> Dataset:
+def collect(
+    root: str | os.PathLike[str], verify: VerifyFn | None = None, now: float | None = None
+) -> Dataset:
     """Every run of ``root/sweep.json`` as a row, ordered by variant, lr, weight decay, seed."""
+    root = Path(root)
     manifest = read_manifest(root)
     now = time.time() if now is None else now
     submitted = _submitted_jobs(manifest)
@@ -380,8 +384,8 @@ def metadata(data: Dataset, fmt: str, timeseries: bool, seconds: float) -> dict[
 
 
 def export(
-    root: Path,
-    out: Path,
+    root: str | os.PathLike[str],
+    out: str | os.PathLike[str],
     fmt: str = "csv",
     timeseries: bool = True,
     force: bool = False,
@@ -392,6 +396,7 @@ def export(
     Refuses to replace existing outputs unless ``force``; then each is replaced whole (the
     table and metadata atomically, the time-series folder built aside and swapped in).
     """
+    root, out = Path(root), Path(out)
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
     if fmt == "parquet":

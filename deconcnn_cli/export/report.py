@@ -13,6 +13,7 @@ import base64
 import html
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,9 @@ def to_frame(data: Dataset) -> Any:
             cols[name] = pd.Series(floats, dtype="float64")
         elif kind == "int":
             cols[name] = pd.Series(values, dtype="int64")
+        elif kind == "Int64":
+            ints = [None if v is None or v != v else int(v) for v in values]
+            cols[name] = pd.Series(ints, dtype="Int64")
         else:
             strings = [None if v is None else str(v) for v in values]
             cols[name] = pd.Series(strings, dtype="string")
@@ -113,10 +117,11 @@ def metrics_cost(root: Path, df: Any) -> list[dict[str, Any]]:
     ]
 
 
-def build_report(root: Path, out: Path) -> Report:
+def build_report(root: str | os.PathLike[str], out: str | os.PathLike[str]) -> Report:
     """Read the sweep at ``root`` and write the report into ``out`` (created if needed)."""
     from deconcnn_cli.export import figures
 
+    root, out = Path(root), Path(out)
     if out.exists() and not out.is_dir():
         raise ReportError(f"{out} exists and is not a folder", "give --out a folder")
     data = collect(root)

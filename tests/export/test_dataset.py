@@ -98,19 +98,41 @@ def test_code_version_is_what_ran_else_what_was_submitted(exported: Path, sweep:
 
 
 def test_dtypes_read_back(exported: Path):
-    df = read_results(exported)
+    df = read_results(str(exported))  # a str path as well as a Path
     for col in COLUMNS:
-        expected = {"int": "int64", "float": "float64", "string": "string"}[col.dtype]
-        assert str(df[col.name].dtype) == expected, col.name
+        expected = {"int": "int64", "Int64": "Int64", "float": "float64", "string": "string"}
+        assert str(df[col.name].dtype) == expected[col.dtype], col.name
+    assert df["steps_done"].dtype == "Int64" and df["steps_done"].isna().sum() == 1  # absent
     assert df["seed"].tolist() == [0, 1, 2, 3]
     assert df["weight_decay"].tolist() == [1e-3, 1e-7, 1e-5, 1e-2]
+
+
+def test_a_plain_reader_gets_the_declared_dtypes(exported: Path):
+    """pandas.read_csv with no help: float columns float64 (even whole values), integer
+    columns int64, or float64 only where a nullable count has an empty cell."""
+    import pandas as pd
+
+    meta = json.loads((exported.parent / "results_metadata.json").read_text())
+    plain = pd.read_csv(exported)
+    for col in meta["columns"]:
+        got, kind = str(plain[col["name"]].dtype), col["dtype"]
+        has_empty = bool(plain[col["name"]].isna().any())
+        if kind == "float":
+            assert got == "float64", col["name"]
+        elif kind in ("int", "Int64"):
+            assert got == ("float64" if has_empty else "int64"), col["name"]
+            assert kind == "Int64" or not has_empty, col["name"]
+    cells = _cells(exported)
+    assert "." in cells["done"]["best_val_epoch"]  # whole epoch, still a float's text
+    assert cells["done"]["steps_done"].isdigit() and cells["done"]["attempts"] == "1"
 
 
 def test_small_floats_are_written_positionally_and_read_back_exactly(exported: Path):
     cells = _cells(exported)
     assert cells["blown"]["weight_decay"] == "0.0000001"  # %.6f would have written 0.000000
     assert cells["broken"]["weight_decay"] == "0.00001"
-    assert cells["blown"]["lr"] == "10000"
+    assert cells["blown"]["lr"] == "10000.0"  # whole, with its point: a float to any reader
+    assert format_float(6.0) == "6.0" and format_float(0.1) == "0.1"
     assert format_float(None) == "" and format_float(math.nan) == "nan"
     assert format_float(-math.inf) == "-inf"
     rng = random.Random(0)
