@@ -51,6 +51,7 @@ STREAMS: dict[str, tuple[str, ...]] = {
         "hutch_trace_sem",
         "n_hvp",
         "hutch_trace_ci95",
+        "sharpness_norm",
     ),
     "noise": (
         "step",

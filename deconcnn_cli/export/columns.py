@@ -90,6 +90,13 @@ COLUMNS: tuple[Column, ...] = (
     _f("final_acc_val", "fraction", "validation accuracy at the last validation point"),
     _f("lambda_max_last", "nats/param^2", "last logged top Hessian eigenvalue"),
     _f("hutch_trace_last", "nats/param^2", "last logged Hessian trace estimate"),
+    _f(
+        "sharpness_norm_last",
+        "",
+        "last (lambda_max + wd) * lr_t / SGD's stability threshold "
+        "2(1 + momentum) (Nesterov: / (1 + 2 momentum)); 1 = edge of stability; empty for AdamW",
+    ),
+    _f("sharpness_norm_max", "", "maximum of sharpness_norm over the run's curvature evaluations"),
     # lr-time fits
     _f(
         "alpha_early_lr",

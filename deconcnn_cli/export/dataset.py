@@ -151,6 +151,15 @@ def _last_defined(rows: list[dict[str, str]], key: str) -> float | None:
     return None
 
 
+def _max_defined(rows: list[dict[str, str]], key: str) -> float | None:
+    """The largest finite value of ``key``; None when none is defined (NaN if all are NaN)."""
+    values = [contract.parse_cell(r.get(key)) for r in rows if r.get(key) not in (None, "")]
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if finite:
+        return max(finite)
+    return math.nan if values else None
+
+
 def _last_row(path: Path) -> dict[str, str] | None:
     """The last whole row of a stream, without parsing the rest (step.csv can be long)."""
     try:
@@ -270,6 +279,10 @@ def run_row(
     if last_curv is not None:
         row["lambda_max_last"] = contract.parse_cell(last_curv.get("lambda_max"))
         row["hutch_trace_last"] = contract.parse_cell(last_curv.get("hutch_trace"))
+        row["sharpness_norm_last"] = contract.parse_cell(last_curv.get("sharpness_norm"))
+        row["sharpness_norm_max"] = _max_defined(
+            contract.read_stream(contract.stream_path(run_dir, "curvature")), "sharpness_norm"
+        )
 
     spe = _num(status.get("steps_per_epoch"))
     row["steps_done"] = float(view.step)

@@ -67,9 +67,11 @@ def read_series(root: Path, run_ids: list[str]) -> dict[str, dict[str, dict[str,
         if step is None:
             step = _read_columns(step_path, ("step", "epoch", "loss_train_nats"))
         curv_path = contract.stream_path(run_dir, "curvature")
-        curv = _read_columns(curv_path, ("step", "lambda_max", "hutch_trace", "hutch_trace_sem"))
-        if curv is None:
-            curv = _read_columns(curv_path, ("step", "lambda_max", "hutch_trace"))
+        curv = None
+        for extra in (("hutch_trace_sem", "sharpness_norm"), ("hutch_trace_sem",), ()):
+            curv = _read_columns(curv_path, ("step", "lambda_max", "hutch_trace", *extra))
+            if curv is not None:
+                break
         out[run_id] = {k: v for k, v in (("step", step), ("curvature", curv)) if v is not None}
     return out
 
@@ -319,21 +321,28 @@ CURVATURE_UNIT = "nats / param²"  # second derivative of the mean CE (nats) in 
 
 
 def curvature(df: Any, series: dict, path: Path) -> Path:
-    """λmax and Hessian trace vs step: pointwise median over each variant's completed and
-    diverged runs, a band (10-90% from 10 runs, else min-max); the trace with error bars of
-    the median per-run standard error (``hutch_trace_sem``)."""
+    """λmax, Hessian trace and normalised sharpness vs step: pointwise median over each
+    variant's completed and diverged runs, a band (10-90% from 10 runs, else min-max); the
+    trace with error bars of the median per-run standard error (``hutch_trace_sem``); the
+    sharpness with the edge of stability at 1, no line for a variant without it (AdamW)."""
     variants = sorted(df["variant"].unique())
     colours = variant_colours(variants)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), layout="constrained")
     bands: set[str] = set()
+    undefined: list[str] = []  # variants with no sharpness_norm (AdamW): no line, said so
     for ax, col, label in (
-        (axes[0], "lambda_max", "λmax, top Hessian eigenvalue"),
-        (axes[1], "hutch_trace", "Hessian trace (Hutchinson)"),
+        (axes[0], "lambda_max", f"λmax, top Hessian eigenvalue ({CURVATURE_UNIT})"),
+        (axes[1], "hutch_trace", f"Hessian trace, Hutchinson ({CURVATURE_UNIT})"),
+        (axes[2], "sharpness_norm", "(λmax + wd) · lr_t / (2 (1 + β)), dimensionless"),
     ):
         for v in variants:
             runs = df[(df["variant"] == v) & df["status"].isin(["completed", "diverged"])]
             curves = [series[r]["curvature"] for r in runs["run_id"]
                       if "curvature" in series.get(r, {})]  # fmt: skip
+            if col == "sharpness_norm":
+                curves = [c for c in curves if col in c and np.isfinite(c[col]).any()]
+                if not curves:
+                    undefined.append(v)
             if not curves:
                 continue
             steps = np.unique(np.concatenate([c["step"] for c in curves]))
@@ -357,10 +366,22 @@ def curvature(df: Any, series: dict, path: Path) -> Path:
                 ax.errorbar(steps, med, yerr=err, fmt="none", ecolor=colours[v], elinewidth=1,
                             capsize=2)  # fmt: skip
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel(f"{label} ({CURVATURE_UNIT})")
+        ax.set_ylabel(label)
         ax.grid(True, alpha=0.25)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    edge = axes[2]
+    edge.axhline(1.0, color="k", ls="--", lw=1, label="edge of stability (1)")
+    edge.legend(fontsize=8)
+    if undefined:
+        edge.text(0.02, 0.98, f"not defined, not drawn: {', '.join(undefined)}\n"
+                  "(AdamW: the threshold depends on its preconditioner)", fontsize=7,
+                  va="top", transform=edge.transAxes)  # fmt: skip
+    edge.set_title(
+        "normalised sharpness (SGD): pointwise median\n"
+        "lr_t = the step's scheduled lr; Nesterov: threshold / (1 + 2β)",
+        fontsize=10,
+    )
     band_text = " / ".join(sorted(bands)) or "none (one run)"
     axes[0].set_title(f"λmax: pointwise median, band {band_text} of runs", fontsize=10)
     axes[1].set_title(

@@ -329,7 +329,10 @@ _CAPTIONS = {
     "curvature": "Top Hessian eigenvalue and Hessian trace of the mean cross-entropy (nats "
     "per parameter²) on the fixed probe batch, over training: pointwise median over each "
     "variant's completed and diverged runs, a band (10-90% from 10 runs, else min-max), and "
-    "on the trace error bars of the median per-run standard error of the Hutchinson estimate.",
+    "on the trace error bars of the median per-run standard error of the Hutchinson estimate. "
+    "Right: the normalised sharpness (λmax + wd) · lr_t / (2 (1 + β)) of SGD runs, lr_t the "
+    "step's scheduled learning rate; above the dashed line at 1, gradient descent on the local "
+    "quadratic would be unstable (the edge of stability). AdamW has no such threshold: no line.",
     "val_loss_heatmap": "Final validation loss, median over seeds, per learning rate and "
     "weight decay; each variant on its own grid, one colour scale over the medians shown.",
     "status_heatmap": "Run status per cell of the grid; colour is the share completed, a "

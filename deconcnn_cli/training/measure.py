@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deconcnn_cli.analysis import hessian, noise, powerlaw, settings, spectral
+from deconcnn_cli.analysis import hessian, noise, powerlaw, settings, spectral, stability
 from deconcnn_cli.analysis.knee import find_knee
 from deconcnn_cli.config import RunConfig
 from deconcnn_cli.contract import STREAMS, atomic_write_json, parse_cell, read_stream
@@ -97,6 +97,18 @@ def curvature_row(
     }
     vector = res.eigenvector if res.eigenvector is not None else state.get("eigenvector")
     return row, {**state, "eigenvector": vector}
+
+
+def sharpness_cell(cfg: RunConfig, lambda_max: float, lr: float) -> float | None:
+    """``sharpness_norm`` of a curvature row: λmax (+ coupled wd) x the step's lr over SGD's
+    stability threshold; None (not defined) for AdamW, whose threshold involves its
+    preconditioner (docs/metrics-curvature-noise.md)."""
+    o = cfg.optim
+    if o.name != "sgd":
+        return None
+    return stability.normalised_sharpness(
+        lambda_max, lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+    )
 
 
 def noise_batches(

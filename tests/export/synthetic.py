@@ -68,6 +68,7 @@ def write_run(
     status_extra: Mapping[str, Any] | None = None,
     curvature_every: int = 500,
     analysis: Mapping[str, Any] | None = None,
+    sharpness: bool = True,
 ) -> Path:
     """A run directory whose train loss follows ``prefactor * t^-alpha`` (t = step + 1).
 
@@ -114,13 +115,16 @@ def write_run(
         },
     )
     cstep = np.arange(0, steps, curvature_every)
+    lam = 50 + 200 * (1 - np.exp(-cstep / (steps / 3)))
     _write_stream(
         contract.stream_path(run, "curvature"),
         "curvature",
         {
             "step": cstep.tolist(),
             "epoch": (cstep / steps_per_epoch).tolist(),
-            "lambda_max": (50 + 200 * (1 - np.exp(-cstep / (steps / 3)))).tolist(),
+            "lambda_max": lam.tolist(),
+            # SGD, momentum 0.9, lr 0.1, wd 1e-4 (the step stream's); None: AdamW's, not defined
+            "sharpness_norm": ((lam + 1e-4) * 0.1 / 3.8).tolist() if sharpness else None,
             "hutch_trace": (800 + 3000 * (1 - np.exp(-cstep / (steps / 3)))).tolist(),
             "hutch_trace_sem": [40.0] * len(cstep),
             "n_hvp": [20] * len(cstep),
@@ -256,5 +260,6 @@ def write_grid(
         write_run(
             root, run_id, state=state, steps=steps, steps_per_epoch=steps_per_epoch,
             alpha=alpha, seed=k, summary=summary, curvature_every=curvature_every,
+            sharpness=spec["variant"] != "adamw",
         )  # fmt: skip
     return runs

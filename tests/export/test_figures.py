@@ -47,7 +47,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
                    "best_val_ce": 2 - alpha, "burn_in_step": 10,
                    "alpha_full_lr": alpha + 0.05, "power_law_r2_lr": 0.99}  # fmt: skip
         write_run(root, run_id, steps=200, steps_per_epoch=10, alpha=alpha, seed=i,
-                  summary=summary, curvature_every=50)  # fmt: skip
+                  summary=summary, curvature_every=50,
+                  sharpness=not run_id.startswith("adamw"))  # fmt: skip
     return root
 
 
@@ -128,6 +129,14 @@ def test_curvature_axes_have_units_and_the_trace_its_sem(frame, series, captured
     (_, _, (bars, *_)), *_ = trace.containers
     segments = bars.get_segments()
     assert segments and all(abs(s[1][1] - s[0][1]) == pytest.approx(80.0) for s in segments)
+    edge = captured[0].axes[2]
+    assert any(list(line.get_ydata()) == [1.0, 1.0] for line in edge.get_lines())  # y = 1
+    labels = [line.get_label() for line in edge.get_lines()]
+    assert "base (4 runs)" in labels and not any(lb.startswith("adamw") for lb in labels)
+    assert "not defined, not drawn: adamw" in edge.texts[0].get_text()
+    base = next(line for line in edge.get_lines() if line.get_label() == "base (4 runs)")
+    lam = 50 + 200 * (1 - np.exp(-np.arange(0, 200, 50) / (200 / 3)))  # the synthetic λmax
+    np.testing.assert_allclose(base.get_ydata(), (lam + 1e-4) * 0.1 / 3.8, rtol=1e-12)
 
 
 def test_val_heatmap_gives_each_variant_its_axes_and_one_scale_over_the_cells(
@@ -161,3 +170,13 @@ def test_every_figure_the_docs_list_is_written(sweep, tmp_path):
     page = report.html.read_text()
     for name in documented:
         assert f'<img alt="{name}"' in page
+
+
+def test_export_has_each_runs_last_and_largest_sharpness(frame):
+    base = frame[(frame["variant"] == "base") & (frame["status"] == "completed")]
+    lam = 50 + 200 * (1 - np.exp(-np.arange(0, 200, 50) / (200 / 3)))
+    expected = (lam + 1e-4) * 0.1 / 3.8
+    assert base["sharpness_norm_last"].to_numpy() == pytest.approx(expected[-1], rel=1e-12)
+    assert base["sharpness_norm_max"].to_numpy() == pytest.approx(expected.max(), rel=1e-12)
+    adamw = frame[frame["variant"] == "adamw"]
+    assert adamw["sharpness_norm_last"].isna().all() and adamw["sharpness_norm_max"].isna().all()

@@ -113,6 +113,18 @@ def test_lr_per_step_is_the_logged_schedule(tmp_path: Path) -> None:
     assert summary["analysis_settings"]["burn_in_ce_nats"] == cfg.analysis.burn_in_ce_nats
     assert summary["final_acc_train"] == float(rows[-1]["acc_train"])
     assert summary["knee_censored"] in (None, True, False)
+    # the edge of stability: lambda_max (+ coupled wd) x the step's scheduled lr / 2(1 + beta)
+    curv = read_stream(run / "metrics" / "curvature.csv")
+    assert curv and cfg.optim.name == "sgd" and not cfg.optim.nesterov
+    lr_at = {int(r["step"]): float(r["lr"]) for r in rows}
+    for r in curv:
+        expected = (
+            (float(r["lambda_max"]) + cfg.optim.weight_decay)
+            * lr_at[int(r["step"])]
+            / (2 * (1 + cfg.optim.momentum))
+        )
+        assert float(r["sharpness_norm"]) == pytest.approx(expected, rel=1e-12)
+    assert any(lr_at[int(r["step"])] != cfg.optim.lr for r in curv)  # scheduled, not the peak
     # smoke: burn-in at 2 nats is reached within 3 epochs, alpha_full/_lr are defined
     shape = read_stream(run / "metrics" / "shape.csv")
     assert summary["burn_in_step"] == int(shape[-1]["burn_in_step"])
@@ -186,3 +198,13 @@ def test_progress_says_what_runs_before_the_first_block(tmp_path: Path) -> None:
     assert (13, "gradient noise at epoch 1 ...") in phases
     steps = [p for p in seen if not p.phase]
     assert steps[0].step == 4 and all(math.isfinite(p.loss_train_nats) for p in steps)
+
+
+def test_sharpness_is_not_defined_for_adamw_and_nan_when_lambda_failed() -> None:
+    adamw = load_run_config(variant="adamw")
+    assert adamw.optim.name == "adamw"
+    assert measure.sharpness_cell(adamw, 120.0, 0.1) is None  # preconditioned: no threshold
+    sgd = _cfg()
+    assert math.isnan(measure.sharpness_cell(sgd, math.nan, 0.1))
+    expected = (120.0 + sgd.optim.weight_decay) * 0.1 / (2 * (1 + sgd.optim.momentum))
+    assert measure.sharpness_cell(sgd, 120.0, 0.1) == pytest.approx(expected, rel=1e-15)
