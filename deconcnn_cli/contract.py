@@ -80,6 +80,10 @@ STREAMS: dict[str, tuple[str, ...]] = {
         "power_law_r2_lr",
         "knee_epoch",
         "knee_censored",
+        "alpha_early_se",
+        "alpha_full_se",
+        "alpha_early_lr_se",
+        "alpha_full_lr_se",
     ),
 }
 

@@ -81,6 +81,13 @@ COLUMNS: tuple[Column, ...] = (
         "power-law exponent of train CE vs t = step + 1 from burn-in to the end"
         " ({fit_bins} log-uniform bins)",
     ),
+    _f(
+        "alpha_early_se",
+        "",
+        "OLS standard error of alpha_early on its bins (conditional "
+        "on the binned regression; ignores residual autocorrelation)",
+    ),
+    _f("alpha_full_se", "", "OLS standard error of alpha_full on its bins"),
     _f("best_val_ce", "nats", "minimum validation cross-entropy over the run"),
     _f("best_val_epoch", "epochs", "epoch (quarter-epoch resolution) of best_val_ce"),
     # final values
@@ -104,6 +111,8 @@ COLUMNS: tuple[Column, ...] = (
         "alpha_early (epochs {alpha_early_epochs}) fitted against cumulative learning rate",
     ),
     _f("alpha_full_lr", "", "alpha_full fitted against cumulative learning rate"),
+    _f("alpha_early_lr_se", "", "OLS standard error of alpha_early_lr"),
+    _f("alpha_full_lr_se", "", "OLS standard error of alpha_full_lr"),
     _f("r_squared_lr", "", "R^2 of the lr-time power-law fit = power_law_r2_lr"),
     # progress and provenance
     _i("steps_done", "steps", "optimizer steps completed"),

@@ -48,6 +48,10 @@ _SHAPE_FALLBACK = {
     "alpha_early_lr": "alpha_early_lr",
     "alpha_full_lr": "alpha_full_lr",
     "r_squared_lr": "power_law_r2_lr",
+    "alpha_early_se": "alpha_early_se",
+    "alpha_full_se": "alpha_full_se",
+    "alpha_early_lr_se": "alpha_early_lr_se",
+    "alpha_full_lr_se": "alpha_full_lr_se",
 }
 
 

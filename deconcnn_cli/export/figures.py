@@ -269,8 +269,16 @@ def alpha_vs_best_val(df: Any, path: Path, axes_cols: list[tuple[str, str]]) -> 
     colours = variant_colours(variants)
     done = df[df["status"] == "completed"]
     for ax, (col, label) in zip(axes, axes_cols, strict=True):
+        se_col = f"{col}_se" if f"{col}_se" in df.columns else None
         for i, v in enumerate(variants):
             g = done[done["variant"] == v]
+            if se_col is not None and np.isfinite(g[se_col].to_numpy(float, na_value=np.nan)).any():
+                ax.errorbar(
+                    g[col].to_numpy(dtype=float, na_value=np.nan),
+                    g["best_val_ce"].to_numpy(dtype=float, na_value=np.nan),
+                    xerr=g[se_col].to_numpy(dtype=float, na_value=np.nan),
+                    fmt="none", ecolor=colours[v], elinewidth=0.8, alpha=0.6,
+                )  # fmt: skip
             ax.scatter(
                 g[col].to_numpy(dtype=float, na_value=np.nan),
                 g["best_val_ce"].to_numpy(dtype=float, na_value=np.nan),
@@ -281,7 +289,8 @@ def alpha_vs_best_val(df: Any, path: Path, axes_cols: list[tuple[str, str]]) -> 
                 alpha=0.75,
                 edgecolors="none",
             )
-        ax.set_xlabel(f"{col} ({label})")
+        bars = "; bars: ± its OLS standard error" if se_col else ""
+        ax.set_xlabel(f"{col} ({label}){bars}")
         ax.set_ylabel("best validation CE (nats)")
         ax.set_title(f"H2: {col} vs best_val_ce", fontsize=10)
         ax.grid(True, alpha=0.25)

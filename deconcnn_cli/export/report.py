@@ -323,7 +323,8 @@ _CAPTIONS = {
     "alpha_full_lr, r_squared_lr), which takes the warmup and the cosine anneal out of the "
     "curve's shape.",
     "alpha_vs_best_val": "H2: early power-law exponent against the best validation loss, "
-    "one point per completed run, coloured by variant.",
+    "one point per completed run, coloured by variant, with horizontal bars of ± the "
+    "exponent's OLS standard error (conditional on the binned fit: a lower bound).",
     "r2_histogram": "H1: R² of each completed run's power-law fit (log space), stacked by "
     "variant; the dashed line is the 0.98 threshold.",
     "curvature": "Top Hessian eigenvalue and Hessian trace of the mean cross-entropy (nats "

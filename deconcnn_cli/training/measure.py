@@ -228,6 +228,10 @@ def shape_row(losses: list[float], cfg: RunConfig, spe: int) -> dict[str, Any]:
         "alpha_full_lr": full_lr.exponent if full_lr else None,
         "power_law_r2_lr": full_lr.r2 if full_lr else None,
         **_knee_cells(steps, loss, burn, spe),
+        "alpha_early_se": early.exponent_se if early else None,
+        "alpha_full_se": full.exponent_se if full else None,
+        "alpha_early_lr_se": early_lr.exponent_se if early_lr else None,
+        "alpha_full_lr_se": full_lr.exponent_se if full_lr else None,
     }
 
 

@@ -247,6 +247,7 @@ def write_grid(
         summary = {
             "state": state,
             "alpha_early": alpha if state == "completed" else None,
+            "alpha_early_se": 0.004 + 0.002 * rng.random() if state == "completed" else None,
             "alpha_full": alpha,
             "power_law_r2": 0.985 + 0.01 * rng.random() if state == "completed" else None,
             "best_val_ce": best if state == "completed" else None,

@@ -45,7 +45,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
         alpha = 0.2 + 0.1 * seed
         summary = {"alpha_full": alpha, "alpha_early": alpha, "power_law_r2": R2.get(seed, 0.99),
                    "best_val_ce": 2 - alpha, "burn_in_step": 10,
-                   "alpha_full_lr": alpha + 0.05, "power_law_r2_lr": 0.99}  # fmt: skip
+                   "alpha_full_lr": alpha + 0.05, "power_law_r2_lr": 0.99,
+                   "alpha_early_se": 0.01 * (1 + seed)}  # fmt: skip
         write_run(root, run_id, steps=200, steps_per_epoch=10, alpha=alpha, seed=i,
                   summary=summary, curvature_every=50,
                   sharpness=not run_id.startswith("adamw"))  # fmt: skip
@@ -180,3 +181,15 @@ def test_export_has_each_runs_last_and_largest_sharpness(frame):
     assert base["sharpness_norm_max"].to_numpy() == pytest.approx(expected.max(), rel=1e-12)
     adamw = frame[frame["variant"] == "adamw"]
     assert adamw["sharpness_norm_last"].isna().all() and adamw["sharpness_norm_max"].isna().all()
+
+
+def test_alpha_vs_best_val_draws_each_runs_standard_error(frame, captured, tmp_path):
+    figures.alpha_vs_best_val(frame, tmp_path / "a.png", [("alpha_early", "step time")])
+    ax = captured[0].axes[0]
+    assert "standard error" in ax.get_xlabel()
+    widths = sorted(
+        round(abs(seg[1][0] - seg[0][0]) / 2, 12)
+        for container in ax.containers
+        for seg in container[2][0].get_segments()
+    )
+    assert widths == [0.01, 0.01, 0.02, 0.02, 0.03, 0.03, 0.04]  # adamw seeds 0-2, base 0-3

@@ -43,6 +43,10 @@ SUMMARY_KEYS = {
     "precision",
     "attempts",
     "analysis_settings",
+    "alpha_early_se",
+    "alpha_full_se",
+    "alpha_early_lr_se",
+    "alpha_full_lr_se",
 }
 
 
@@ -155,6 +159,9 @@ def test_summary_of_a_synthetic_run_recovers_known_values(tmp_path: Path) -> Non
     assert set(summary) == SUMMARY_KEYS
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert summary["best_val_ce"] == 1.0 and summary["best_val_epoch"] == 30.0
+    # each exponent with its standard error: positive, and far below the exponent itself
+    for key in ("alpha_early", "alpha_full"):
+        assert 0 < summary[f"{key}_se"] < 0.1 * summary[key]
     recorded = summary["analysis_settings"]  # what the fits above used, not the defaults' text
     assert recorded["alpha_early_epochs"] == list(cfg.analysis.alpha_early_epochs)
     assert recorded["burn_in_ce_nats"] == cfg.analysis.burn_in_ce_nats
