@@ -51,6 +51,7 @@ STREAMS: dict[str, tuple[str, ...]] = {
         "hutch_trace_sem",
         "n_hvp",
         "hutch_trace_ci95",
+        "sharpness_norm",
     ),
     "noise": (
         "step",
@@ -79,6 +80,10 @@ STREAMS: dict[str, tuple[str, ...]] = {
         "power_law_r2_lr",
         "knee_epoch",
         "knee_censored",
+        "alpha_early_se",
+        "alpha_full_se",
+        "alpha_early_lr_se",
+        "alpha_full_lr_se",
     ),
 }
 

@@ -32,7 +32,12 @@ OFFSET_F_SCALE = 0.1  # soft_l1 scale in log space: residuals beyond ~10% are do
 
 @dataclass(frozen=True)
 class PowerLawFit:
-    """``L(t) ~ prefactor * t**(-exponent)``: OLS line through (ln t, ln mean L) bins."""
+    """``L(t) ~ prefactor * t**(-exponent)``: OLS line through (ln t, ln mean L) bins.
+
+    ``exponent_se`` is the OLS standard error of the slope, ``sqrt(RSS / (n - 2) / Sxx)`` on
+    the ``n_points`` bins: conditional on the binning, and assuming independent residuals of
+    equal variance (docs/metrics-curve-shape.md says when that understates the spread).
+    """
 
     exponent: float
     prefactor: float
@@ -41,6 +46,7 @@ class PowerLawFit:
     n_points: int
     aic: float
     bic: float
+    exponent_se: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -198,7 +204,9 @@ def fit_power_law(t: np.ndarray, loss: np.ndarray, *, n_bins: int = DEFAULT_N_BI
     """
     x, y, _, _ = _binned_logs(t, loss, n_bins, MIN_BINS)
     b0, b1, r2, rmse, aic, bic = _line_fit(x, y)
-    return PowerLawFit(-b1, math.exp(b0), r2, rmse, int(x.size), aic, bic)
+    xc = x - x.mean()
+    se = math.sqrt(rmse**2 * x.size / (x.size - 2) / float(np.dot(xc, xc)))
+    return PowerLawFit(-b1, math.exp(b0), r2, rmse, int(x.size), aic, bic, se)
 
 
 def fit_exponential(

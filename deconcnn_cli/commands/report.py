@@ -32,17 +32,31 @@ def report(
     for warning in result.warnings:
         typer.echo(f"warning: {warning}", err=True)
     for row in result.h1:
-        if row.group == "all":
+        label = f"H1 ({row.time_axis} time{_settings(row.analysis_settings)})"
+        if row.group == "all" and not row.n_runs:
+            typer.echo(f"{label}: no eligible run: {row.verdict}")
+        elif row.group == "all":
             typer.echo(
-                f"H1 ({row.time_axis} time): {row.n_power_law}/{row.n_runs} runs with "
+                f"{label}: {row.n_power_law}/{row.n_runs} runs with "
                 f"R² ≥ 0.98, 95% CI [{row.ci_low:.3f}, {row.ci_high:.3f}]: {row.verdict}"
             )
     for row in result.h2:
-        if row.group == "all":
-            typer.echo(
-                f"H2 ({row.time_axis} time): rho {row.rho:.3f} over {row.n_runs} runs, "
-                f"95% CI [{row.ci_low:.3f}, {row.ci_high:.3f}]: {row.verdict}"
-            )
+        if row.group != "all":
+            continue
+        label = f"H2 ({row.time_axis} time{_settings(row.analysis_settings)})"
+        if not row.ci_method:
+            typer.echo(f"{label}: {row.n_runs} runs: {row.verdict}")
+            continue
+        redrawn = f", {row.n_degenerate} degenerate resamples redrawn" if row.n_degenerate else ""
+        typer.echo(
+            f"{label}: rho {row.rho:.3f} over {row.n_runs} runs, "
+            f"95% CI [{row.ci_low:.3f}, {row.ci_high:.3f}] ({row.ci_method}{redrawn}): "
+            f"{row.verdict}"
+        )
     typer.echo(f"report written in {time.perf_counter() - start:.1f}s")
     typer.echo(f"html:    {result.html}")
     typer.echo(f"numbers: {result.stats_json}")
+
+
+def _settings(settings_id: str) -> str:
+    return f", analysis settings {settings_id}" if settings_id else ""

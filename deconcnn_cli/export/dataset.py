@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from deconcnn_cli import contract
-from deconcnn_cli.export.columns import COLUMN_NAMES, COLUMNS, SCHEMA_VERSION
+from deconcnn_cli.analysis.settings import analysis_settings, settings_id
+from deconcnn_cli.export.columns import COLUMN_NAMES, COLUMNS, SCHEMA_VERSION, describe
 from deconcnn_cli.export.files import (
     RUNS_DIR,
     ExportError,
@@ -55,6 +57,10 @@ _SHAPE_FALLBACK = {
     "alpha_early_lr": "alpha_early_lr",
     "alpha_full_lr": "alpha_full_lr",
     "r_squared_lr": "power_law_r2_lr",
+    "alpha_early_se": "alpha_early_se",
+    "alpha_full_se": "alpha_full_se",
+    "alpha_early_lr_se": "alpha_early_lr_se",
+    "alpha_full_lr_se": "alpha_full_lr_se",
 }
 
 
@@ -86,6 +92,22 @@ class Dataset:
     manifest: dict[str, Any]
     root: Path
     warnings: list[str] = field(default_factory=list)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> settings
+
+    def settings_groups(self) -> list[dict[str, Any]]:
+        """Each set of analysis settings with the runs that used it (metadata, report)."""
+        out = []
+        for sid, values in sorted(self.settings.items()):
+            runs = [r for r in self.rows if r["analysis_settings"] == sid]
+            out.append({"id": sid, "runs": len(runs), "settings": values})
+        unknown = sum(r["analysis_settings"] is None for r in self.rows)
+        if unknown:
+            out.append({"id": None, "runs": unknown, "settings": None})
+        return out
+
+    def sweep_settings(self) -> dict[str, Any] | None:
+        """The sweep's one set of analysis settings; None when its runs differ or none has any."""
+        return next(iter(self.settings.values())) if len(self.settings) == 1 else None
 
     def counts_by_status(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -142,6 +164,15 @@ def _last_defined(rows: list[dict[str, str]], key: str) -> float | None:
     return None
 
 
+def _max_defined(rows: list[dict[str, str]], key: str) -> float | None:
+    """The largest finite value of ``key``; None when none is defined (NaN if all are NaN)."""
+    values = [contract.parse_cell(r.get(key)) for r in rows if r.get(key) not in (None, "")]
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if finite:
+        return max(finite)
+    return math.nan if values else None
+
+
 def _last_row(path: Path) -> dict[str, str] | None:
     """The last whole row of a stream, without parsing the rest (step.csv can be long)."""
     try:
@@ -182,6 +213,26 @@ def _run_code_version(manifest: Mapping[str, Any], run_id: str) -> str | None:
     return manifest.get("code_version")
 
 
+def run_settings(run_dir: Path, summary: Mapping[str, Any], status: Mapping[str, Any]) -> Any:
+    """The analysis settings a run's fits used: ``summary.json``'s record, else (a run with no
+    summary yet, or one written before settings were recorded) derived from its
+    ``config.json`` and steps per epoch with this version's fit constants; None if neither."""
+    recorded = summary.get("analysis_settings")
+    if isinstance(recorded, dict):
+        return recorded
+    record = contract.read_config(run_dir) or {}
+    analysis = (record.get("config") or {}).get("analysis")
+    spe = _num(status.get("steps_per_epoch"))
+    if not isinstance(analysis, dict) or not spe:
+        return None
+    try:
+        return analysis_settings(
+            analysis["alpha_early_epochs"], analysis["burn_in_ce_nats"], int(spe)
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def run_row(
     root: Path,
     run_id: str,
@@ -190,8 +241,12 @@ def run_row(
     submitted: Mapping[str, list[str]],
     now: float,
     verify: VerifyFn | None = None,
+    settings_seen: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """One row of results.csv for ``run_id``: manifest axes + what its directory says."""
+    """One row of results.csv for ``run_id``: manifest axes + what its directory says.
+
+    ``settings_seen`` (id -> settings) collects the analysis settings of the run, if given.
+    """
     row: dict[str, Any] = dict.fromkeys(COLUMN_NAMES)
     row.update(
         run_id=run_id,
@@ -237,6 +292,10 @@ def run_row(
     if last_curv is not None:
         row["lambda_max_last"] = contract.parse_cell(last_curv.get("lambda_max"))
         row["hutch_trace_last"] = contract.parse_cell(last_curv.get("hutch_trace"))
+        row["sharpness_norm_last"] = contract.parse_cell(last_curv.get("sharpness_norm"))
+        row["sharpness_norm_max"] = _max_defined(
+            contract.read_stream(contract.stream_path(run_dir, "curvature")), "sharpness_norm"
+        )
 
     spe = _num(status.get("steps_per_epoch"))
     row["steps_done"] = float(view.step)
@@ -256,22 +315,37 @@ def run_row(
     row["exception_type"] = status.get("exception_type")
     row["checkpoint_path"] = _newest_checkpoint(run_dir, root)
     row["precision"] = status.get("precision") or summary.get("precision")
+    settings = run_settings(run_dir, summary, status)
+    if settings is not None:
+        row["analysis_settings"] = settings_id(settings)
+        if settings_seen is not None:
+            settings_seen[row["analysis_settings"]] = settings
     if verify is not None:
         row["verify_problem"] = verify(run_dir, view)
     return row
 
 
-def collect(root: Path, verify: VerifyFn | None = None, now: float | None = None) -> Dataset:
+def collect(
+    root: str | os.PathLike[str], verify: VerifyFn | None = None, now: float | None = None
+) -> Dataset:
     """Every run of ``root/sweep.json`` as a row, ordered by variant, lr, weight decay, seed."""
+    root = Path(root)
     manifest = read_manifest(root)
     now = time.time() if now is None else now
     submitted = _submitted_jobs(manifest)
+    seen: dict[str, dict[str, Any]] = {}
     rows = [
-        run_row(root, run_id, spec, manifest, submitted, now, verify)
+        run_row(root, run_id, spec, manifest, submitted, now, verify, seen)
         for run_id, spec in manifest["runs"].items()
     ]
     rows.sort(key=lambda r: (r["variant"], r["lr"], r["weight_decay"], r["seed"], r["run_id"]))
-    data = Dataset(rows=rows, manifest=manifest, root=root)
+    data = Dataset(rows=rows, manifest=manifest, root=root, settings=seen)
+    if len(seen) > 1:
+        groups = ", ".join(f"{g['id']} ({g['runs']} runs)" for g in data.settings_groups())
+        data.warnings.append(
+            f"runs used {len(seen)} different analysis settings ({groups}): H1/H2 are computed "
+            "per settings, never pooled; see analysis_settings in the metadata"
+        )
     for row in rows:
         if row["verify_problem"]:
             data.warnings.append(f"{row['run_id']} fails verification: {row['verify_problem']}")
@@ -322,16 +396,22 @@ def metadata(data: Dataset, fmt: str, timeseries: bool, seconds: float) -> dict[
         "warnings": data.warnings,
         "float_format": "shortest positional decimal that reads back exactly; '' = not "
         "defined, 'nan' = could not be computed",
+        "analysis_settings": data.settings_groups(),
         "columns": [
-            {"name": c.name, "dtype": c.dtype, "unit": c.unit, "description": c.description}
+            {
+                "name": c.name,
+                "dtype": c.dtype,
+                "unit": c.unit,
+                "description": describe(c, data.sweep_settings()),
+            }
             for c in COLUMNS
         ],
     }
 
 
 def export(
-    root: Path,
-    out: Path,
+    root: str | os.PathLike[str],
+    out: str | os.PathLike[str],
     fmt: str = "csv",
     timeseries: bool = True,
     force: bool = False,
@@ -344,6 +424,7 @@ def export(
     the time-series folder only if an earlier export wrote it (:mod:`.publish`). Holds the
     output's lock throughout, so concurrent exports of one output run one after the other.
     """
+    root, out = Path(root), Path(out)
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}", f"use one of: {', '.join(FORMATS)}")
     if fmt == "parquet":

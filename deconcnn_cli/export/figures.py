@@ -20,9 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 
 from deconcnn_cli import contract  # noqa: E402
-from deconcnn_cli.analysis.powerlaw import fit_power_law  # noqa: E402
 from deconcnn_cli.export.stats import R2_THRESHOLD  # noqa: E402
 
 DPI = 110
@@ -54,16 +54,24 @@ def _read_columns(path: Path, columns: tuple[str, ...]) -> dict[str, np.ndarray]
 
 
 def read_series(root: Path, run_ids: list[str]) -> dict[str, dict[str, dict[str, np.ndarray]]]:
-    """``{run_id: {"step": {...}, "curvature": {...}}}`` for the runs whose files exist."""
+    """``{run_id: {"step": {...}, "curvature": {...}}}`` for the runs whose files exist.
+
+    The step stream's ``lr`` (for lr time) and the curvature stream's ``hutch_trace_sem`` are
+    read where the stream has them (older streams may not).
+    """
     out: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for run_id in run_ids:
         run_dir = root / "runs" / run_id
-        step = _read_columns(
-            contract.stream_path(run_dir, "step"), ("step", "epoch", "loss_train_nats")
-        )
-        curv = _read_columns(
-            contract.stream_path(run_dir, "curvature"), ("step", "lambda_max", "hutch_trace")
-        )
+        step_path = contract.stream_path(run_dir, "step")
+        step = _read_columns(step_path, ("step", "epoch", "loss_train_nats", "lr"))
+        if step is None:
+            step = _read_columns(step_path, ("step", "epoch", "loss_train_nats"))
+        curv_path = contract.stream_path(run_dir, "curvature")
+        curv = None
+        for extra in (("hutch_trace_sem", "sharpness_norm"), ("hutch_trace_sem",), ()):
+            curv = _read_columns(curv_path, ("step", "lambda_max", "hutch_trace", *extra))
+            if curv is not None:
+                break
         out[run_id] = {k: v for k, v in (("step", step), ("curvature", curv)) if v is not None}
     return out
 
@@ -103,72 +111,133 @@ def _label_2_and_5(value: float, _pos: int) -> str:
     return f"{value:g}" if round(mantissa, 6) in (2.0, 5.0) else ""
 
 
-def _median_band(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Median and 10th/90th percentiles over runs (axis 0), ignoring NaN."""
+MIN_RUNS_PERCENTILE_BAND = 10  # below this, a 10-90% band interpolates between few runs
+
+
+def _median_band(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """Pointwise median over runs (axis 0, NaN ignored) and a band with its label: the
+    10th-90th percentiles from 10 runs on, min-max below that, none for one run ("")."""
+    n = values.shape[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column stays NaN
         med = np.nanmedian(values, axis=0)
-        lo, hi = np.nanpercentile(values, [10, 90], axis=0)
-    return med, lo, hi
+        if n >= MIN_RUNS_PERCENTILE_BAND:
+            lo, hi = np.nanpercentile(values, [10, 90], axis=0)
+            label = f"10-90% of {n} runs"
+        else:
+            lo, hi = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+            label = f"min-max of {n} runs (< {MIN_RUNS_PERCENTILE_BAND}: no percentiles)"
+    return med, lo, hi, label if n > 1 else ""
 
 
-def loss_curves(df: Any, series: dict, path: Path) -> Path:
-    """Train loss vs step (log-log) per variant: median of completed runs, 10-90% band, the
-    power law fitted to the median from the median burn-in on, the median knee."""
+def state_counts(df: Any, variant: str) -> str:
+    """ "8 completed, 1 diverged, 1 missing": every state of the variant's runs, in order."""
+    counts = df.loc[df["variant"] == variant, "status"].value_counts()
+    order = list(STATUS_ORDER) + sorted(set(counts.index) - set(STATUS_ORDER))
+    return ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s, 0))
+
+
+def per_run_fit_label(sub: Any, alpha_col: str, r2_col: str) -> str:
+    """What H1/H2 use, from the runs' own fits: median alpha with its IQR, share R^2 >= 0.98."""
+    alpha = sub[alpha_col].to_numpy(dtype=float, na_value=np.nan)
+    alpha = alpha[np.isfinite(alpha)]
+    r2 = sub[r2_col].to_numpy(dtype=float, na_value=np.nan)
+    r2 = r2[np.isfinite(r2)]
+    if not alpha.size:
+        text = f"per-run {alpha_col}: none"
+    else:
+        q1, med, q3 = np.percentile(alpha, [25, 50, 75])
+        text = f"per-run {alpha_col}: median {med:.3f}, IQR [{q1:.3f}, {q3:.3f}] (n={alpha.size})"
+    share = f"{int((r2 >= R2_THRESHOLD).sum())}/{r2.size}" if r2.size else "no fits"
+    return f"{text}\nper-run R² ≥ {R2_THRESHOLD}: {share}"
+
+
+def _time_of(curve: dict[str, np.ndarray], time_axis: str) -> np.ndarray:
+    """t = step + 1, or tau_t = cumulative lr (NaN where tau is not positive or not logged)."""
+    if time_axis == "step":
+        return curve["step"] + 1
+    if "lr" not in curve:
+        return np.full(len(curve["step"]), np.nan)
+    tau = np.cumsum(np.nan_to_num(curve["lr"]))
+    return np.where(tau > 0, tau, np.nan)
+
+
+def _at_step(curve: dict[str, np.ndarray], x: np.ndarray, step: float) -> float:
+    """The run's time ``x`` at ``step`` (NaN where the run does not reach it)."""
+    i = int(np.searchsorted(curve["step"], step))
+    return float(x[i]) if i < len(x) else math.nan
+
+
+_FITS = {"step": ("alpha_full", "r_squared"), "lr": ("alpha_full_lr", "r_squared_lr")}
+_TIME_LABEL = {"step": "optimizer step t (step + 1)", "lr": "cumulative learning rate τ = Σ lr"}
+
+
+def loss_curves(df: Any, series: dict, path: Path, time_axis: str = "step") -> Path:
+    """Train loss vs step (or cumulative lr), log-log, per variant: the pointwise median of the
+    completed runs, a band (10-90% from 10 runs, else min-max), the runs' own fits (median
+    alpha_full with its IQR, share with R^2 >= 0.98), a guide of that median slope from the
+    median burn-in on, and the median knee."""
+    alpha_col, r2_col = _FITS[time_axis]
     variants = sorted(df["variant"].unique())
-    fig, axes = _panels(len(variants))
+    fig, axes = _panels(len(variants), height=3.8)
     colours = variant_colours(variants)
     for ax, variant in zip(axes, variants, strict=True):
         sub = df[(df["variant"] == variant) & (df["status"] == "completed")]
-        curves = [series[r]["step"] for r in sub["run_id"] if "step" in series.get(r, {})]
-        n_div = int(((df["variant"] == variant) & (df["status"] == "diverged")).sum())
-        title = f"{variant}: {len(curves)} completed run(s)"
-        title += f", {n_div} diverged (not shown)" if n_div else ""
-        ax.set_title(title, fontsize=10)
+        ids = [r for r in sub["run_id"] if "step" in series.get(r, {})]
+        curves = [series[r]["step"] for r in ids]
+        times = [_time_of(c, time_axis) for c in curves]
+        ax.set_title(f"{variant}: {state_counts(df, variant)}\n"
+                     f"curves: the {len(curves)} completed run(s)", fontsize=9)  # fmt: skip
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("optimizer step t (step + 1)")
+        ax.set_xlabel(_TIME_LABEL[time_axis])
         ax.set_ylabel("train loss (nats)")
-        if not curves:
+        finite_t = [t[np.isfinite(t)] for t in times]
+        if not any(t.size for t in finite_t):
             ax.text(0.5, 0.5, "no completed runs", ha="center", transform=ax.transAxes)
             continue
-        t_max = max(float(c["step"].max()) + 1 for c in curves)
-        edges = np.geomspace(1, t_max + 1, N_CURVE_BINS + 1)
-        binned = np.array([_binned(c["step"] + 1, c["loss_train_nats"], edges) for c in curves])
+        t_min = min(float(t.min()) for t in finite_t if t.size)
+        t_max = max(float(t.max()) for t in finite_t if t.size)
+        edges = np.geomspace(t_min, t_max * (1 + 1e-9), N_CURVE_BINS + 1)
+        binned = np.array(
+            [_binned(t[np.isfinite(t)], c["loss_train_nats"][np.isfinite(t)], edges)
+             for c, t in zip(curves, times, strict=True)]
+        )  # fmt: skip
         centres = np.sqrt(edges[:-1] * edges[1:])
         keep = np.isfinite(binned).any(axis=0)
-        med, lo, hi = _median_band(binned[:, keep])
+        med, lo, hi, band = _median_band(binned[:, keep])
         x = centres[keep]
         colour = colours[variant]
-        ax.fill_between(x, lo, hi, color=colour, alpha=0.25, lw=0, label="10-90% of runs")
-        ax.plot(x, med, color=colour, lw=1.8, label="median run")
-        burn = sub["burn_in_step"].to_numpy(dtype=float, na_value=np.nan)
-        if not np.isfinite(burn).any():  # the protocol fits no power law before burn-in
+        if band:
+            ax.fill_between(x, lo, hi, color=colour, alpha=0.25, lw=0, label=band)
+        ax.plot(x, med, color=colour, lw=1.8, label="pointwise median of the runs")
+        by_id = sub.set_index("run_id").reindex(ids)
+        burn = by_id["burn_in_step"].to_numpy(dtype=float, na_value=np.nan)
+        starts = [_at_step(c, t, b) for c, t, b in zip(curves, times, burn, strict=True)
+                  if math.isfinite(b)]  # fmt: skip
+        starts = [v for v in starts if math.isfinite(v)]
+        alphas = sub[alpha_col].to_numpy(dtype=float, na_value=np.nan)
+        alphas = alphas[np.isfinite(alphas)]
+        if not starts:  # the protocol fits no power law before burn-in
             ax.plot([], [], " ", label="no run reached burn-in: no power-law fit")
-            window = np.zeros_like(x, dtype=bool)
-            start = 1.0
-        else:
-            start = float(np.nanmedian(burn)) + 1
+        elif alphas.size:
+            start = float(np.median(starts))
             window = (x >= start) & np.isfinite(med)
-        if window.sum() >= 3:
-            fit = fit_power_law(x[window], med[window], n_bins=max(3, int(window.sum())))
-            xs = x[window]
-            ax.plot(
-                xs,
-                fit.prefactor * xs**-fit.exponent,
-                "k--",
-                lw=1.2,
-                label=f"power law α={fit.exponent:.3f}, R²={fit.r2:.3f}",
-            )
-            if start > 1:
-                ax.axvline(start, color="grey", lw=0.8, ls=":", label="median burn-in")
-        knees = sub["knee_epoch"].to_numpy(dtype=float, na_value=np.nan)
-        knees = knees[np.isfinite(knees)]
+            if window.any():
+                x0 = x[window][0]
+                guide = med[window][0] * (x[window] / x0) ** -float(np.median(alphas))
+                ax.plot(x[window], guide, "k--", lw=1.2, label="slope: median per-run α")
+            ax.axvline(start, color="grey", lw=0.8, ls=":", label="median burn-in")
+        ax.plot([], [], " ", label=per_run_fit_label(sub, alpha_col, r2_col))
+        knees = by_id["knee_epoch"].to_numpy(dtype=float, na_value=np.nan)
         spe = _steps_per_epoch(curves[0])
-        if knees.size and spe:
-            kt = float(np.median(knees)) * spe + 1
-            ax.axvline(kt, color="crimson", lw=1.2, label=f"median knee ({knees.size} run(s))")
-        ax.legend(fontsize=7, loc="lower left")
+        knee_x = [_at_step(c, t, k * spe) for c, t, k in zip(curves, times, knees, strict=True)
+                  if spe and math.isfinite(k)]  # fmt: skip
+        knee_x = [v for v in knee_x if math.isfinite(v)]
+        if knee_x:
+            ax.axvline(float(np.median(knee_x)), color="crimson", lw=1.2,
+                       label=f"median knee ({len(knee_x)} run(s))")  # fmt: skip
+        ax.legend(fontsize=6.5, loc="lower left")
         ax.grid(True, which="both", alpha=0.25)
         ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         low, high = ax.get_ylim()
@@ -179,7 +248,9 @@ def loss_curves(df: Any, series: dict, path: Path) -> Path:
             else ticker.FuncFormatter(_label_2_and_5)
         )
         ax.tick_params(axis="y", which="minor", labelsize=7)
-    fig.suptitle("Training loss vs step, log-log, with the fitted power law", fontsize=12)
+    what = "step" if time_axis == "step" else "cumulative learning rate"
+    fig.suptitle(f"Training loss vs {what}, log-log: pointwise median of the runs and the "
+                 "runs' own power-law fits", fontsize=11)  # fmt: skip
     return _save(fig, path)
 
 
@@ -198,8 +269,16 @@ def alpha_vs_best_val(df: Any, path: Path, axes_cols: list[tuple[str, str]]) -> 
     colours = variant_colours(variants)
     done = df[df["status"] == "completed"]
     for ax, (col, label) in zip(axes, axes_cols, strict=True):
+        se_col = f"{col}_se" if f"{col}_se" in df.columns else None
         for i, v in enumerate(variants):
             g = done[done["variant"] == v]
+            if se_col is not None and np.isfinite(g[se_col].to_numpy(float, na_value=np.nan)).any():
+                ax.errorbar(
+                    g[col].to_numpy(dtype=float, na_value=np.nan),
+                    g["best_val_ce"].to_numpy(dtype=float, na_value=np.nan),
+                    xerr=g[se_col].to_numpy(dtype=float, na_value=np.nan),
+                    fmt="none", ecolor=colours[v], elinewidth=0.8, alpha=0.6,
+                )  # fmt: skip
             ax.scatter(
                 g[col].to_numpy(dtype=float, na_value=np.nan),
                 g["best_val_ce"].to_numpy(dtype=float, na_value=np.nan),
@@ -210,7 +289,8 @@ def alpha_vs_best_val(df: Any, path: Path, axes_cols: list[tuple[str, str]]) -> 
                 alpha=0.75,
                 edgecolors="none",
             )
-        ax.set_xlabel(f"{col} ({label})")
+        bars = "; bars: ± its OLS standard error" if se_col else ""
+        ax.set_xlabel(f"{col} ({label}){bars}")
         ax.set_ylabel("best validation CE (nats)")
         ax.set_title(f"H2: {col} vs best_val_ce", fontsize=10)
         ax.grid(True, alpha=0.25)
@@ -246,35 +326,78 @@ def r2_histogram(df: Any, path: Path, cols: list[str]) -> Path:
     return _save(fig, path)
 
 
+CURVATURE_UNIT = "nats / param²"  # second derivative of the mean CE (nats) in the parameters
+
+
 def curvature(df: Any, series: dict, path: Path) -> Path:
-    """λmax and Hessian trace vs step: median over each variant's runs, 10-90% band."""
+    """λmax, Hessian trace and normalised sharpness vs step: pointwise median over each
+    variant's completed and diverged runs, a band (10-90% from 10 runs, else min-max); the
+    trace with error bars of the median per-run standard error (``hutch_trace_sem``); the
+    sharpness with the edge of stability at 1, no line for a variant without it (AdamW)."""
     variants = sorted(df["variant"].unique())
     colours = variant_colours(variants)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), layout="constrained")
+    bands: set[str] = set()
+    undefined: list[str] = []  # variants with no sharpness_norm (AdamW): no line, said so
     for ax, col, label in (
-        (axes[0], "lambda_max", "λmax (top Hessian eigenvalue)"),
-        (axes[1], "hutch_trace", "Hessian trace (Hutchinson)"),
+        (axes[0], "lambda_max", f"λmax, top Hessian eigenvalue ({CURVATURE_UNIT})"),
+        (axes[1], "hutch_trace", f"Hessian trace, Hutchinson ({CURVATURE_UNIT})"),
+        (axes[2], "sharpness_norm", "(λmax + wd) · lr_t / (2 (1 + β)), dimensionless"),
     ):
         for v in variants:
             runs = df[(df["variant"] == v) & df["status"].isin(["completed", "diverged"])]
             curves = [series[r]["curvature"] for r in runs["run_id"]
                       if "curvature" in series.get(r, {})]  # fmt: skip
+            if col == "sharpness_norm":
+                curves = [c for c in curves if col in c and np.isfinite(c[col]).any()]
+                if not curves:
+                    undefined.append(v)
             if not curves:
                 continue
             steps = np.unique(np.concatenate([c["step"] for c in curves]))
             grid = np.full((len(curves), len(steps)), np.nan)
+            sem = np.full((len(curves), len(steps)), np.nan)
             for i, c in enumerate(curves):
-                grid[i, np.searchsorted(steps, c["step"])] = c[col]
-            med, lo, hi = _median_band(grid)
-            ax.fill_between(steps, lo, hi, color=colours[v], alpha=0.2, lw=0)
+                at = np.searchsorted(steps, c["step"])
+                grid[i, at] = c[col]
+                if "hutch_trace_sem" in c:
+                    sem[i, at] = c["hutch_trace_sem"]
+            med, lo, hi, band = _median_band(grid)
+            if band:
+                ax.fill_between(steps, lo, hi, color=colours[v], alpha=0.2, lw=0)
+                bands.add(band.split(" of ")[0])
             ax.plot(steps, med, color=colours[v], marker="o", ms=3, lw=1.5,
                     label=f"{v} ({len(curves)} runs)")  # fmt: skip
+            if col == "hutch_trace" and np.isfinite(sem).any():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    err = np.nanmedian(sem, axis=0)
+                ax.errorbar(steps, med, yerr=err, fmt="none", ecolor=colours[v], elinewidth=1,
+                            capsize=2)  # fmt: skip
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(label)
-        ax.set_title(f"{label} over training: median, 10-90% band", fontsize=10)
         ax.grid(True, alpha=0.25)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    edge = axes[2]
+    edge.axhline(1.0, color="k", ls="--", lw=1, label="edge of stability (1)")
+    edge.legend(fontsize=8)
+    if undefined:
+        edge.text(0.02, 0.98, f"not defined, not drawn: {', '.join(undefined)}\n"
+                  "(AdamW: the threshold depends on its preconditioner)", fontsize=7,
+                  va="top", transform=edge.transAxes)  # fmt: skip
+    edge.set_title(
+        "normalised sharpness (SGD): pointwise median\n"
+        "lr_t = the step's scheduled lr; Nesterov: threshold / (1 + 2β)",
+        fontsize=10,
+    )
+    band_text = " / ".join(sorted(bands)) or "none (one run)"
+    axes[0].set_title(f"λmax: pointwise median, band {band_text} of runs", fontsize=10)
+    axes[1].set_title(
+        f"trace: pointwise median, band {band_text} of runs\n"
+        "error bars: median per-run SEM (hutch_trace_sem)",
+        fontsize=10,
+    )
     return _save(fig, path)
 
 
@@ -282,37 +405,51 @@ def _axes_values(df: Any) -> tuple[list[float], list[float]]:
     return sorted(df["lr"].unique()), sorted(df["weight_decay"].unique())
 
 
+def _cell_medians(sub: Any, lrs: list[float], wds: list[float]) -> tuple[np.ndarray, list]:
+    """Median ``final_loss_val_nats`` per (wd, lr) cell of one variant, and each cell's text."""
+    grid = np.full((len(wds), len(lrs)), np.nan)
+    texts = []
+    for (i, wd), (j, lr) in ((a, b) for a in enumerate(wds) for b in enumerate(lrs)):
+        cell = sub[(sub["lr"] == lr) & (sub["weight_decay"] == wd)]
+        vals = cell["final_loss_val_nats"].to_numpy(dtype=float, na_value=np.nan)
+        vals = vals[np.isfinite(vals)]
+        if vals.size:
+            grid[i, j] = np.median(vals)
+        texts.append((i, j, f"{grid[i, j]:.3g}" if vals.size else ("—" if cell.empty else "n/a")))
+    return grid, texts
+
+
 def val_loss_heatmap(df: Any, path: Path) -> Path:
-    """Median final validation loss over seeds, per (lr, weight decay) cell, per variant."""
+    """Median final validation loss over seeds, per (lr, weight decay) cell, per variant: each
+    variant on its own lr and weight-decay axes, one colour scale over the medians shown."""
     variants = sorted(df["variant"].unique())
     fig, axes = _panels(len(variants), width=3.9, height=3.4)
-    lrs, wds = _axes_values(df)
-    finite = df["final_loss_val_nats"].to_numpy(dtype=float, na_value=np.nan)
-    finite = finite[np.isfinite(finite)]
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    panels = []
+    for v in variants:
+        sub = df[df["variant"] == v]
+        lrs, wds = _axes_values(sub)
+        panels.append((v, lrs, wds, *_cell_medians(sub, lrs, wds)))
+    shown = np.concatenate([g[np.isfinite(g)] for *_, g, _ in panels])
+    vmin, vmax = (float(shown.min()), float(shown.max())) if shown.size else (0.0, 1.0)
+    if vmax <= vmin:
+        vmax = vmin + 1e-9
     image = None
-    for ax, v in zip(axes, variants, strict=True):
-        grid = np.full((len(wds), len(lrs)), np.nan)
-        for (i, wd), (j, lr) in ((a, b) for a in enumerate(wds) for b in enumerate(lrs)):
-            cell = df[(df["variant"] == v) & (df["lr"] == lr) & (df["weight_decay"] == wd)]
-            vals = cell["final_loss_val_nats"].to_numpy(dtype=float, na_value=np.nan)
-            vals = vals[np.isfinite(vals)]
-            if vals.size:
-                grid[i, j] = np.median(vals)
-            text = f"{grid[i, j]:.3g}" if vals.size else ("—" if cell.empty else "n/a")
-            dark = vals.size and (grid[i, j] - vmin) > 0.55 * (vmax - vmin)  # viridis_r: dark
+    for ax, (v, lrs, wds, grid, texts) in zip(axes, panels, strict=True):
+        for i, j, text in texts:
+            dark = math.isfinite(grid[i, j]) and (grid[i, j] - vmin) > 0.55 * (vmax - vmin)
             ax.text(j, i, text, ha="center", va="center", fontsize=9,
                     color="white" if dark else "black")  # fmt: skip
         image = ax.imshow(grid, cmap="viridis_r", vmin=vmin, vmax=vmax, aspect="auto")
         _label_grid(ax, v, lrs, wds)
     if image is not None:
-        fig.colorbar(image, ax=axes, label="final validation CE (nats), median over seeds")
+        fig.colorbar(image, ax=axes, label="median over seeds of the final validation CE (nats)")
     fig.suptitle("Final validation loss by lr x weight decay ('n/a': no finite value)")
     return _save(fig, path)
 
 
 def status_heatmap(df: Any, path: Path) -> Path:
-    """Share of completed runs per (lr, weight decay) cell, with counts by status."""
+    """Share of completed runs per (lr, weight decay) cell, with counts by status; a cell with
+    no runs is hatched grey and says so (never a pale colour)."""
     variants = sorted(df["variant"].unique())
     fig, axes = _panels(len(variants), width=3.9, height=3.4)
     lrs, wds = _axes_values(df)
@@ -323,7 +460,29 @@ def status_heatmap(df: Any, path: Path) -> Path:
         for (i, wd), (j, lr) in ((a, b) for a in enumerate(wds) for b in enumerate(lrs)):
             cell = df[(df["variant"] == v) & (df["lr"] == lr) & (df["weight_decay"] == wd)]
             if cell.empty:
-                continue
+                ax.add_patch(
+                    Rectangle(
+                        (j - 0.5, i - 0.5),
+                        1,
+                        1,
+                        facecolor="#dddddd",
+                        hatch="///",
+                        edgecolor="#888888",
+                        lw=0,
+                        zorder=2,
+                    )
+                )
+                ax.text(
+                    j,
+                    i,
+                    "no runs",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    zorder=3,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
+                )
+                continue  # fmt: skip
             counts = cell["status"].value_counts()
             grid[i, j] = counts.get("completed", 0) / len(cell)
             lines = [f"{counts[s]} {s}" for s in STATUS_ORDER if counts.get(s, 0)]
@@ -332,7 +491,7 @@ def status_heatmap(df: Any, path: Path) -> Path:
         _label_grid(ax, v, lrs, wds)
     if image is not None:
         fig.colorbar(image, ax=axes, label="share of the cell's runs completed")
-    fig.suptitle("Run status by lr x weight decay (runs per state in each cell)")
+    fig.suptitle("Run status by lr x weight decay (runs per state; hatched: no runs)")
     return _save(fig, path)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ def format_float(value: float | None) -> str:
         return "nan"
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
-    return np.format_float_positional(x, unique=True, trim="-")
+    return np.format_float_positional(x, unique=True, trim="0")  # 6.0 -> "6.0", not "6"
 
 
 def format_value(value: Any, dtype: str) -> str:
@@ -49,8 +50,8 @@ def format_value(value: Any, dtype: str) -> str:
         return ""
     if dtype == "float":
         return format_float(value)
-    if dtype == "int":
-        return str(int(value))
+    if dtype in ("int", "Int64"):
+        return "nan" if isinstance(value, float) and math.isnan(value) else str(int(value))
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
@@ -84,12 +85,14 @@ def require_pyarrow() -> Any:
 
 def write_parquet_rows(rows: list[dict[str, Any]], path: Path) -> None:
     pa = require_pyarrow()
-    types = {"int": pa.int64(), "float": pa.float64(), "string": pa.string()}
+    types = {"int": pa.int64(), "Int64": pa.int64(), "float": pa.float64(), "string": pa.string()}
     arrays = []
     for c in COLUMNS:
         values = [row.get(c.name) for row in rows]
         if c.dtype == "string":
             values = [None if v is None else format_value(v, "string") for v in values]
+        elif c.dtype == "Int64":  # an integer column holds no NaN: "could not be computed" -> null
+            values = [None if v is None or v != v else int(v) for v in values]
         arrays.append(pa.array(values, type=types[c.dtype]))  # None -> null, nan stays NaN
     table = pa.Table.from_arrays(arrays, names=list(COLUMN_NAMES))
     tmp = path.with_name(f".{path.name}.tmp")
@@ -149,21 +152,26 @@ def _stream_to_parquet(src: Path, dst: Path, pa: Any) -> None:
 # Reading an export back
 
 
-def read_results(path: Path) -> Any:
+def read_results(path: str | os.PathLike[str]) -> Any:
     """``results.csv`` (or ``.parquet``) as a pandas DataFrame with the documented dtypes.
 
-    ``seed`` int64, floats float64 (parsed by Python's ``float``: exact; both ``""`` and
-    ``nan`` become NaN here, the file itself keeps them apart), strings pandas ``string``
-    (an empty cell is <NA>). Raises :class:`SchemaError` when required columns are missing.
+    ``seed`` int64, counts that can be empty (``Int64`` in the metadata) pandas' nullable
+    ``Int64`` (``""`` and ``nan`` are <NA>), floats float64 (parsed by Python's ``float``:
+    exact; both ``""`` and ``nan`` become NaN here, the file itself keeps them apart), strings
+    pandas ``string`` (an empty cell is <NA>). ``path`` is a ``str`` or any path-like. Raises
+    :class:`SchemaError` when required columns are missing.
     """
     import pandas as pd
 
+    path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path} does not exist", "run `decon export` first")
     if path.suffix == ".parquet":
         require_pyarrow()
         df = pd.read_parquet(path)
         require_columns(df.columns, COLUMN_NAMES, str(path))
+        for name in (n for n, kind in DTYPES.items() if kind == "Int64"):
+            df[name] = df[name].astype("Int64")  # nulls read as float64 NaN otherwise
         return df
     with open(path, newline="") as f:
         reader = csv.reader(f)
@@ -178,6 +186,9 @@ def read_results(path: Path) -> Any:
             columns[name] = pd.Series(data, dtype="float64")
         elif dtype == "int":
             columns[name] = pd.Series([int(v) for v in values], dtype="int64")
+        elif dtype == "Int64":
+            ints = [None if v in ("", "nan") else int(v) for v in values]
+            columns[name] = pd.Series(ints, dtype="Int64")
         else:
             columns[name] = pd.Series([v or None for v in values], dtype="string")
     return pd.DataFrame(columns)

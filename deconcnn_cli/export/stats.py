@@ -4,7 +4,8 @@
   interval, against a target of 90%.
 - H2: Spearman rho(``alpha_early``, ``best_val_ce``) over runs, its p-value and a 95%
   bootstrap interval (runs resampled in pairs; BCa, percentile where BCa cannot be formed),
-  against a target of |rho| >= 0.7.
+  against a target of |rho| >= 0.7. Resamples on which rho is undefined (one run repeated,
+  or only tied runs drawn) are redrawn and counted, so the interval exists whenever rho does.
 
 A verdict reads the interval, not only the point estimate: ``supported`` when the whole 95%
 interval meets the target, ``not supported`` when the whole interval misses it,
@@ -14,7 +15,6 @@ interval meets the target, ``not supported`` when the whole interval misses it,
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -54,6 +54,7 @@ class H1Row:
     n_diverged: int  # counted apart, never in n_runs
     n_excluded: int  # neither: failed, missing, running, or no R^2
     verdict: str
+    analysis_settings: str = ""  # the settings id, where the table's runs used several
 
 
 @dataclass(frozen=True)
@@ -66,17 +67,31 @@ class H2Row:
     ci_low: float
     ci_high: float
     ci_method: str  # "BCa" | "percentile" | ""
+    n_resamples: int  # defined bootstrap resamples behind the interval
+    n_degenerate: int  # draws with rho undefined, redrawn (BootstrapCI)
     n_diverged: int
     n_excluded: int
     verdict: str
+    analysis_settings: str = ""  # the settings id, where the table's runs used several
 
 
 def as_dict(row: H1Row | H2Row) -> dict[str, Any]:
     return asdict(row)
 
 
-def _groups(df: Any) -> list[tuple[str, Any]]:
-    return [("all", df)] + [(str(v), g) for v, g in df.groupby("variant", sort=True)]
+def _groups(df: Any) -> list[tuple[str, str, Any]]:
+    """``(group, settings id, rows)``: overall and per variant, within each set of analysis
+    settings when the table's runs used more than one (never pooled); settings "" otherwise."""
+    ids: list[str] = []
+    if "analysis_settings" in df.columns:
+        ids = sorted({str(v) for v in df["analysis_settings"].dropna()})
+    if len(ids) <= 1:
+        return [("all", "", df)] + [(str(v), "", g) for v, g in df.groupby("variant", sort=True)]
+    out = []
+    for sid in ids:
+        sub = df[df["analysis_settings"] == sid]
+        out += [("all", sid, sub)] + [(str(v), sid, g) for v, g in sub.groupby("variant")]
+    return out
 
 
 def _eligible(df: Any, columns: tuple[str, ...]) -> tuple[Any, int, int]:
@@ -100,13 +115,13 @@ def h1_rows(df: Any, r2_column: str = "r_squared", time_axis: str = "step") -> l
     """H1 overall and per variant on the table's ``r2_column``."""
     require_columns(df.columns, (*H1_COLUMNS, r2_column), "the results table")
     out = []
-    for group, g in _groups(df):
+    for group, sid, g in _groups(df):
         runs, n_div, n_exc = _eligible(g, (r2_column,))
         n = len(runs)
         k = int((runs[r2_column].to_numpy(dtype=float) >= R2_THRESHOLD).sum())
         if n == 0:
             nan = math.nan
-            out.append(H1Row(group, time_axis, 0, 0, nan, nan, nan, n_div, n_exc, TOO_FEW))
+            out.append(H1Row(group, time_axis, 0, 0, nan, nan, nan, n_div, n_exc, TOO_FEW, sid))
             continue
         low, high = clopper_pearson(k, n)
         # "more than 90%": supported when the whole interval lies above the target
@@ -116,7 +131,7 @@ def h1_rows(df: Any, r2_column: str = "r_squared", time_axis: str = "step") -> l
             verdict = NOT_SUPPORTED
         else:
             verdict = INCONCLUSIVE
-        out.append(H1Row(group, time_axis, n, k, k / n, low, high, n_div, n_exc, verdict))
+        out.append(H1Row(group, time_axis, n, k, k / n, low, high, n_div, n_exc, verdict, sid))
     return out
 
 
@@ -130,46 +145,120 @@ def spearman_rho(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
         return (rx * ry).sum(axis=axis) / np.sqrt((rx**2).sum(axis=axis) * (ry**2).sum(axis=axis))
 
 
-def bootstrap_rho(x: np.ndarray, y: np.ndarray) -> tuple[float, float, str]:
-    """95% bootstrap interval of rho over runs (pairs resampled): BCa, else percentile."""
-    for method in ("BCa", "percentile"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # degenerate resamples: judged by the result below
-            try:
-                res = stats.bootstrap(
-                    (x, y),
-                    spearman_rho,
-                    paired=True,
-                    vectorized=True,
-                    n_resamples=N_BOOTSTRAP,
-                    confidence_level=CONFIDENCE,
-                    method=method,
-                    rng=np.random.default_rng(BOOTSTRAP_SEED),
-                )
-            except (ValueError, FloatingPointError):
-                continue
-        low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
-        if math.isfinite(low) and math.isfinite(high):
-            return low, high, method
-    return math.nan, math.nan, ""
+@dataclass(frozen=True)
+class BootstrapCI:
+    """A bootstrap interval of rho and how it was formed.
+
+    ``n_resamples`` defined resamples make the interval; ``n_degenerate`` more were drawn and
+    redrawn because rho is undefined on them (every resampled run has the same alpha, or the
+    same best_val_ce: a resample that repeats one run, or draws only tied runs). ``method`` is
+    "BCa", or "percentile" where BCa's acceleration cannot be formed (a leave-one-out sample
+    with a constant column, possible with ties), or "" when no resample is defined at all.
+    """
+
+    low: float
+    high: float
+    method: str
+    n_resamples: int
+    n_degenerate: int
+
+
+def _resample_rhos(
+    x: np.ndarray, y: np.ndarray, n_resamples: int, rng: np.random.Generator
+) -> tuple[np.ndarray, int]:
+    """``n_resamples`` defined bootstrap values of rho (pairs resampled) and how many
+    degenerate draws were redrawn to get them.
+
+    Resample until defined: batches of ``n_resamples`` index rows are drawn (the first batch is
+    exactly ``scipy.stats.bootstrap``'s, same generator, same order), degenerate rows are
+    dropped and counted, and drawing goes on until enough are defined. Conditioning on a
+    defined rho is what the interval can describe; it leaves a sample without degenerate draws
+    untouched. Bounded: at most ``_MAX_ROUNDS`` batches.
+    """
+    n = len(x)
+    kept: list[np.ndarray] = []
+    n_kept = n_degenerate = 0
+    for _ in range(_MAX_ROUNDS):
+        idx = rng.integers(0, n, (n_resamples, n))
+        rho = spearman_rho(x[idx], y[idx])
+        ok = np.isfinite(rho)
+        need = n_resamples - n_kept
+        if ok.sum() >= need:  # the draws up to the last one needed, in order
+            last = int(np.searchsorted(np.cumsum(ok), need)) + 1
+            rho, ok = rho[:last], ok[:last]
+        n_degenerate += int((~ok).sum())
+        kept.append(rho[ok])
+        n_kept += int(ok.sum())
+        if n_kept >= n_resamples:
+            break
+    return np.concatenate(kept), n_degenerate
+
+
+_MAX_ROUNDS = 50  # a defined resample is >= ~30% likely whenever rho itself is defined
+
+
+def _bca_levels(x: np.ndarray, y: np.ndarray, rho_b: np.ndarray, alpha: float) -> tuple:
+    """BCa's quantile levels (Efron & Tibshirani 1993, 14.3), as scipy forms them; NaN where
+    the acceleration or the bias correction is not defined."""
+    from scipy.special import ndtr, ndtri
+
+    theta = float(spearman_rho(x, y))
+    z0 = ndtri(((rho_b < theta).sum() + (rho_b <= theta).sum()) / (2 * len(rho_b)))
+    n = len(x)
+    others = np.array([np.delete(np.arange(n), i) for i in range(n)])  # the jackknife
+    jack = spearman_rho(x[others], y[others])
+    d = jack.mean() - jack
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a_hat = (d**3).sum() / (6 * ((d**2).sum()) ** 1.5)
+    z = ndtri(alpha)
+    low = ndtr(z0 + (z0 + z) / (1 - a_hat * (z0 + z)))
+    high = ndtr(z0 + (z0 - z) / (1 - a_hat * (z0 - z)))
+    return float(low), float(high)
+
+
+def bootstrap_rho(
+    x: np.ndarray, y: np.ndarray, n_resamples: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED
+) -> BootstrapCI:
+    """95% bootstrap interval of rho over runs (pairs resampled): BCa, else percentile.
+
+    Degenerate resamples (rho undefined) are redrawn and counted (:func:`_resample_rhos`),
+    so the interval exists whenever rho of the sample itself does. Without degenerate draws it
+    equals ``scipy.stats.bootstrap(..., paired=True, method="BCa")`` with the same generator.
+    """
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    rng = np.random.default_rng(seed)
+    rho_b, n_degenerate = _resample_rhos(x, y, n_resamples, rng)
+    if not rho_b.size:
+        return BootstrapCI(math.nan, math.nan, "", 0, n_degenerate)
+    alpha = (1 - CONFIDENCE) / 2
+    levels, method = _bca_levels(x, y, rho_b, alpha), "BCa"
+    if not all(math.isfinite(v) for v in levels):
+        levels, method = (alpha, 1 - alpha), "percentile"
+    low, high = np.quantile(rho_b, levels)
+    return BootstrapCI(float(low), float(high), method, len(rho_b), n_degenerate)
 
 
 def h2_rows(df: Any, alpha_column: str = "alpha_early", time_axis: str = "step") -> list[H2Row]:
     """H2 overall and per variant: rho(``alpha_column``, ``best_val_ce``)."""
     require_columns(df.columns, (*H2_COLUMNS, alpha_column), "the results table")
     out = []
-    for group, g in _groups(df):
+    for group, sid, g in _groups(df):
         runs, n_div, n_exc = _eligible(g, (alpha_column, "best_val_ce"))
         n = len(runs)
         x = runs[alpha_column].to_numpy(dtype=float)
         y = runs["best_val_ce"].to_numpy(dtype=float)
         if n < MIN_RUNS_H2 or np.ptp(x) == 0 or np.ptp(y) == 0:
             nan = math.nan
-            out.append(H2Row(group, time_axis, n, nan, nan, nan, nan, "", n_div, n_exc, TOO_FEW))
+            row = H2Row(
+                group, time_axis, n, nan, nan, nan, nan, "", 0, 0, n_div, n_exc, TOO_FEW, sid
+            )
+            out.append(row)
             continue
         res = stats.spearmanr(x, y)
-        low, high, method = bootstrap_rho(x, y)
-        if not method:
+        ci = bootstrap_rho(x, y)
+        low, high = ci.low, ci.high
+        if not ci.method:
             verdict = INCONCLUSIVE
         elif low >= H2_TARGET or high <= -H2_TARGET:
             verdict = SUPPORTED
@@ -186,10 +275,13 @@ def h2_rows(df: Any, alpha_column: str = "alpha_early", time_axis: str = "step")
                 float(res.pvalue),
                 low,
                 high,
-                method,
+                ci.method,
+                ci.n_resamples,
+                ci.n_degenerate,
                 n_div,
                 n_exc,
                 verdict,
+                sid,
             )
         )
     return out

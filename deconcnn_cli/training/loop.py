@@ -428,6 +428,8 @@ class _Run:
             return row
 
         row = measure.guarded(self.writer, "curvature", step, evaluate_curvature)
+        lr_step = self.optimizer.param_groups[0]["lr"]  # the scheduled lr of step `step`
+        row["sharpness_norm"] = measure.sharpness_cell(self.cfg, row["lambda_max"], lr_step)
         self.writer.streams["curvature"].append(
             [{**row, "epoch": step / self.sched.steps_per_epoch}]
         )

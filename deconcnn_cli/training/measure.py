@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deconcnn_cli.analysis import hessian, noise, powerlaw, spectral
+from deconcnn_cli.analysis import hessian, noise, powerlaw, settings, spectral, stability
 from deconcnn_cli.analysis.knee import find_knee
 from deconcnn_cli.config import RunConfig
 from deconcnn_cli.contract import STREAMS, atomic_write_json, parse_cell, read_stream
@@ -108,6 +108,18 @@ def curvature_row(
     return row, {**state, "eigenvector": vector}
 
 
+def sharpness_cell(cfg: RunConfig, lambda_max: float, lr: float) -> float | None:
+    """``sharpness_norm`` of a curvature row: λmax (+ coupled wd) x the step's lr over SGD's
+    stability threshold; None (not defined) for AdamW, whose threshold involves its
+    preconditioner (docs/metrics-curvature-noise.md)."""
+    o = cfg.optim
+    if o.name != "sgd":
+        return None
+    return stability.normalised_sharpness(
+        lambda_max, lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+    )
+
+
 def noise_batches(
     splits: DataSplits, cfg: RunConfig, step: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -155,9 +167,14 @@ def noise_row(
 
 
 def _smooth_window(spe: int) -> int:
-    """Centred smoother / burn-in window: about a quarter epoch, odd, at least 3 steps."""
-    w = max(3, spe // 4)
-    return w if w % 2 else w + 1
+    """Centred smoother / burn-in window (:func:`settings.smooth_window_steps`)."""
+    return settings.smooth_window_steps(spe)
+
+
+def run_analysis_settings(cfg: RunConfig, spe: int) -> dict[str, Any]:
+    """The settings :func:`shape_row` fits with, for ``summary.json`` (``analysis_settings``)."""
+    a = cfg.analysis
+    return settings.analysis_settings(a.alpha_early_epochs, a.burn_in_ce_nats, spe)
 
 
 def _knee_cells(steps: np.ndarray, loss: np.ndarray, burn: int | None, spe: int) -> dict:
@@ -210,6 +227,10 @@ def shape_row(losses: list[float], cfg: RunConfig, spe: int) -> dict[str, Any]:
         "alpha_full_lr": full_lr.exponent if full_lr else None,
         "power_law_r2_lr": full_lr.r2 if full_lr else None,
         **_knee_cells(steps, loss, burn, spe),
+        "alpha_early_se": early.exponent_se if early else None,
+        "alpha_full_se": full.exponent_se if full else None,
+        "alpha_early_lr_se": early_lr.exponent_se if early_lr else None,
+        "alpha_full_lr_se": full_lr.exponent_se if full_lr else None,
     }
 
 
@@ -269,6 +290,7 @@ def write_summary(
         "burn_in_loss": burn_in_loss,
         "precision": writer.status.get("precision"),
         "attempts": writer.status.get("attempt"),
+        "analysis_settings": run_analysis_settings(cfg, spe),
     }
     if isinstance(summary["knee_censored"], int):  # 0/1 in shape.csv, a bool in JSON
         summary["knee_censored"] = bool(summary["knee_censored"])

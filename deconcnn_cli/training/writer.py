@@ -63,10 +63,14 @@ class MetricStream:
             return
         new = not self.path.exists() or self.path.stat().st_size == 0
         buf = io.StringIO()
+        columns = self.columns
         if new:
             buf.write(",".join(self.columns) + "\n")
+        else:  # a run resumed from older code keeps its file's header (columns added since: out)
+            with open(self.path) as f:
+                columns = tuple(f.readline().strip().split(","))
         for row in rows:
-            buf.write(",".join(format_cell(row.get(c)) for c in self.columns) + "\n")
+            buf.write(",".join(format_cell(row.get(c)) for c in columns) + "\n")
         with open(self.path, "a") as f:
             f.write(buf.getvalue())
             f.flush()

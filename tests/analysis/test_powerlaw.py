@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.signal import lfilter
 
 from deconcnn_cli.analysis.powerlaw import (
     alpha_early,
@@ -258,3 +259,38 @@ def test_clock_zero_samples_are_left_out_and_bad_clocks_raise() -> None:
         alpha_full(steps, loss, burn_in=0, clock=tau[::-1])
     with pytest.raises(ValueError, match="clock"):
         alpha_early(steps, loss, steps_per_epoch=100, clock=tau[:10])
+
+
+# ---- the exponent's standard error against the spread of alpha over many noisy curves
+SE_CURVES = 300  # the empirical SD of alpha is then known to ~4% (1 / sqrt(2 x 299))
+SE_REL_TOL = 0.10  # mean SE vs that SD
+
+
+def _alphas_and_ses(sigma: float, window: tuple[float, float], ar: float = 0.0):
+    spe, steps = 100, np.arange(20 * 100)
+    alphas, ses = [], []
+    for seed in range(SE_CURVES):
+        eps = np.random.default_rng(seed).standard_normal(steps.size)
+        if ar:  # AR(1) noise, unit variance: slow wiggles, as a real loss curve has
+            eps = lfilter([math.sqrt(1 - ar**2)], [1, -ar], eps)
+        loss = 3.0 * (steps + 1.0) ** -0.4 * np.exp(sigma * eps)
+        fit = alpha_early(steps, loss, steps_per_epoch=spe, epoch_window=window)
+        alphas.append(fit.exponent)
+        ses.append(fit.exponent_se)
+    return np.array(alphas), np.array(ses)
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.2])
+@pytest.mark.parametrize("window", [(5.0, 15.0), (1.0, 4.0)])
+def test_exponent_se_matches_the_spread_over_noisy_curves(sigma, window):
+    alphas, ses = _alphas_and_ses(sigma, window)
+    spread = float(np.std(alphas, ddof=1))
+    assert float(np.mean(ses)) == pytest.approx(spread, rel=SE_REL_TOL)
+    assert float(np.mean(alphas)) == pytest.approx(0.4, abs=3 * spread / math.sqrt(SE_CURVES))
+
+
+def test_exponent_se_understates_with_autocorrelated_residuals():
+    """What the SE is conditional on: independent bin residuals. AR(1) noise (0.99 per step)
+    breaks that, and the spread of alpha is then about twice the SE."""
+    alphas, ses = _alphas_and_ses(0.1, (5.0, 15.0), ar=0.99)
+    assert float(np.std(alphas, ddof=1)) > 1.5 * float(np.mean(ses))  # measured: 2.2

@@ -34,6 +34,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "broken",
         state="failed",
         summary=None,
+        steps_per_epoch=13,  # the smoke profile's runs: its analysis settings, as theirs
+        analysis={"alpha_early_epochs": [1.0, 3.0], "burn_in_ce_nats": 2.0},
         status_extra={"exception_type": "RuntimeError", "reason": "RuntimeError: boom"},
     )
     return root

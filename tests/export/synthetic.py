@@ -67,8 +67,14 @@ def write_run(
     summary: Mapping[str, Any] | None = None,
     status_extra: Mapping[str, Any] | None = None,
     curvature_every: int = 500,
+    analysis: Mapping[str, Any] | None = None,
+    sharpness: bool = True,
 ) -> Path:
-    """A run directory whose train loss follows ``prefactor * t^-alpha`` (t = step + 1)."""
+    """A run directory whose train loss follows ``prefactor * t^-alpha`` (t = step + 1).
+
+    ``analysis`` sets the config's analysis section (``config.json``); a summary records the
+    settings only where ``summary`` itself has ``analysis_settings``.
+    """
     rng = np.random.default_rng(seed)
     run = root / "runs" / run_id
     (run / contract.METRICS_DIR).mkdir(parents=True, exist_ok=True)
@@ -109,13 +115,16 @@ def write_run(
         },
     )
     cstep = np.arange(0, steps, curvature_every)
+    lam = 50 + 200 * (1 - np.exp(-cstep / (steps / 3)))
     _write_stream(
         contract.stream_path(run, "curvature"),
         "curvature",
         {
             "step": cstep.tolist(),
             "epoch": (cstep / steps_per_epoch).tolist(),
-            "lambda_max": (50 + 200 * (1 - np.exp(-cstep / (steps / 3)))).tolist(),
+            "lambda_max": lam.tolist(),
+            # SGD, momentum 0.9, lr 0.1, wd 1e-4 (the step stream's); None: AdamW's, not defined
+            "sharpness_norm": ((lam + 1e-4) * 0.1 / 3.8).tolist() if sharpness else None,
             "hutch_trace": (800 + 3000 * (1 - np.exp(-cstep / (steps / 3)))).tolist(),
             "hutch_trace_sem": [40.0] * len(cstep),
             "n_hvp": [20] * len(cstep),
@@ -168,6 +177,7 @@ def write_run(
         schedule={"epochs": max(1, steps // spe), "warmup_epochs": 0},
         cadence={"curvature_every_steps": curvature_every, "noise_every_epochs": 1,
                  "shape_every_epochs": 1, "val_per_epoch": 4},
+        analysis=dict(analysis or {}),
     )  # fmt: skip
     record = {"run_id": run_id, "config_hash": "synthetic", "config": cfg.model_dump(mode="json")}
     contract.atomic_write_json(run / contract.CONFIG_FILE, record)
@@ -206,10 +216,12 @@ def write_grid(
     diverge: tuple[str, float] | None = ("bn_off", 0.2),
     missing: int = 1,
     curvature_every: int = 100,
+    lr_fits: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """A loss_lin_slope-shaped grid (4 variants x 3 lr x 3 wd x ``seeds``) of synthetic runs.
 
     ``diverge`` = (variant, lr) whose runs diverge; the last ``missing`` runs never start.
+    ``lr_fits`` adds the lr-time fits (``alpha_*_lr``, ``power_law_r2_lr``) to the summaries.
     Exponents grow with lr and the best validation loss falls with the exponent, so H2's rho
     is strongly negative; R^2 is ~0.99.
     """
@@ -235,6 +247,7 @@ def write_grid(
         summary = {
             "state": state,
             "alpha_early": alpha if state == "completed" else None,
+            "alpha_early_se": 0.004 + 0.002 * rng.random() if state == "completed" else None,
             "alpha_full": alpha,
             "power_law_r2": 0.985 + 0.01 * rng.random() if state == "completed" else None,
             "best_val_ce": best if state == "completed" else None,
@@ -242,8 +255,12 @@ def write_grid(
             "burn_in_step": 20,
             "knee_epoch": 20.0 if spec["variant"] == "narrow" else None,
         }
+        if lr_fits and state == "completed":
+            summary |= {"alpha_early_lr": alpha * 1.1, "alpha_full_lr": alpha * 1.1,
+                        "power_law_r2_lr": 0.97 + 0.03 * rng.random()}  # fmt: skip
         write_run(
             root, run_id, state=state, steps=steps, steps_per_epoch=steps_per_epoch,
             alpha=alpha, seed=k, summary=summary, curvature_every=curvature_every,
+            sharpness=spec["variant"] != "adamw",
         )  # fmt: skip
     return runs

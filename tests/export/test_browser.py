@@ -16,6 +16,7 @@ from deconcnn_cli.export.report import build_report
 from tests.export.synthetic import write_grid
 
 CHROMIUM = Path("/usr/bin/chromium")
+DOCS = Path(__file__).parents[2] / "docs" / "report.md"
 
 # Run after the load event: one line listing every <img> with its decoded size.
 _PROBE = """<script>
@@ -47,7 +48,7 @@ def test_report_html_loads_with_every_image(tmp_path: Path):
     if not CHROMIUM.exists():
         pytest.skip("no /usr/bin/chromium: the browser suite runs in CI (make test-browser)")
     root = tmp_path / "sweep"
-    write_grid(root, seeds=1, steps=200, steps_per_epoch=10, curvature_every=50)
+    write_grid(root, seeds=1, steps=200, steps_per_epoch=10, curvature_every=50, lr_fits=True)
     report = build_report(root, tmp_path / "report")
     page = report.html.read_text()
     probe_page = tmp_path / "report" / "probe.html"
@@ -57,6 +58,8 @@ def test_report_html_loads_with_every_image(tmp_path: Path):
     assert match, f"no probe output; stderr: {proc.stderr[-2000:]}"
     images = json.loads(match.group(1))
     assert [alt for alt, *_ in images] == list(report.figures)
+    documented = re.findall(r"^\| `([a-z_0-9]+)\.png` \|", DOCS.read_text(), flags=re.M)
+    assert sorted(alt for alt, *_ in images) == sorted(documented)  # every figure the docs list
     for alt, complete, width, height in images:
         assert complete and width > 200 and height > 100, (alt, width, height)
     # the report itself, unmodified, renders to a screenshot

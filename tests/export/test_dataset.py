@@ -98,19 +98,41 @@ def test_code_version_is_what_ran_else_what_was_submitted(exported: Path, sweep:
 
 
 def test_dtypes_read_back(exported: Path):
-    df = read_results(exported)
+    df = read_results(str(exported))  # a str path as well as a Path
     for col in COLUMNS:
-        expected = {"int": "int64", "float": "float64", "string": "string"}[col.dtype]
-        assert str(df[col.name].dtype) == expected, col.name
+        expected = {"int": "int64", "Int64": "Int64", "float": "float64", "string": "string"}
+        assert str(df[col.name].dtype) == expected[col.dtype], col.name
+    assert df["steps_done"].dtype == "Int64" and df["steps_done"].isna().sum() == 1  # absent
     assert df["seed"].tolist() == [0, 1, 2, 3]
     assert df["weight_decay"].tolist() == [1e-3, 1e-7, 1e-5, 1e-2]
+
+
+def test_a_plain_reader_gets_the_declared_dtypes(exported: Path):
+    """pandas.read_csv with no help: float columns float64 (even whole values), integer
+    columns int64, or float64 only where a nullable count has an empty cell."""
+    import pandas as pd
+
+    meta = json.loads((exported.parent / "results_metadata.json").read_text())
+    plain = pd.read_csv(exported)
+    for col in meta["columns"]:
+        got, kind = str(plain[col["name"]].dtype), col["dtype"]
+        has_empty = bool(plain[col["name"]].isna().any())
+        if kind == "float":
+            assert got == "float64", col["name"]
+        elif kind in ("int", "Int64"):
+            assert got == ("float64" if has_empty else "int64"), col["name"]
+            assert kind == "Int64" or not has_empty, col["name"]
+    cells = _cells(exported)
+    assert "." in cells["done"]["best_val_epoch"]  # whole epoch, still a float's text
+    assert cells["done"]["steps_done"].isdigit() and cells["done"]["attempts"] == "1"
 
 
 def test_small_floats_are_written_positionally_and_read_back_exactly(exported: Path):
     cells = _cells(exported)
     assert cells["blown"]["weight_decay"] == "0.0000001"  # %.6f would have written 0.000000
     assert cells["broken"]["weight_decay"] == "0.00001"
-    assert cells["blown"]["lr"] == "10000"
+    assert cells["blown"]["lr"] == "10000.0"  # whole, with its point: a float to any reader
+    assert format_float(6.0) == "6.0" and format_float(0.1) == "0.1"
     assert format_float(None) == "" and format_float(math.nan) == "nan"
     assert format_float(-math.inf) == "-inf"
     rng = random.Random(0)
@@ -127,10 +149,67 @@ def test_metadata(sweep: Path, exported: Path):
     assert meta["counts_by_status"] == {"completed": 1, "diverged": 1, "failed": 1, "missing": 1}
     assert meta["grid"] == "test" and meta["grid_hash"] == "0123456789abcdef"
     assert meta["source_root"] == str(sweep.resolve())
-    assert meta["schema_version"] == 1 and meta["package_version"]
+    assert meta["schema_version"] == 2 and meta["package_version"]
     assert [c["name"] for c in meta["columns"]] == list(COLUMN_NAMES)
     assert {c["name"]: c["dtype"] for c in meta["columns"]}["seed"] == "int"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", meta["export_time_utc"])
+
+
+def test_metadata_states_the_analysis_settings_the_runs_used(exported: Path):
+    """The smoke profile's windows ([1, 3) epochs, burn-in at 2 nats), not the defaults'."""
+    meta = json.loads((exported.parent / "results_metadata.json").read_text())
+    (group,) = [g for g in meta["analysis_settings"] if g["id"] is not None]
+    assert group["runs"] == 3  # done, blown (recorded), broken (its config.json); absent: none
+    assert group["settings"]["alpha_early_epochs"] == [1.0, 3.0]
+    assert group["settings"]["burn_in_ce_nats"] == 2.0
+    assert group["settings"]["burn_in_smooth_window_steps"] == 3  # 13 steps per epoch
+    assert {"id": None, "runs": 1, "settings": None} in meta["analysis_settings"]
+    described = {c["name"]: c["description"] for c in meta["columns"]}
+    assert "over epochs [1, 3) (20 log-uniform bins)" in described["alpha_early"]
+    assert "(3-step centred window) <= 2 nats" in described["burn_in_step"]
+    assert "[5, 15)" not in json.dumps(meta["columns"])
+    cells = _cells(exported)
+    assert {cells[r]["analysis_settings"] for r in ("done", "blown", "broken")} == {group["id"]}
+    assert cells["absent"]["analysis_settings"] == ""
+    assert not any("analysis settings" in w for w in meta["warnings"])
+
+
+def test_runs_with_different_analysis_settings_are_flagged_and_never_pooled(tmp_path: Path):
+    from deconcnn_cli.analysis.settings import analysis_settings
+    from deconcnn_cli.export.report import build_report
+
+    root = tmp_path / "sweep"
+    runs = {f"r{i}": {"variant": "base", "lr": 0.1, "weight_decay": 1e-3, "seed": i}
+            for i in range(10)}  # fmt: skip
+    write_manifest(root, runs)
+    early = analysis_settings([5, 15], 1.0, 20)
+    late = analysis_settings([1, 4], 2.0, 20)
+    rng = random.Random(0)
+    for i in range(10):
+        chosen = early if i < 6 else late
+        alpha = 0.3 + 0.05 * i
+        summary = {"alpha_early": alpha, "power_law_r2": 0.99, "analysis_settings": chosen,
+                   "best_val_ce": 2.0 - alpha + 0.01 * rng.random()}  # fmt: skip
+        write_run(root, f"r{i}", steps=200, summary=summary, curvature_every=50, seed=i)
+    data, meta = export(root, tmp_path / "r.csv", verify=None)
+    ids = {g["id"]: g["runs"] for g in meta["analysis_settings"]}
+    assert sorted(ids.values()) == [4, 6] and None not in ids
+    (warning,) = [w for w in meta["warnings"] if "different analysis settings" in w]
+    assert "never pooled" in warning
+    described = {c["name"]: c["description"] for c in meta["columns"]}
+    assert "differs between runs: see analysis_settings" in described["alpha_early"]
+    assert len({c["analysis_settings"] for c in _cells(tmp_path / "r.csv").values()}) == 2
+    report = build_report(root, tmp_path / "report")
+    for rows in (report.h1, report.h2):
+        assert {r.analysis_settings for r in rows} == set(ids)  # one "all" row per settings
+        assert sorted(r.n_runs for r in rows if r.group == "all") == [4, 6]  # never 10
+    page = report.html.read_text()
+    assert "The runs used different analysis settings" in page
+    for sid in ids:
+        assert f"[{sid}]" in page
+    proc = run_cli("report", "--root", str(root), "--out", str(tmp_path / "rep2"))
+    assert proc.returncode == 0 and "different analysis settings" in proc.stderr
+    assert proc.stdout.count("H2 (step time, analysis settings ") == 2
 
 
 def test_time_series_round_trip_csv(sweep: Path, exported: Path):

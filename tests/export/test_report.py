@@ -214,3 +214,13 @@ def test_bad_root_is_an_error_not_a_traceback(tmp_path: Path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_cost_verdicts_follow_the_decided_budget():
+    """METRICS.md: at most 10% of a run (the budget), a goal of 5%; ~7% is within budget."""
+    from deconcnn_cli.export.report import budget_verdict
+
+    assert [budget_verdict(x) for x in (0.03, 0.05, 0.0712, 0.10, 0.1001)] == [
+        "on goal", "on goal", "within budget", "within budget", "over ceiling",
+    ]  # fmt: skip
+    assert budget_verdict(None) == "no data"

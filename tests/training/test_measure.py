@@ -42,6 +42,11 @@ SUMMARY_KEYS = {
     "knee_censored",
     "precision",
     "attempts",
+    "analysis_settings",
+    "alpha_early_se",
+    "alpha_full_se",
+    "alpha_early_lr_se",
+    "alpha_full_lr_se",
 }
 
 
@@ -105,8 +110,25 @@ def test_lr_per_step_is_the_logged_schedule(tmp_path: Path) -> None:
     np.testing.assert_allclose(measure.lr_per_step(cfg, spe, len(rows)), logged, rtol=1e-12)
     summary = read_summary(run)
     assert set(summary) == SUMMARY_KEYS
+    # the smoke profile's own windows, as the run used them
+    assert summary["analysis_settings"]["alpha_early_epochs"] == list(
+        cfg.analysis.alpha_early_epochs
+    )
+    assert summary["analysis_settings"]["burn_in_ce_nats"] == cfg.analysis.burn_in_ce_nats
     assert summary["final_acc_train"] == float(rows[-1]["acc_train"])
     assert summary["knee_censored"] in (None, True, False)
+    # the edge of stability: lambda_max (+ coupled wd) x the step's scheduled lr / 2(1 + beta)
+    curv = read_stream(run / "metrics" / "curvature.csv")
+    assert curv and cfg.optim.name == "sgd" and not cfg.optim.nesterov
+    lr_at = {int(r["step"]): float(r["lr"]) for r in rows}
+    for r in curv:
+        expected = (
+            (float(r["lambda_max"]) + cfg.optim.weight_decay)
+            * lr_at[int(r["step"])]
+            / (2 * (1 + cfg.optim.momentum))
+        )
+        assert float(r["sharpness_norm"]) == pytest.approx(expected, rel=1e-12)
+    assert any(lr_at[int(r["step"])] != cfg.optim.lr for r in curv)  # scheduled, not the peak
     # smoke: burn-in at 2 nats is reached within 3 epochs, alpha_full/_lr are defined
     shape = read_stream(run / "metrics" / "shape.csv")
     assert summary["burn_in_step"] == int(shape[-1]["burn_in_step"])
@@ -137,6 +159,15 @@ def test_summary_of_a_synthetic_run_recovers_known_values(tmp_path: Path) -> Non
     assert set(summary) == SUMMARY_KEYS
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert summary["best_val_ce"] == 1.0 and summary["best_val_epoch"] == 30.0
+    # each exponent with its standard error: positive, and far below the exponent itself
+    for key in ("alpha_early", "alpha_full"):
+        assert 0 < summary[f"{key}_se"] < 0.1 * summary[key]
+    recorded = summary["analysis_settings"]  # what the fits above used, not the defaults' text
+    assert recorded["alpha_early_epochs"] == list(cfg.analysis.alpha_early_epochs)
+    assert recorded["burn_in_ce_nats"] == cfg.analysis.burn_in_ce_nats
+    assert recorded["burn_in_smooth_window_steps"] == 89  # 352 // 4 = 88, made odd
+    assert recorded["time_axes"] == ["step", "lr"]
+    assert recorded["fit_bins"] == 20 and recorded["knee_min_bic_gain"] == 10.0
     assert summary["knee_censored"] is False
     assert summary["knee_epoch"] == pytest.approx(40, rel=KNEE_STEP_REL_TOL)
     assert summary["burn_in_loss"] <= cfg.analysis.burn_in_ce_nats
@@ -174,3 +205,13 @@ def test_progress_says_what_runs_before_the_first_block(tmp_path: Path) -> None:
     assert (13, "gradient noise at epoch 1 ...") in phases
     steps = [p for p in seen if not p.phase]
     assert steps[0].step == 4 and all(math.isfinite(p.loss_train_nats) for p in steps)
+
+
+def test_sharpness_is_not_defined_for_adamw_and_nan_when_lambda_failed() -> None:
+    adamw = load_run_config(variant="adamw")
+    assert adamw.optim.name == "adamw"
+    assert measure.sharpness_cell(adamw, 120.0, 0.1) is None  # preconditioned: no threshold
+    sgd = _cfg()
+    assert math.isnan(measure.sharpness_cell(sgd, math.nan, 0.1))
+    expected = (120.0 + sgd.optim.weight_decay) * 0.1 / (2 * (1 + sgd.optim.momentum))
+    assert measure.sharpness_cell(sgd, 120.0, 0.1) == pytest.approx(expected, rel=1e-15)

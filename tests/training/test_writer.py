@@ -106,3 +106,22 @@ def test_orphan_temp_files_are_removed(tmp_path: Path):
     removed = writer.remove_orphans()
     assert sorted(removed) == [".status.json.tmp123", "checkpoints/.ckpt_000000013.pt.tmp999"]
     assert keep.exists() and not orphan.exists() and not status_tmp.exists()
+
+
+def test_a_stream_begun_by_older_code_keeps_its_header(tmp_path: Path):
+    """A run resumed by code whose stream has gained a column (curvature's sharpness_norm)
+    appends rows in its file's own columns: every line keeps the header's width."""
+    from deconcnn_cli.contract import STREAMS, read_stream
+
+    writer = RunWriter(tmp_path)
+    stream = writer.streams["curvature"]
+    old = [c for c in STREAMS["curvature"] if c != "sharpness_norm"]
+    stream.path.write_text(",".join(old) + "\n" + ",".join(["0"] * len(old)) + "\n")
+    stream.append([{"step": 500, "epoch": 1.0, "lambda_max": 12.5, "sharpness_norm": 0.3}])
+    lines = stream.path.read_text().splitlines()
+    assert [len(line.split(",")) for line in lines] == [len(old)] * 3
+    rows = read_stream(stream.path)
+    assert rows[-1]["lambda_max"] == "12.5" and "sharpness_norm" not in rows[-1]
+    fresh = RunWriter(tmp_path / "new").streams["curvature"]
+    fresh.append([{"step": 0, "epoch": 0.0, "sharpness_norm": 0.3}])
+    assert fresh.path.read_text().splitlines()[0].split(",") == list(STREAMS["curvature"])
