@@ -21,7 +21,8 @@ from deconcnn_cli.errors import ConfigError, RunDirError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are no value for any field (an lr, a tolerance, a memory size)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -158,9 +159,16 @@ def read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"profile file not found: {path}", "check the path or `decon --help`")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_bytes().decode())
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r})",
+            "TOML files are UTF-8: remove or fix that byte",
+        ) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: malformed TOML: {exc}", "fix the syntax at that line") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}", "check the file") from exc
 
 
 def resolve_profile(name_or_path: str, *, variant: bool = False) -> Path:
@@ -286,9 +294,11 @@ def load_run_config(
 def load_saved_config(path: Path) -> RunConfig:
     """Read a run directory's ``config.json`` back into a RunConfig."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(path.read_bytes().decode())
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: JSON or UTF-8
         raise ConfigError(f"{path}: cannot read saved config: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("config", data), dict):
+        raise ConfigError(f"{path}: cannot read saved config: not a JSON object")
     return build_config([(str(path), data.get("config", data))])
 
 
@@ -320,8 +330,14 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
                 "use a different --root/--run-dir, or resume it without changing its config",
             )
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, config_record(cfg))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, config_record(cfg))
+    except OSError as exc:  # a file where a folder belongs, a read-only filesystem, ...
+        raise RunDirError(
+            f"cannot create run directory {run_dir}: {exc.strerror or exc}",
+            "give a --root/--run-dir that is (or can be made) a writable folder",
+        ) from exc
 
 
 def dict_changes(

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -30,6 +31,7 @@ _STYLE = {
     "failed": "bold red",
     "stalled": "red",
     "missing": "yellow",
+    "unreadable": "bold red",
 }
 
 
@@ -44,7 +46,9 @@ def render_report(report: SweepReport, show_failed: bool) -> Group:
     sched = report.scheduler
     counts = "  ".join(f"[{_STYLE[s]}]{s} {n}[/]" for s, n in report.counts.items() if n)
     head = [
-        Text.from_markup(f"[bold]{report.grid}[/] at {report.root}: {len(report.rows)} runs"),
+        Text.from_markup(
+            f"[bold]{escape(report.grid)}[/] at {escape(str(report.root))}: {len(report.rows)} runs"
+        ),
         Text.from_markup(counts),
         Text(
             f"ETA {_duration(report.eta_s)}   GPU-hours used {report.gpu_hours:.2f}, "
@@ -143,7 +147,7 @@ def monitor(
         if as_json:
             typer.echo(_json(report, show_failed))
             return
-        console = Console()
+        console = Console(markup=False)  # run ids, paths and details are text, never markup
         if not watch:
             console.print(render_report(report, show_failed))
             return

@@ -59,6 +59,11 @@ class SweepStore:
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
+    def check_folder(self) -> None:
+        """Refuse a root that is there but is not a folder (a file, a link to a file)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise SweepError(f"{self.root} is not a folder", "give --root a sweep folder")
+
     # ---- manifest
     def read_manifest(self) -> dict[str, Any]:
         """The manifest; a missing or foreign root raises :class:`SweepError`."""
@@ -134,9 +139,16 @@ class SweepStore:
         Where the filesystem refuses ``flock`` (some NFS mounts), falls back to an
         exclusive-create lock file holding the holder's host and pid.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a file where the root belongs, a read-only filesystem, ...
+            raise SweepError(
+                f"cannot take the sweep lock {path}: {exc.strerror or exc}",
+                "submit and recover write into the sweep root: give a writable folder (monitor, "
+                "verify, export and recover --dry-run only read)",
+            ) from None
         try:
             try:
                 _flock_wait(fd, path, timeout_s)

@@ -56,6 +56,8 @@ def decide(
         return False, "completed"
     if view.state == contract.DIVERGED:
         return False, "diverged (a result, never retried)"
+    if view.state == contract.UNREADABLE:
+        return False, f"unreadable ({view.reason}): a person must look"
     if view.state == contract.RUNNING:
         return False, f"live (heartbeat {view.heartbeat_age_s or 0:.0f} s ago)"
     if queued_in is not None:
@@ -189,9 +191,10 @@ def _spec_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
 
 def _manifest_jobs(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [
-        (sub.get("executor", "slurm"), job)
-        for sub in manifest.get("submissions", [])
-        for job in sub.get("jobs", [])
+        (str(sub.get("executor", "slurm")), {**job, "run_ids": contract.job_run_ids(job)})
+        for sub in contract.submissions(manifest)
+        for job in sub["jobs"]
+        if isinstance(job.get("job_id"), str)
     ]
 
 
@@ -300,6 +303,7 @@ def submit_grid(
     Bad input (unknown grid or profile, no SLURM, a changed grid without ``--force grid``,
     missing data) raises before anything is written.
     """
+    store.check_folder()
     spec = load_grid(grid)
     executor, profile = resolve_executor(executor, resources)
     force = list(force)
