@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from deconcnn_cli.contract import CONFIG_FILE, atomic_write_json, read_json
+from deconcnn_cli.contract import CONFIG_FILE, NAME_PATTERN, atomic_write_json, read_json
 from deconcnn_cli.errors import ConfigError, RunDirError
 
 
@@ -123,15 +123,22 @@ def identity_dict(cfg: RunConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json", exclude=_NOT_IDENTITY)
 
 
-def config_hash(cfg: RunConfig) -> str:
-    canonical = json.dumps(identity_dict(cfg), sort_keys=True, separators=(",", ":"))
+def identity_json(cfg: RunConfig) -> str:
+    """:func:`identity_dict` as canonical JSON (sorted keys, no spaces): what is hashed."""
+    return json.dumps(identity_dict(cfg), sort_keys=True, separators=(",", ":"))
+
+
+def config_hash(cfg: RunConfig, identity: str | None = None) -> str:
+    """First 10 hex of the sha256 of the config's identity (``identity``: its
+    :func:`identity_json`, when the caller has it already)."""
+    canonical = identity if identity is not None else identity_json(cfg)
     return hashlib.sha256(canonical.encode()).hexdigest()[:10]
 
 
-def run_id(cfg: RunConfig) -> str:
+def run_id(cfg: RunConfig, identity: str | None = None) -> str:
     """Readable prefix + short hash: ``base_lr0.1_wd0.001_s0_3f2a9c01de``."""
     o = cfg.optim
-    return f"{cfg.variant}_lr{o.lr:g}_wd{o.weight_decay:g}_s{cfg.seed}_{config_hash(cfg)}"
+    return f"{cfg.variant}_lr{o.lr:g}_wd{o.weight_decay:g}_s{cfg.seed}_{config_hash(cfg, identity)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +384,7 @@ class VariantAxes(_Strict):
 class GridSpec(_Strict):
     """A sweep as data: variants x axes, each run = variant profile < profiles < overrides."""
 
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]  # also the sweep's job name
     description: str = ""
     variants: Annotated[list[str], Field(min_length=1)]
     profiles: list[str] = []  # extra profiles layered after the variant (e.g. ["smoke"])
@@ -406,7 +413,7 @@ class GridSpec(_Strict):
 class ResourceProfile(_Strict):
     """Where and how a sweep's runs execute: a SLURM GPU layout or N local CPU runs."""
 
-    name: Annotated[str, Field(min_length=1)]
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]  # the file's stem unless it sets one
     executor: Literal["slurm", "local"]
     description: str = ""
     # -- both

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,46 @@ METRICS_DIR = "metrics"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PATTERN = r"^ckpt_(\d{9})\.pt$"  # ckpt_<next_step:09d>.pt (+ .sha256 beside it)
 TEMP_MARK = ".tmp"  # atomic writes go through ".<name>.tmp<pid>"; leftovers are orphans
+
+
+# ---- names read from files become paths and lines of scripts: each is checked against its
+# pattern where it is read (docs/sweep-root.md, "Names"). A run id is `<variant>_lr<lr>_wd<wd>_
+# s<seed>_<hash>` (config.run_id); a grid, resource profile or job id is a plain name.
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
+
+def name_problem(value: Any, pattern: str, what: str) -> str | None:
+    """Why ``value`` is not a valid ``what`` (None when it matches ``pattern``)."""
+    if isinstance(value, str) and re.fullmatch(pattern, value):
+        return None
+    return f"{what} {_short(value)} does not match {pattern}"
+
+
+def manifest_name_problem(manifest: dict[str, Any]) -> str | None:
+    """The first run id, grid name, job id or resource profile in a sweep.json that does not
+    match its pattern (a ``resources`` may also be the absolute path of a .toml file)."""
+    checks: list[tuple[Any, str, str]] = [(manifest.get("grid"), NAME_PATTERN, "grid name")]
+    for key in ("runs", "retired_runs"):
+        ids = manifest.get(key)
+        checks += [(r, RUN_ID_PATTERN, "run id") for r in (ids if isinstance(ids, dict) else {})]
+    for sub in submissions(manifest):
+        res = sub.get("resources")
+        if not (isinstance(res, str) and _is_toml_path(res)):
+            checks.append((res, NAME_PATTERN, "resource profile"))
+        for job in sub["jobs"]:
+            checks.append((str(job.get("job_id")), NAME_PATTERN, "job id"))
+            checks += [(r, RUN_ID_PATTERN, "run id") for r in job_run_ids(job)]
+    for value, pattern, what in checks:
+        why = name_problem(value, pattern, what)
+        if why is not None:
+            return why
+    return None
+
+
+def _is_toml_path(text: str) -> bool:
+    """An absolute path of a .toml file without control characters."""
+    return text.startswith("/") and text.endswith(".toml") and text.isprintable()
 
 
 def checkpoint_name(next_step: int) -> str:

@@ -106,6 +106,9 @@ def read_manifest(root: Path) -> dict[str, Any]:
     runs = manifest.get("runs")
     if not isinstance(runs, dict):
         raise ExportError(f"{path}: `runs` is missing or not an object", "see docs/sweep-root.md")
+    why = contract.manifest_name_problem(manifest)
+    if why is not None:
+        raise ExportError(f"{path}: {why}", "fix or restore the file (docs/sweep-root.md, Names)")
     for run_id, spec in runs.items():
         if not isinstance(spec, dict):
             raise ExportError(f"{path}: run {run_id!r} is not an object", "see docs/sweep-root.md")

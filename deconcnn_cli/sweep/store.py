@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from deconcnn_cli.config import RunConfig, identity_dict, prepare_run_dir, run_id
-from deconcnn_cli.contract import atomic_write_json, read_json
+from deconcnn_cli.contract import atomic_write_json, manifest_name_problem, read_json
 from deconcnn_cli.errors import SweepError
 from deconcnn_cli.version import code_version
 
@@ -77,6 +77,13 @@ class SweepStore:
             raise SweepError(
                 f"{self.manifest_path}: unreadable or not a sweep manifest",
                 "restore it from a backup, or start a new sweep root",
+            )
+        why = manifest_name_problem(manifest)
+        if why is not None:
+            raise SweepError(
+                f"{self.manifest_path}: {why}",
+                "a name read from sweep.json becomes a path or a script line: fix or restore "
+                "the file (docs/sweep-root.md, Names)",
             )
         if manifest.get("schema_version") != SCHEMA_VERSION:
             raise SweepError(

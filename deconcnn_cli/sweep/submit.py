@@ -21,6 +21,7 @@ from deconcnn_cli.errors import DeconError, SweepError
 from deconcnn_cli.sweep import executors
 from deconcnn_cli.sweep.grid import (
     GridRun,
+    check_grid_size,
     expand_grid_runs,
     grid_hash,
     load_grid,
@@ -73,6 +74,12 @@ def decide(
     if view.state == contract.STALLED:
         return True, f"stalled at step {view.step} (no live job): resumes"
     return True, "new"
+
+
+def _absent(run_dir: Path) -> contract.RunView:
+    """The view of a run that has no directory (what view_run would say, without asking)."""
+    return contract.RunView(run_dir, run_dir.name, contract.MISSING, None, 0, None, 0.0,
+                            None, 0, None, {})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -161,7 +168,7 @@ def _with_data_dir(run: GridRun, resources: ResourceProfile) -> GridRun:
     cfg = RunConfig.model_validate(
         {**run.config.model_dump(mode="json"), "data": data.model_dump(mode="json")}
     )
-    return GridRun(run.run_id, run.variant, run.lr, run.weight_decay, run.seed, cfg)
+    return GridRun(run.run_id, run.variant, run.lr, run.weight_decay, run.seed, cfg, run.identity)
 
 
 def _data_problems(runs: Iterable[GridRun]) -> list[str]:
@@ -240,11 +247,16 @@ def plan_submit(
             removed = sorted(set(manifest["runs"]) - set(by_id))
             spec_new = spec.model_dump(mode="json")
             change = GridChange(added, removed, _spec_changes(manifest.get("grid_spec"), spec_new))
-    _check_force(spec, sorted(force))
+    _check_force(spec, sorted(force), set(by_id))
     queued = queued_runs(manifest) if manifest else {}
     decisions = []
+    try:  # one listing, so a run without a directory costs no stat calls
+        present = set(os.listdir(store.runs_dir))
+    except OSError:
+        present = set()
     for run in runs:
-        view = contract.view_run(store.run_dir(run.run_id), now)
+        run_dir = store.run_dir(run.run_id)
+        view = contract.view_run(run_dir, now) if run.run_id in present else _absent(run_dir)
         ok, why = decide(
             view,
             queued_in=queued.get(run.run_id),
@@ -305,6 +317,7 @@ def submit_grid(
     """
     store.check_folder()
     spec = load_grid(grid)
+    check_grid_size(spec)  # counted from the axes, before anything is built or asked
     executor, profile = resolve_executor(executor, resources)
     force = list(force)
     if dry_run:
@@ -343,8 +356,10 @@ def submit_grid(
         raise
 
 
-def _check_force(spec: GridSpec, force: list[str]) -> None:
-    ids = {r.run_id for r in expand_grid_runs(spec)}
+def _check_force(spec: GridSpec, force: list[str], ids: set[str] | None = None) -> None:
+    if not set(force) - {FORCE_GRID}:
+        return  # nothing to look up: the grid is not expanded for it
+    ids = ids if ids is not None else {r.run_id for r in expand_grid_runs(spec)}
     unknown = sorted(set(force) - ids - {FORCE_GRID})
     if unknown:
         raise SweepError(
