@@ -410,6 +410,11 @@ class GridSpec(_Strict):
         return self.axes.model_copy(update=extra.model_dump(exclude_none=True))
 
 
+# partition/account/qos: one name or a comma-separated list; gres: e.g. gpu:1, gpu:a100:2
+SLURM_NAMES_PATTERN = r"^[A-Za-z0-9_.,+-]*$"
+SLURM_GRES_PATTERN = r"^[A-Za-z0-9_.,:+=/-]*$"
+
+
 class ResourceProfile(_Strict):
     """Where and how a sweep's runs execute: a SLURM GPU layout or N local CPU runs."""
 
@@ -426,10 +431,13 @@ class ResourceProfile(_Strict):
     gpu_memory_gb_per_run: dict[str, Annotated[float, Field(gt=0)]] = {}  # per variant
     mem_gb_per_run: Annotated[float, Field(gt=0)] = 8.0  # host memory
     time_limit_min: Annotated[int, Field(ge=1)] = 1440
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    gres: str = "gpu:1"  # what one job asks for; "" = no GPU (tests on CPU-only SLURM)
+    # each becomes an `#SBATCH --key=value` line: what SLURM accepts there, and nothing that
+    # could end the line or the directive block (whitespace, control characters, quotes, $)
+    partition: Annotated[str, Field(pattern=SLURM_NAMES_PATTERN)] | None = None
+    account: Annotated[str, Field(pattern=SLURM_NAMES_PATTERN)] | None = None
+    qos: Annotated[str, Field(pattern=SLURM_NAMES_PATTERN)] | None = None
+    # what one job asks for; "" = no GPU (tests on CPU-only SLURM)
+    gres: Annotated[str, Field(pattern=SLURM_GRES_PATTERN)] = "gpu:1"
     array_parallelism: Annotated[int, Field(ge=1)] = 64  # the %N of every array
     max_array_size: Annotated[int, Field(ge=1)] | None = None  # None: ask `scontrol show config`
     signal_delay_s: Annotated[int, Field(ge=10)] = 120  # USR2 this long before the limit

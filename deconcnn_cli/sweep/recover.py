@@ -365,6 +365,7 @@ def recover_sweep(
     recovers (or a recover and a submit) never submit a run twice."""
     if dry_run:
         return plan_recovery(root, run_ids), {}
+    SweepStore(root).check_folder()
     sweep = load_sweep(root)  # bad input fails before the lock file is created
     if run_ids:
         sweep.check_run_ids(run_ids)

@@ -60,7 +60,14 @@ class SweepStore:
         return self.manifest_path.is_file()
 
     def check_folder(self) -> None:
-        """Refuse a root that is there but is not a folder (a file, a link to a file)."""
+        """Refuse a root that is there but is not a folder (a file, a link to a file), or
+        whose path holds a control character (a newline would become a line of the sbatch
+        script; scripts quote everything else)."""
+        if not str(self.root).isprintable():
+            raise SweepError(
+                f"sweep root {str(self.root)!r} holds a control character",
+                "give a --root without newlines, tabs or other control characters",
+            )
         if self.root.exists() and not self.root.is_dir():
             raise SweepError(f"{self.root} is not a folder", "give --root a sweep folder")
 
