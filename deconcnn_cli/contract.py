@@ -59,7 +59,7 @@ def manifest_name_problem(manifest: dict[str, Any]) -> str | None:
         checks += [(r, RUN_ID_PATTERN, "run id") for r in (ids if isinstance(ids, dict) else {})]
     for sub in submissions(manifest):
         res = sub.get("resources")
-        if not (isinstance(res, str) and _is_toml_path(res)):
+        if res is not None and not (isinstance(res, str) and _is_toml_path(res)):
             checks.append((res, NAME_PATTERN, "resource profile"))
         for job in sub["jobs"]:
             checks.append((str(job.get("job_id")), NAME_PATTERN, "job id"))

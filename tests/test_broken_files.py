@@ -199,3 +199,26 @@ def test_non_finite_values_and_step_counts_are_refused(
     code, out = invoke("train", "-p", "smoke", "--root", tmp_path / "runs", *args)
     assert code == 2 and "error:" in out and field in out
     assert not (tmp_path / "runs").exists()
+
+
+def test_submit_with_nothing_to_do_on_a_root_it_cannot_lock(tmp_path: Path) -> None:
+    grid = tmp_path / "g.toml"
+    grid.write_text('name = "g"\nvariants = ["base"]\nprofiles = ["smoke"]\n'
+                    "[axes]\nlr = [0.1]\nweight_decay = [0.001]\nseed = [0]\n")  # fmt: skip
+    from deconcnn_cli.sweep.grid import expand_grid_runs, grid_hash, load_grid
+    from deconcnn_cli.sweep.store import SweepStore
+
+    (run,) = expand_grid_runs(load_grid(str(grid)))
+    root = tmp_path / "sweep"
+    store = SweepStore(root)
+    entries = {run.run_id: run.manifest_entry()}
+    store.write_manifest(store.new_manifest("g", grid_hash([run]), entries))
+    write_run(root, run.run_id, steps=40, steps_per_epoch=10, summary={})
+    (root / ".sweep.lock").mkdir()  # the lock cannot be taken (as on a read-only root)
+    args = ["submit", "--grid", grid, "--executor", "local", "--root", root]
+    code, out = invoke(*args)
+    assert code == 0 and "nothing to submit" in out
+    (root / "runs" / run.run_id / contract.STATUS_FILE).unlink()
+    (root / "runs" / run.run_id / contract.SUMMARY_FILE).unlink()  # now it needs a submit
+    code, out = invoke(*args)
+    assert code == 2 and "error: cannot take the sweep lock" in out

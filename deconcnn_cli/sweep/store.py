@@ -34,6 +34,10 @@ LOCK_TIMEOUT_S = 600.0  # how long a second submit waits for the first one to fi
 _FALLBACK_STALE_S = 3600.0  # an exclusive-create lock older than this with a dead holder
 
 
+class SweepLockError(SweepError):
+    """The sweep lock cannot be taken at all: the root is read-only, or not a folder."""
+
+
 class SweepStore:
     """One sweep root: ``sweep.json``, ``runs/<run_id>/``, ``jobs/``, ``.sweep.lock``."""
 
@@ -158,7 +162,7 @@ class SweepStore:
             self.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:  # a file where the root belongs, a read-only filesystem, ...
-            raise SweepError(
+            raise SweepLockError(
                 f"cannot take the sweep lock {path}: {exc.strerror or exc}",
                 "submit and recover write into the sweep root: give a writable folder (monitor, "
                 "verify, export and recover --dry-run only read)",

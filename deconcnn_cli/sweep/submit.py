@@ -27,7 +27,7 @@ from deconcnn_cli.sweep.grid import (
     load_grid,
     load_resources,
 )
-from deconcnn_cli.sweep.store import LOCK_FILE, SweepStore
+from deconcnn_cli.sweep.store import LOCK_FILE, SweepLockError, SweepStore
 
 FORCE_GRID = "grid"  # `--force grid`: adopt a changed grid for an existing sweep root
 DEFAULT_RESOURCES = {"slurm": "rtx8000", "local": "local"}
@@ -349,6 +349,12 @@ def submit_grid(
             if not plan.to_submit:
                 return SubmitResult(plan, None)
             return _submit_groups(store, manifest, plan, reason="submit")
+    except SweepLockError:
+        # a root that cannot be locked (read-only) still answers when there is nothing to do
+        plan = plan_submit(store, spec, executor, profile, retry_failed=retry_failed, force=force)
+        if plan.to_submit or plan.change is not None or not store.exists():
+            raise
+        return SubmitResult(plan, None)
     except DeconError:
         only_lock = store.root.is_dir() and all(p.name == LOCK_FILE for p in store.root.iterdir())
         if created and only_lock:  # leave no trace of a refused first submit
