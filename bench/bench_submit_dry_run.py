@@ -44,7 +44,9 @@ def run(grid: Path, root: Path, code: Path = REPO) -> tuple[float, float, float,
     args = [sys.executable, "-m", "deconcnn_cli", "submit", "--grid", str(grid)]
     args += ["--executor", "local", "--root", str(root), "--dry-run"]
     start = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(  # cwd: `-m` puts it first on sys.path
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=code
+    )
     assert proc.stdout is not None
     out = proc.stdout.read().decode(errors="replace")
     _, status, usage = os.wait4(proc.pid, 0)
