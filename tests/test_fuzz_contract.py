@@ -67,6 +67,7 @@ def _build(base: Path) -> None:
     """``base/root`` (a sweep of four synthetic runs per the contract) and the grid and
     resource profile it was made from (``base/fuzz.toml``, ``base/res.toml``)."""
     (base / "fuzz.toml").write_text(GRID_TOML)
+    (base / "outside.bin").write_bytes(b"\0\xff junk {not json\n")
     (base / "res.toml").write_text(RESOURCES_TOML)
     root = base / "root"
     store = SweepStore(root)
@@ -126,6 +127,13 @@ def nuls(path: Path) -> None:
 def dangling_link(path: Path) -> None:
     path.unlink()
     path.symlink_to(path.with_name("nowhere"))
+
+
+def foreign_link(path: Path) -> None:
+    """A link to a file outside the sweep (binary junk): read, never written through."""
+    outside = next(d / "outside.bin" for d in path.parents if (d / "outside.bin").exists())
+    path.unlink()
+    path.symlink_to(outside)
 
 
 def directory(path: Path) -> None:
@@ -219,7 +227,7 @@ def resources_text(m: dict[str, Any]) -> None:
     m["submissions"][0]["resources"] = "a\nb"
 
 
-BYTES = (truncate, empty, bad_byte, nuls, dangling_link, directory, no_permission)
+BYTES = (truncate, empty, bad_byte, nuls, dangling_link, foreign_link, directory, no_permission)
 JSON = (*BYTES, wrong_types)
 CSV = (*BYTES, garbage_cell)
 MANIFEST = tuple(
