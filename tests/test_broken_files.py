@@ -222,3 +222,11 @@ def test_submit_with_nothing_to_do_on_a_root_it_cannot_lock(tmp_path: Path) -> N
     (root / "runs" / run.run_id / contract.SUMMARY_FILE).unlink()  # now it needs a submit
     code, out = invoke(*args)
     assert code == 2 and "error: cannot take the sweep lock" in out
+
+
+def test_recover_on_a_manifest_entry_that_is_not_a_config(root: Path) -> None:
+    manifest = json.loads((root / "sweep.json").read_text())
+    manifest["runs"]["broken"]["config"] = "abc"  # the failed run recover would retry
+    (root / "sweep.json").write_text(json.dumps(manifest))
+    code, out = invoke("recover", "--root", root)
+    assert code == 2 and "error:" in out and "run broken is not a whole run entry" in out

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from deconcnn_cli import contract
 from deconcnn_cli.config import GridSpec, ResourceProfile, RunConfig, dict_changes
 from deconcnn_cli.errors import DeconError, SweepError
@@ -463,10 +465,17 @@ def submit_runs(
     decisions, runs = [], {}
     for rid in run_ids:
         entry = manifest["runs"][rid]
-        cfg = RunConfig.model_validate(entry["config"])
-        runs[rid] = GridRun(
-            rid, entry["variant"], entry["lr"], entry["weight_decay"], entry["seed"], cfg
-        )
+        try:
+            cfg = RunConfig.model_validate(entry["config"])
+            runs[rid] = GridRun(
+                rid, entry["variant"], entry["lr"], entry["weight_decay"], entry["seed"], cfg
+            )
+        except (KeyError, TypeError, ValidationError) as exc:
+            raise SweepError(
+                f"{store.manifest_path}: run {rid} is not a whole run entry "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0]})",
+                "restore sweep.json, or submit the grid again (decon submit --grid NAME)",
+            ) from None
         ok, why = decide(
             contract.view_run(store.run_dir(rid)), queued_in=queued.get(rid), forced=True
         )
