@@ -298,17 +298,17 @@ def read_jsonl_checked(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
         return [], []
     out: list[dict[str, Any]] = []
     bad: list[int] = []
-    for n, line in enumerate(data.split(b"\n")[:-1], start=1):
+    lines = data.split(b"\n")
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line.decode())
         except (ValueError, RecursionError):
-            bad.append(n)
-            continue
+            rec = None
         if isinstance(rec, dict):
-            out.append(rec)
-        else:
+            out.append(rec)  # a last line without its newline counts when it is whole
+        elif n < len(lines):
             bad.append(n)
     return out, bad
 
