@@ -329,7 +329,13 @@ def partial_tail(path: Path) -> bytes:
     """What follows the file's last newline: a line still being written, or (in a run that
     ended) bytes that are not a line at all, e.g. NULs a filesystem left after a crash."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 65536))  # the tail only: a stream can be megabytes
+            data = f.read()
+            if b"\n" not in data and size > len(data):
+                f.seek(0)
+                data = f.read()
     except OSError:
         return b""
     return data[data.rfind(b"\n") + 1 :]
@@ -412,7 +418,8 @@ def derive_state(status: dict[str, Any] | None, now: float | None = None) -> str
 
 _NUMBER = (int, float)
 # status.json fields every observer reads, and the types the run writes them with (any of
-# them but `state` and `step` may be absent or null)
+# them but `state` may be absent: an attempt writes `step` once its data is loaded; any but
+# `state` and `step` may be null)
 _STATUS_TYPES: dict[str, tuple[type, ...]] = {
     "state": (str,),
     "step": (int,),
@@ -436,9 +443,9 @@ def status_problem(status: dict[str, Any]) -> str | None:
     state, a negative step), or None. The run writes every field with one type."""
     for key, types in _STATUS_TYPES.items():
         if key not in status:
-            if key in ("state", "step"):
-                return f"no `{key}`"
-            continue
+            if key == "state":
+                return "no `state`"
+            continue  # e.g. `step` before the first one is known (data still loading)
         value = status[key]
         if value is None and key not in ("state", "step"):
             continue
@@ -448,7 +455,7 @@ def status_problem(status: dict[str, Any]) -> str | None:
             return f"`{key}` is {value}"
     if status["state"] not in STATES:
         return f"unknown state {_short(status['state'])}"
-    if status["step"] < 0:
+    if status.get("step", 0) < 0:
         return f"negative step {status['step']}"
     return None
 

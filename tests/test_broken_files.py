@@ -230,3 +230,16 @@ def test_recover_on_a_manifest_entry_that_is_not_a_config(root: Path) -> None:
     (root / "sweep.json").write_text(json.dumps(manifest))
     code, out = invoke("recover", "--root", root)
     assert code == 2 and "error:" in out and "run broken is not a whole run entry" in out
+
+
+def test_a_status_before_its_first_step_is_not_unreadable(tmp_path: Path) -> None:
+    """An attempt writes `running` (then maybe `failed`, while loading data) before it knows
+    its step: a missing `step` is not a broken file."""
+    run = tmp_path / "r"
+    run.mkdir()
+    for state in ("running", "failed"):
+        status = {"state": state, "attempt": 1, "host": "h", "pid": 1, "reason": None,
+                  "exception_type": None, "timing": None, "heartbeat_unix": 1e18}  # fmt: skip
+        contract.atomic_write_json(run / contract.STATUS_FILE, status)
+        view = contract.view_run(run, now=1e18)
+        assert view.state == state and view.unreadable is None and view.step == 0
