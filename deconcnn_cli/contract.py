@@ -447,7 +447,7 @@ def status_problem(status: dict[str, Any]) -> str | None:
                 return "no `state`"
             continue  # e.g. `step` before the first one is known (data still loading)
         value = status[key]
-        if value is None and key not in ("state", "step"):
+        if value is None and key != "state":
             continue
         if isinstance(value, bool) or not isinstance(value, types):
             return f"`{key}` is {type(value).__name__} {_short(value)}"
