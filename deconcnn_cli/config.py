@@ -16,12 +16,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from deconcnn_cli.contract import CONFIG_FILE, atomic_write_json, read_json
+from deconcnn_cli.contract import CONFIG_FILE, NAME_PATTERN, atomic_write_json, read_json
 from deconcnn_cli.errors import ConfigError, RunDirError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are no value for any field (an lr, a tolerance, a memory size)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
@@ -138,15 +139,22 @@ def identity_dict(cfg: RunConfig) -> dict[str, Any]:
     return ident
 
 
-def config_hash(cfg: RunConfig) -> str:
-    canonical = json.dumps(identity_dict(cfg), sort_keys=True, separators=(",", ":"))
+def identity_json(cfg: RunConfig) -> str:
+    """:func:`identity_dict` as canonical JSON (sorted keys, no spaces): what is hashed."""
+    return json.dumps(identity_dict(cfg), sort_keys=True, separators=(",", ":"))
+
+
+def config_hash(cfg: RunConfig, identity: str | None = None) -> str:
+    """First 10 hex of the sha256 of the config's identity (``identity``: its
+    :func:`identity_json`, when the caller has it already)."""
+    canonical = identity if identity is not None else identity_json(cfg)
     return hashlib.sha256(canonical.encode()).hexdigest()[:10]
 
 
-def run_id(cfg: RunConfig) -> str:
+def run_id(cfg: RunConfig, identity: str | None = None) -> str:
     """Readable prefix + short hash: ``base_lr0.1_wd0.001_s0_3f2a9c01de``."""
     o = cfg.optim
-    return f"{cfg.variant}_lr{o.lr:g}_wd{o.weight_decay:g}_s{cfg.seed}_{config_hash(cfg)}"
+    return f"{cfg.variant}_lr{o.lr:g}_wd{o.weight_decay:g}_s{cfg.seed}_{config_hash(cfg, identity)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,9 +182,16 @@ def read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"profile file not found: {path}", "check the path or `decon --help`")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_bytes().decode())
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r})",
+            "TOML files are UTF-8: remove or fix that byte",
+        ) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: malformed TOML: {exc}", "fix the syntax at that line") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}", "check the file") from exc
 
 
 def resolve_profile(name_or_path: str, *, variant: bool = False) -> Path:
@@ -302,9 +317,11 @@ def load_run_config(
 def load_saved_config(path: Path) -> RunConfig:
     """Read a run directory's ``config.json`` back into a RunConfig."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(path.read_bytes().decode())
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: JSON or UTF-8
         raise ConfigError(f"{path}: cannot read saved config: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("config", data), dict):
+        raise ConfigError(f"{path}: cannot read saved config: not a JSON object")
     return build_config([(str(path), data.get("config", data))])
 
 
@@ -336,8 +353,14 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
                 "use a different --root/--run-dir, or resume it without changing its config",
             )
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, config_record(cfg))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, config_record(cfg))
+    except OSError as exc:  # a file where a folder belongs, a read-only filesystem, ...
+        raise RunDirError(
+            f"cannot create run directory {run_dir}: {exc.strerror or exc}",
+            "give a --root/--run-dir that is (or can be made) a writable folder",
+        ) from exc
 
 
 def dict_changes(
@@ -377,7 +400,7 @@ class VariantAxes(_Strict):
 class GridSpec(_Strict):
     """A sweep as data: variants x axes, each run = variant profile < profiles < overrides."""
 
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]  # also the sweep's job name
     description: str = ""
     variants: Annotated[list[str], Field(min_length=1)]
     profiles: list[str] = []  # extra profiles layered after the variant (e.g. ["smoke"])
@@ -403,10 +426,15 @@ class GridSpec(_Strict):
         return self.axes.model_copy(update=extra.model_dump(exclude_none=True))
 
 
+# partition/account/qos: one name or a comma-separated list; gres: e.g. gpu:1, gpu:a100:2
+SLURM_NAMES_PATTERN = r"^[A-Za-z0-9_.,+-]*$"
+SLURM_GRES_PATTERN = r"^[A-Za-z0-9_.,:+=/-]*$"
+
+
 class ResourceProfile(_Strict):
     """Where and how a sweep's runs execute: a SLURM GPU layout or N local CPU runs."""
 
-    name: Annotated[str, Field(min_length=1)]
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]  # the file's stem unless it sets one
     executor: Literal["slurm", "local"]
     description: str = ""
     # -- both
@@ -419,10 +447,13 @@ class ResourceProfile(_Strict):
     gpu_memory_gb_per_run: dict[str, Annotated[float, Field(gt=0)]] = {}  # per variant
     mem_gb_per_run: Annotated[float, Field(gt=0)] = 8.0  # host memory
     time_limit_min: Annotated[int, Field(ge=1)] = 1440
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    gres: str = "gpu:1"  # what one job asks for; "" = no GPU (tests on CPU-only SLURM)
+    # each becomes an `#SBATCH --key=value` line: what SLURM accepts there, and nothing that
+    # could end the line or the directive block (whitespace, control characters, quotes, $)
+    partition: Annotated[str, Field(pattern=SLURM_NAMES_PATTERN)] | None = None
+    account: Annotated[str, Field(pattern=SLURM_NAMES_PATTERN)] | None = None
+    qos: Annotated[str, Field(pattern=SLURM_NAMES_PATTERN)] | None = None
+    # what one job asks for; "" = no GPU (tests on CPU-only SLURM)
+    gres: Annotated[str, Field(pattern=SLURM_GRES_PATTERN)] = "gpu:1"
     array_parallelism: Annotated[int, Field(ge=1)] = 64  # the %N of every array
     max_array_size: Annotated[int, Field(ge=1)] | None = None  # None: ask `scontrol show config`
     signal_delay_s: Annotated[int, Field(ge=10)] = 120  # USR2 this long before the limit

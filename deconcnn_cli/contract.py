@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,46 @@ METRICS_DIR = "metrics"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PATTERN = r"^ckpt_(\d{9})\.pt$"  # ckpt_<next_step:09d>.pt (+ .sha256 beside it)
 TEMP_MARK = ".tmp"  # atomic writes go through ".<name>.tmp<pid>"; leftovers are orphans
+
+
+# ---- names read from files become paths and lines of scripts: each is checked against its
+# pattern where it is read (docs/sweep-root.md, "Names"). A run id is `<variant>_lr<lr>_wd<wd>_
+# s<seed>_<hash>` (config.run_id); a grid, resource profile or job id is a plain name.
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
+
+def name_problem(value: Any, pattern: str, what: str) -> str | None:
+    """Why ``value`` is not a valid ``what`` (None when it matches ``pattern``)."""
+    if isinstance(value, str) and re.fullmatch(pattern, value):
+        return None
+    return f"{what} {_short(value)} does not match {pattern}"
+
+
+def manifest_name_problem(manifest: dict[str, Any]) -> str | None:
+    """The first run id, grid name, job id or resource profile in a sweep.json that does not
+    match its pattern (a ``resources`` may also be the absolute path of a .toml file)."""
+    checks: list[tuple[Any, str, str]] = [(manifest.get("grid"), NAME_PATTERN, "grid name")]
+    for key in ("runs", "retired_runs"):
+        ids = manifest.get(key)
+        checks += [(r, RUN_ID_PATTERN, "run id") for r in (ids if isinstance(ids, dict) else {})]
+    for sub in submissions(manifest):
+        res = sub.get("resources")
+        if res is not None and not (isinstance(res, str) and _is_toml_path(res)):
+            checks.append((res, NAME_PATTERN, "resource profile"))
+        for job in sub["jobs"]:
+            checks.append((str(job.get("job_id")), NAME_PATTERN, "job id"))
+            checks += [(r, RUN_ID_PATTERN, "run id") for r in job_run_ids(job)]
+    for value, pattern, what in checks:
+        why = name_problem(value, pattern, what)
+        if why is not None:
+            return why
+    return None
+
+
+def _is_toml_path(text: str) -> bool:
+    """An absolute path of a .toml file without control characters."""
+    return text.startswith("/") and text.endswith(".toml") and text.isprintable()
 
 
 def checkpoint_name(next_step: int) -> str:
@@ -96,9 +137,16 @@ ANALYSIS_ACTIONS = ("curvature", "noise", "shape")
 
 def analysis_split(timing: dict[str, Any]) -> tuple[float, float]:
     """(seconds in the analysis actions, the rest of ``wall_s``) of one ``timing`` dict;
-    missing values count 0. ``analysis / rest`` is the overhead the benches define."""
-    analysis = sum(float(timing.get(f"{k}_s") or 0.0) for k in ANALYSIS_ACTIONS)
-    return analysis, float(timing.get("wall_s") or 0.0) - analysis
+    missing (or non-numeric) values count 0. ``analysis / rest`` is the overhead the benches
+    define."""
+
+    def seconds(key: str) -> float:
+        value = timing.get(key)
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return float(value) if ok and math.isfinite(value) else 0.0
+
+    analysis = sum(seconds(f"{k}_s") for k in ANALYSIS_ACTIONS)
+    return analysis, seconds("wall_s") - analysis
 
 
 # ---- run states as written to status.json by the run itself
@@ -112,6 +160,7 @@ TERMINAL_STATES = (COMPLETED, DIVERGED)
 # ---- states only an observer derives (never written by the run)
 STALLED = "stalled"  # status says running but the heartbeat is older than STALLED_AFTER_S
 MISSING = "missing"  # no run directory / no status.json
+UNREADABLE = "unreadable"  # status.json is there but unreadable, and no other evidence decides
 
 # ---- liveness: a live run rewrites status.json's heartbeat every HEARTBEAT_EVERY_S seconds
 # from a timer thread, independent of step time; a `running` run whose heartbeat is older than
@@ -264,10 +313,11 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in ``path``, or None when it is missing or unreadable."""
+    """The JSON object in ``path``, or None when it is missing or unreadable (a truncated or
+    binary file, a directory, a link to nowhere, a value that is not an object)."""
     try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        value = json.loads(path.read_bytes().decode())
+    except (OSError, ValueError, RecursionError):  # ValueError: JSON and UTF-8 decode errors
         return None
     return value if isinstance(value, dict) else None
 
@@ -282,29 +332,62 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file; a partial or corrupt line (a crash mid-write) is skipped."""
+    """Records of a JSON-lines file; a partial or corrupt line (a crash mid-write) is skipped
+    (:func:`read_jsonl_checked` also says which)."""
+    return read_jsonl_checked(path)[0]
+
+
+def read_jsonl_checked(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """(records, 1-based numbers of the whole lines that are not a JSON object) of a JSON-lines
+    file. A bad line (a stray byte, a NUL, a torn write) costs that line only; a partial last
+    line (no newline yet: a live writer, or a crash mid-write) is left out and not counted."""
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError):
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
+        data = path.read_bytes()
+    except OSError:
+        return [], []
+    out: list[dict[str, Any]] = []
+    bad: list[int] = []
+    lines = data.split(b"\n")
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
             continue
+        try:
+            rec = json.loads(line.decode())
+        except (ValueError, RecursionError):
+            rec = None
         if isinstance(rec, dict):
-            out.append(rec)
-    return out
+            out.append(rec)  # a last line without its newline counts when it is whole
+        elif n < len(lines):
+            bad.append(n)
+    return out, bad
 
 
 def complete_lines(path: Path) -> list[str]:
-    """The file's whole lines (a partial last line, from a crash mid-write, is dropped)."""
+    """The file's whole lines (a partial last line, from a crash mid-write, is dropped).
+
+    Bytes that are not UTF-8 read as U+FFFD, so such a cell fails as a number where it is
+    parsed; a missing or unreadable file (a directory, no permission) has no lines."""
     try:
-        text = path.read_text()
-    except FileNotFoundError:
+        data = path.read_bytes()
+    except OSError:
         return []
-    return text.split("\n")[:-1]  # last element is "" after a final newline, or a partial line
+    return data.decode(errors="replace").split("\n")[:-1]  # "" after a final newline, or partial
+
+
+def partial_tail(path: Path) -> bytes:
+    """What follows the file's last newline: a line still being written, or (in a run that
+    ended) bytes that are not a line at all, e.g. NULs a filesystem left after a crash."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 65536))  # the tail only: a stream can be megabytes
+            data = f.read()
+            if b"\n" not in data and size > len(data):
+                f.seek(0)
+                data = f.read()
+    except OSError:
+        return b""
+    return data[data.rfind(b"\n") + 1 :]
 
 
 def read_stream(path: Path) -> list[dict[str, str]]:
@@ -345,7 +428,7 @@ class RunView:
 
     run_dir: Path
     run_id: str
-    state: str  # one of STATES, or STALLED / MISSING
+    state: str  # one of STATES, or STALLED / MISSING / UNREADABLE
     written_state: str | None  # the state as status.json has it
     step: int
     total_steps: int | None
@@ -354,6 +437,9 @@ class RunView:
     attempt: int
     reason: str | None
     status: dict[str, Any]
+    # why status.json could not be read (truncated, binary, wrong types); the state then
+    # comes from summary.json or the attempts' end lines, else it is UNREADABLE
+    unreadable: str | None = None
 
     @property
     def live(self) -> bool:
@@ -369,7 +455,7 @@ def derive_state(status: dict[str, Any] | None, now: float | None = None) -> str
     if not status:
         return MISSING
     state = status.get("state")
-    if state not in STATES:
+    if not isinstance(state, str) or state not in STATES:
         return MISSING
     if state == RUNNING:
         beat = status.get("heartbeat_unix")
@@ -379,24 +465,121 @@ def derive_state(status: dict[str, Any] | None, now: float | None = None) -> str
     return state
 
 
+_NUMBER = (int, float)
+# status.json fields every observer reads, and the types the run writes them with (any of
+# them but `state` may be absent: an attempt writes `step` once its data is loaded; any but
+# `state` and `step` may be null)
+_STATUS_TYPES: dict[str, tuple[type, ...]] = {
+    "state": (str,),
+    "step": (int,),
+    "epoch": _NUMBER,
+    "total_steps": (int,),
+    "steps_per_epoch": (int,),
+    "attempt": (int,),
+    "heartbeat_unix": _NUMBER,
+    "steps_per_s": _NUMBER,
+    "reason": (str,),
+    "exception_type": (str,),
+    "host": (str,),
+    "pid": (int,),
+    "precision": (str,),
+    "last_checkpoint_step": (int,),
+}
+
+
+def status_problem(status: dict[str, Any]) -> str | None:
+    """Why a status.json object cannot be trusted (a field of the wrong type, an unknown
+    state, a negative step), or None. The run writes every field with one type."""
+    for key, types in _STATUS_TYPES.items():
+        if key not in status:
+            if key == "state":
+                return "no `state`"
+            continue  # e.g. `step` before the first one is known (data still loading)
+        value = status[key]
+        if value is None and key != "state":
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            return f"`{key}` is {type(value).__name__} {_short(value)}"
+        if key in ("epoch", "heartbeat_unix") and not math.isfinite(value):
+            return f"`{key}` is {value}"
+    if status["state"] not in STATES:
+        return f"unknown state {_short(status['state'])}"
+    if status.get("step", 0) < 0:
+        return f"negative step {status['step']}"
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def view_run(run_dir: Path, now: float | None = None) -> RunView:
-    """Read ``status.json`` (one small file) and derive the run's observable state."""
+    """Read ``status.json`` (one small file) and derive the run's observable state.
+
+    Never raises on what it finds: a status.json that is there but cannot be read (truncated,
+    not UTF-8, not an object, a field of the wrong type, a directory) is judged from the
+    other evidence instead (:func:`_view_from_evidence`), and so is a missing status.json
+    beside a summary.json.
+    """
     now = time.time() if now is None else now
-    status = read_json(run_dir / STATUS_FILE) or {}
+    path = run_dir / STATUS_FILE
+    status = read_json(path)
+    if status is None:
+        if path.exists() or path.is_symlink():
+            return _view_from_evidence(run_dir, f"{STATUS_FILE} is not a readable JSON object")
+        if (run_dir / SUMMARY_FILE).exists():
+            return _view_from_evidence(run_dir, f"no {STATUS_FILE}")
+        status = {}
+    elif (why := status_problem(status)) is not None:
+        return _view_from_evidence(run_dir, f"{STATUS_FILE}: {why}")
     beat = status.get("heartbeat_unix")
-    total = status.get("total_steps")
     return RunView(
         run_dir=run_dir,
         run_id=run_dir.name,
         state=derive_state(status, now),
         written_state=status.get("state"),
         step=int(status.get("step") or 0),
-        total_steps=int(total) if total is not None else None,
+        total_steps=status.get("total_steps"),
         epoch=float(status.get("epoch") or 0.0),
         heartbeat_age_s=(now - beat) if isinstance(beat, int | float) else None,
         attempt=int(status.get("attempt") or 0),
         reason=status.get("reason"),
         status=status,
+    )
+
+
+def _view_from_evidence(run_dir: Path, why: str) -> RunView:
+    """A run whose status.json cannot be read: ``completed``/``diverged`` when summary.json
+    (else the newest attempt end line) says so, since a run with a result is never to be run
+    again; otherwise UNREADABLE, which only a person resolves. ``status`` is then empty."""
+    summary = read_summary(run_dir) or {}
+    attempts = read_attempts(run_dir)
+    ends = [a for a in attempts if a.get("event") == "end"]
+    state, step, source = summary.get("state"), summary.get("steps_done"), SUMMARY_FILE
+    if state not in TERMINAL_STATES and ends:
+        state, step, source = ends[-1].get("state"), ends[-1].get("steps_done"), ATTEMPTS_FILE
+    numbers = [a.get("attempt") for a in attempts]
+    attempt = max((n for n in numbers if isinstance(n, int) and not isinstance(n, bool)), default=0)
+    step = step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else 0
+    if state in TERMINAL_STATES:
+        reason = f"{why}; state {state} from {source}"
+    else:
+        state, reason = UNREADABLE, f"{why}; no summary.json or attempt end says how it ended"
+    epochs = summary.get("epochs_done")
+    return RunView(
+        run_dir=run_dir,
+        run_id=run_dir.name,
+        state=state,
+        written_state=None,
+        step=step,
+        total_steps=step if state == COMPLETED else None,
+        epoch=float(epochs) if isinstance(epochs, int | float) and math.isfinite(epochs) else 0.0,
+        heartbeat_age_s=None,
+        attempt=attempt,
+        reason=reason,
+        status={},
+        unreadable=why,
     )
 
 
@@ -420,3 +603,23 @@ def read_attempt_starts(run_dir: Path) -> list[dict[str, Any]]:
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
     return read_jsonl(run_dir / EVENTS_FILE)
+
+
+# ---- sweep.json (docs/sweep-root.md): tolerant readers of what its lists hold. A manifest is
+# edited by hand and copied around; an entry of the wrong type is skipped, never a crash.
+def submissions(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's submissions that are objects, each with ``jobs`` as a list of objects."""
+    subs = manifest.get("submissions")
+    out = []
+    for sub in subs if isinstance(subs, list) else []:
+        if isinstance(sub, dict):
+            jobs = sub.get("jobs")
+            jobs = [j for j in jobs if isinstance(j, dict)] if isinstance(jobs, list) else []
+            out.append({**sub, "jobs": jobs})
+    return out
+
+
+def job_run_ids(job: dict[str, Any]) -> list[str]:
+    """A manifest job's run ids (strings only)."""
+    ids = job.get("run_ids")
+    return [r for r in ids if isinstance(r, str)] if isinstance(ids, list) else []

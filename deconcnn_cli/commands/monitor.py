@@ -87,7 +87,7 @@ def monitor(
         if as_json:
             typer.echo(_json(report, show_failed))
             return
-        console = Console()
+        console = Console(markup=False)  # run ids, paths and details are text, never markup
         if not watch:
             console.print(render_report(report, show_failed))
             return

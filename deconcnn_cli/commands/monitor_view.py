@@ -33,8 +33,10 @@ STYLE = {
     "failed": "bold red",
     "stalled": "red",
     "missing": "yellow",
+    "unreadable": "bold red",
 }
-ROW_ORDER = ("failed", "stalled", "interrupted", "running", "diverged")  # what gets a row
+# what gets a row (unreadable: its files cannot be trusted, a person must look)
+ROW_ORDER = ("unreadable", "failed", "stalled", "interrupted", "running", "diverged")
 HEADERS = ("run", "state", "epoch", "step", "step/s", "att", "job")
 _RIGHT = frozenset({"epoch", "step", "step/s", "att"})
 _RUN_ID = re.compile(r"^(?P<v>.+)_lr(?P<lr>[^_]+)_wd(?P<wd>[^_]+)_s(?P<s>\d+)_(?P<h>[0-9a-f]+)$")

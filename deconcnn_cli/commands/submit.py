@@ -60,7 +60,7 @@ def submit(
     ] = False,
 ) -> None:
     """Submit the runs of a grid that are not done, live or queued (idempotent)."""
-    console = Console()
+    console = Console(markup=False)  # paths, names and reasons are text, never markup
     try:
         store = SweepStore(root if root is not None else Path("sweeps") / Path(grid).stem)
         result = submit_grid(

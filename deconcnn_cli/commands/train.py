@@ -155,6 +155,8 @@ def train(
         cfg = resolve_config(variant, profile, set_, run_dir, flags)
         if threads is not None and threads < 1:
             raise ConfigError(f"--threads: {threads} is not a thread count", "give 1 or more")
+        if max_steps is not None and max_steps < 1:
+            raise ConfigError(f"--max-steps: {max_steps} is not a step count", "give 1 or more")
         target = run_dir if run_dir is not None else root / run_id(cfg)
         status = read_json(target / STATUS_FILE) or {}
         if status.get("state") in TERMINAL_STATES:

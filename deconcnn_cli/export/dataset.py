@@ -137,11 +137,22 @@ def read_manifest(root: Path) -> dict[str, Any]:
     runs = manifest.get("runs")
     if not isinstance(runs, dict):
         raise ExportError(f"{path}: `runs` is missing or not an object", "see docs/sweep-root.md")
+    why = contract.manifest_name_problem(manifest)
+    if why is not None:
+        raise ExportError(f"{path}: {why}", "fix or restore the file (docs/sweep-root.md, Names)")
     for run_id, spec in runs.items():
-        missing = [k for k in ("variant", "lr", "weight_decay", "seed") if k not in (spec or {})]
+        if not isinstance(spec, dict):
+            raise ExportError(f"{path}: run {run_id!r} is not an object", "see docs/sweep-root.md")
+        missing = [k for k in ("variant", "lr", "weight_decay", "seed") if k not in spec]
         if missing:
             raise ExportError(
                 f"{path}: run {run_id} lacks {', '.join(missing)}", "see docs/sweep-root.md"
+            )
+        wrong = [k for k in ("lr", "weight_decay", "seed") if not _finite(spec[k])]
+        if wrong or not isinstance(spec["variant"], str):
+            raise ExportError(
+                f"{path}: run {run_id}: {', '.join(wrong or ['variant'])} of the wrong type",
+                "see docs/sweep-root.md",
             )
     return manifest
 
@@ -156,17 +167,44 @@ def _num(value: Any) -> float | None:
         return None
 
 
-def _last_defined(rows: list[dict[str, str]], key: str) -> float | None:
+def _cell(text: str | None, bad: list[str] | None = None) -> float | None:
+    """:func:`contract.parse_cell`, with a cell that is not a number read as not defined (and
+    counted in ``bad``, so the export says so)."""
+    try:
+        return contract.parse_cell(text)
+    except ValueError:
+        if bad is not None:
+            bad.append(str(text))
+        return None
+
+
+def _finite(value: Any) -> bool:
+    number = _num(value)
+    return number is not None and math.isfinite(number)
+
+
+def _last_defined(
+    rows: list[dict[str, str]], key: str, bad: list[str] | None = None
+) -> float | None:
     for row in reversed(rows):
         cell = row.get(key)
         if cell not in (None, ""):
-            return contract.parse_cell(cell)
+            value = _cell(cell, bad)
+            if value is not None:
+                return value
     return None
 
 
 def _max_defined(rows: list[dict[str, str]], key: str) -> float | None:
     """The largest finite value of ``key``; None when none is defined (NaN if all are NaN)."""
-    values = [contract.parse_cell(r.get(key)) for r in rows if r.get(key) not in (None, "")]
+    values = []
+    for r in rows:
+        if r.get(key) in (None, ""):
+            continue
+        try:
+            values.append(contract.parse_cell(r.get(key)))
+        except (TypeError, ValueError):  # a garbage cell: not a value (reported elsewhere)
+            continue
     finite = [v for v in values if v is not None and math.isfinite(v)]
     if finite:
         return max(finite)
@@ -177,7 +215,7 @@ def _last_row(path: Path) -> dict[str, str] | None:
     """The last whole row of a stream, without parsing the rest (step.csv can be long)."""
     try:
         with open(path, "rb") as f:
-            header = f.readline().decode()
+            header = f.readline().decode(errors="replace")
             f.seek(0, 2)
             size = f.tell()
             f.seek(max(len(header), size - 65536))
@@ -197,20 +235,25 @@ def _newest_checkpoint(run_dir: Path, root: Path) -> str | None:
     return str(ckpts[-1].relative_to(root)) if ckpts else None
 
 
-def _submitted_jobs(manifest: Mapping[str, Any]) -> dict[str, list[str]]:
+def _submitted_jobs(manifest: dict[str, Any]) -> dict[str, list[str]]:
     jobs: dict[str, list[str]] = {}
-    for sub in manifest.get("submissions") or []:
-        for job in sub.get("jobs") or []:
-            for run_id in job.get("run_ids") or []:
+    for sub in contract.submissions(manifest):
+        for job in sub["jobs"]:
+            for run_id in contract.job_run_ids(job):
                 jobs.setdefault(run_id, []).append(str(job.get("job_id")))
     return jobs
 
 
-def _run_code_version(manifest: Mapping[str, Any], run_id: str) -> str | None:
-    for sub in reversed(manifest.get("submissions") or []):
-        if any(run_id in (j.get("run_ids") or []) for j in sub.get("jobs") or []):
-            return sub.get("code_version") or manifest.get("code_version")
-    return manifest.get("code_version")
+def _run_code_version(manifest: dict[str, Any], run_id: str) -> str | None:
+    for sub in reversed(contract.submissions(manifest)):
+        if any(run_id in contract.job_run_ids(j) for j in sub["jobs"]):
+            return _text(sub.get("code_version")) or _text(manifest.get("code_version"))
+    return _text(manifest.get("code_version"))
+
+
+def _text(value: Any) -> str | None:
+    """A string field of a file, or None when it holds another type."""
+    return value if isinstance(value, str) else None
 
 
 def run_settings(run_dir: Path, summary: Mapping[str, Any], status: Mapping[str, Any]) -> Any:
@@ -237,7 +280,7 @@ def run_row(
     root: Path,
     run_id: str,
     spec: Mapping[str, Any],
-    manifest: Mapping[str, Any],
+    manifest: dict[str, Any],
     submitted: Mapping[str, list[str]],
     now: float,
     verify: VerifyFn | None = None,
@@ -270,38 +313,42 @@ def run_row(
     last_step = _last_row(contract.stream_path(run_dir, "step"))
     last_curv = _last_row(contract.stream_path(run_dir, "curvature"))
 
+    bad: list[str] = []  # cells that are not numbers: left empty, and said so
     for col in ("knee_epoch", "burn_in_loss", "best_val_ce", "best_val_epoch", "burn_in_step"):
         row[col] = _num(summary.get(col))
     for col, shape_key in _SHAPE_FALLBACK.items():
         row[col] = _num(summary.get(_SUMMARY_KEYS.get(col, col)))
         if row[col] is None:  # no summary (failed / still running) or an older one: streams
-            row[col] = _last_defined(shape, shape_key)
+            row[col] = _last_defined(shape, shape_key, bad)
     censored = summary.get("knee_censored")
     row["knee_censored"] = None if censored is None else bool(censored)
     if row["best_val_ce"] is None and val:
-        finite = [(float(r["loss_val_nats"]), float(r["epoch"])) for r in val]
-        finite = [(c, e) for c, e in finite if math.isfinite(c)]
+        pairs = [(_cell(r.get("loss_val_nats"), bad), _cell(r.get("epoch"), bad)) for r in val]
+        finite = [(c, e) for c, e in pairs if c is not None and e is not None and math.isfinite(c)]
         if finite:
             row["best_val_ce"], row["best_val_epoch"] = min(finite)
     if last_step is not None:
-        row["final_loss_train_nats"] = contract.parse_cell(last_step.get("loss_train_nats"))
-        row["final_acc_train"] = contract.parse_cell(last_step.get("acc_train"))
+        row["final_loss_train_nats"] = _cell(last_step.get("loss_train_nats"), bad)
+        row["final_acc_train"] = _cell(last_step.get("acc_train"), bad)
     if val:
-        row["final_loss_val_nats"] = contract.parse_cell(val[-1].get("loss_val_nats"))
-        row["final_acc_val"] = contract.parse_cell(val[-1].get("acc_val"))
+        row["final_loss_val_nats"] = _cell(val[-1].get("loss_val_nats"), bad)
+        row["final_acc_val"] = _cell(val[-1].get("acc_val"), bad)
     if last_curv is not None:
-        row["lambda_max_last"] = contract.parse_cell(last_curv.get("lambda_max"))
-        row["hutch_trace_last"] = contract.parse_cell(last_curv.get("hutch_trace"))
-        row["sharpness_norm_last"] = contract.parse_cell(last_curv.get("sharpness_norm"))
+        row["lambda_max_last"] = _cell(last_curv.get("lambda_max"), bad)
+        row["hutch_trace_last"] = _cell(last_curv.get("hutch_trace"), bad)
+        row["sharpness_norm_last"] = _cell(last_curv.get("sharpness_norm"), bad)
         row["sharpness_norm_max"] = _max_defined(
             contract.read_stream(contract.stream_path(run_dir, "curvature")), "sharpness_norm"
         )
+    if bad:
+        row["_bad_cells"] = bad
 
     spe = _num(status.get("steps_per_epoch"))
     row["steps_done"] = float(view.step)
     row["total_steps"] = _num(view.total_steps)
     row["epochs_done"] = view.step / spe if spe else _num(status.get("epoch"))
-    row["attempts"] = float(max(view.attempt, len({a.get("attempt") for a in attempts})))
+    numbers = {a.get("attempt") for a in attempts if isinstance(a.get("attempt"), int)}
+    row["attempts"] = float(max(view.attempt, len(numbers)))
     row["job_ids"] = ";".join(
         dict.fromkeys(str(a["slurm_job_id"]) for a in attempts if a.get("slurm_job_id"))
     )
@@ -309,12 +356,12 @@ def run_row(
     made_by = dict.fromkeys(str(a["code_version"]) for a in attempts if a.get("code_version"))
     if made_by:  # what really ran (every attempt's version); the manifest says what was sent
         row["code_version"] = ";".join(made_by)
-    hosts = [a.get("host") for a in attempts if a.get("host")]
+    hosts = [a["host"] for a in attempts if _text(a.get("host"))]
     row["host"] = status.get("host") or (hosts[-1] if hosts else None)
     row["failure_reason"] = view.reason if view.state != contract.COMPLETED else None
     row["exception_type"] = status.get("exception_type")
     row["checkpoint_path"] = _newest_checkpoint(run_dir, root)
-    row["precision"] = status.get("precision") or summary.get("precision")
+    row["precision"] = status.get("precision") or _text(summary.get("precision"))
     settings = run_settings(run_dir, summary, status)
     if settings is not None:
         row["analysis_settings"] = settings_id(settings)
@@ -347,6 +394,12 @@ def collect(
             "per settings, never pooled; see analysis_settings in the metadata"
         )
     for row in rows:
+        bad = row.pop("_bad_cells", None)
+        if bad:
+            data.warnings.append(
+                f"{row['run_id']}: {len(bad)} stream cell(s) not a number, left empty "
+                f"(first {bad[0][:20]!r})"
+            )
         if row["verify_problem"]:
             data.warnings.append(f"{row['run_id']} fails verification: {row['verify_problem']}")
     runs_dir = root / RUNS_DIR

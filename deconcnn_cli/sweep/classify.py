@@ -16,6 +16,8 @@ interrupted    stopped with a checkpoint (timeout, preemption, node failure, a
 failed         an exception, an OOM, or a job that died before the run started
 stalled        status says running, the heartbeat is older than STALLED_AFTER_S
 missing        no run directory and no job that will make one
+unreadable     status.json cannot be read and no summary.json or attempt end says
+               how the run ended: a person looks (it is never rerun on its own)
 =============  ==================================================================
 """
 
@@ -35,7 +37,18 @@ INTERRUPTED = contract.INTERRUPTED
 FAILED = contract.FAILED
 STALLED = contract.STALLED
 MISSING = contract.MISSING
-SWEEP_STATES = (PENDING, RUNNING, COMPLETED, DIVERGED, INTERRUPTED, FAILED, STALLED, MISSING)
+UNREADABLE = contract.UNREADABLE
+SWEEP_STATES = (
+    PENDING,
+    RUNNING,
+    COMPLETED,
+    DIVERGED,
+    INTERRUPTED,
+    FAILED,
+    STALLED,
+    MISSING,
+    UNREADABLE,
+)
 
 # ---- causes: why a run needs action
 TIMEOUT = "timeout"
@@ -49,6 +62,7 @@ INTERRUPTED_CAUSE = "interrupted"  # stopped by a signal or --max-steps, schedul
 HUNG = "stalled"  # heartbeat stopped while the job still runs, or with no scheduler to ask
 HELD = "held"  # JobHeldAdmin / REQUEUE_HOLD: the scheduler waits for a person
 NOT_STARTED = "not_started"  # in the manifest, no directory, no live job
+UNREADABLE_CAUSE = "unreadable"  # status.json unreadable, no other evidence of the outcome
 
 # scheduler end states -> cause
 _JOB_CAUSES = {
@@ -109,6 +123,8 @@ def classify_run(
 
     if state in (COMPLETED, DIVERGED):
         return obs(state, None, view.reason or "" if view else "")
+    if state == UNREADABLE:
+        return obs(UNREADABLE, UNREADABLE_CAUSE, view.reason or "" if view else "")
     reason = (view.reason if view else None) or ""
     retrying = job is not None and job.live and (job.state != "RUNNING" or job_is_newer)
     if state == FAILED and not retrying:

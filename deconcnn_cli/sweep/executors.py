@@ -136,15 +136,6 @@ def grace_s(resources: ResourceProfile) -> float:
     return max(5.0, resources.signal_delay_s - 10.0)
 
 
-def sbatch_text(resources: ResourceProfile, folder: Path, n_tasks: int, job_name: str) -> str:
-    """The sbatch script submitit writes for an array of ``n_tasks`` jobs (golden-tested)."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
-    params = {k: v for k, v in slurm_parameters(resources, job_name).items()}
-    command = f"{sys.executable} -u -m submitit.core._submit {folder}"
-    return _make_sbatch_string(command=command, folder=folder, map_count=n_tasks, **params)
-
-
 def slurm_live_jobs(job_ids: Sequence[str]) -> dict[str, str]:
     """One batched ``squeue`` for the given job ids: ``{job_id: STATE}`` of the live ones.
 

@@ -422,6 +422,8 @@ def last_traceback(run_dir: Path) -> str | None:
 
 def fix_command(root: Path, run_id: str, cause: str, job_id: str | None) -> str:
     r = f"--root {root}"
+    if cause == C.UNREADABLE_CAUSE:
+        return f"inspect {root}/runs/{run_id}/status.json (unreadable); decon never reruns it"
     if cause == C.HELD:
         return f"scontrol release {job_id}  (or: scancel {job_id} && decon recover {r})"
     if cause == C.HUNG and job_id:

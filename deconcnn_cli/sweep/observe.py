@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deconcnn_cli.contract import job_run_ids, submissions
 from deconcnn_cli.errors import SweepError
 from deconcnn_cli.sweep.store import RUNS_DIR, SweepStore
 
@@ -70,20 +71,19 @@ def load_sweep(root: Path) -> SweepView:
     manifest = SweepStore(root).read_manifest()  # SweepError when root is not a sweep
     runs = manifest["runs"]
     jobs_by_run: dict[str, JobRef] = {}
-    for sub in manifest.get("submissions") or []:
-        if not isinstance(sub, dict):
-            continue
-        for job in sub.get("jobs") or []:
-            if not isinstance(job, dict) or job.get("job_id") is None:
+    for sub in submissions(manifest):
+        t = sub.get("time_unix")
+        for job in sub["jobs"]:
+            if not isinstance(job.get("job_id"), str | int) or isinstance(job["job_id"], bool):
                 continue
             ref = JobRef(
                 job_id=str(job["job_id"]),
-                run_ids=tuple(str(r) for r in job.get("run_ids") or []),
-                submitted_unix=float(sub.get("time_unix") or 0.0),
+                run_ids=tuple(job_run_ids(job)),
+                submitted_unix=float(t) if isinstance(t, int | float) else 0.0,
                 executor=str(sub.get("executor") or "slurm"),
                 alone=bool(job.get("alone") or sub.get("alone")),
                 pid=job["pid"] if isinstance(job.get("pid"), int) else None,
-                host=job.get("host"),
+                host=job["host"] if isinstance(job.get("host"), str) else None,
             )
             for rid in ref.run_ids:
                 jobs_by_run[rid] = ref  # submissions are in time order: the last one wins

@@ -19,6 +19,8 @@ exception                          one retry, then left for a person (traceback 
 not_started (missing)              submit                                            K times
 held (JobHeldAdmin)                left for a person: ``scontrol release`` or        -
                                    ``scancel`` + recover
+unreadable (status.json)           left for a person (never rerun: it may hold a     -
+                                   result)
 diverged, completed, live runs     nothing: results, or already in hand              -
 =================================  ===============================================  =========
 
@@ -82,7 +84,11 @@ _STRATEGY = {
     C.OOM_CUDA: ALONE,
     C.EXCEPTION: RETRY,
     C.HELD: PERSON,
+    C.UNREADABLE_CAUSE: PERSON,
 }
+
+
+_WRITES = (RESUME, ALONE, RETRY, SUBMIT, CANCEL)  # actions that change the sweep
 
 
 @dataclass(frozen=True)
@@ -181,6 +187,9 @@ def _decide(sweep: SweepView, row: RunRow, done: Counter[tuple[str, str]]) -> Ac
             f"{left:.0f} s (run decon recover again then)"
         )
         return Action(run_id, cause, WAIT, why, job_id, previous)
+    if cause == C.UNREADABLE_CAUSE:
+        why = f"{detail}: inspect {sweep.run_dir(run_id) / contract.STATUS_FILE}"
+        return Action(run_id, cause, PERSON, why, job_id, previous)
     if action == PERSON:
         why = f"{detail}: release or cancel the job (scontrol release {job_id})"
         return Action(run_id, cause, PERSON, why, job_id, previous)
@@ -275,9 +284,9 @@ def _log_actions(root: Path, actions: list[Action], job_ids: dict[str, list[str]
 
 def _submission_of(sweep: SweepView, run_id: str) -> tuple[str, str]:
     """(executor, resources) the run was last submitted with (the sweep's first otherwise)."""
-    subs = [s for s in sweep.manifest.get("submissions") or [] if isinstance(s, dict)]
+    subs = contract.submissions(sweep.manifest)
     for sub in reversed(subs):
-        if any(run_id in (j.get("run_ids") or []) for j in sub.get("jobs") or []):
+        if any(run_id in contract.job_run_ids(j) for j in sub["jobs"]):
             return str(sub.get("executor") or "slurm"), str(sub.get("resources") or "")
     if subs:
         return str(subs[0].get("executor") or "slurm"), str(subs[0].get("resources") or "")
@@ -356,6 +365,7 @@ def recover_sweep(
     recovers (or a recover and a submit) never submit a run twice."""
     if dry_run:
         return plan_recovery(root, run_ids), {}
+    SweepStore(root).check_folder()
     sweep = load_sweep(root)  # bad input fails before the lock file is created
     if run_ids:
         sweep.check_run_ids(run_ids)
@@ -363,6 +373,9 @@ def recover_sweep(
         from deconcnn_cli.sweep.grid import load_resources
 
         load_resources(resources)  # an unknown or malformed profile: refused, nothing written
+    first = plan_recovery(root, run_ids)
+    if not any(a.action in _WRITES or a.release for a in first.actions):
+        return first, {}  # nothing to change: no lock, no write (a read-only root answers)
     with SweepStore(root).lock():
         plan = plan_recovery(root, run_ids)
         return plan, apply_recovery(plan, resources)

@@ -317,10 +317,23 @@ def _cache_lock(path: Path):  # noqa: ANN202 - a plain context manager
         fd.close()
 
 
-def _fresh(data: dict[str, Any] | None, ids: list[str], ttl_s: float, now: float) -> bool:
+def _cached(data: dict[str, Any] | None) -> SchedulerSnapshot | None:
+    """The cache file's snapshot, or None when it is not one (truncated, wrong types)."""
     if not data or not isinstance(data.get("time_unix"), int | float):
-        return False
-    return now - float(data["time_unix"]) < ttl_s and set(ids) <= set(data.get("query_ids") or [])
+        return None
+    ids, records = data.get("query_ids"), data.get("records") or {}
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        return None
+    if not isinstance(records, dict) or not all(isinstance(v, dict) for v in records.values()):
+        return None
+    try:
+        return SchedulerSnapshot.from_json(data)
+    except (TypeError, ValueError):  # a record with unknown or missing fields
+        return None
+
+
+def _fresh(snap: SchedulerSnapshot, ids: list[str], ttl_s: float, now: float) -> bool:
+    return now - snap.time_unix < ttl_s and set(ids) <= set(snap.query_ids)
 
 
 def scheduler_snapshot(
@@ -338,12 +351,14 @@ def scheduler_snapshot(
     if not ids:
         return SchedulerSnapshot(time_unix=now)
     path = Path(root) / SCHEDULER_CACHE_FILE
-    if not refresh and _fresh(read_json(path), ids, ttl_s, now):
-        return SchedulerSnapshot.from_json(read_json(path) or {})
+    cached = None if refresh else _cached(read_json(path))
+    if cached is not None and _fresh(cached, ids, ttl_s, now):
+        return cached
     with _cache_lock(path):
-        data = read_json(path)  # another shell may have refreshed while we waited
-        if not refresh and _fresh(data, ids, ttl_s, time.time()):
-            return SchedulerSnapshot.from_json(data or {})
+        # another shell may have refreshed while we waited
+        cached = None if refresh else _cached(read_json(path))
+        if cached is not None and _fresh(cached, ids, ttl_s, time.time()):
+            return cached
         snap = query_scheduler(job_ids)
         with contextlib.suppress(OSError):
             atomic_write_json(path, snap.to_json())

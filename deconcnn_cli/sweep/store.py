@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from deconcnn_cli.config import RunConfig, identity_dict, prepare_run_dir, run_id
-from deconcnn_cli.contract import atomic_write_json, read_json
+from deconcnn_cli.contract import atomic_write_json, manifest_name_problem, read_json
 from deconcnn_cli.errors import SweepError
 from deconcnn_cli.version import code_version
 
@@ -32,6 +32,10 @@ JOBS_DIR = "jobs"
 SCHEDULER_CACHE_FILE = ".scheduler_cache.json"
 LOCK_TIMEOUT_S = 600.0  # how long a second submit waits for the first one to finish
 _FALLBACK_STALE_S = 3600.0  # an exclusive-create lock older than this with a dead holder
+
+
+class SweepLockError(SweepError):
+    """The sweep lock cannot be taken at all: the root is read-only, or not a folder."""
 
 
 class SweepStore:
@@ -59,6 +63,18 @@ class SweepStore:
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
+    def check_folder(self) -> None:
+        """Refuse a root that is there but is not a folder (a file, a link to a file), or
+        whose path holds a control character (a newline would become a line of the sbatch
+        script; scripts quote everything else)."""
+        if not str(self.root).isprintable():
+            raise SweepError(
+                f"sweep root {str(self.root)!r} holds a control character",
+                "give a --root without newlines, tabs or other control characters",
+            )
+        if self.root.exists() and not self.root.is_dir():
+            raise SweepError(f"{self.root} is not a folder", "give --root a sweep folder")
+
     # ---- manifest
     def read_manifest(self) -> dict[str, Any]:
         """The manifest; a missing or foreign root raises :class:`SweepError`."""
@@ -72,6 +88,13 @@ class SweepStore:
             raise SweepError(
                 f"{self.manifest_path}: unreadable or not a sweep manifest",
                 "restore it from a backup, or start a new sweep root",
+            )
+        why = manifest_name_problem(manifest)
+        if why is not None:
+            raise SweepError(
+                f"{self.manifest_path}: {why}",
+                "a name read from sweep.json becomes a path or a script line: fix or restore "
+                "the file (docs/sweep-root.md, Names)",
             )
         if manifest.get("schema_version") != SCHEMA_VERSION:
             raise SweepError(
@@ -134,9 +157,16 @@ class SweepStore:
         Where the filesystem refuses ``flock`` (some NFS mounts), falls back to an
         exclusive-create lock file holding the holder's host and pid.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a file where the root belongs, a read-only filesystem, ...
+            raise SweepLockError(
+                f"cannot take the sweep lock {path}: {exc.strerror or exc}",
+                "submit and recover write into the sweep root: give a writable folder (monitor, "
+                "verify, export and recover --dry-run only read)",
+            ) from None
         try:
             try:
                 _flock_wait(fd, path, timeout_s)

@@ -15,18 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from deconcnn_cli import contract
 from deconcnn_cli.config import GridSpec, ResourceProfile, RunConfig, dict_changes
 from deconcnn_cli.errors import DeconError, SweepError
 from deconcnn_cli.sweep import executors
 from deconcnn_cli.sweep.grid import (
     GridRun,
+    check_grid_size,
     expand_grid_runs,
     grid_hash,
     load_grid,
     load_resources,
 )
-from deconcnn_cli.sweep.store import LOCK_FILE, SweepStore
+from deconcnn_cli.sweep.store import LOCK_FILE, SweepLockError, SweepStore
 
 FORCE_GRID = "grid"  # `--force grid`: adopt a changed grid for an existing sweep root
 DEFAULT_RESOURCES = {"slurm": "rtx8000", "local": "local"}
@@ -56,6 +59,8 @@ def decide(
         return False, "completed"
     if view.state == contract.DIVERGED:
         return False, "diverged (a result, never retried)"
+    if view.state == contract.UNREADABLE:
+        return False, f"unreadable ({view.reason}): a person must look"
     if view.state == contract.RUNNING:
         return False, f"live (heartbeat {view.heartbeat_age_s or 0:.0f} s ago)"
     if queued_in is not None:
@@ -71,6 +76,12 @@ def decide(
     if view.state == contract.STALLED:
         return True, f"stalled at step {view.step} (no live job): resumes"
     return True, "new"
+
+
+def _absent(run_dir: Path) -> contract.RunView:
+    """The view of a run that has no directory (what view_run would say, without asking)."""
+    return contract.RunView(run_dir, run_dir.name, contract.MISSING, None, 0, None, 0.0,
+                            None, 0, None, {})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -159,7 +170,7 @@ def _with_data_dir(run: GridRun, resources: ResourceProfile) -> GridRun:
     cfg = RunConfig.model_validate(
         {**run.config.model_dump(mode="json"), "data": data.model_dump(mode="json")}
     )
-    return GridRun(run.run_id, run.variant, run.lr, run.weight_decay, run.seed, cfg)
+    return GridRun(run.run_id, run.variant, run.lr, run.weight_decay, run.seed, cfg, run.identity)
 
 
 def _data_problems(runs: Iterable[GridRun]) -> list[str]:
@@ -189,9 +200,10 @@ def _spec_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
 
 def _manifest_jobs(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [
-        (sub.get("executor", "slurm"), job)
-        for sub in manifest.get("submissions", [])
-        for job in sub.get("jobs", [])
+        (str(sub.get("executor", "slurm")), {**job, "run_ids": contract.job_run_ids(job)})
+        for sub in contract.submissions(manifest)
+        for job in sub["jobs"]
+        if isinstance(job.get("job_id"), str)
     ]
 
 
@@ -237,11 +249,16 @@ def plan_submit(
             removed = sorted(set(manifest["runs"]) - set(by_id))
             spec_new = spec.model_dump(mode="json")
             change = GridChange(added, removed, _spec_changes(manifest.get("grid_spec"), spec_new))
-    _check_force(spec, sorted(force))
+    _check_force(spec, sorted(force), set(by_id))
     queued = queued_runs(manifest) if manifest else {}
     decisions = []
+    try:  # one listing, so a run without a directory costs no stat calls
+        present = set(os.listdir(store.runs_dir))
+    except OSError:
+        present = set()
     for run in runs:
-        view = contract.view_run(store.run_dir(run.run_id), now)
+        run_dir = store.run_dir(run.run_id)
+        view = contract.view_run(run_dir, now) if run.run_id in present else _absent(run_dir)
         ok, why = decide(
             view,
             queued_in=queued.get(run.run_id),
@@ -300,7 +317,9 @@ def submit_grid(
     Bad input (unknown grid or profile, no SLURM, a changed grid without ``--force grid``,
     missing data) raises before anything is written.
     """
+    store.check_folder()
     spec = load_grid(grid)
+    check_grid_size(spec)  # counted from the axes, before anything is built or asked
     executor, profile = resolve_executor(executor, resources)
     force = list(force)
     if dry_run:
@@ -332,6 +351,12 @@ def submit_grid(
             if not plan.to_submit:
                 return SubmitResult(plan, None)
             return _submit_groups(store, manifest, plan, reason="submit")
+    except SweepLockError:
+        # a root that cannot be locked (read-only) still answers when there is nothing to do
+        plan = plan_submit(store, spec, executor, profile, retry_failed=retry_failed, force=force)
+        if plan.to_submit or plan.change is not None or not store.exists():
+            raise
+        return SubmitResult(plan, None)
     except DeconError:
         only_lock = store.root.is_dir() and all(p.name == LOCK_FILE for p in store.root.iterdir())
         if created and only_lock:  # leave no trace of a refused first submit
@@ -339,8 +364,10 @@ def submit_grid(
         raise
 
 
-def _check_force(spec: GridSpec, force: list[str]) -> None:
-    ids = {r.run_id for r in expand_grid_runs(spec)}
+def _check_force(spec: GridSpec, force: list[str], ids: set[str] | None = None) -> None:
+    if not set(force) - {FORCE_GRID}:
+        return  # nothing to look up: the grid is not expanded for it
+    ids = ids if ids is not None else {r.run_id for r in expand_grid_runs(spec)}
     unknown = sorted(set(force) - ids - {FORCE_GRID})
     if unknown:
         raise SweepError(
@@ -438,10 +465,17 @@ def submit_runs(
     decisions, runs = [], {}
     for rid in run_ids:
         entry = manifest["runs"][rid]
-        cfg = RunConfig.model_validate(entry["config"])
-        runs[rid] = GridRun(
-            rid, entry["variant"], entry["lr"], entry["weight_decay"], entry["seed"], cfg
-        )
+        try:
+            cfg = RunConfig.model_validate(entry["config"])
+            runs[rid] = GridRun(
+                rid, entry["variant"], entry["lr"], entry["weight_decay"], entry["seed"], cfg
+            )
+        except (KeyError, TypeError, ValidationError) as exc:
+            raise SweepError(
+                f"{store.manifest_path}: run {rid} is not a whole run entry "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0]})",
+                "restore sweep.json, or submit the grid again (decon submit --grid NAME)",
+            ) from None
         ok, why = decide(
             contract.view_run(store.run_dir(rid)), queued_in=queued.get(rid), forced=True
         )

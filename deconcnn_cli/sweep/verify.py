@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from deconcnn_cli import contract
+from deconcnn_cli.contract import job_run_ids, submissions
 from deconcnn_cli.sweep.observe import load_sweep
 
 # ---- exit codes of `decon verify` (docs/cluster.md)
@@ -37,6 +38,7 @@ EXIT_VERIFIED = 0  # complete and clean
 EXIT_PROBLEMS = 1  # at least one problem, each listed with its run and file
 # bad input (not a sweep root): DeconError's exit code 2, as every command
 
+MAX_CHECKED_STEPS = 10**8  # a config.json claiming more steps is refused as unreadable
 SUMMARY_FIELDS = (
     "state",
     "steps_done",
@@ -107,6 +109,8 @@ def expected_steps(config: dict[str, Any], steps_per_epoch: int) -> dict[str, li
     """Every stream's row steps for a whole run of ``config`` (a resolved RunConfig dict)."""
     spe = steps_per_epoch
     epochs = int(config["schedule"]["epochs"])
+    if not 1 <= epochs * spe <= MAX_CHECKED_STEPS:
+        raise ValueError(f"{epochs} epochs x {spe} steps is not a run verify can check")
     cad = config["cadence"]
     total = epochs * spe
     vals = val_positions(spe, int(cad["val_per_epoch"]))
@@ -272,11 +276,15 @@ def _check_stream(
     return out
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path) -> str | None:
+    """The file's SHA-256, or None when it cannot be read (a directory, no permission)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return None
     return h.hexdigest()
 
 
@@ -286,8 +294,8 @@ def _checkpoint_problems(run_id: str, run_dir: Path, final_step: int | None) -> 
     for ckpt in sorted(folder.glob("ckpt_*.pt")):
         rel = f"{contract.CHECKPOINT_DIR}/{ckpt.name}"
         try:
-            expected = ckpt.with_suffix(".sha256").read_text().split()[0]
-        except (OSError, IndexError):
+            expected = ckpt.with_suffix(".sha256").read_bytes().decode().split()[0]
+        except (OSError, IndexError, UnicodeDecodeError):
             out.append(Problem(run_id, rel, "checksum", "no readable .sha256 beside it"))
             continue
         if _sha256(ckpt) != expected:
@@ -310,6 +318,8 @@ def verify_run(run_dir: Path, run_id: str | None = None) -> tuple[str, list[Prob
     if not run_dir.is_dir():
         return contract.MISSING, [Problem(run_id, None, "missing_run", f"no directory {run_dir}")]
     view = contract.view_run(run_dir)
+    if view.unreadable is not None:  # judged from other evidence: say so, check no further
+        return view.state, [Problem(run_id, contract.STATUS_FILE, "unreadable", view.reason or "")]
     if view.state not in contract.TERMINAL_STATES:
         why = f" ({view.reason})" if view.reason else ""
         return view.state, [
@@ -317,31 +327,54 @@ def verify_run(run_dir: Path, run_id: str | None = None) -> tuple[str, list[Prob
         ]
     record = contract.read_config(run_dir)
     spe = view.status.get("steps_per_epoch")
-    if not record or "config" not in record or not isinstance(spe, int) or spe < 1:
-        what = "config.json" if not record or "config" not in record else "steps_per_epoch"
+    config = (record or {}).get("config")
+    if not isinstance(config, dict) or not isinstance(spe, int) or spe < 1:
+        what = "config.json" if not isinstance(config, dict) else "steps_per_epoch"
         return view.state, [Problem(run_id, contract.CONFIG_FILE, "unreadable", f"no {what}")]
+    try:
+        expected = expected_steps(config, spe)
+    except (KeyError, TypeError, ValueError, OverflowError, ZeroDivisionError) as exc:
+        msg = f"config has no usable schedule/cadence ({type(exc).__name__}: {exc})"
+        return view.state, [Problem(run_id, contract.CONFIG_FILE, "unreadable", msg)]
     problems: list[Problem] = []
     if record.get("run_id") not in (None, run_id):
         problems.append(
-            Problem(run_id, contract.CONFIG_FILE, "foreign", f"holds run {record['run_id']}")
+            Problem(run_id, contract.CONFIG_FILE, "foreign", f"holds run {record['run_id']!r}")
         )
     diverged = view.state == contract.DIVERGED
     summary = contract.read_summary(run_dir)
     diverged_at = None
     if diverged:
         done = (summary or {}).get("steps_done", view.step)
-        diverged_at = int(done) - 1
+        done = done if isinstance(done, int) and not isinstance(done, bool) else view.step
+        diverged_at = done - 1
+    events, bad_events = contract.read_jsonl_checked(run_dir / contract.EVENTS_FILE)
+    _, bad_attempts = contract.read_jsonl_checked(run_dir / contract.ATTEMPTS_FILE)
+    for name, bad in ((contract.EVENTS_FILE, bad_events), (contract.ATTEMPTS_FILE, bad_attempts)):
+        if bad:
+            msg = f"{len(bad)} line(s) not a JSON object, skipped: line {bad[0]}"
+            problems.append(Problem(run_id, name, "bad_line", msg))
     warned = {
         int(ev["step"])
-        for ev in contract.read_events(run_dir)
+        for ev in events
         if ev.get("level") == "warning" and isinstance(ev.get("step"), int)
     }
-    expected = expected_steps(record["config"], spe)
     for name in contract.STREAMS:
         path = contract.stream_path(run_dir, name)
         if not expected[name] and not path.exists():
             continue
         problems += _check_stream(run_id, name, path, expected[name], diverged_at, warned)
+        tail = contract.partial_tail(path)
+        if tail:  # a run that ended wrote whole lines only
+            what = "NUL bytes" if not tail.strip(b"\0") else "bytes"
+            problems.append(
+                Problem(
+                    run_id,
+                    f"{contract.METRICS_DIR}/{name}.csv",
+                    "stream_partial",
+                    f"{len(tail)} {what} after the last whole line",
+                )
+            )
     if summary is None:
         problems.append(Problem(run_id, contract.SUMMARY_FILE, "summary", "missing or unreadable"))
     else:
@@ -356,7 +389,7 @@ def verify_run(run_dir: Path, run_id: str | None = None) -> tuple[str, list[Prob
                     run_id,
                     contract.SUMMARY_FILE,
                     "summary",
-                    f"says {summary.get('state')}, status.json says {view.state}",
+                    f"says {summary.get('state')!r}, status.json says {view.state}",
                 )
             )
     final = view.total_steps if view.state == contract.COMPLETED else None
@@ -370,8 +403,8 @@ def _run_versions(manifest: dict[str, Any], run_dir: Path, run_id: str) -> set[s
     if own:
         return own
     subs = set()
-    for sub in manifest.get("submissions") or []:
-        if any(run_id in (j.get("run_ids") or []) for j in sub.get("jobs") or []):
+    for sub in submissions(manifest):
+        if any(run_id in job_run_ids(j) for j in sub["jobs"]):
             subs.add(str(sub.get("code_version") or manifest.get("code_version") or "unknown"))
     return subs
 

@@ -166,3 +166,44 @@ def test_grid_module_imports_no_torch():
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def _huge_grid(tmp_path: Path) -> Path:
+    """The issue's 5.5 KB grid: 200 lr x 200 weight decay x 250 seeds = 10^7 runs."""
+    lr = ", ".join(f"{0.001 * (i + 1):g}" for i in range(200))
+    wd = ", ".join(f"{1e-6 * (i + 1):g}" for i in range(200))
+    seeds = ", ".join(str(i) for i in range(250))
+    path = tmp_path / "huge.toml"
+    path.write_text(
+        f'name = "huge"\nvariants = ["base", "adamw"]\n[axes]\nlr = [{lr}]\n'
+        f"weight_decay = [{wd}]\nseed = [{seeds}]\n[variant_axes.adamw]\nseed = [0]\n"
+    )
+    return path
+
+
+def test_a_huge_grid_is_counted_not_expanded(tmp_path):
+    import time
+
+    from deconcnn_cli.sweep.grid import MAX_GRID_RUNS, count_grid_runs
+
+    spec = load_grid(str(_huge_grid(tmp_path)))
+    assert count_grid_runs(spec) == {"base": (200, 200, 250), "adamw": (200, 200, 1)}
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        expand_grid_runs(spec)
+    assert time.perf_counter() - start < 1.0
+    msg = err.value.message
+    assert f"10,040,000 runs, over the limit of {MAX_GRID_RUNS:,}" in msg
+    assert "base: lr 200 x weight_decay 200 x seed 250 = 10,000,000" in msg
+    assert "adamw: lr 200 x weight_decay 200 x seed 1 = 40,000" in msg
+
+
+def test_submit_refuses_a_huge_grid_with_error_and_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from deconcnn_cli.cli import app
+
+    args = ["submit", "--grid", str(_huge_grid(tmp_path)), "--executor", "local"]
+    result = CliRunner().invoke(app, [*args, "--root", str(tmp_path / "s"), "--dry-run"])
+    assert result.exit_code == 2 and "error: grid huge has 10,040,000 runs" in result.output
+    assert not (tmp_path / "s").exists()

@@ -122,6 +122,7 @@ def test_counts_states_and_causes(sweep: tuple[Path, Path]) -> None:
         "failed": 3,
         "stalled": 2,
         "missing": 1,
+        "unreadable": 0,
     }
     # one batched query per refresh, every job of the sweep in it
     assert out["scheduler"]["calls"] == 2 and not out["scheduler"]["from_cache"]

@@ -104,6 +104,30 @@ def test_cache_is_shared_until_its_ttl(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert (root / ".scheduler_cache.json").is_file()
 
 
+@pytest.mark.parametrize(
+    "cache",
+    [
+        '{"time_unix": 1e18, "query_ids": "57", "records": {}}',
+        '{"time_unix": 1e18, "query_ids": [["5"]], "records": {}}',
+        '{"time_unix": 1e18, "query_ids": ["5", "7"], "records": {"7": {"bogus": 1}}}',
+        '{"time_unix": 1e18, "query_ids": ["5", "7"], "records": {"7": "RUNNING"}}',
+        '{"time_unix": 1e18, "query_ids": ["5", "7"], "records": [1]}',
+        '{"time_unix": 1e18, "query',
+    ],
+)
+def test_a_broken_cache_is_a_stale_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cache: str
+) -> None:
+    """A cache file with the wrong types is not an answer: the scheduler is asked again."""
+    calls = install_fake_scheduler(monkeypatch, tmp_path / "bin", squeue=SQUEUE, sacct=SACCT)
+    root = tmp_path / "sweep"
+    root.mkdir()
+    (root / ".scheduler_cache.json").write_text(cache)
+    snap = S.scheduler_snapshot(root, ["5", "7"])
+    assert not snap.from_cache and snap.records["7"].state == "TIMEOUT"
+    assert len(calls_made(calls)) == 2
+
+
 def test_no_slurm_jobs_no_calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls = install_fake_scheduler(monkeypatch, tmp_path / "bin", squeue=SQUEUE, sacct=SACCT)
     snap = S.scheduler_snapshot(tmp_path, [])

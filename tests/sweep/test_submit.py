@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from deconcnn_cli import contract
-from deconcnn_cli.errors import SweepError
+from deconcnn_cli.errors import ConfigError, SweepError
 from deconcnn_cli.sweep import executors
 from deconcnn_cli.sweep.grid import expand_grid_runs, grid_hash, load_grid, load_resources
 from deconcnn_cli.sweep.store import SweepStore
@@ -142,15 +142,64 @@ def test_plan_chunks_every_array_below_max_array_size(tmp_path, monkeypatch):
     assert not (tmp_path / "s").exists()
 
 
-def test_golden_sbatch():
-    text = executors.sbatch_text(
-        load_resources("rtx8000"), Path("/ROOT/jobs/%j"), 100, "decon-loss_lin_slope"
-    ).replace(sys.executable, "<python>")
+HOSTILE_DIR = "a b'c$(touch pwned)"  # a space, a quote and a command substitution
+
+
+def test_golden_sbatch(tmp_path, monkeypatch):
+    """The script submitit really writes (captured by a fake ``sbatch`` on PATH) for a sweep
+    root holding a space, a quote and ``$(...)``: every directive comes before the first
+    command (sbatch stops reading them there), and running its command line hands ``srun``
+    the folder as one argument without running anything in it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    capture, argv = tmp_path / "captured.sbatch", tmp_path / "srun_argv"
+    for name, body in (
+        ("sbatch", f'for a; do last="$a"; done\ncp "$last" "{capture}"\n'
+                   'echo "Submitted batch job 4242"\n'),
+        ("srun", f'for a; do printf "%s\\n" "$a"; done > "{argv}"\n'),
+    ):  # fmt: skip
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    root = tmp_path / HOSTILE_DIR / "root"
+    resources = load_resources("rtx8000").model_copy(update={"max_array_size": 100})
+    groups = [[f"r{2 * i}", f"r{2 * i + 1}"] for i in range(100)]
+    jobs, error = executors.submit_slurm(
+        SweepStore(root), groups, resources, "decon-loss_lin_slope"
+    )
+    assert error is None and jobs[0]["job_id"] == "4242_0" and len(jobs) == 100
+    script = capture.read_text()
+    text = script.replace(str(tmp_path), "<TMP>").replace(sys.executable, "<python>")
     golden = GOLDEN / "rtx8000.sbatch"
     if os.environ.get("DECON_UPDATE_GOLDEN"):
-        golden.parent.mkdir(exist_ok=True)
         golden.write_text(text)
     assert text == golden.read_text()
+    lines = script.splitlines()
+    first_command = next(i for i, ln in enumerate(lines[1:], 1) if ln and not ln.startswith("#"))
+    directives = {ln.split("=")[0] for ln in lines[:first_command] if ln.startswith("#SBATCH")}
+    assert {"#SBATCH --partition", "#SBATCH --requeue", "#SBATCH --signal", "#SBATCH --time"} <= (
+        directives
+    )
+    assert not any(ln.startswith("#SBATCH") for ln in lines[first_command:])
+    subprocess.run(["bash", str(capture)], cwd=tmp_path, check=True, env={**os.environ})
+    assert argv.read_text().splitlines()[-1] == f"{root}/jobs/%j"
+    assert not list(tmp_path.rglob("pwned"))
+
+
+@pytest.mark.parametrize("field", ["partition", "account", "qos", "gres"])
+@pytest.mark.parametrize("value", ["gpu\ntouch /tmp/x", "a b", "gpu'", "$(id)", 'g"'])
+def test_hostile_profile_strings_are_refused(tmp_path, field, value):
+    path = tmp_path / "hostile.toml"
+    path.write_text(f'executor = "slurm"\n{field} = {json.dumps(value)}\n')
+    with pytest.raises(ConfigError, match=rf"{path}: {field}: String should match pattern"):
+        load_resources(str(path))
+
+
+def test_a_root_with_a_newline_is_refused(tmp_path):
+    root = tmp_path / "sweep\ntouch pwned"
+    proc = run_cli("submit", "--grid", "demo", "--executor", "local", "--root", str(root))
+    assert proc.returncode == 2 and "error: sweep root" in proc.stderr
+    assert "control character" in proc.stderr and not root.exists()
 
 
 def test_no_slurm_is_an_error_with_a_hint_and_writes_nothing(tmp_path):
