@@ -35,13 +35,19 @@ exit 0
 STARTS = 'touch "$CUDA_MPS_PIPE_DIRECTORY/control"; exit 0'
 
 
-def install_fake_mps(monkeypatch, bin_dir: Path, start: str = STARTS) -> Path:
+def write_fake_mps(bin_dir: Path, start: str = STARTS) -> Path:
+    """The fake control program in ``bin_dir``; returns its call log."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     log = bin_dir / "mps.log"
     log.touch()
     script = bin_dir / mps.CONTROL
     script.write_text(FAKE.format(log=log, start=start))
     script.chmod(0o755)
+    return log
+
+
+def install_fake_mps(monkeypatch, bin_dir: Path, start: str = STARTS) -> Path:
+    log = write_fake_mps(bin_dir, start)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv(mps.PIPE_ENV, raising=False)
     return log

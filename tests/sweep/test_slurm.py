@@ -25,6 +25,7 @@ from deconcnn_cli.sweep.grid import expand_grid_runs, load_grid
 from deconcnn_cli.sweep.store import SweepStore
 from deconcnn_cli.sweep.submit import wait_done
 from tests.conftest import REPO
+from tests.sweep.test_mps import write_fake_mps
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -180,7 +181,8 @@ def test_a_job_at_its_time_limit_requeues_and_both_runs_resume_exactly(tmp_path)
     grid = tmp_path / "requeue.toml"
     grid.write_text(REQUEUE_GRID)
     resources = tmp_path / "ten_minutes.toml"
-    resources.write_text(TEN_MINUTES)
+    resources.write_text(TEN_MINUTES + "mps = true\n")  # each attempt starts its own daemon
+    mps_log = write_fake_mps(tmp_path / "bin")  # a fake control program, on the jobs' PATH
     first = expand_grid_runs(load_grid(str(grid)))[0]
     reference = SweepStore(tmp_path / "reference").write_run_config(first.config)
     ref = subprocess.Popen(
@@ -191,6 +193,7 @@ def test_a_job_at_its_time_limit_requeues_and_both_runs_resume_exactly(tmp_path)
     root = tmp_path / "sweep"
     release = tmp_path / "release"  # created only on the way out
     held = {**ENV, contract.HOLD_ENV: f"{HOLD_AT_STEPS}:{release}"}
+    held["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{held['PATH']}"  # sbatch exports it
     out = subprocess.run(_submit_cmd(root, str(grid), str(resources)), capture_output=True,
                          text=True, env=held, cwd=REPO, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -221,6 +224,15 @@ def test_a_job_at_its_time_limit_requeues_and_both_runs_resume_exactly(tmp_path)
     assert sa is not None and sb is not None
     assert sa.pop("attempts") >= 2 and sb.pop("attempts") == 1
     assert sa == sb
+    # MPS: every attempt of the job started a daemon of its own, quit it on the timeout's
+    # requeue and at the end; both runs of every attempt ran under it
+    calls = [line.split() for line in mps_log.read_text().splitlines()]
+    starts = [c[1] for c in calls if c[0] == "-d"]
+    quits = [c[1] for c in calls if c[0] == "quit"]
+    assert len(starts) >= 2 and sorted(starts) == sorted(quits), calls
+    assert len(set(starts)) == len(starts)  # a private pipe directory per attempt
+    for rid in job["run_ids"]:
+        assert all(a.get("mps") is True for a in contract.read_attempt_starts(store.run_dir(rid)))
 
 
 def test_an_unknown_partition_is_refused_before_anything_is_written(tmp_path):
