@@ -239,7 +239,7 @@ class RunGroup:
         def handler(signum: int, frame: Any) -> None:
             seen.append(signum)
             for child in self._children:
-                if child.proc.poll() is None:
+                if child is not None and child.proc.poll() is None:  # None: not started
                     with contextlib.suppress(ProcessLookupError):
                         child.proc.send_signal(signal.SIGTERM)
             if callable(previous):
