@@ -19,20 +19,15 @@ Three rules (docs/data-dictionary.md, "Replacing an export"):
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import json
 import os
 import re
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from deconcnn_cli import contract
+from deconcnn_cli import contract, locking
 from deconcnn_cli.export.files import ExportError
 
 MARK_FILE = ".decon_export.json"
@@ -40,7 +35,6 @@ WRITER = "decon export"
 MARK_VERSION = 1
 SWEEP_MANIFEST = "sweep.json"  # docs/sweep-root.md: what makes a folder a sweep root
 LOCK_TIMEOUT_S = 600.0  # how long a second export of the same output waits for the first
-_STALE_EXCL_S = 3600.0  # an exclusive-create lock this old, its holder dead on this host
 _STAGING, _ASIDE = "staging", "old"
 
 
@@ -169,27 +163,11 @@ def output_lock(out: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
             f"check that {out.parent} is writable",
         ) from None
     try:
-        try:
-            _flock_wait(fd, path, timeout_s)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            with _excl_lock(path.with_name(path.name + ".excl"), timeout_s):
-                yield
-            return
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, _holder().encode(), 0)
-        try:
+        excl = path.with_name(path.name + ".excl")
+        with locking.hold(fd, path, excl, timeout_s, _busy):
             yield
-        finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
-
-
-def _holder() -> str:
-    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
 
 
 def _busy(path: Path, holder: str) -> ExportError:
@@ -197,60 +175,6 @@ def _busy(path: Path, holder: str) -> ExportError:
         f"another export of the same output holds {path} ({holder or 'unknown holder'})",
         "wait for it to finish, then run again (nothing was written)",
     )
-
-
-def _flock_wait(fd: int, path: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise _busy(path, os.pread(fd, 200, 0).decode(errors="replace").strip()) from None
-            time.sleep(0.1)
-
-
-@contextlib.contextmanager
-def _excl_lock(path: Path, timeout_s: float) -> Iterator[None]:
-    """Where ``flock`` is refused (some NFS mounts): a file created exclusively, holding its
-    holder; one left by a dead process on this host is taken over after ``_STALE_EXCL_S``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            break
-        except FileExistsError:
-            held = contract.read_json(path) or {}
-            stale = time.time() - float(held.get("since") or 0) > _STALE_EXCL_S
-            if stale and held.get("host") == socket.gethostname() and not _alive(held.get("pid")):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                continue
-            if time.monotonic() >= deadline:
-                raise _busy(path, json.dumps(held)) from None
-            time.sleep(0.5)
-    try:
-        os.write(fd, _holder().encode())
-    finally:
-        os.close(fd)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---------------------------------------------------------------------------------------------

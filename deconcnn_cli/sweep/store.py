@@ -9,16 +9,13 @@ is written atomically, so concurrent ``submit``/``recover`` calls never lose or 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import json
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from deconcnn_cli import locking
 from deconcnn_cli.config import RunConfig, identity_dict, prepare_run_dir, run_id
 from deconcnn_cli.contract import atomic_write_json, manifest_name_problem, read_json
 from deconcnn_cli.errors import SweepError
@@ -31,7 +28,6 @@ RUNS_DIR = "runs"
 JOBS_DIR = "jobs"
 SCHEDULER_CACHE_FILE = ".scheduler_cache.json"
 LOCK_TIMEOUT_S = 600.0  # how long a second submit waits for the first one to finish
-_FALLBACK_STALE_S = 3600.0  # an exclusive-create lock older than this with a dead holder
 
 
 class SweepLockError(SweepError):
@@ -168,88 +164,19 @@ class SweepStore:
                 "verify, export and recover --dry-run only read)",
             ) from None
         try:
-            try:
-                _flock_wait(fd, path, timeout_s)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                with _excl_lock(self.root / (LOCK_FILE + ".excl"), timeout_s):
-                    yield
-                return
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, _holder().encode(), 0)
-            try:
+            excl = self.root / (LOCK_FILE + ".excl")
+            with locking.hold(fd, path, excl, timeout_s, _lock_busy):
                 yield
-            finally:
-                os.ftruncate(fd, 0)
-                fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
 
 
-def _holder() -> str:
-    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
-
-
-def _flock_wait(fd: int, path: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-                raise SweepError(
-                    f"{path} is held by another decon ({holder or 'unknown holder'})",
-                    "wait for that submit/recover to finish, then run again",
-                ) from None
-            time.sleep(0.2)
-
-
-@contextlib.contextmanager
-def _excl_lock(path: Path, timeout_s: float) -> Iterator[None]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            held = read_json(path) or {}
-            stale = time.time() - float(held.get("since") or 0) > _FALLBACK_STALE_S
-            dead = held.get("host") == socket.gethostname() and not _pid_alive(held.get("pid"))
-            if stale and dead:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                continue
-            if time.monotonic() >= deadline:
-                raise SweepError(
-                    f"{path} is held by {held or 'an unknown process'}",
-                    f"if that process is gone, delete {path} and run again",
-                ) from None
-            time.sleep(0.5)
-            continue
-        try:
-            os.write(fd, _holder().encode())
-        finally:
-            os.close(fd)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        return
-
-
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _lock_busy(path: Path, holder: str) -> SweepError:
+    return SweepError(
+        f"{path} is held by another decon ({holder or 'unknown holder'})",
+        f"wait for that submit/recover to finish, then run again (if its process is gone, "
+        f"delete {path})",
+    )
 
 
 def manifest_diff(old: dict[str, Any], new_runs: dict[str, dict]) -> tuple[list[str], list[str]]:

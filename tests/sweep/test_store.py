@@ -112,12 +112,12 @@ def test_lock_excludes_a_second_holder_until_released(tmp_path):
 def test_lock_falls_back_to_an_exclusive_file_where_flock_is_refused(tmp_path, monkeypatch):
     import errno
 
-    from deconcnn_cli.sweep import store as store_mod
+    from deconcnn_cli import locking
 
-    def no_flock(fd, path, timeout_s):
+    def no_flock(fd, path, timeout_s, busy):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(store_mod, "_flock_wait", no_flock)
+    monkeypatch.setattr(locking, "flock_wait", no_flock)
     excl = tmp_path / (LOCK_FILE + ".excl")
     with SweepStore(tmp_path).lock():
         assert json.loads(excl.read_text())["pid"] == os.getpid()
