@@ -39,6 +39,7 @@ runs, projected 50-epoch run < 30 min, memory within the 48 GB card, metrics <= 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -146,15 +147,20 @@ def _same(a: Path, b: Path) -> dict[str, bool]:
     return out
 
 
+@functools.cache
+def _n_val() -> int:
+    """The checks' validation size (the same data for every run: built once)."""
+    from _common import tiled_digits
+
+    return tiled_digits(_cfg("base", 200), n_train=128).n_val
+
+
 def _projection(run_dir: Path) -> dict[str, float]:
     """A 50-epoch CIFAR run at the protocol's cadences from this run's own costs: the same
     projection as ``decon validate`` (``sweep.validate.project_protocol_run``)."""
-    from _common import tiled_digits
-
     from deconcnn_cli.sweep.validate import project_protocol_run
 
-    n_val = tiled_digits(_cfg("base", 200), n_train=128).n_val
-    return project_protocol_run(run_dir, n_val) or {}
+    return project_protocol_run(run_dir, _n_val()) or {}
 
 
 def check_variant(

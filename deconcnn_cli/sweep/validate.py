@@ -137,6 +137,14 @@ GPU_CRITERIA = (
 )
 
 
+def _number(value: object) -> float:
+    """``value`` as a finite, non-negative float; 0.0 for anything else (bool included)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    v = float(value)
+    return v if math.isfinite(v) and v > 0 else 0.0
+
+
 def project_protocol_run(run_dir: Path, val_images: int) -> dict[str, float] | None:
     """One 50-epoch protocol run's wall time, from a short run's own measured costs.
 
@@ -147,20 +155,25 @@ def project_protocol_run(run_dir: Path, val_images: int) -> dict[str, float] | N
     then multiplied by the counts of ``PROTOCOL_RUN``. The curvature's mean includes the
     cold evaluation at step 0 (an upper bound for the 35 warm ones). None before a timing.
     """
-    status = contract.read_json(run_dir / contract.STATUS_FILE) or {}
-    timing, steps = status.get("timing") or {}, int(status.get("step") or 0)
-    if not timing or steps < 1 or not timing.get("wall_s"):
+    status = contract.read_json(run_dir / contract.STATUS_FILE)
+    raw = status.get("timing") if isinstance(status, dict) else None
+    if not isinstance(raw, dict):
+        return None
+    # a number or 0.0: a damaged status.json never crashes the projection
+    timing = {k: _number(v) for k, v in raw.items()}
+    steps = int(_number(status.get("step")))
+    if steps < 1 or timing.get("wall_s", 0.0) <= 0:
         return None
     rows = {
         k: len(contract.read_stream(contract.stream_path(run_dir, k)))
         for k in ("curvature", "noise", "shape", "val")
     }
     timed = ("curvature", "noise", "shape", "validation", "checkpoint")
-    train_s = timing["wall_s"] - sum(float(timing.get(f"{k}_s") or 0.0) for k in timed)
-    n_ckpt = int(timing.get("checkpoints") or 0)
+    train_s = timing["wall_s"] - sum(timing.get(f"{k}_s", 0.0) for k in timed)
+    n_ckpt = int(timing.get("checkpoints", 0.0))
 
     def per(key: str, n: int) -> float:
-        return float(timing.get(f"{key}_s") or 0.0) / n if n else 0.0
+        return timing.get(f"{key}_s", 0.0) / n if n else 0.0
 
     p = PROTOCOL_RUN
     cost = {

@@ -348,10 +348,11 @@ class _Run:
         self.model = build_model(cfg.model, self.splits.num_classes).to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        # fused on CUDA, chosen at the first start and kept for every attempt (status.json)
-        stored_fused = writer.status.get("optimizer_fused")
-        self.fused = bool(stored_fused) if stored_fused is not None else self.device.type == "cuda"
-        self.fused = self.fused and self.device.type == "cuda"
+        # fused on CUDA, chosen at the first start and kept for every attempt: the resumed
+        # checkpoint's choice (its optimizer state is of that kind), else a fresh one
+        stored_fused = (checkpoint or {}).get("optimizer_fused")
+        fresh = self.device.type == "cuda"
+        self.fused = fresh and (stored_fused if isinstance(stored_fused, bool) else fresh)
         self.optimizer = build_optimizer(cfg, self.model, fused=self.fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, warmup_steps=warmup, total_steps=total)
@@ -367,8 +368,10 @@ class _Run:
         self.buf_loss: list[torch.Tensor] = []  # 0-d device tensors: no sync per step
         self.buf_correct: list[torch.Tensor] = []
         self.buf_skipped: list[torch.Tensor] = []  # fp16: 1 where GradScaler skipped the step
-        self.skipped_in_a_row = int(writer.status.get("skipped_in_a_row") or 0)
-        self.skipped_total = int(writer.status.get("skipped_steps") or 0)
+        # fp16 skip counters as of the resumed checkpoint (replayed steps are counted again)
+        counters = (checkpoint or {}).get("skip_counters") or {}
+        self.skipped_in_a_row = int(counters.get("in_a_row", 0))
+        self.skipped_total = int(counters.get("total", 0))
         self.diverged_reason: str | None = None
         self.buf_rows: list[dict[str, Any]] = []  # host-known fields of the buffered steps
         self.t_block, self.steps_block = time.perf_counter(), 0
@@ -613,6 +616,8 @@ class _Run:
             "analysis": self.analysis_state,
             "config": self.cfg.model_dump(mode="json"),
             "precision": self.prec.name,
+            "optimizer_fused": self.fused,
+            "skip_counters": {"total": self.skipped_total, "in_a_row": self.skipped_in_a_row},
         }
         save_checkpoint(self.run_dir, next_step, state)
         self.last_checkpoint_step = next_step

@@ -131,6 +131,28 @@ def test_projection_of_a_protocol_run_from_the_short_runs_own_costs(probe: v.Pro
     assert got["projected_min"] == pytest.approx((rest + metrics) / 60)
 
 
+@pytest.mark.parametrize(
+    "timing",
+    [None, "abc", [], {"wall_s": "12.5"}, {"wall_s": float("nan")}, {"wall_s": True}],
+)
+def test_a_damaged_timing_gives_no_projection(tmp_path: Path, timing: object):
+    """A status.json whose timing has the wrong types: no projection, never a traceback."""
+    (tmp_path / "status.json").write_text(json.dumps({"step": 14, "timing": timing}))
+    assert v.project_protocol_run(tmp_path, 100) is None
+
+
+def test_wrong_typed_action_times_count_as_zero(probe: v.ProbeResult):
+    path = probe.run_dir / "status.json"
+    status = json.loads(path.read_text())
+    good = v.project_protocol_run(probe.run_dir, probe.n_val)
+    status["timing"]["noise_s"] = "fast"
+    status["timing"]["checkpoints"] = None
+    path.write_text(json.dumps(status))
+    got = v.project_protocol_run(probe.run_dir, probe.n_val)
+    assert got["noise_s"] == 0.0 and got["checkpoint_s"] == 0.0
+    assert got["step_s"] >= good["step_s"]  # the noise time is no longer subtracted
+
+
 def test_gpu_criteria_pass_warn_and_fail(probe: v.ProbeResult):
     """The rules, on a real short run's files standing in for two runs on one card."""
     two = [dataclasses.replace(probe, cuda_peak_reserved_gb=10.0, cuda_context_gb=0.5)] * 2

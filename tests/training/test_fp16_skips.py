@@ -6,6 +6,7 @@ injected into chosen steps by a hook."""
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,14 @@ class ScaledFp32(Precision):
         return contextlib.nullcontext()
 
 
-def _run(tmp_path: Path, monkeypatch, bad_steps: set[int] | None, every_from: int | None = None):
+def _run(
+    tmp_path: Path,
+    monkeypatch,
+    bad_steps: set[int] | None,
+    every_from: int | None = None,
+    stops: tuple[int | None, ...] = (None,),
+    tamper: bool = False,
+):
     cfg = load_run_config(
         variant="base",
         profiles=["smoke"],
@@ -62,7 +70,12 @@ def _run(tmp_path: Path, monkeypatch, bad_steps: set[int] | None, every_from: in
     monkeypatch.setattr(loop, "build_model", build)
     run_dir = tmp_path / "run"
     prepare_run_dir(cfg, run_dir)
-    result = loop.train_run(cfg, run_dir, threads=1)
+    for i, stop in enumerate(stops):  # each a new attempt, resumed from the last checkpoint
+        if i and tamper:  # between attempts, someone edits status.json's counters
+            status = read_json(run_dir / "status.json")
+            status.update(skipped_steps="abc", skipped_in_a_row=[1], optimizer_fused="no")
+            (run_dir / "status.json").write_text(json.dumps(status))
+        result = loop.train_run(cfg, run_dir, threads=1, stop_after_steps=stop)
     return result, read_json(run_dir / "status.json"), read_jsonl(run_dir / "events.jsonl")
 
 
@@ -74,6 +87,14 @@ def test_skipped_steps_are_recorded_with_the_scale(tmp_path, monkeypatch):
     assert skips[-1]["loss_scale"] == 65536.0 / 4  # halved at each of the two skips
     assert status["skipped_steps"] == 2 and status["skipped_in_a_row"] == 0
     assert status["loss_scale"] > 0
+
+
+def test_a_resume_counts_each_skipped_step_once(tmp_path, monkeypatch):
+    """Stopped after step 9 (checkpoint at 10) and resumed: steps 3-4 are not replayed, and
+    the counters come back from the checkpoint, not from a status.json someone can edit."""
+    result, status, _ = _run(tmp_path, monkeypatch, {3, 4}, stops=(10, None), tamper=True)
+    assert result.state == "completed"
+    assert status["skipped_steps"] == 2 and status["skipped_in_a_row"] == 0
 
 
 def test_clean_fp16_run_records_no_skip(tmp_path, monkeypatch):
