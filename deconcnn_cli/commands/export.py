@@ -10,8 +10,6 @@ import typer
 from deconcnn_cli.commands.options import SweepRootOpt
 from deconcnn_cli.commands.render import render_error
 from deconcnn_cli.errors import DeconError
-from deconcnn_cli.export.dataset import export as export_dataset
-from deconcnn_cli.export.dataset import output_paths, verify_problem
 
 
 def export(
@@ -41,6 +39,11 @@ def export(
     ] = True,
 ) -> None:
     """Export every run of a sweep (completed, diverged, failed or missing) as one table."""
+    # imported here: the dataset's analysis settings load scipy, which every other command
+    # (monitor above all) would pay for at start-up
+    from deconcnn_cli.export.dataset import export as export_dataset
+    from deconcnn_cli.export.dataset import output_paths, verify_problem
+
     try:
         data, meta = export_dataset(
             root,
