@@ -524,7 +524,7 @@ def _publish_timeseries(data: Dataset, ts_dir: Path, out: Path, fmt: str) -> Non
     """Build the folder under a unique staging name, mark it, swap it in whole."""
     staging = new_staging(ts_dir)
     try:
-        write_timeseries(data.root, data.rows, staging, fmt)
+        data.warnings += write_timeseries(data.root, data.rows, staging, fmt)
         write_mark(staging, out, data.root)
         swap_in(staging, ts_dir)
     finally:

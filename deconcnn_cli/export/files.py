@@ -114,23 +114,40 @@ def _copy_stream(src: Path, dst: Path) -> None:
     dst.write_bytes(data[:cut])
 
 
-def write_timeseries(root: Path, rows: Iterable[Mapping[str, Any]], folder: Path, fmt: str) -> None:
-    """``folder/<run_id>/<stream>.csv|parquet`` for every run that has a directory."""
+def write_timeseries(
+    root: Path, rows: Iterable[Mapping[str, Any]], folder: Path, fmt: str
+) -> list[str]:
+    """``folder/<run_id>/<stream>.csv|parquet`` for every run that has a directory.
+
+    Only a stream that really lives in its run directory is copied: one that is a link to a
+    file elsewhere (another user's file on a shared filesystem, planted by whoever can write
+    the sweep root) is left out, never read, and named in the returned warnings.
+    """
     pa = require_pyarrow() if fmt == "parquet" else None
+    skipped: list[str] = []
     for row in rows:
         run_dir = root / RUNS_DIR / row["run_id"]
         if row["status"] == contract.MISSING:
             continue
         dest = folder / row["run_id"]
         dest.mkdir(parents=True, exist_ok=True)
+        home = run_dir.resolve()
         for name in contract.STREAMS:
             src = contract.stream_path(run_dir, name)
             if not src.is_file():
+                continue
+            real = src.resolve()
+            if not real.is_relative_to(home):
+                skipped.append(
+                    f"{row['run_id']}: {name} stream {src} links outside its run directory "
+                    f"(to {real}); left out of the time series"
+                )
                 continue
             if pa is None:
                 _copy_stream(src, dest / f"{name}.csv")
             else:
                 _stream_to_parquet(src, dest / f"{name}.parquet", pa)
+    return skipped
 
 
 def _stream_to_parquet(src: Path, dst: Path, pa: Any) -> None:

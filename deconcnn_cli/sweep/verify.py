@@ -359,9 +359,16 @@ def verify_run(run_dir: Path, run_id: str | None = None) -> tuple[str, list[Prob
         for ev in events
         if ev.get("level") == "warning" and isinstance(ev.get("step"), int)
     }
+    home = run_dir.resolve()
     for name in contract.STREAMS:
         path = contract.stream_path(run_dir, name)
         if not expected[name] and not path.exists():
+            continue
+        if path.is_symlink() and not path.resolve().is_relative_to(home):
+            # not the run's data (export leaves it out too): named, never read
+            rel = f"{contract.METRICS_DIR}/{name}.csv"
+            msg = f"links outside the run directory, to {path.resolve()}"
+            problems.append(Problem(run_id, rel, "foreign_link", msg))
             continue
         problems += _check_stream(run_id, name, path, expected[name], diverged_at, warned)
         tail = contract.partial_tail(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -133,6 +134,40 @@ def test_a_symlinked_time_series_folder_is_refused_and_leaves_no_staging(tmp_pat
         _refused(proc, "is a symbolic link")
     assert _tree(target) == {"data.txt": hashlib.sha256(b"keep").hexdigest()}
     assert sorted(p.name for p in out.parent.iterdir()) == ["r_timeseries"]
+
+
+def test_a_stream_linked_outside_its_run_is_never_copied(tmp_path: Path):
+    """A planted link from a run's stream to another user's file: the export leaves the
+    stream out, names it in a warning, and copies nothing of the file; a link that stays
+    inside the run directory is an ordinary stream."""
+    sweep = _sweep(tmp_path / "sweep")
+    secret = tmp_path / "home" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("step,loss\nPRIVATE KEY,1\n")
+    metrics = sweep / "runs" / "r000" / "metrics"
+    (metrics / "step.csv").unlink()
+    (metrics / "step.csv").symlink_to(secret)
+    kept = sweep / "runs" / "r001" / "metrics"
+    (kept / "val.csv").rename(kept / "val_store.csv")
+    (kept / "val.csv").symlink_to("val_store.csv")
+    out = tmp_path / "out" / "r.csv"
+    out.parent.mkdir()
+    proc = run_cli("export", str(out), "--root", str(sweep), "--no-verify")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ts = out.parent / "r_timeseries"
+    assert not (ts / "r000" / "step.csv").exists()
+    assert all("PRIVATE" not in p.read_text() for p in ts.rglob("*.csv"))
+    assert "r000: step stream" in proc.stderr and "links outside its run directory" in proc.stderr
+    meta = read_json(out.parent / "r_metadata.json")
+    assert any("r000: step stream" in w for w in meta["warnings"])
+    assert (ts / "r001" / "val.csv").read_bytes() == (kept / "val_store.csv").read_bytes()
+    assert (ts / "r000" / "val.csv").exists()  # the run's own streams are still there
+    # verify names the link (without reading it) and takes the in-run link as the stream
+    checked = run_cli("verify", "--root", str(sweep), "--json")
+    problems = json.loads(checked.stdout)["problems"]
+    links = [(p["run_id"], p["file"]) for p in problems if p["kind"] == "foreign_link"]
+    assert links == [("r000", "runs/r000/metrics/step.csv")], problems
+    assert not [p for p in problems if p["run_id"] == "r001" and "val" in (p["file"] or "")]
 
 
 def test_outputs_inside_a_sweep_root_only_at_its_top(tmp_path: Path):
