@@ -63,6 +63,10 @@ HUNG = "stalled"  # heartbeat stopped while the job still runs, or with no sched
 HELD = "held"  # JobHeldAdmin / REQUEUE_HOLD: the scheduler waits for a person
 NOT_STARTED = "not_started"  # in the manifest, no directory, no live job
 UNREADABLE_CAUSE = "unreadable"  # status.json unreadable, no other evidence of the outcome
+# a checkpoint refused by the safe load (UnsafeCheckpointError): not transient, someone else
+# wrote it; a rerun would refuse it again, so a person looks (docs/cluster.md)
+UNSAFE_CHECKPOINT = "unsafe_checkpoint"
+UNSAFE_EXCEPTIONS = frozenset({"UnsafeCheckpointError"})
 
 # scheduler end states -> cause
 _JOB_CAUSES = {
@@ -133,6 +137,8 @@ def classify_run(
             return obs(FAILED, OOM_CUDA, f"CUDA out of memory: {reason}")
         if job and job.state == "OUT_OF_MEMORY":
             return obs(FAILED, OOM_CGROUP, f"{_job_text(job)}; run: {reason}")
+        if str(status.get("exception_type") or "") in UNSAFE_EXCEPTIONS:
+            return obs(FAILED, UNSAFE_CHECKPOINT, reason or "a checkpoint failed the safe load")
         return obs(FAILED, EXCEPTION, reason or "failed without a recorded reason")
     if job is not None and job.live:
         if job.held:

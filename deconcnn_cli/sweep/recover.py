@@ -21,6 +21,9 @@ held (JobHeldAdmin)                left for a person: ``scontrol release`` or   
                                    ``scancel`` + recover
 unreadable (status.json)           left for a person (never rerun: it may hold a     -
                                    result)
+unsafe_checkpoint                  left for a person (a checkpoint that failed the   -
+                                   safe load: someone else wrote it; a rerun would
+                                   refuse it again)
 diverged, completed, live runs     nothing: results, or already in hand              -
 =================================  ===============================================  =========
 
@@ -85,6 +88,7 @@ _STRATEGY = {
     C.EXCEPTION: RETRY,
     C.HELD: PERSON,
     C.UNREADABLE_CAUSE: PERSON,
+    C.UNSAFE_CHECKPOINT: PERSON,
 }
 
 
@@ -189,6 +193,13 @@ def _decide(sweep: SweepView, row: RunRow, done: Counter[tuple[str, str]]) -> Ac
         return Action(run_id, cause, WAIT, why, job_id, previous)
     if cause == C.UNREADABLE_CAUSE:
         why = f"{detail}: inspect {sweep.run_dir(run_id) / contract.STATUS_FILE}"
+        return Action(run_id, cause, PERSON, why, job_id, previous)
+    if cause == C.UNSAFE_CHECKPOINT:
+        why = (
+            f"{detail}. Never retried: find out who wrote the file (docs/cluster.md, 'Who may "
+            "write a sweep root'); to resume from the previous checkpoint, delete it and its "
+            ".sha256, then decon recover"
+        )
         return Action(run_id, cause, PERSON, why, job_id, previous)
     if action == PERSON:
         why = f"{detail}: release or cancel the job (scontrol release {job_id})"

@@ -66,6 +66,15 @@ TABLE = [
         ("failed", C.OOM_CUDA),
     ),
     (("failed", FRESH, {"exception_type": "ValueError"}, "FAILED", None), ("failed", C.EXCEPTION)),
+    # a planted checkpoint refused by the safe load: no transient, never retried
+    (
+        ("failed", FRESH, {"exception_type": "UnsafeCheckpointError"}, "FAILED", None),
+        ("failed", C.UNSAFE_CHECKPOINT),
+    ),
+    (
+        ("failed", FRESH, {"exception_type": "UnsafeCheckpointError"}, None, None),
+        ("failed", C.UNSAFE_CHECKPOINT),
+    ),
     (("failed", FRESH, {}, "RUNNING", None), ("failed", C.EXCEPTION)),  # partner still runs
     (("failed", FRESH, {}, "PENDING", None), ("pending", None)),  # resubmitted
     ((None, FRESH, {}, None, None), ("missing", C.NOT_STARTED)),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+from deconcnn_cli.contract import read_json
 from deconcnn_cli.sweep.trust import writable_by_others
 from tests.conftest import run_cli
 from tests.sweep.test_submit import _seed_sweep
@@ -65,3 +67,35 @@ def test_submit_and_recover_warn_about_a_group_writable_root(tmp_path: Path):
         )
         assert str(run) in proc.stderr and f"chmod -R go-w {root}" in proc.stderr
     assert loud[-1].stdout.startswith("{")  # --json stays one JSON document on stdout
+
+
+def test_a_run_failed_on_a_planted_checkpoint_is_left_for_a_person(tmp_path: Path):
+    """UnsafeCheckpointError is no transient: a retry would refuse the same file again, so
+    recover never reruns the run (not even the one retry an exception gets): it names the
+    cause and tells the person what to do, and submits nothing."""
+    store, _ = _seed_sweep(tmp_path)
+    root = str(store.root)
+    planted, plain = sorted(store.runs_dir.iterdir())[:2]
+    ckpt = planted / "checkpoints" / "ckpt_000000030.pt"
+    for run, exc, reason in (
+        (planted, "UnsafeCheckpointError", f"checkpoint {ckpt} fails the safe load, so ..."),
+        (plain, "ValueError", "ValueError: bad batch"),
+    ):
+        status = read_json(run / "status.json")
+        status.update(state="failed", exception_type=exc, reason=reason)
+        (run / "status.json").write_text(json.dumps(status))
+    before = read_json(store.root / "sweep.json")
+    plan = json.loads(run_cli("recover", "--dry-run", "--json", "--root", root).stdout)
+    by_run = {a["run_id"]: a for a in plan["actions"]}
+    assert by_run[planted.name]["cause"] == "unsafe_checkpoint"
+    assert by_run[planted.name]["action"] == "person"
+    assert str(ckpt) in by_run[planted.name]["why"]
+    assert "delete it and its .sha256" in by_run[planted.name]["why"]
+    assert by_run[plain.name]["action"] == "retry"  # an ordinary exception still gets one
+    proc = run_cli("recover", "--root", root, planted.name)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # needs a person
+    assert "unsafe_checkpoint" in proc.stdout
+    after = read_json(store.root / "sweep.json")
+    assert after["submissions"] == before["submissions"]  # nothing was resubmitted
+    shown = run_cli("monitor", "--show-failed", "--root", root)
+    assert "unsafe_checkpoint" in shown.stdout or str(ckpt) in shown.stdout, shown.stdout
