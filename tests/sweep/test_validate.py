@@ -80,6 +80,20 @@ def test_cli_exits_non_zero_on_a_broken_profile(profiles: Path):
     assert {c["name"] for c in bad} == {"resources broken", "short runs"}
 
 
+def test_cpu_probes_keep_each_variants_width():
+    """Reduced on a CPU by one factor, so narrow's probe is still half of base's (a cap at
+    one width made the two probes the same model and the same numbers)."""
+    from deconcnn_cli.training.models import stage_widths
+
+    spec = load_grid("loss_lin_slope")
+    cpu = {n: v.probe_config(spec, n, steps=8, gpu=False)["model"] for n in spec.variants}
+    gpu = {n: v.probe_config(spec, n, steps=8, gpu=True)["model"] for n in spec.variants}
+    for name in spec.variants:
+        assert cpu[name]["width_mult"] == pytest.approx(gpu[name]["width_mult"] / 8)
+    assert cpu["narrow"]["width_mult"] == pytest.approx(cpu["base"]["width_mult"] / 2)
+    assert stage_widths(cpu["narrow"]["width_mult"]) != stage_widths(cpu["base"]["width_mult"])
+
+
 @pytest.fixture
 def probe(profiles: Path, tmp_path: Path) -> v.ProbeResult:
     """One real short run of the one-run grid's base variant (CPU, reduced size)."""
