@@ -16,7 +16,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from deconcnn_cli.contract import CONFIG_FILE, NAME_PATTERN, atomic_write_json, read_json
+from deconcnn_cli.contract import (
+    CONFIG_FILE,
+    NAME_PATTERN,
+    atomic_write_json,
+    read_json,
+    read_regular,
+)
 from deconcnn_cli.errors import ConfigError, RunDirError
 
 
@@ -182,7 +188,7 @@ def read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"profile file not found: {path}", "check the path or `decon --help`")
     try:
-        return tomllib.loads(path.read_bytes().decode())
+        return tomllib.loads(read_regular(path).decode())
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r})",
@@ -317,7 +323,7 @@ def load_run_config(
 def load_saved_config(path: Path) -> RunConfig:
     """Read a run directory's ``config.json`` back into a RunConfig."""
     try:
-        data = json.loads(path.read_bytes().decode())
+        data = json.loads(read_regular(path).decode())
     except (OSError, ValueError, RecursionError) as exc:  # ValueError: JSON or UTF-8
         raise ConfigError(f"{path}: cannot read saved config: {exc}") from exc
     if not isinstance(data, dict) or not isinstance(data.get("config", data), dict):

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import math
 import os
 import re
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 # ---- file names (relative to the run directory)
 CONFIG_FILE = "config.json"
@@ -312,11 +314,40 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+class NotRegularFileError(OSError):
+    """A path where a file belongs holds a FIFO, a device or a socket (or links to one)."""
+
+
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """``path`` opened for binary reading, if it is a regular file (links followed).
+
+    A FIFO (``mkfifo``) would block a reader forever and a link to ``/dev/zero`` would feed it
+    without end: both are refused with :class:`NotRegularFileError`, an ``OSError``, so
+    every reader that already treats an unreadable file as missing does the same here. The
+    open never blocks (``O_NONBLOCK``); the regular file it returns reads normally.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFileError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of the regular file ``path`` (:func:`open_regular`'s refusals, as OSError)."""
+    with open_regular(path) as f:
+        return f.read()
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     """The JSON object in ``path``, or None when it is missing or unreadable (a truncated or
     binary file, a directory, a link to nowhere, a value that is not an object)."""
     try:
-        value = json.loads(path.read_bytes().decode())
+        value = json.loads(read_regular(path).decode())
     except (OSError, ValueError, RecursionError):  # ValueError: JSON and UTF-8 decode errors
         return None
     return value if isinstance(value, dict) else None
@@ -342,7 +373,7 @@ def read_jsonl_checked(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     file. A bad line (a stray byte, a NUL, a torn write) costs that line only; a partial last
     line (no newline yet: a live writer, or a crash mid-write) is left out and not counted."""
     try:
-        data = path.read_bytes()
+        data = read_regular(path)
     except OSError:
         return [], []
     out: list[dict[str, Any]] = []
@@ -368,7 +399,7 @@ def complete_lines(path: Path) -> list[str]:
     Bytes that are not UTF-8 read as U+FFFD, so such a cell fails as a number where it is
     parsed; a missing or unreadable file (a directory, no permission) has no lines."""
     try:
-        data = path.read_bytes()
+        data = read_regular(path)
     except OSError:
         return []
     return data.decode(errors="replace").split("\n")[:-1]  # "" after a final newline, or partial
@@ -378,7 +409,7 @@ def partial_tail(path: Path) -> bytes:
     """What follows the file's last newline: a line still being written, or (in a run that
     ended) bytes that are not a line at all, e.g. NULs a filesystem left after a crash."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - 65536))  # the tail only: a stream can be megabytes
             data = f.read()

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from deconcnn_cli.contract import read_regular
+
 STALE_EXCL_S = 3600.0  # an exclusive-create lock this old, its holder dead on this host
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
@@ -96,7 +98,7 @@ def excl_lock(path: Path, timeout_s: float, busy: Busy) -> Iterator[None]:
 
 def _read_holder(path: Path) -> dict[str, Any]:
     try:
-        held = json.loads(path.read_text(errors="replace"))
+        held = json.loads(read_regular(path).decode(errors="replace"))
     except (OSError, ValueError):
         return {}
     return held if isinstance(held, dict) else {}

@@ -243,3 +243,37 @@ def test_a_status_before_its_first_step_is_not_unreadable(tmp_path: Path) -> Non
         contract.atomic_write_json(run / contract.STATUS_FILE, status)
         view = contract.view_run(run, now=1e18)
         assert view.state == state and view.unreadable is None and view.step == 0
+
+
+def test_a_fifo_or_an_endless_device_reads_as_unreadable_at_once(tmp_path: Path):
+    """A named pipe where status.json belongs would block every reader forever; a link to
+    /dev/zero would read without end. Both are refused before a byte is read."""
+    import os
+    import threading
+
+    pipe, zero, plain = tmp_path / "status.json", tmp_path / "step.csv", tmp_path / "ok.json"
+    os.mkfifo(pipe)
+    zero.symlink_to("/dev/zero")
+    plain.write_text('{"state": "completed"}')
+    got: dict[str, object] = {}
+
+    def read_all() -> None:
+        got["json"] = contract.read_json(pipe)
+        got["jsonl"] = contract.read_jsonl_checked(pipe)
+        got["lines"] = contract.complete_lines(zero)
+        got["tail"] = contract.partial_tail(zero)
+        got["plain"] = contract.read_json(plain)
+
+    reader = threading.Thread(target=read_all, daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    assert not reader.is_alive(), "a reader blocked on a FIFO or /dev/zero"
+    assert got == {
+        "json": None,
+        "jsonl": ([], []),
+        "lines": [],
+        "tail": b"",
+        "plain": {"state": "completed"},
+    }
+    with pytest.raises(contract.NotRegularFileError, match="not a regular file"):
+        contract.read_regular(pipe)

@@ -13,12 +13,14 @@ outside the command's own outputs unchanged (SHA-256, mode and link target).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +143,18 @@ def directory(path: Path) -> None:
     path.mkdir()
 
 
+def fifo(path: Path) -> None:
+    """A named pipe where the file belongs: an ordinary read would wait for a writer forever."""
+    path.unlink()
+    os.mkfifo(path)
+
+
+def endless_link(path: Path) -> None:
+    """A link to /dev/zero: an ordinary read would never end (and fill the memory)."""
+    path.unlink()
+    path.symlink_to("/dev/zero")
+
+
 def no_permission(path: Path) -> None:
     """Mode 000 (a user without root cannot read it; root still can)."""
     path.chmod(0)
@@ -227,7 +241,10 @@ def resources_text(m: dict[str, Any]) -> None:
     m["submissions"][0]["resources"] = "a\nb"
 
 
-BYTES = (truncate, empty, bad_byte, nuls, dangling_link, foreign_link, directory, no_permission)
+BYTES = (
+    truncate, empty, bad_byte, nuls, dangling_link, foreign_link, directory, no_permission,
+    fifo, endless_link,
+)  # fmt: skip
 JSON = (*BYTES, wrong_types)
 CSV = (*BYTES, garbage_cell)
 MANIFEST = tuple(
@@ -283,8 +300,10 @@ def snapshot(base: Path, skip: Path) -> dict[str, tuple[Any, ...]]:
                 out[str(p)] = ("link", os.readlink(p))
             elif stat.S_ISDIR(st.st_mode):
                 out[str(p)] = ("dir", st.st_mode)
-            else:
+            elif stat.S_ISREG(st.st_mode):
                 out[str(p)] = ("file", st.st_mode, hashlib.sha256(p.read_bytes()).hexdigest())
+            else:  # a FIFO the case planted: never opened here
+                out[str(p)] = ("special", st.st_mode)
     return out
 
 
@@ -306,6 +325,25 @@ def _args(template: list[str], base: Path) -> list[str]:
     return out
 
 
+CASE_LIMIT_S = 120  # one command on one case: seconds normally; a guard against a hang
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int, name: str) -> Iterator[None]:
+    """Raise in the main thread after ``seconds`` (SIGALRM): a blocked read fails the case."""
+
+    def expired(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"{name} still running after {seconds} s (a blocked read?)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def run_case(base: Path, runner: CliRunner, *, report: bool = True) -> list[str]:
     """Every reader command on the case at ``base`` (``report`` too when asked); the
     failures, as text."""
@@ -316,7 +354,8 @@ def run_case(base: Path, runner: CliRunner, *, report: bool = True) -> list[str]
     for name, (template, codes) in COMMANDS.items():
         if name == "report" and not report:
             continue
-        result = runner.invoke(app, _args(template, base))
+        with _deadline(CASE_LIMIT_S, name):  # a reader stuck on a FIFO fails, not hangs
+            result = runner.invoke(app, _args(template, base))
         text = result.output
         exc = result.exception
         if exc is not None and not isinstance(exc, SystemExit):

@@ -214,7 +214,7 @@ def _max_defined(rows: list[dict[str, str]], key: str) -> float | None:
 def _last_row(path: Path) -> dict[str, str] | None:
     """The last whole row of a stream, without parsing the rest (step.csv can be long)."""
     try:
-        with open(path, "rb") as f:
+        with contract.open_regular(path) as f:
             header = f.readline().decode(errors="replace")
             f.seek(0, 2)
             size = f.tell()

@@ -40,7 +40,7 @@ def _read_columns(path: Path, columns: tuple[str, ...]) -> dict[str, np.ndarray]
     import pandas as pd
 
     try:
-        data = path.read_bytes()
+        data = contract.read_regular(path)
     except OSError:
         return None
     data = data[: data.rfind(b"\n") + 1]  # a live writer's partial last line is left out

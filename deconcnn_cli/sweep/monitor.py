@@ -393,7 +393,7 @@ class FailureReport:
 def tail_lines(path: Path, n: int = LOG_TAIL_LINES) -> list[str]:
     """The last ``n`` lines of a text file (reads at most its last 16 KiB)."""
     try:
-        with open(path, "rb") as f:
+        with contract.open_regular(path) as f:
             f.seek(0, 2)
             size = f.tell()
             f.seek(max(0, size - _TAIL_BYTES))

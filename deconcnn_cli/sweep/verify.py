@@ -200,7 +200,7 @@ def _regular_table(path: Path) -> Any | None:
     both read as NaN here, so a caller that finds any NaN must look at the cells themselves.
     """
     try:
-        data = path.read_bytes()
+        data = contract.read_regular(path)
     except OSError:
         return None
     data = data[: data.rfind(b"\n") + 1]
@@ -280,7 +280,7 @@ def _sha256(path: Path) -> str | None:
     """The file's SHA-256, or None when it cannot be read (a directory, no permission)."""
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
+        with contract.open_regular(path) as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     except OSError:
@@ -294,7 +294,8 @@ def _checkpoint_problems(run_id: str, run_dir: Path, final_step: int | None) -> 
     for ckpt in sorted(folder.glob("ckpt_*.pt")):
         rel = f"{contract.CHECKPOINT_DIR}/{ckpt.name}"
         try:
-            expected = ckpt.with_suffix(".sha256").read_bytes().decode().split()[0]
+            sha = contract.read_regular(ckpt.with_suffix(".sha256"))
+            expected = sha.decode().split()[0]
         except (OSError, IndexError, UnicodeDecodeError):
             out.append(Problem(run_id, rel, "checksum", "no readable .sha256 beside it"))
             continue

@@ -31,6 +31,7 @@ from deconcnn_cli.contract import (
     EXIT_FAILED,
     atomic_write_bytes,
     checkpoint_name,
+    read_regular,
 )
 from deconcnn_cli.errors import DeconError
 
@@ -110,8 +111,8 @@ def save_checkpoint(run_dir: Path, next_step: int, state: dict[str, Any]) -> Pat
 
 def _verified_bytes(path: Path) -> bytes | None:
     try:
-        data = path.read_bytes()
-        expected = path.with_suffix(".sha256").read_text().split()[0]
+        data = read_regular(path)
+        expected = read_regular(path.with_suffix(".sha256")).decode().split()[0]
     except (OSError, IndexError):
         return None
     return data if hashlib.sha256(data).hexdigest() == expected else None

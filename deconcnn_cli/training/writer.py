@@ -35,6 +35,7 @@ from deconcnn_cli.contract import (
     atomic_write_bytes,
     complete_lines,
     format_cell,
+    open_regular,
     read_json,
     read_jsonl,
 )
@@ -67,8 +68,8 @@ class MetricStream:
         if new:
             buf.write(",".join(self.columns) + "\n")
         else:  # a run resumed from older code keeps its file's header (columns added since: out)
-            with open(self.path) as f:
-                columns = tuple(f.readline().strip().split(","))
+            with open_regular(self.path) as f:
+                columns = tuple(f.readline().decode(errors="replace").strip().split(","))
         for row in rows:
             buf.write(",".join(format_cell(row.get(c)) for c in columns) + "\n")
         with open(self.path, "a") as f:
