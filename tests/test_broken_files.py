@@ -63,6 +63,12 @@ def test_truncated_status_of_a_completed_run_is_never_a_rerun(root: Path) -> Non
     assert code == 0
     line = next(ln for ln in (root / "r.csv").read_text().splitlines() if ln.startswith("done,"))
     assert ",completed," in line and "unreadable" in line  # the state and verify's word
+    from deconcnn_cli.export.files import read_results
+
+    row = read_results(root / "r.csv").set_index("run_id").loc["done"]
+    summary = json.loads((root / "runs" / "done" / contract.SUMMARY_FILE).read_text())
+    assert row["epochs_done"] == summary["epochs_done"] == 4.0  # from the summary, not empty
+    assert row["steps_done"] == 40
 
 
 def test_wrong_types_in_status_json_are_that_runs_problem(root: Path) -> None:

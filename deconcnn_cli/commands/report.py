@@ -19,13 +19,24 @@ def report(
         Path | None,
         typer.Option("--out", help="Folder for report.html, report.json and PNGs [<root>/report]."),
     ] = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify/--no-verify",
+            help="Check each finished run as `decon verify` does; one that fails is named in "
+            "the warnings and left out of H1 and H2.",
+        ),
+    ] = True,
 ) -> None:
     """Test H1 and H2 on a sweep and write a self-contained report.html with the figures."""
+    from deconcnn_cli.export.dataset import verify_problem
     from deconcnn_cli.export.report import build_report
 
     start = time.perf_counter()
     try:
-        result = build_report(root, out if out is not None else root / "report")
+        result = build_report(
+            root, out if out is not None else root / "report", verify_problem if verify else None
+        )
     except DeconError as exc:
         render_error(exc)
         raise typer.Exit(exc.exit_code) from None

@@ -48,7 +48,10 @@ COLUMNS: tuple[Column, ...] = (
     Column("seed", "int", "", "run seed, the only source of randomness"),
     _f("lr", "per batch", "peak learning rate (end of warmup)"),
     _f("weight_decay", "", "weight-decay coefficient (coupled for SGD, decoupled for AdamW)"),
-    _s("status", "completed | diverged | failed | interrupted | running | stalled | missing"),
+    _s(
+        "status",
+        "completed | diverged | failed | interrupted | running | stalled | missing | unreadable",
+    ),
     # the seed's Tier-4 contract
     _f("r_squared", "", "R^2 (log space, binned) of the step-time power-law fit = power_law_r2"),
     _f(
@@ -89,7 +92,11 @@ COLUMNS: tuple[Column, ...] = (
     ),
     _f("alpha_full_se", "", "OLS standard error of alpha_full on its bins"),
     _f("best_val_ce", "nats", "minimum validation cross-entropy over the run"),
-    _f("best_val_epoch", "epochs", "epoch (quarter-epoch resolution) of best_val_ce"),
+    _f(
+        "best_val_epoch",
+        "epochs",
+        "fractional epoch of best_val_ce: (step + 1) / steps_per_epoch at that validation point",
+    ),
     # final values
     _f("final_loss_train_nats", "nats", "train CE of the last logged step"),
     _f("final_acc_train", "fraction", "train accuracy of the last logged step's batch"),
@@ -118,7 +125,7 @@ COLUMNS: tuple[Column, ...] = (
     _i("steps_done", "steps", "optimizer steps completed"),
     _i("total_steps", "steps", "planned optimizer steps"),
     _f("epochs_done", "epochs", "steps_done / steps_per_epoch"),
-    _i("attempts", "", "number of starts (attempts.jsonl lines)"),
+    _i("attempts", "", "number of starts (first run + resumes; attempts.jsonl start lines)"),
     _s("job_ids", "scheduler job ids that ran the run (attempts.jsonl), ';'-separated"),
     _s("submitted_job_ids", "scheduler job ids asked to run it (sweep.json), ';'-separated"),
     _s("host", "host of the last attempt"),
@@ -126,7 +133,11 @@ COLUMNS: tuple[Column, ...] = (
     _s("exception_type", "exception class of a failed run"),
     _s("checkpoint_path", "newest checkpoint file, relative to the sweep root"),
     _s("precision", "fp32 | fp16 | bf16 as run"),
-    _s("code_version", "package version + git sha the run was submitted with"),
+    _s(
+        "code_version",
+        "package version + git sha of the code that ran the run (every distinct version of its "
+        "attempts, ';'-joined); a run never started: the version it was submitted with",
+    ),
     _s("verify_problem", "why `decon verify` rejects the run; empty when it passes"),
     _s(
         "analysis_settings",

@@ -347,6 +347,8 @@ def run_row(
     row["steps_done"] = float(view.step)
     row["total_steps"] = _num(view.total_steps)
     row["epochs_done"] = view.step / spe if spe else _num(status.get("epoch"))
+    if row["epochs_done"] is None and summary:  # status.json unreadable: the summary knows
+        row["epochs_done"] = _num(summary.get("epochs_done"))
     numbers = {a.get("attempt") for a in attempts if isinstance(a.get("attempt"), int)}
     row["attempts"] = float(max(view.attempt, len(numbers)))
     row["job_ids"] = ";".join(

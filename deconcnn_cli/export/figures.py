@@ -405,17 +405,32 @@ def _axes_values(df: Any) -> tuple[list[float], list[float]]:
     return sorted(df["lr"].unique()), sorted(df["weight_decay"].unique())
 
 
+def _finished(df: Any) -> Any:
+    """The completed runs that pass verification (``verify_problem`` empty): the runs whose
+    final values are final. A failed or stalled run's last validation is mid-training."""
+    done = df["status"] == "completed"
+    if "verify_problem" in df.columns:
+        done &= df["verify_problem"].fillna("").astype(str).str.len() == 0
+    return df[done]
+
+
 def _cell_medians(sub: Any, lrs: list[float], wds: list[float]) -> tuple[np.ndarray, list]:
-    """Median ``final_loss_val_nats`` per (wd, lr) cell of one variant, and each cell's text."""
+    """Median ``final_loss_val_nats`` over the completed, verified runs of each (wd, lr) cell
+    of one variant, and each cell's text: the median and how many runs it is of."""
     grid = np.full((len(wds), len(lrs)), np.nan)
     texts = []
+    done = _finished(sub)
     for (i, wd), (j, lr) in ((a, b) for a in enumerate(wds) for b in enumerate(lrs)):
         cell = sub[(sub["lr"] == lr) & (sub["weight_decay"] == wd)]
-        vals = cell["final_loss_val_nats"].to_numpy(dtype=float, na_value=np.nan)
+        finished = done[(done["lr"] == lr) & (done["weight_decay"] == wd)]
+        vals = finished["final_loss_val_nats"].to_numpy(dtype=float, na_value=np.nan)
         vals = vals[np.isfinite(vals)]
         if vals.size:
             grid[i, j] = np.median(vals)
-        texts.append((i, j, f"{grid[i, j]:.3g}" if vals.size else ("—" if cell.empty else "n/a")))
+            text = f"{grid[i, j]:.3g}\nn={vals.size}/{len(cell)}"
+        else:
+            text = "—" if cell.empty else f"n/a\n0/{len(cell)}"
+        texts.append((i, j, text))
     return grid, texts
 
 
@@ -442,8 +457,13 @@ def val_loss_heatmap(df: Any, path: Path) -> Path:
         image = ax.imshow(grid, cmap="viridis_r", vmin=vmin, vmax=vmax, aspect="auto")
         _label_grid(ax, v, lrs, wds)
     if image is not None:
-        fig.colorbar(image, ax=axes, label="median over seeds of the final validation CE (nats)")
-    fig.suptitle("Final validation loss by lr x weight decay ('n/a': no finite value)")
+        fig.colorbar(
+            image, ax=axes, label="median over completed runs of the final validation CE (nats)"
+        )
+    fig.suptitle(
+        "Final validation loss by lr x weight decay: median of the completed runs\n"
+        "(n = completed runs / all runs of the cell; 'n/a': none)"
+    )
     return _save(fig, path)
 
 

@@ -23,7 +23,7 @@ from deconcnn_cli import contract
 from deconcnn_cli.errors import DeconError
 from deconcnn_cli.export import stats
 from deconcnn_cli.export.columns import COLUMN_NAMES, DTYPES, require_columns
-from deconcnn_cli.export.dataset import Dataset, collect
+from deconcnn_cli.export.dataset import Dataset, VerifyFn, collect, verify_problem
 from deconcnn_cli.export.files import RUNS_DIR
 
 REPORT_FILE = "report.html"
@@ -117,14 +117,22 @@ def metrics_cost(root: Path, df: Any) -> list[dict[str, Any]]:
     ]
 
 
-def build_report(root: str | os.PathLike[str], out: str | os.PathLike[str]) -> Report:
-    """Read the sweep at ``root`` and write the report into ``out`` (created if needed)."""
+def build_report(
+    root: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    verify: VerifyFn | None = verify_problem,
+) -> Report:
+    """Read the sweep at ``root`` and write the report into ``out`` (created if needed).
+
+    Runs are checked as ``decon export`` checks them (``verify``; None, the CLI's
+    ``--no-verify``, skips it): a run that fails is named in the warnings and left out of H1
+    and H2 (counted as excluded)."""
     from deconcnn_cli.export import figures
 
     root, out = Path(root), Path(out)
     if out.exists() and not out.is_dir():
         raise ReportError(f"{out} exists and is not a folder", "give --out a folder")
-    data = collect(root)
+    data = collect(root, verify=verify)
     df = to_frame(data)
     h1, h2 = hypothesis_tables(df)
     out.mkdir(parents=True, exist_ok=True)
@@ -334,8 +342,10 @@ _CAPTIONS = {
     "Right: the normalised sharpness (λmax + wd) · lr_t / (2 (1 + β)) of SGD runs, lr_t the "
     "step's scheduled learning rate; above the dashed line at 1, gradient descent on the local "
     "quadratic would be unstable (the edge of stability). AdamW has no such threshold: no line.",
-    "val_loss_heatmap": "Final validation loss, median over seeds, per learning rate and "
-    "weight decay; each variant on its own grid, one colour scale over the medians shown.",
+    "val_loss_heatmap": "Final validation loss, median over the completed runs that pass "
+    "verification (failed, stalled or unfinished runs stopped mid-training and are left out), "
+    "per learning rate and weight decay; each cell says how many of its runs the median is "
+    "of. Each variant on its own grid, one colour scale over the medians shown.",
     "status_heatmap": "Run status per cell of the grid; colour is the share completed, a "
     "hatched grey cell has no runs.",
 }
@@ -403,7 +413,9 @@ R² ≥ {stats.R2_THRESHOLD}, with an exact (Clopper-Pearson) 95% interval. Targ
 {stats.H1_TARGET:.0%}. Diverged runs are counted apart; failed, missing or unfinished runs,
 and runs with no fit, are excluded. <em>supported</em>: the whole interval lies above the
 target; <em>not supported</em>: the whole interval lies at or below it; otherwise
-<em>inconclusive</em>.</p>
+<em>inconclusive</em>. Runs that fail verification (a gap in a stream, a checksum, a foreign
+config) are excluded too, and named in the warnings above. With a handful of runs the exact
+interval is wide: a group of 1 or 2 runs can rarely be more than inconclusive.</p>
 {_h1_table(p["h1"])}
 <h2>H2: the early exponent predicts the best validation loss</h2>
 <p>Spearman ρ between <code>alpha_early</code> and <code>best_val_ce</code> over completed
@@ -415,7 +427,10 @@ Target: |ρ| ≥ {stats.H2_TARGET}.
 <em>supported</em>: the whole interval has |ρ| ≥ {stats.H2_TARGET} on one side;
 <em>not supported</em>: the whole interval lies inside (−{stats.H2_TARGET}, {stats.H2_TARGET});
 otherwise <em>inconclusive</em>. Rows with time <em>lr</em> use the fits against cumulative
-learning rate.</p>
+learning rate. <strong>Small samples:</strong> with fewer than about 20 runs a rank
+correlation's interval is wide, an end may sit at ±1 (the edge of ρ's range), and the ends
+move with the resampling seed (fixed here at 0, so the report is reproducible); read the
+verdict, and treat the digits of the interval as approximate.</p>
 {_h2_table(p["h2"])}
 <h2>Cost of the analysis metrics</h2>
 <p>Curvature, gradient noise and curve shape as a share of the rest of the completed runs'

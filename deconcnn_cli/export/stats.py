@@ -95,8 +95,14 @@ def _groups(df: Any) -> list[tuple[str, str, Any]]:
 
 
 def _eligible(df: Any, columns: tuple[str, ...]) -> tuple[Any, int, int]:
-    """(completed runs with finite values in ``columns``, n diverged, n excluded otherwise)."""
+    """(completed runs with finite values in ``columns`` that pass verification, n diverged,
+    n excluded otherwise). A run whose files fail ``decon verify`` (``verify_problem``: a
+    gap in a stream, a checksum, a foreign config) is excluded: its fits may rest on
+    missing or foreign data."""
     completed = df["status"] == "completed"
+    if "verify_problem" in df.columns:
+        problem = df["verify_problem"].fillna("").astype(str).str.len() > 0
+        completed = completed & ~problem
     finite = np.ones(len(df), dtype=bool)
     for col in columns:
         finite &= np.isfinite(df[col].to_numpy(dtype=float, na_value=np.nan))

@@ -149,9 +149,27 @@ def test_val_heatmap_gives_each_variant_its_axes_and_one_scale_over_the_cells(
     assert [t.get_text() for t in adamw.get_xticklabels()] == ["0.001"]  # its own lr grid
     texts = [t.get_text() for ax in panels.values() for t in ax.texts]
     assert "—" not in texts  # no cell from another variant's grid
-    shown = [float(t) for t in texts if re.fullmatch(r"[0-9.]+", t)]
+    shown = [float(t.split("\n")[0]) for t in texts if re.match(r"[0-9.]+\n", t)]
     image = adamw.get_images()[0]
     assert image.get_clim() == pytest.approx((min(shown), max(shown)), rel=1e-2)
+
+
+def test_val_heatmap_medians_only_completed_runs_and_says_of_how_many(frame, captured, tmp_path):
+    """base lr 0.05 holds base0, base2 (completed) and base4 (failed at its last validation,
+    mid-training): the median is of the two completed runs, and the cell says n=2/3."""
+    figures.val_loss_heatmap(frame, tmp_path / "v.png")
+    base = _axes(captured[0])["base"]
+    cells = {(t.get_position()[0], t.get_position()[1]): t.get_text() for t in base.texts}
+    lrs = [float(t.get_text()) for t in base.get_xticklabels()]
+    j = lrs.index(0.05)
+    done = frame[(frame["variant"] == "base") & (frame["lr"] == 0.05)]
+    failed = done[done["status"] == "failed"]["final_loss_val_nats"]
+    assert len(failed) == 1 and np.isfinite(failed.iloc[0])  # a value that must stay out
+    completed = done[done["status"] == "completed"]["final_loss_val_nats"]
+    value, count = cells[(j, 0)].split("\n")
+    assert float(value) == pytest.approx(float(np.median(completed)), rel=1e-2)
+    assert count == "n=2/3"
+    assert cells[(lrs.index(0.1), 0)].endswith("n=2/3")  # base5 is missing
 
 
 def test_status_heatmap_blank_cells_are_hatched_and_say_no_runs(frame, captured, tmp_path):

@@ -175,9 +175,21 @@ def test_html_is_self_contained_with_every_figure(built):
 
 
 def test_report_on_a_real_smoke_sweep_with_every_state(sweep: Path, tmp_path: Path):
-    out = tmp_path / "rep"
-    proc = run_cli("report", "--root", str(sweep), "--out", str(out))
+    """The fixture's run directories are named `done`, `blown`... while their config.json
+    holds the real run id, so `verify` calls them foreign: checked first (the report leaves
+    a run that fails verification out of H1/H2, and says so), then read with --no-verify."""
+    checked = tmp_path / "checked"
+    proc = run_cli("report", "--root", str(sweep), "--out", str(checked))
     assert proc.returncode == 0, proc.stderr
+    assert "warning: done fails verification: foreign" in proc.stderr
+    payload = json.loads((checked / "report.json").read_text())
+    assert any(w.startswith("done fails verification") for w in payload["warnings"])
+    h1_all = payload["h1"][0]
+    assert (h1_all["n_runs"], h1_all["n_excluded"], h1_all["n_diverged"]) == (0, 3, 1)
+    out = tmp_path / "rep"
+    proc = run_cli("report", "--root", str(sweep), "--out", str(out), "--no-verify")
+    assert proc.returncode == 0, proc.stderr
+    assert "fails verification" not in proc.stderr
     assert str(out / "report.html") in proc.stdout
     payload = json.loads((out / "report.json").read_text())
     assert payload["counts_by_status"] == {
