@@ -25,6 +25,8 @@ from deconcnn_cli.contract import (
 )
 from deconcnn_cli.errors import ConfigError, RunDirError
 
+MAX_SEED = 2**63 - 1  # what torch.manual_seed takes without overflow (a seed is an int64)
+
 
 class _Strict(BaseModel):
     # inf and nan are no value for any field (an lr, a tolerance, a memory size)
@@ -70,7 +72,9 @@ class DataConfig(_Strict):
     data_dir: Path | None = None  # where torchvision finds (or downloads) CIFAR
     download: bool = False
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
-    split_seed: Annotated[int, Field(ge=0)] = 0  # fixes the train/val split, not the run seed
+    split_seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = (
+        0  # fixes the train/val split, not the run seed
+    )
     batch_size: Annotated[int, Field(ge=1)] = 128
     image_size: Annotated[int, Field(ge=8)] = 32
     augmentation: Literal["crop_flip", "none"] = "crop_flip"
@@ -111,7 +115,7 @@ class RunConfig(_Strict):
     """Everything that defines one training run."""
 
     variant: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "base"
-    seed: Annotated[int, Field(ge=0)] = 0  # the only source of randomness
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0  # the only source of randomness
     grad_clip_norm: Annotated[float, Field(gt=0)] | None = None  # global L2, None = off
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp32 CPU, amp CUDA
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -196,15 +200,25 @@ def read_toml(path: Path) -> dict[str, Any]:
         ) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: malformed TOML: {exc}", "fix the syntax at that line") from exc
+    except RecursionError:
+        raise ConfigError(
+            f"{path}: nested too deeply to read", "no decon setting nests more than a few levels"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}", "check the file") from exc
 
 
+def _is_path(name_or_path: str) -> bool:
+    """A path (ends in ``.toml`` or holds a ``/``), not a name: a bare name is always looked up
+    in profiles/, so a file or folder of that name in the current folder never takes its
+    place (that would change a run's config and id with the folder it is run from)."""
+    return name_or_path.endswith(".toml") or "/" in name_or_path or os.sep in name_or_path
+
+
 def resolve_profile(name_or_path: str, *, variant: bool = False) -> Path:
     """A profile name (``smoke``; a variant name with ``variant=True``) or a path to a TOML."""
-    cand = Path(name_or_path)
-    if cand.suffix == ".toml" or cand.exists():
-        return cand
+    if _is_path(name_or_path):
+        return Path(name_or_path)
     folder = profiles_dir() / "variants" if variant else profiles_dir()
     path = folder / f"{name_or_path}.toml"
     if not path.is_file():
@@ -224,6 +238,8 @@ def parse_override(text: str) -> dict[str, Any]:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    except RecursionError:
+        raise ConfigError(f"--set {key}: value nested too deeply", "give a plain value") from None
     nested: dict[str, Any] = {}
     node = nested
     parts = key.split(".")
@@ -392,7 +408,7 @@ class GridAxes(_Strict):
 
     lr: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)]
     weight_decay: Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=1)]
-    seed: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    seed: Annotated[list[Annotated[int, Field(ge=0, le=MAX_SEED)]], Field(min_length=1)]
 
 
 class VariantAxes(_Strict):
@@ -400,7 +416,9 @@ class VariantAxes(_Strict):
 
     lr: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] | None = None
     weight_decay: Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=1)] | None = None
-    seed: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = None
+    seed: Annotated[list[Annotated[int, Field(ge=0, le=MAX_SEED)]], Field(min_length=1)] | None = (
+        None
+    )
 
 
 class GridSpec(_Strict):
@@ -501,9 +519,8 @@ def resource_names() -> list[str]:
 
 def resolve_named(name_or_path: str, kind: str) -> Path:
     """A grid/resource name (``profiles/<kind>s/<name>.toml``) or a path to a TOML file."""
-    cand = Path(name_or_path)
-    if cand.suffix == ".toml" or cand.exists():
-        return cand
+    if _is_path(name_or_path):
+        return Path(name_or_path)
     folder = profiles_dir() / ("grids" if kind == "grid" else "resources")
     path = folder / f"{name_or_path}.toml"
     if not path.is_file():

@@ -283,3 +283,77 @@ def test_a_fifo_or_an_endless_device_reads_as_unreadable_at_once(tmp_path: Path)
     }
     with pytest.raises(contract.NotRegularFileError, match="not a regular file"):
         contract.read_regular(pipe)
+
+
+def test_numbers_beyond_int64_and_infinite_times_are_not_a_traceback(root: Path) -> None:
+    """A status.json step of 10^20 (beyond int64), attempt times of ±1e308 and 1e35: report
+    and export answer (the count is not defined), monitor --json stays valid JSON, and the
+    hours shown stay finite."""
+    path = status_path(root, "done")
+    status = json.loads(path.read_text())
+    status["step"] = 10**20
+    path.write_text(json.dumps(status))
+    attempts = root / "runs" / "live" / contract.ATTEMPTS_FILE
+    attempts.write_text(
+        json.dumps({"attempt": 1, "start_unix": -1e308}) + "\n"
+        + json.dumps({"attempt": 1, "event": "end", "state": "completed", "end_unix": 1e308})
+        + "\n" + json.dumps({"attempt": 2, "start_unix": 1e35}) + "\n"
+    )  # fmt: skip
+    code, _ = invoke("report", "--root", root, "--out", root / "rep")
+    assert code == 0
+    code, _ = invoke("export", root / "r.csv", "--root", root, "--no-timeseries")
+    assert code == 0
+    from deconcnn_cli.export.files import read_results
+
+    assert read_results(root / "r.csv").set_index("run_id").loc["done", "steps_done"] is pd_na()
+    code, out = invoke("monitor", "--root", root, "--json")
+    data = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in --json output"))
+    assert all(v is None or abs(v) < 1e12 for v in _numbers(data)), "an absurd number shown"
+    code, out = invoke("monitor", "--root", root)
+    assert "inf" not in out.split("hours", 1)[1].split("\n", 1)[0]
+
+
+def pd_na() -> object:
+    import pandas as pd
+
+    return pd.NA
+
+
+def _numbers(obj: object) -> list[float]:
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in _numbers(v)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in _numbers(v)]
+    is_number = isinstance(obj, int | float) and not isinstance(obj, bool)
+    return [float(obj)] if is_number and abs(obj) != 10**20 else []
+
+
+def test_control_characters_from_a_file_never_reach_the_terminal(root: Path) -> None:
+    """An ESC sequence, a newline, NUL and a right-to-left override in a failed run's reason
+    are shown escaped: they can neither drive the terminal nor fake a row."""
+    path = status_path(root, "broken")
+    status = json.loads(path.read_text())
+    status["reason"] = "boom\x1b[31m red\x1b]0;title\x07\nFAKE completed 99\x00 \u202eevil"
+    status["exception_type"] = "Value\x1bError"
+    path.write_text(json.dumps(status))
+    for args in (("monitor",), ("monitor", "--show-failed")):
+        code, out = invoke(*args, "--root", root)
+        assert not any(c in out for c in ("\x1b", "\x00", "\u202e", "\x07")), args
+        assert "boom\\x1b[31m" in out  # shown, escaped (the row may wrap or cut the rest)
+        if "--show-failed" in args:
+            assert "\\u202eevil" in out
+        assert not any(line.startswith("FAKE") for line in out.splitlines()), out
+
+
+def test_seeds_beyond_int64_and_deep_toml_are_bad_input(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.toml"
+    deep.write_text('name = "g"\nx = ' + "[" * 5000 + "]" * 5000 + "\n")
+    code, out = invoke("train", "-p", "smoke", "--seed", str(2**64), "--root", tmp_path / "t")
+    assert code == 2 and "seed" in out and not (tmp_path / "t").exists()
+    code, out = invoke("train", "-p", deep, "--root", tmp_path / "t")
+    assert code == 2 and "nested too deeply" in out
+    deep_set = "model.width_mult=" + "[" * 5000 + "]" * 5000
+    code, out = invoke("train", "-p", "smoke", "--set", deep_set, "--root", tmp_path / "t")
+    assert code == 2 and "nested too deeply" in out
+    code, out = invoke("submit", "--dry-run", "--grid", deep, "--root", tmp_path / "x")
+    assert code == 2 and "nested too deeply" in out

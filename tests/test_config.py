@@ -117,3 +117,22 @@ def test_warmup_longer_than_run_is_rejected():
 
 def test_defaults_are_valid():
     assert RunConfig().optim.lr > 0
+
+
+def test_a_file_named_like_a_profile_in_the_current_folder_is_not_used(tmp_path, monkeypatch):
+    """`smoke` is the shipped profile wherever the command runs; `./smoke.toml` or a path with
+    a `/` is a file. (A bare name that existed in the folder used to win, silently changing
+    the config and run id with the folder, or failing with 'profile file not found'.)"""
+    from deconcnn_cli.config import resolve_named, resolve_profile
+
+    shipped = resolve_profile("smoke")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smoke").write_text("[model]\nwidth_mult = 3.0\n")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "demo").write_text("not a grid")
+    assert resolve_profile("smoke") == shipped
+    assert resolve_profile("base", variant=True).name == "base.toml"
+    assert resolve_profile("base", variant=True).parent.name == "variants"
+    assert resolve_named("demo", "grid").parent.name == "grids"
+    assert resolve_profile("./smoke") == Path("./smoke")
+    assert resolve_profile("my.toml") == Path("my.toml")

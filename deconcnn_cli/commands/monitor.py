@@ -14,9 +14,10 @@ from rich.live import Live
 from rich.padding import Padding
 from rich.text import Text
 
+from deconcnn_cli import contract
 from deconcnn_cli.commands.monitor_view import render
 from deconcnn_cli.commands.options import JsonOpt, SweepRootOpt
-from deconcnn_cli.commands.render import exit_on_error
+from deconcnn_cli.commands.render import exit_on_error, printable
 from deconcnn_cli.sweep.monitor import SweepReport, failure_report, observe_sweep
 from deconcnn_cli.sweep.observe import load_sweep
 from deconcnn_cli.sweep.scheduler import CACHE_TTL_S
@@ -35,7 +36,7 @@ def render_report(report: SweepReport, show_failed: bool, *, fit_height: bool = 
 
 def _indented(text: str, indent: int, style: str = "") -> Padding:
     """A line that wraps under its own indent at any width."""
-    return Padding(Text(text, style=style), (0, 0, 0, indent), expand=False)
+    return Padding(Text(printable(text), style=style), (0, 0, 0, indent), expand=False)
 
 
 def _render_failures(report: SweepReport) -> list[RenderableType]:
@@ -64,7 +65,7 @@ def _json(report: SweepReport, show_failed: bool) -> str:
     if show_failed:
         sweep = load_sweep(report.root)
         data["failures"] = [asdict(failure_report(sweep, r)) for r in report.needs_action]
-    return json.dumps(data, indent=2, default=str)
+    return json.dumps(contract.json_safe(data), indent=2, default=str, allow_nan=False)
 
 
 def monitor(

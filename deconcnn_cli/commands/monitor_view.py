@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from rich.console import Console, ConsoleOptions, RenderableType
 from rich.text import Text
 
+from deconcnn_cli.commands.render import printable
 from deconcnn_cli.sweep.monitor import RunRow, SweepReport
 
 MAX_ROWS = 40  # rows printed at most (--watch: as many as the terminal's height holds)
@@ -159,7 +160,7 @@ def _row_lines(
         cell = cell.rjust(w) if HEADERS[i] in _RIGHT else cell.ljust(w)
         line.append(" " * lay.gaps[i])
         line.append(cell, style=STYLE.get(row.state, "") if HEADERS[i] == "state" else "")
-    detail = row.detail
+    detail = printable(row.detail)
     if row.job_id and cells[-1] != row.job_id:
         detail = detail.replace(row.job_id, cells[-1])  # the tail, as in the job column
     if row.cause and row.cause != row.state:

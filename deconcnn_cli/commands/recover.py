@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from deconcnn_cli import contract
 from deconcnn_cli.commands.options import JsonOpt, SweepRootOpt
 from deconcnn_cli.commands.render import exit_on_error
 from deconcnn_cli.sweep.recover import (
@@ -66,7 +67,11 @@ def recover(
     if (loose := writable_warning(root)) is not None:
         typer.echo(f"warning: {loose}", err=True)
     if as_json:
-        typer.echo(json.dumps({**plan.to_json(), "dry_run": dry_run, "new_jobs": new_jobs}))
+        typer.echo(
+            json.dumps(
+                contract.json_safe({**plan.to_json(), "dry_run": dry_run, "new_jobs": new_jobs})
+            )
+        )
     else:
         _render(plan, dry_run)
         for rid, jobs in sorted(new_jobs.items()):

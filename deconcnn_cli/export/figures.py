@@ -77,8 +77,12 @@ def read_series(root: Path, run_ids: list[str]) -> dict[str, dict[str, dict[str,
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)  # constrained layout: no second "tight" draw
+    """Render to memory, then replace ``path`` atomically: a link (or anything else) already
+    at ``path`` is replaced, never written through."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)  # constrained layout: no second "tight" draw
     plt.close(fig)
+    contract.atomic_write_bytes(path, buf.getvalue())
     return path
 
 

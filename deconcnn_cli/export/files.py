@@ -51,7 +51,10 @@ def format_value(value: Any, dtype: str) -> str:
     if dtype == "float":
         return format_float(value)
     if dtype in ("int", "Int64"):
-        return "nan" if isinstance(value, float) and math.isnan(value) else str(int(value))
+        if isinstance(value, float) and math.isnan(value):
+            return "nan"
+        number = int64_or_none(value)  # beyond int64 (a damaged status.json): not defined
+        return "" if number is None else str(number)
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
@@ -83,6 +86,21 @@ def require_pyarrow() -> Any:
     return pyarrow
 
 
+INT64_MAX = 2**63 - 1
+
+
+def int64_or_none(value: Any) -> int | None:
+    """A nullable-integer cell: None for not defined, NaN, an infinity or a value outside
+    int64 (a damaged status.json can claim any step); the integer otherwise."""
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if -INT64_MAX - 1 <= number <= INT64_MAX else None
+
+
 def write_parquet_rows(rows: list[dict[str, Any]], path: Path) -> None:
     pa = require_pyarrow()
     types = {"int": pa.int64(), "Int64": pa.int64(), "float": pa.float64(), "string": pa.string()}
@@ -92,7 +110,7 @@ def write_parquet_rows(rows: list[dict[str, Any]], path: Path) -> None:
         if c.dtype == "string":
             values = [None if v is None else format_value(v, "string") for v in values]
         elif c.dtype == "Int64":  # an integer column holds no NaN: "could not be computed" -> null
-            values = [None if v is None or v != v else int(v) for v in values]
+            values = [int64_or_none(v) for v in values]
         arrays.append(pa.array(values, type=types[c.dtype]))  # None -> null, nan stays NaN
     table = pa.Table.from_arrays(arrays, names=list(COLUMN_NAMES))
     tmp = path.with_name(f".{path.name}.tmp")

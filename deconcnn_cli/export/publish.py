@@ -48,7 +48,7 @@ def lock_path(out: Path) -> Path:
     return out.with_name(f".{out.stem}.export.lock")
 
 
-def _sweep_root_above(folder: Path) -> Path | None:
+def sweep_root_above(folder: Path) -> Path | None:
     """The sweep root ``folder`` lies inside (strictly below it), if any."""
     for above in folder.resolve().parents:
         if (above / SWEEP_MANIFEST).is_file():
@@ -69,7 +69,7 @@ def check_destinations(out: Path, meta_path: Path, ts_dir: Path | None, source_r
                 f"{path} is a folder, not a file export may replace",
                 "give the table a file name (e.g. results.csv)",
             )
-    if (inside := _sweep_root_above(out.parent)) is not None:
+    if (inside := sweep_root_above(out.parent)) is not None:
         raise ExportError(
             f"{out.parent} lies inside the sweep root {inside}: export never writes among a "
             "sweep's runs and jobs",

@@ -24,7 +24,8 @@ from deconcnn_cli.errors import DeconError
 from deconcnn_cli.export import stats
 from deconcnn_cli.export.columns import COLUMN_NAMES, DTYPES, require_columns
 from deconcnn_cli.export.dataset import Dataset, VerifyFn, collect, verify_problem
-from deconcnn_cli.export.files import RUNS_DIR
+from deconcnn_cli.export.files import RUNS_DIR, int64_or_none
+from deconcnn_cli.export.publish import sweep_root_above as _sweep_root_above
 
 REPORT_FILE = "report.html"
 STATS_FILE = "report.json"
@@ -63,8 +64,7 @@ def to_frame(data: Dataset) -> Any:
         elif kind == "int":
             cols[name] = pd.Series(values, dtype="int64")
         elif kind == "Int64":
-            ints = [None if v is None or v != v else int(v) for v in values]
-            cols[name] = pd.Series(ints, dtype="Int64")
+            cols[name] = pd.Series([int64_or_none(v) for v in values], dtype="Int64")
         else:
             strings = [None if v is None else str(v) for v in values]
             cols[name] = pd.Series(strings, dtype="string")
@@ -132,6 +132,15 @@ def build_report(
     root, out = Path(root), Path(out)
     if out.exists() and not out.is_dir():
         raise ReportError(f"{out} exists and is not a folder", "give --out a folder")
+    inside = _sweep_root_above(out)
+    beside_runs = inside is not None and out.resolve().parent == inside
+    if inside is not None and not (beside_runs and out.name not in (RUNS_DIR, "jobs")):
+        raise ReportError(
+            f"{out} lies inside the sweep root {inside}: the report never writes among a "
+            "sweep's runs and jobs",
+            f"write it outside the sweep root, or into a folder of its own at its top "
+            f"(e.g. {inside / 'report'})",
+        )
     data = collect(root, verify=verify)
     df = to_frame(data)
     h1, h2 = hypothesis_tables(df)
@@ -171,23 +180,12 @@ def build_report(
     }
     stats_json = out / STATS_FILE
     contract.atomic_write_bytes(
-        stats_json, (json.dumps(_json_safe(payload), indent=2) + "\n").encode()
+        stats_json, (json.dumps(contract.json_safe(payload), indent=2) + "\n").encode()
     )
     page = render_html(payload, figs)
     html_path = out / REPORT_FILE
     contract.atomic_write_bytes(html_path, page.encode())
     return Report(out, html_path, stats_json, figs, h1, h2, list(data.warnings))
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN -> null (JSON has no NaN)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +382,7 @@ def budget_verdict(overhead: float | None) -> str:
 
 
 def render_html(payload: dict[str, Any], figs: dict[str, Path]) -> str:
-    p = _json_safe(payload)
+    p = contract.json_safe(payload)
     counts = ", ".join(f"{n} {s}" for s, n in p["counts_by_status"].items())
     total = sum(p["counts_by_status"].values())
     warn = "".join(f'<li class="warn">{html.escape(w)}</li>' for w in p["warnings"])

@@ -9,6 +9,7 @@ action, the tail of its log or traceback and the command that fixes it. No torch
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -120,6 +121,15 @@ def attempt_seconds(
     An attempt runs from its start line to its end line (``event: end``); without one, to the
     next attempt's start, or for the last attempt to its heartbeat (``now`` if still running).
     """
+
+    def when(value: Any) -> float | None:
+        """A usable time: a finite number between 1970 and a day from now (a damaged or
+        hand-edited line cannot make the hours infinite or astronomical)."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        t = float(value)
+        return t if math.isfinite(t) and 0 <= t <= now + 86400 else None
+
     starts: dict[int, float] = {}
     ends: dict[int, tuple[float | None, str | None]] = {}
     for rec in attempts:
@@ -128,9 +138,9 @@ def attempt_seconds(
             continue
         if rec.get("event") == "end":
             t = rec.get("end_unix", rec.get("time_unix", rec.get("time")))
-            ends[n] = (float(t) if isinstance(t, int | float) else None, rec.get("state"))
-        elif isinstance(rec.get("start_unix"), int | float):
-            starts[n] = float(rec["start_unix"])
+            ends[n] = (when(t), rec.get("state"))
+        elif (start := when(rec.get("start_unix"))) is not None:
+            starts[n] = start
     used = wasted = 0.0
     order = sorted(starts)
     for i, n in enumerate(order):
@@ -139,9 +149,9 @@ def attempt_seconds(
             if i + 1 < len(order):
                 end = starts[order[i + 1]]
             else:
-                beat = status.get("heartbeat_unix")
+                beat = when(status.get("heartbeat_unix"))
                 live = status.get("state") == contract.RUNNING
-                end = now if live else (float(beat) if isinstance(beat, int | float) else now)
+                end = now if live or beat is None else beat
                 end_state = end_state or status.get("state")
         secs = max(0.0, end - starts[n])
         used += secs

@@ -236,3 +236,27 @@ def test_cost_verdicts_follow_the_decided_budget():
         "on goal", "on goal", "within budget", "within budget", "over ceiling",
     ]  # fmt: skip
     assert budget_verdict(None) == "no data"
+
+
+def test_report_replaces_links_and_never_writes_among_the_runs(grid: Path, tmp_path: Path):
+    """A link where a figure goes is replaced, not written through (the file it points to
+    stays as it was); --out among the runs or jobs is refused before anything is written,
+    and a folder at the sweep root's top (the default <root>/report) is allowed."""
+    out = tmp_path / "rep"
+    out.mkdir()
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"VICTIM")
+    (out / "curvature.png").symlink_to(victim)
+    proc = run_cli("report", "--root", str(grid), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert victim.read_bytes() == b"VICTIM"
+    link = out / "curvature.png"
+    assert not link.is_symlink() and link.read_bytes().startswith(b"\x89PNG")
+    before = sorted(p.name for p in (grid / "runs").iterdir())
+    run_dir = grid / "runs" / before[0]
+    for bad in (grid / "runs", run_dir, run_dir / "metrics", grid / "jobs", grid / "runs" / "x"):
+        proc = run_cli("report", "--root", str(grid), "--out", str(bad))
+        assert proc.returncode == 2, (bad, proc.stdout, proc.stderr)
+        assert proc.stderr.startswith("error: ") and "never writes among" in proc.stderr
+    assert sorted(p.name for p in (grid / "runs").iterdir()) == before
+    assert not list(run_dir.glob("*.png")) and not (grid / "runs" / "x").exists()
