@@ -82,6 +82,13 @@ def checkpoint_name(next_step: int) -> str:
     return f"ckpt_{next_step:09d}.pt"
 
 
+# Columns appended to a stream since runs were first written: a run begun by older code keeps
+# its file's header without them (training/writer.py), and verify accepts that header
+STREAM_COLUMNS_ADDED: dict[str, tuple[str, ...]] = {
+    "curvature": ("sharpness_norm",),
+    "shape": ("alpha_early_se", "alpha_full_se", "alpha_early_lr_se", "alpha_full_lr_se"),
+}
+
 # ---- metric streams: name -> columns. "step" is the optimizer step (from 0) the row belongs to.
 STREAMS: dict[str, tuple[str, ...]] = {
     "step": ("step", "epoch", "loss_train_nats", "loss_train_bits", "acc_train", "lr", "wd"),

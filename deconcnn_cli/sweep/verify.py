@@ -254,6 +254,9 @@ def _check_stream(
     """A stream's problems: its steps against its cadence and, unless the run diverged, its
     non-finite cells. A regular stream whose checked cells are all finite numbers is decided
     from one vectorised parse; anything else is read cell by cell as ``_nan_problems`` says."""
+    header = _header_problem(name, path)
+    if header is not None:  # columns not the documented ones: the cells cannot be trusted
+        return [Problem(run_id, f"{contract.METRICS_DIR}/{name}.csv", "stream_header", header)]
     table = _regular_table(path)
     rows: list[dict[str, str]] | None = None
     if table is not None:
@@ -274,6 +277,26 @@ def _check_stream(
     if diverged_at is None and rows is not None:
         out += _nan_problems(run_id, name, rows, warned)
     return out
+
+
+def _header_problem(name: str, path: Path) -> str | None:
+    """Why the stream's header is not its documented one (or the documented one without the
+    columns appended since, as a run begun by older code writes it); None when it is."""
+    try:
+        with contract.open_regular(path) as f:
+            first = f.readline(65536).decode(errors="replace")
+    except OSError:
+        return None  # unreadable: the row checks say what is missing
+    if not first.strip():
+        return None
+    columns = tuple(first.rstrip("\r\n").split(","))
+    documented = contract.STREAMS[name]
+    added = contract.STREAM_COLUMNS_ADDED.get(name, ())
+    older = tuple(c for c in documented if c not in added)
+    if columns in (documented, older):
+        return None
+    text = ",".join(columns)
+    return f"header {text[:200]!r} is not the documented {','.join(documented)!r}"
 
 
 def _sha256(path: Path) -> str | None:

@@ -214,3 +214,26 @@ def test_not_a_sweep_is_bad_input(tmp_path: Path) -> None:
     assert proc.stderr.startswith("error: ") and "hint: " in proc.stderr
     assert "Traceback" not in proc.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["runs"]
+
+
+def _drop_column(path: Path, column: str) -> None:
+    lines = path.read_text().splitlines()
+    at = lines[0].split(",").index(column)
+    rows = [",".join(c for i, c in enumerate(line.split(",")) if i != at) for line in lines]
+    path.write_text("\n".join(rows) + "\n")
+
+
+def test_a_stream_header_not_the_documented_one_fails(sweep_copy: Path) -> None:
+    """A duplicated column (lr renamed as another) or a documented column missing from the
+    header and every row: the cells cannot be trusted, so verify names the header. A header
+    of older code (curvature without the appended sharpness_norm) is still clean."""
+    a, b = _runs(sweep_copy, "completed")
+    step = contract.stream_path(a, "step")
+    lines = step.read_text().splitlines(keepends=True)
+    step.write_text(lines[0].replace(",lr,", ",loss_train_nats,") + "".join(lines[1:]))
+    _drop_column(contract.stream_path(b, "val"), "weight_norm")
+    _drop_column(contract.stream_path(a, "curvature"), "sharpness_norm")
+    assert _kinds(sweep_copy) == {
+        (f"runs/{a.name}/metrics/step.csv", "stream_header"),
+        (f"runs/{b.name}/metrics/val.csv", "stream_header"),
+    }
