@@ -110,6 +110,16 @@ class AnalysisConfig(_Strict):
     # precision"); fp32 is exact to ~1e-6, fp16/bf16 autocast is cheaper on tensor cores
     hvp_precision: Literal["fp32", "fp16", "bf16"] = "fp32"
 
+    @model_validator(mode="after")
+    def _window_is_ordered(self) -> AnalysisConfig:
+        start, end = self.alpha_early_epochs
+        if not 0 <= start < end:
+            raise ValueError(
+                f"alpha_early_epochs [{start:g}, {end:g}] is not a window [start, end) with "
+                "0 <= start < end (e.g. [5, 15])"
+            )
+        return self
+
 
 class RunConfig(_Strict):
     """Everything that defines one training run."""
@@ -404,21 +414,29 @@ def dict_changes(
 
 
 class GridAxes(_Strict):
-    """The swept axes; every combination is one run."""
+    """The swept axes; every combination is one run. Values are numbers as written: a
+    string (``"0.1"``) or a boolean (``true``) is refused, never coerced into a run."""
 
-    lr: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)]
-    weight_decay: Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=1)]
-    seed: Annotated[list[Annotated[int, Field(ge=0, le=MAX_SEED)]], Field(min_length=1)]
+    lr: Annotated[list[Annotated[float, Field(gt=0, strict=True)]], Field(min_length=1)]
+    weight_decay: Annotated[list[Annotated[float, Field(ge=0, strict=True)]], Field(min_length=1)]
+    seed: Annotated[
+        list[Annotated[int, Field(ge=0, le=MAX_SEED, strict=True)]], Field(min_length=1)
+    ]
 
 
 class VariantAxes(_Strict):
     """Per-variant replacement of some axes (e.g. a sane lr range for adamw)."""
 
-    lr: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] | None = None
-    weight_decay: Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=1)] | None = None
-    seed: Annotated[list[Annotated[int, Field(ge=0, le=MAX_SEED)]], Field(min_length=1)] | None = (
+    lr: Annotated[list[Annotated[float, Field(gt=0, strict=True)]], Field(min_length=1)] | None = (
         None
     )
+    weight_decay: (
+        Annotated[list[Annotated[float, Field(ge=0, strict=True)]], Field(min_length=1)] | None
+    ) = None
+    seed: (
+        Annotated[list[Annotated[int, Field(ge=0, le=MAX_SEED, strict=True)]], Field(min_length=1)]
+        | None
+    ) = None
 
 
 class GridSpec(_Strict):

@@ -356,9 +356,18 @@ def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
         raise
 
 
-def read_regular(path: str | os.PathLike[str]) -> bytes:
-    """The bytes of the regular file ``path`` (:func:`open_regular`'s refusals, as OSError)."""
+# The largest JSON / JSON-lines file a reader loads (a status.json is ~2 KB, a 100,000-run
+# sweep.json ~200 MB): a file grown to gigabytes (NULs a crash left, a runaway writer) is
+# unreadable at once instead of filling the memory
+MAX_JSON_BYTES = 512 * 2**20
+
+
+def read_regular(path: str | os.PathLike[str], limit: int | None = None) -> bytes:
+    """The bytes of the regular file ``path`` (:func:`open_regular`'s refusals, as OSError);
+    with ``limit``, a larger file is refused (``EFBIG``) before it is read."""
     with open_regular(path) as f:
+        if limit is not None and os.fstat(f.fileno()).st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
         return f.read()
 
 
@@ -366,7 +375,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
     """The JSON object in ``path``, or None when it is missing or unreadable (a truncated or
     binary file, a directory, a link to nowhere, a value that is not an object)."""
     try:
-        value = json.loads(read_regular(path).decode())
+        value = json.loads(read_regular(path, MAX_JSON_BYTES).decode())
     except (OSError, ValueError, RecursionError):  # ValueError: JSON and UTF-8 decode errors
         return None
     return value if isinstance(value, dict) else None
@@ -392,7 +401,7 @@ def read_jsonl_checked(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     file. A bad line (a stray byte, a NUL, a torn write) costs that line only; a partial last
     line (no newline yet: a live writer, or a crash mid-write) is left out and not counted."""
     try:
-        data = read_regular(path)
+        data = read_regular(path, MAX_JSON_BYTES)
     except OSError:
         return [], []
     out: list[dict[str, Any]] = []
@@ -500,6 +509,9 @@ class RunView:
         return self.state in TERMINAL_STATES
 
 
+FUTURE_HEARTBEAT_S = 3600  # a heartbeat further ahead of this host's clock is not believed
+
+
 def derive_state(status: dict[str, Any] | None, now: float | None = None) -> str:
     """The run's state as an observer sees it: ``running`` with a stale heartbeat is stalled."""
     if not status:
@@ -510,7 +522,12 @@ def derive_state(status: dict[str, Any] | None, now: float | None = None) -> str
     if state == RUNNING:
         beat = status.get("heartbeat_unix")
         now = time.time() if now is None else now
-        if not isinstance(beat, int | float) or now - beat > STALLED_AFTER_S:
+        if isinstance(beat, bool) or not isinstance(beat, int | float):
+            return STALLED
+        age = now - beat
+        # stale, not a number, or from more than an hour ahead (a wrong clock or a damaged
+        # file would otherwise keep a hung run `running` forever; an hour leaves room for skew)
+        if not math.isfinite(age) or age > STALLED_AFTER_S or age < -FUTURE_HEARTBEAT_S:
             return STALLED
     return state
 

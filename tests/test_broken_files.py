@@ -357,3 +357,21 @@ def test_seeds_beyond_int64_and_deep_toml_are_bad_input(tmp_path: Path) -> None:
     assert code == 2 and "nested too deeply" in out
     code, out = invoke("submit", "--dry-run", "--grid", deep, "--root", tmp_path / "x")
     assert code == 2 and "nested too deeply" in out
+
+
+def test_a_json_file_grown_to_gigabytes_is_unreadable_without_reading_it(root: Path) -> None:
+    """A status.json of 2 GiB of NULs (sparse: nothing is written to disk) used to cost
+    monitor 4 GB of memory; past contract.MAX_JSON_BYTES it is refused from its size."""
+    import os
+
+    path = status_path(root, "done")
+    with open(path, "r+b") as f:
+        f.truncate(2 * 2**30)
+    assert os.path.getsize(path) > contract.MAX_JSON_BYTES
+    assert contract.read_json(path) is None
+    view = contract.view_run(root / "runs" / "done")
+    assert view.state == contract.COMPLETED and view.unreadable is not None  # from summary.json
+    code, out = invoke("monitor", "--root", root, "--json")
+    assert code == 0 and {r["run_id"]: r["state"] for r in json.loads(out)["runs"]}["done"] == (
+        "completed"
+    )

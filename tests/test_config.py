@@ -136,3 +136,22 @@ def test_a_file_named_like_a_profile_in_the_current_folder_is_not_used(tmp_path,
     assert resolve_named("demo", "grid").parent.name == "grids"
     assert resolve_profile("./smoke") == Path("./smoke")
     assert resolve_profile("my.toml") == Path("my.toml")
+
+
+def test_grid_axes_take_numbers_as_written_and_the_early_window_is_ordered(tmp_path):
+    """`lr = ["0.1"]` or `seed = [true]` are refused (they were coerced into runs), and an
+    early window [15, 5) is no window."""
+    from deconcnn_cli.sweep.grid import load_grid
+
+    grid = tmp_path / "g.toml"
+    grid.write_text(
+        'name = "g"\nvariants = ["base"]\n[axes]\nlr = ["0.1"]\nweight_decay = [0.001]\n'
+        "seed = [true]\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_grid(str(grid))
+    assert "axes.lr.0" in info.value.message and "axes.seed.0" in info.value.message
+    grid.write_text(grid.read_text().replace('["0.1"]', "[1]").replace("[true]", "[0]"))
+    assert load_grid(str(grid)).axes.lr == [1.0]  # an integer is a number
+    with pytest.raises(ConfigError, match="alpha_early_epochs"):
+        load_run_config(variant="base", overrides=["analysis.alpha_early_epochs=[15, 5]"])

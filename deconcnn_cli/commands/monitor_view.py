@@ -9,6 +9,7 @@ runs into one line. docs/cluster.md shows it as it prints.
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 import textwrap
@@ -44,9 +45,12 @@ _RUN_ID = re.compile(r"^(?P<v>.+)_lr(?P<lr>[^_]+)_wd(?P<wd>[^_]+)_s(?P<s>\d+)_(?
 
 
 def duration(seconds: float | None) -> str:
-    """``2d03h``, ``4h05m``, ``12m03s``; ``unknown`` for None."""
-    if seconds is None:
+    """``2d03h``, ``4h05m``, ``12m03s``; ``unknown`` for None or a value that is not a finite
+    number; ``>999d`` beyond (a rate of 1e-300 steps/s would print 300 digits)."""
+    if seconds is None or not math.isfinite(seconds):
         return "unknown"
+    if seconds >= 1000 * 86400:
+        return ">999d"
     d, rem = divmod(int(seconds), 86400)
     h, rem = divmod(rem, 3600)
     if d:

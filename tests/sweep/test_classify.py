@@ -97,3 +97,20 @@ def test_classification_table(given: tuple, expected: tuple) -> None:
     ob = C.classify_run("r", v, j, job_is_newer=newer)
     assert (ob.state, ob.cause) == expected, ob.detail
     assert ob.state in C.SWEEP_STATES
+
+
+@pytest.mark.parametrize(
+    ("beat", "state"),
+    [
+        (NOW - 5, "running"),
+        (NOW + 60, "running"),  # clock skew between hosts: believed
+        (NOW - contract.STALLED_AFTER_S - 1, "stalled"),
+        (NOW + contract.FUTURE_HEARTBEAT_S + 1, "stalled"),  # from the future: not believed
+        (float("nan"), "stalled"),
+        (float("inf"), "stalled"),
+        (True, "stalled"),
+        ("12", "stalled"),
+    ],
+)
+def test_a_heartbeat_is_believed_only_when_it_is_a_recent_number(beat: object, state: str):
+    assert contract.derive_state({"state": "running", "heartbeat_unix": beat}, NOW) == state

@@ -350,3 +350,13 @@ def test_docs_show_the_glance_as_it_prints_at_80_columns() -> None:
         assert header.split() == ["run", "state", "epoch", "step", "step/s", "att", "job"]
         assert any(line.startswith("pending: ") for line in lines)
         assert not re.search(r"\spending\s+\d+\.\d\d\s", block)
+
+
+def test_durations_stay_short_whatever_the_rate():
+    from deconcnn_cli.commands.monitor_view import duration
+
+    assert [duration(s) for s in (None, 59, 3700, 2 * 86400 + 3600)] == [
+        "unknown", "0m59s", "1h01m", "2d01h",
+    ]  # fmt: skip
+    assert duration(1e300) == ">999d" and duration(float("inf")) == "unknown"
+    assert duration(float("nan")) == "unknown"
