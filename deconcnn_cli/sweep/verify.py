@@ -361,6 +361,17 @@ def verify_run(run_dir: Path, run_id: str | None = None) -> tuple[str, list[Prob
         msg = f"config has no usable schedule/cadence ({type(exc).__name__}: {exc})"
         return view.state, [Problem(run_id, contract.CONFIG_FILE, "unreadable", msg)]
     problems: list[Problem] = []
+    total = len(expected["step"])
+    if view.state == contract.COMPLETED and (view.step, view.total_steps) != (total, total):
+        problems.append(
+            Problem(
+                run_id,
+                contract.STATUS_FILE,
+                "status_steps",
+                f"completed at step {view.step} of {view.total_steps}, but its config gives "
+                f"{total} steps",
+            )
+        )
     if record.get("run_id") not in (None, run_id):
         problems.append(
             Problem(run_id, contract.CONFIG_FILE, "foreign", f"holds run {record['run_id']!r}")

@@ -237,3 +237,12 @@ def test_a_stream_header_not_the_documented_one_fails(sweep_copy: Path) -> None:
         (f"runs/{a.name}/metrics/step.csv", "stream_header"),
         (f"runs/{b.name}/metrics/val.csv", "stream_header"),
     }
+
+
+def test_a_completed_run_whose_status_claims_another_step_count_fails(sweep_copy: Path) -> None:
+    run = _runs(sweep_copy, "completed")[0]
+    path = run / contract.STATUS_FILE
+    status = json.loads(path.read_text())
+    status["step"] = 5
+    path.write_text(json.dumps(status))
+    assert _kinds(sweep_copy) == {(f"runs/{run.name}/status.json", "status_steps")}
