@@ -51,6 +51,25 @@ def hold(fd: int, path: Path, excl_path: Path, timeout_s: float, busy: Busy) -> 
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def lock_file(
+    path: Path, timeout_s: float, busy: Busy, cannot_open: Callable[[OSError], Exception]
+) -> Iterator[None]:
+    """Hold the lock file ``path`` (created if needed) for the block: ``flock``, or where the
+    filesystem refuses it the exclusive-create fallback ``<path>.excl``. ``cannot_open``
+    turns an OSError opening it (a read-only folder, a file where a folder belongs) into the
+    caller's error; ``busy`` says who holds it after ``timeout_s``."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise cannot_open(exc) from None
+    try:
+        with hold(fd, path, path.with_name(path.name + ".excl"), timeout_s, busy):
+            yield
+    finally:
+        os.close(fd)
+
+
 def holder() -> str:
     return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
 

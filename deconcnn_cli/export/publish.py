@@ -155,19 +155,15 @@ def output_lock(out: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     """Hold the export lock of ``out`` for the block; wait up to ``timeout_s`` for another
     export of the same output, then refuse (:class:`ExportError`)."""
     path = lock_path(out)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise ExportError(
+
+    def cannot_open(exc: OSError) -> ExportError:
+        return ExportError(
             f"cannot create the export lock {path}: {exc.strerror}",
             f"check that {out.parent} is writable",
-        ) from None
-    try:
-        excl = path.with_name(path.name + ".excl")
-        with locking.hold(fd, path, excl, timeout_s, _busy):
-            yield
-    finally:
-        os.close(fd)
+        )
+
+    with locking.lock_file(path, timeout_s, _busy, cannot_open):
+        yield
 
 
 def _busy(path: Path, holder: str) -> ExportError:

@@ -9,7 +9,6 @@ is written atomically, so concurrent ``submit``/``recover`` calls never lose or 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,21 +153,21 @@ class SweepStore:
         exclusive-create lock file holding the holder's host and pid.
         """
         path = self.root / LOCK_FILE
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:  # a file where the root belongs, a read-only filesystem, ...
-            raise SweepLockError(
+
+        def cannot_open(exc: OSError) -> SweepLockError:
+            # a file where the root belongs, a read-only filesystem, ...
+            return SweepLockError(
                 f"cannot take the sweep lock {path}: {exc.strerror or exc}",
                 "submit and recover write into the sweep root: give a writable folder (monitor, "
                 "verify, export and recover --dry-run only read)",
-            ) from None
+            )
+
         try:
-            excl = self.root / (LOCK_FILE + ".excl")
-            with locking.hold(fd, path, excl, timeout_s, _lock_busy):
-                yield
-        finally:
-            os.close(fd)
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise cannot_open(exc) from None
+        with locking.lock_file(path, timeout_s, _lock_busy, cannot_open):
+            yield
 
 
 def _lock_busy(path: Path, holder: str) -> SweepError:
