@@ -129,3 +129,35 @@ def tree_snapshot(root: Path) -> dict[str, float]:
 
 def slurm_time(unix: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(unix))
+
+
+def start_job_on_a_long_run(
+    root: Path, env: dict[str, str] | None = None, **group: Any
+) -> tuple[Any, Path]:
+    """A real job process (``RunGroup`` in a subprocess, its real ``decon train`` child) on
+    one 60-epoch smoke run under ``root``, returned once the run has trained a step (so a
+    signal then finds it mid-run): (the process, the run directory). ``group``: extra
+    ``RunGroup`` arguments (``mps=True``); ``env`` on top of this environment."""
+    import os
+    import subprocess
+    import sys
+
+    from deconcnn_cli.sweep.grid import expand_grid_runs, load_grid
+    from deconcnn_cli.sweep.store import SweepStore
+
+    cfg = expand_grid_runs(load_grid("smoke"))[0].config
+    long = cfg.model_copy(update={"schedule": cfg.schedule.model_copy(update={"epochs": 60})})
+    run_dir = SweepStore(root).write_run_config(long)
+    extra = "".join(f", {k}={v!r}" for k, v in group.items())
+    code = (
+        "from deconcnn_cli.sweep.job import RunGroup; "
+        f"RunGroup([{str(run_dir)!r}], max_attempts=2{extra})()"
+    )
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_CPUS_PER_TASK": "1", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=full_env)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while contract.view_run(run_dir).step < 1:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    return proc, run_dir

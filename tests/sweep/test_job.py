@@ -11,6 +11,7 @@ import pytest
 from deconcnn_cli.contract import GPU_SHARE_ENV
 from deconcnn_cli.sweep import job
 from deconcnn_cli.sweep.job import RunGroup, child_env, needs_start, train_command
+from tests.sweep.fakes import start_job_on_a_long_run
 from tests.test_completion import _complete
 
 
@@ -64,29 +65,11 @@ def test_sigterm_saves_the_runs_and_the_job_exits_without_a_result(tmp_path):
     """What an external requeue or a cancel looks like to the job: SIGTERM. The run
     checkpoints, and the job exits 143 instead of returning or raising (a result would tell
     submitit the job is over while SLURM requeues it)."""
-    import os
     import signal
-    import time
 
     from deconcnn_cli import contract
-    from deconcnn_cli.sweep.grid import expand_grid_runs, load_grid
-    from deconcnn_cli.sweep.store import SweepStore
 
-    spec = load_grid("smoke")
-    cfg = expand_grid_runs(spec)[0].config
-    long = cfg.model_copy(update={"schedule": cfg.schedule.model_copy(update={"epochs": 60})})
-    run_dir = SweepStore(tmp_path).write_run_config(long)
-    code = (
-        "import sys; from deconcnn_cli.sweep.job import RunGroup; "
-        f"RunGroup([{str(run_dir)!r}], max_attempts=2)()"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_CPUS_PER_TASK": "1"}
-    job = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while contract.view_run(run_dir).step < 1:
-        assert job.poll() is None and time.monotonic() < deadline, job.stdout.read()
-        time.sleep(0.2)
+    job, run_dir = start_job_on_a_long_run(tmp_path)
     job.send_signal(signal.SIGTERM)
     out, _ = job.communicate(timeout=300)
     assert job.returncode == 143, out

@@ -7,9 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ import pytest
 from deconcnn_cli import contract
 from deconcnn_cli.sweep import job, mps
 from deconcnn_cli.sweep.job import RunGroup, child_env
+from tests.sweep.fakes import start_job_on_a_long_run
 
 FAKE = """#!/bin/sh
 # a fake MPS control program: -d "starts" a daemon (a marker in the pipe directory); commands
@@ -117,26 +115,10 @@ def test_sigterm_quits_the_daemon_and_the_run_recorded_it_ran_under_mps(tmp_path
     """A real job process, a real `decon train` child: the child inherits the daemon's
     environment (status.json and the attempt's start line say mps), and the job's SIGTERM
     (a cancel, a requeue) quits the daemon."""
-    from deconcnn_cli.sweep.grid import expand_grid_runs, load_grid
-    from deconcnn_cli.sweep.store import SweepStore
 
     log = install_fake_mps(monkeypatch, tmp_path / "bin")
-    spec = load_grid("smoke")
-    cfg = expand_grid_runs(spec)[0].config
-    long = cfg.model_copy(update={"schedule": cfg.schedule.model_copy(update={"epochs": 60})})
-    run_dir = SweepStore(tmp_path / "sweep").write_run_config(long)
-    code = (
-        "from deconcnn_cli.sweep.job import RunGroup; "
-        f"RunGroup([{str(run_dir)!r}], max_attempts=2, mps=True)()"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLURM_CPUS_PER_TASK": "1"}
-    env.update(TMPDIR=str(tmp_path), SLURM_JOB_ID="777")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while contract.view_run(run_dir).step < 1:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-        time.sleep(0.2)
+    env = {"TMPDIR": str(tmp_path), "SLURM_JOB_ID": "777"}
+    proc, run_dir = start_job_on_a_long_run(tmp_path / "sweep", env, mps=True)
     assert calls(log) == ["-d", "get_server_list"]  # running: not quit yet
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
