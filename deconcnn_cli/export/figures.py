@@ -23,7 +23,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from deconcnn_cli import contract  # noqa: E402
-from deconcnn_cli.export.stats import R2_THRESHOLD  # noqa: E402
+from deconcnn_cli.export.stats import R2_THRESHOLD, finished  # noqa: E402
 
 DPI = 110
 N_CURVE_BINS = 60  # log-uniform bins of t for the loss-curve figure
@@ -409,25 +409,16 @@ def _axes_values(df: Any) -> tuple[list[float], list[float]]:
     return sorted(df["lr"].unique()), sorted(df["weight_decay"].unique())
 
 
-def _finished(df: Any) -> Any:
-    """The completed runs that pass verification (``verify_problem`` empty): the runs whose
-    final values are final. A failed or stalled run's last validation is mid-training."""
-    done = df["status"] == "completed"
-    if "verify_problem" in df.columns:
-        done &= df["verify_problem"].fillna("").astype(str).str.len() == 0
-    return df[done]
-
-
 def _cell_medians(sub: Any, lrs: list[float], wds: list[float]) -> tuple[np.ndarray, list]:
     """Median ``final_loss_val_nats`` over the completed, verified runs of each (wd, lr) cell
     of one variant, and each cell's text: the median and how many runs it is of."""
     grid = np.full((len(wds), len(lrs)), np.nan)
     texts = []
-    done = _finished(sub)
+    done = sub[finished(sub)]
     for (i, wd), (j, lr) in ((a, b) for a in enumerate(wds) for b in enumerate(lrs)):
         cell = sub[(sub["lr"] == lr) & (sub["weight_decay"] == wd)]
-        finished = done[(done["lr"] == lr) & (done["weight_decay"] == wd)]
-        vals = finished["final_loss_val_nats"].to_numpy(dtype=float, na_value=np.nan)
+        final = done[(done["lr"] == lr) & (done["weight_decay"] == wd)]
+        vals = final["final_loss_val_nats"].to_numpy(dtype=float, na_value=np.nan)
         vals = vals[np.isfinite(vals)]
         if vals.size:
             grid[i, j] = np.median(vals)

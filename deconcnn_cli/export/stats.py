@@ -94,15 +94,21 @@ def _groups(df: Any) -> list[tuple[str, str, Any]]:
     return out
 
 
+def finished(df: Any) -> Any:
+    """Boolean mask of the runs whose results are final: completed, and passing verification
+    (``verify_problem`` empty, where the column is there). A failed or stalled run's last
+    values are mid-training; a run failing ``decon verify`` may rest on missing or foreign
+    data (a gap in a stream, a checksum, a foreign config)."""
+    done = df["status"] == "completed"
+    if "verify_problem" in df.columns:
+        done &= df["verify_problem"].fillna("").astype(str).str.len() == 0
+    return done
+
+
 def _eligible(df: Any, columns: tuple[str, ...]) -> tuple[Any, int, int]:
     """(completed runs with finite values in ``columns`` that pass verification, n diverged,
-    n excluded otherwise). A run whose files fail ``decon verify`` (``verify_problem``: a
-    gap in a stream, a checksum, a foreign config) is excluded: its fits may rest on
-    missing or foreign data."""
-    completed = df["status"] == "completed"
-    if "verify_problem" in df.columns:
-        problem = df["verify_problem"].fillna("").astype(str).str.len() > 0
-        completed = completed & ~problem
+    n excluded otherwise): :func:`finished` runs only."""
+    completed = finished(df)
     finite = np.ones(len(df), dtype=bool)
     for col in columns:
         finite &= np.isfinite(df[col].to_numpy(dtype=float, na_value=np.nan))
