@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from deconcnn_cli.contract import read_attempts, read_json
+from deconcnn_cli.contract import read_attempts
+from deconcnn_cli.fileio import read_json
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = [  # training-bound: analysis cadences off, width 1/4 at 16 px, 4 epochs of 13 steps

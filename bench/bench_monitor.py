@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from deconcnn_cli.contract import atomic_write_json  # noqa: E402
+from deconcnn_cli.fileio import atomic_write_json  # noqa: E402
 
 TARGET_S = {216: 1.0, 10_000: 5.0}
 ARRAY_MAX = 1000

@@ -109,7 +109,7 @@ def worker(variant: str, steps: int, precision: str, run_dir: Path) -> None:
 
 
 def _start(variant: str, steps: int, run_dir: Path, share: int, precision: str, env=None):
-    from deconcnn_cli.sweep.job import child_env
+    from deconcnn_cli.runenv import child_env
 
     args = [sys.executable, __file__, "--worker", variant, "--steps", str(steps)]
     extra = [x for e in EXTRA for x in ("--set", e)]
@@ -124,7 +124,7 @@ def _dry() -> bool:
 
 
 def _status(run_dir: Path) -> dict:
-    from deconcnn_cli.contract import read_json
+    from deconcnn_cli.fileio import read_json
 
     return read_json(run_dir / "status.json") or {}
 
@@ -241,7 +241,7 @@ def check_variant(
 
 
 def _events(run_dir: Path) -> list[str]:
-    from deconcnn_cli.contract import read_jsonl
+    from deconcnn_cli.fileio import read_jsonl
 
     return [
         e.get("message", "")[:160]

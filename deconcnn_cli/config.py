@@ -16,14 +16,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from deconcnn_cli.contract import (
-    CONFIG_FILE,
-    NAME_PATTERN,
-    atomic_write_json,
-    read_json,
-    read_regular,
-)
+from deconcnn_cli.contract import CONFIG_FILE, NAME_PATTERN
 from deconcnn_cli.errors import ConfigError, RunDirError
+from deconcnn_cli.fileio import atomic_write_json, read_json, read_regular
 
 MAX_SEED = 2**63 - 1  # what torch.manual_seed takes without overflow (a seed is an int64)
 

@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from deconcnn_cli.contract import read_regular
+from deconcnn_cli.contract import STALLED_AFTER_S
+from deconcnn_cli.fileio import read_regular
 
 STALE_EXCL_S = 3600.0  # an exclusive-create lock this old, its holder dead on this host
 NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
@@ -97,7 +98,11 @@ def excl_lock(path: Path, timeout_s: float, busy: Busy) -> Iterator[None]:
         except FileExistsError:
             held = _read_holder(path)
             stale = time.time() - float(held.get("since") or 0) > STALE_EXCL_S
-            if stale and held.get("host") == socket.gethostname() and not alive(held.get("pid")):
+            if (
+                stale
+                and held.get("host") == socket.gethostname()
+                and not pid_alive(held.get("pid"))
+            ):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                 continue
@@ -123,8 +128,9 @@ def _read_holder(path: Path) -> dict[str, Any]:
     return held if isinstance(held, dict) else {}
 
 
-def alive(pid: Any) -> bool:
-    """A process with this pid exists on this host (one of another user's counts)."""
+def pid_alive(pid: Any) -> bool:
+    """A process with this pid exists on this host (one of another user's counts): the one
+    rule for "is this pid alive" (run ownership, lock holders, local runners)."""
     if not isinstance(pid, int):
         return False
     try:
@@ -134,3 +140,32 @@ def alive(pid: Any) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# ---- ownership: owner.json names the process training the run (written when it takes the
+# run, removed when it ends). Decidable from any host; see docs/run-directory.md "Ownership".
+def owner_is_live(
+    owner: dict[str, Any] | None,
+    status: dict[str, Any] | None,
+    *,
+    this_host: str,
+    pid_alive: Callable[[int], bool],
+    now: float | None = None,
+) -> bool:
+    """Whether the process ``owner.json`` names still owns the run.
+
+    On this host its pid is asked directly (``pid_alive(pid)``). On another host only the
+    heartbeat can tell: the owner is live while the newest of its claim time and its
+    status.json heartbeat (when status names the same host and pid) is at most
+    ``STALLED_AFTER_S`` old.
+    """
+    if not owner or not isinstance(owner.get("pid"), int):
+        return False
+    if owner.get("host") == this_host:
+        return bool(pid_alive(owner["pid"]))
+    now = time.time() if now is None else now
+    beats = [owner.get("claimed_unix")]
+    if status and status.get("host") == owner.get("host") and status.get("pid") == owner["pid"]:
+        beats.append(status.get("heartbeat_unix"))
+    beats = [b for b in beats if isinstance(b, int | float)]
+    return bool(beats) and now - max(beats) <= STALLED_AFTER_S

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from deconcnn_cli import contract
+from deconcnn_cli import contract, fileio
 from deconcnn_cli.cli import app
 from tests.export.synthetic import write_manifest, write_run
 
@@ -96,7 +96,7 @@ def test_a_bad_jsonl_line_is_skipped_and_reported(root: Path) -> None:
     events = root / "runs" / "done" / contract.EVENTS_FILE
     good = json.dumps({"level": "warning", "step": 3, "message": "m"})
     events.write_bytes(good.encode() + b"\n" + b'{"level": "\xff"}\n' + good.encode() + b"\n")
-    records, bad = contract.read_jsonl_checked(events)
+    records, bad = fileio.read_jsonl_checked(events)
     assert len(records) == 2 and bad == [2]
     code, out = invoke("verify", "--root", root)
     assert code == 1 and "runs/done/events.jsonl: bad_line" in out
@@ -246,7 +246,7 @@ def test_a_status_before_its_first_step_is_not_unreadable(tmp_path: Path) -> Non
     for state in ("running", "failed"):
         status = {"state": state, "attempt": 1, "host": "h", "pid": 1, "reason": None,
                   "exception_type": None, "timing": None, "heartbeat_unix": 1e18}  # fmt: skip
-        contract.atomic_write_json(run / contract.STATUS_FILE, status)
+        fileio.atomic_write_json(run / contract.STATUS_FILE, status)
         view = contract.view_run(run, now=1e18)
         assert view.state == state and view.unreadable is None and view.step == 0
 
@@ -264,11 +264,11 @@ def test_a_fifo_or_an_endless_device_reads_as_unreadable_at_once(tmp_path: Path)
     got: dict[str, object] = {}
 
     def read_all() -> None:
-        got["json"] = contract.read_json(pipe)
-        got["jsonl"] = contract.read_jsonl_checked(pipe)
-        got["lines"] = contract.complete_lines(zero)
-        got["tail"] = contract.partial_tail(zero)
-        got["plain"] = contract.read_json(plain)
+        got["json"] = fileio.read_json(pipe)
+        got["jsonl"] = fileio.read_jsonl_checked(pipe)
+        got["lines"] = fileio.complete_lines(zero)
+        got["tail"] = fileio.partial_tail(zero)
+        got["plain"] = fileio.read_json(plain)
 
     reader = threading.Thread(target=read_all, daemon=True)
     reader.start()
@@ -281,8 +281,8 @@ def test_a_fifo_or_an_endless_device_reads_as_unreadable_at_once(tmp_path: Path)
         "tail": b"",
         "plain": {"state": "completed"},
     }
-    with pytest.raises(contract.NotRegularFileError, match="not a regular file"):
-        contract.read_regular(pipe)
+    with pytest.raises(fileio.NotRegularFileError, match="not a regular file"):
+        fileio.read_regular(pipe)
 
 
 def test_numbers_beyond_int64_and_infinite_times_are_not_a_traceback(root: Path) -> None:
@@ -361,14 +361,14 @@ def test_seeds_beyond_int64_and_deep_toml_are_bad_input(tmp_path: Path) -> None:
 
 def test_a_json_file_grown_to_gigabytes_is_unreadable_without_reading_it(root: Path) -> None:
     """A status.json of 2 GiB of NULs (sparse: nothing is written to disk) used to cost
-    monitor 4 GB of memory; past contract.MAX_JSON_BYTES it is refused from its size."""
+    monitor 4 GB of memory; past fileio.MAX_JSON_BYTES it is refused from its size."""
     import os
 
     path = status_path(root, "done")
     with open(path, "r+b") as f:
         f.truncate(2 * 2**30)
-    assert os.path.getsize(path) > contract.MAX_JSON_BYTES
-    assert contract.read_json(path) is None
+    assert os.path.getsize(path) > fileio.MAX_JSON_BYTES
+    assert fileio.read_json(path) is None
     view = contract.view_run(root / "runs" / "done")
     assert view.state == contract.COMPLETED and view.unreadable is not None  # from summary.json
     code, out = invoke("monitor", "--root", root, "--json")

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from deconcnn_cli import contract
+from deconcnn_cli import contract, fileio
 from deconcnn_cli.cli import app
 from deconcnn_cli.sweep.grid import expand_grid_runs, load_grid
 from deconcnn_cli.sweep.store import SweepStore
@@ -89,16 +89,16 @@ def _build(base: Path) -> None:
         summary = {"state": state} if state in contract.TERMINAL_STATES else None
         run_dir = write_run(root, run.run_id, state=state, steps=40, steps_per_epoch=10,
                             summary=summary, curvature_every=10)  # fmt: skip
-        contract.append_jsonl(
+        fileio.append_jsonl(
             run_dir / contract.ATTEMPTS_FILE,
             {"attempt": 1, "event": "end", "end_unix": 2.0, "state": state, "steps_done": 40},
         )
-        contract.append_jsonl(
+        fileio.append_jsonl(
             run_dir / contract.EVENTS_FILE, {"level": "warning", "step": 3, "message": "nan"}
         )
     (root / "jobs").mkdir()
     (root / "jobs" / "local-0.log").write_text("log line\n")
-    contract.append_jsonl(root / "recover.jsonl", {"run_id": runs[3].run_id, "action": "resume"})
+    fileio.append_jsonl(root / "recover.jsonl", {"run_id": runs[3].run_id, "action": "resume"})
 
 
 # ---- ways to break a file

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from deconcnn_cli.commands.train import _flags, resolve_config
-from deconcnn_cli.contract import read_json
+from deconcnn_cli.fileio import read_json
 from deconcnn_cli.sweep.grid import expand_grid, load_grid
 from tests.conftest import REPO, run_cli
 

@@ -14,7 +14,7 @@ from rich.live import Live
 from rich.padding import Padding
 from rich.text import Text
 
-from deconcnn_cli import contract
+from deconcnn_cli import jsonout
 from deconcnn_cli.commands.monitor_view import render
 from deconcnn_cli.commands.options import JsonOpt, SweepRootOpt
 from deconcnn_cli.commands.render import exit_on_error, printable
@@ -65,7 +65,7 @@ def _json(report: SweepReport, show_failed: bool) -> str:
     if show_failed:
         sweep = load_sweep(report.root)
         data["failures"] = [asdict(failure_report(sweep, r)) for r in report.needs_action]
-    return json.dumps(contract.json_safe(data), indent=2, default=str, allow_nan=False)
+    return json.dumps(jsonout.json_safe(data), indent=2, default=str, allow_nan=False)
 
 
 def monitor(

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from deconcnn_cli import contract
+from deconcnn_cli import jsonout
 from deconcnn_cli.commands.options import JsonOpt, SweepRootOpt
 from deconcnn_cli.commands.render import exit_on_error
 from deconcnn_cli.sweep.recover import (
@@ -69,7 +69,7 @@ def recover(
     if as_json:
         typer.echo(
             json.dumps(
-                contract.json_safe({**plan.to_json(), "dry_run": dry_run, "new_jobs": new_jobs})
+                jsonout.json_safe({**plan.to_json(), "dry_run": dry_run, "new_jobs": new_jobs})
             )
         )
     else:

@@ -29,15 +29,10 @@ from deconcnn_cli.config import (
     prepare_run_dir,
     run_id,
 )
-from deconcnn_cli.contract import (
-    CONFIG_FILE,
-    EXIT_FAILED,
-    STATUS_FILE,
-    TERMINAL_STATES,
-    default_threads,
-    read_json,
-)
+from deconcnn_cli.contract import CONFIG_FILE, EXIT_FAILED, STATUS_FILE, TERMINAL_STATES
 from deconcnn_cli.errors import ConfigError, DeconError, RunDirError
+from deconcnn_cli.fileio import read_json
+from deconcnn_cli.runenv import default_threads
 from deconcnn_cli.training.rundir import own_run  # torch-free
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from deconcnn_cli import contract
+from deconcnn_cli import jsonout
 from deconcnn_cli.commands.options import JsonOpt, SweepRootOpt
 from deconcnn_cli.commands.render import exit_on_error
 from deconcnn_cli.sweep.verify import verify_sweep
@@ -18,7 +18,7 @@ def verify(root: SweepRootOpt = Path("."), as_json: JsonOpt = False) -> None:
     with exit_on_error():
         result = verify_sweep(root)
     if as_json:
-        typer.echo(json.dumps(contract.json_safe(result.to_json()), indent=2))
+        typer.echo(json.dumps(jsonout.json_safe(result.to_json()), indent=2))
         raise typer.Exit(result.exit_code)
     counts = ", ".join(f"{s} {n}" for s, n in sorted(result.counts.items()))
     typer.echo(f"{result.root}: {result.n_runs} runs ({counts})")

@@ -22,11 +22,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from deconcnn_cli import contract
+from deconcnn_cli import contract, fileio
 from deconcnn_cli.analysis.settings import analysis_settings, settings_id
 from deconcnn_cli.export.columns import COLUMN_NAMES, COLUMNS, SCHEMA_VERSION, describe
 from deconcnn_cli.export.files import (
-    RUNS_DIR,
     ExportError,
     require_pyarrow,
     to_csv_text,
@@ -42,8 +41,9 @@ from deconcnn_cli.export.publish import (
     swap_in,
     write_mark,
 )
+from deconcnn_cli.sweep import manifest as sweep_manifest
+from deconcnn_cli.sweep.manifest import MANIFEST_FILE, RUNS_DIR, job_run_ids, submissions
 
-MANIFEST_FILE = "sweep.json"
 FORMATS = ("csv", "parquet")
 
 # summary.json key -> column, where the names differ
@@ -125,21 +125,9 @@ class Dataset:
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
-    path = root / MANIFEST_FILE
-    if not root.is_dir():
-        raise ExportError(f"sweep root {root} does not exist", "give --root the folder of a sweep")
-    manifest = contract.read_json(path)
-    if manifest is None:
-        raise ExportError(
-            f"{path} is missing or not a JSON object",
-            "point --root at a sweep root made by `decon submit` (docs/sweep-root.md)",
-        )
-    runs = manifest.get("runs")
-    if not isinstance(runs, dict):
-        raise ExportError(f"{path}: `runs` is missing or not an object", "see docs/sweep-root.md")
-    why = contract.manifest_name_problem(manifest)
-    if why is not None:
-        raise ExportError(f"{path}: {why}", "fix or restore the file (docs/sweep-root.md, Names)")
+    """sweep.json through the one checked reader, plus what export needs of each run entry."""
+    manifest = sweep_manifest.read_manifest(root, ExportError)
+    path, runs = root / MANIFEST_FILE, manifest["runs"]
     for run_id, spec in runs.items():
         if not isinstance(spec, dict):
             raise ExportError(f"{path}: run {run_id!r} is not an object", "see docs/sweep-root.md")
@@ -214,7 +202,7 @@ def _max_defined(rows: list[dict[str, str]], key: str) -> float | None:
 def _last_row(path: Path) -> dict[str, str] | None:
     """The last whole row of a stream, without parsing the rest (step.csv can be long)."""
     try:
-        with contract.open_regular(path) as f:
+        with fileio.open_regular(path) as f:
             header = f.readline().decode(errors="replace")
             f.seek(0, 2)
             size = f.tell()
@@ -237,16 +225,16 @@ def _newest_checkpoint(run_dir: Path, root: Path) -> str | None:
 
 def _submitted_jobs(manifest: dict[str, Any]) -> dict[str, list[str]]:
     jobs: dict[str, list[str]] = {}
-    for sub in contract.submissions(manifest):
+    for sub in submissions(manifest):
         for job in sub["jobs"]:
-            for run_id in contract.job_run_ids(job):
+            for run_id in job_run_ids(job):
                 jobs.setdefault(run_id, []).append(str(job.get("job_id")))
     return jobs
 
 
 def _run_code_version(manifest: dict[str, Any], run_id: str) -> str | None:
-    for sub in reversed(contract.submissions(manifest)):
-        if any(run_id in contract.job_run_ids(j) for j in sub["jobs"]):
+    for sub in reversed(submissions(manifest)):
+        if any(run_id in job_run_ids(j) for j in sub["jobs"]):
             return _text(sub.get("code_version")) or _text(manifest.get("code_version"))
     return _text(manifest.get("code_version"))
 
@@ -505,11 +493,11 @@ def export(
         if timeseries:
             _publish_timeseries(data, ts_dir, out, fmt)
         if fmt == "csv":
-            contract.atomic_write_bytes(out, to_csv_text(data.rows).encode())
+            fileio.atomic_write_bytes(out, to_csv_text(data.rows).encode())
         else:
             write_parquet_rows(data.rows, out)
         meta = metadata(data, fmt, timeseries, time.perf_counter() - start)
-        contract.atomic_write_json(meta_path, meta)
+        fileio.atomic_write_json(meta_path, meta)
     return data, meta
 
 

@@ -22,8 +22,9 @@ from matplotlib import ticker  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from deconcnn_cli import contract  # noqa: E402
+from deconcnn_cli import contract, fileio  # noqa: E402
 from deconcnn_cli.export.stats import R2_THRESHOLD, finished  # noqa: E402
+from deconcnn_cli.sweep.manifest import RUNS_DIR  # noqa: E402
 
 DPI = 110
 N_CURVE_BINS = 60  # log-uniform bins of t for the loss-curve figure
@@ -40,7 +41,7 @@ def _read_columns(path: Path, columns: tuple[str, ...]) -> dict[str, np.ndarray]
     import pandas as pd
 
     try:
-        data = contract.read_regular(path)
+        data = fileio.read_regular(path)
     except OSError:
         return None
     data = data[: data.rfind(b"\n") + 1]  # a live writer's partial last line is left out
@@ -61,7 +62,7 @@ def read_series(root: Path, run_ids: list[str]) -> dict[str, dict[str, dict[str,
     """
     out: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for run_id in run_ids:
-        run_dir = root / "runs" / run_id
+        run_dir = root / RUNS_DIR / run_id
         step_path = contract.stream_path(run_dir, "step")
         step = _read_columns(step_path, ("step", "epoch", "loss_train_nats", "lr"))
         if step is None:
@@ -82,7 +83,7 @@ def _save(fig: Any, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)  # constrained layout: no second "tight" draw
     plt.close(fig)
-    contract.atomic_write_bytes(path, buf.getvalue())
+    fileio.atomic_write_bytes(path, buf.getvalue())
     return path
 
 

@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from deconcnn_cli import contract
+from deconcnn_cli import contract, fileio
 from deconcnn_cli.errors import DeconError
 from deconcnn_cli.export.columns import COLUMN_NAMES, COLUMNS, DTYPES, require_columns
-
-RUNS_DIR = "runs"  # docs/sweep-root.md
+from deconcnn_cli.sweep.manifest import RUNS_DIR
 
 
 class ExportError(DeconError):
@@ -125,7 +124,7 @@ def write_parquet_rows(rows: list[dict[str, Any]], path: Path) -> None:
 def _copy_stream(src: Path, dst: Path) -> None:
     """Copy a stream's whole lines (a partial last line from a live writer is left out)."""
     try:
-        data = contract.read_regular(src)
+        data = fileio.read_regular(src)
     except OSError:  # unreadable: left out of the time series (verify names the file)
         return
     cut = data.rfind(b"\n") + 1
@@ -173,7 +172,7 @@ def _stream_to_parquet(src: Path, dst: Path, pa: Any) -> None:
     (not defined), ``nan`` -> NaN (could not be computed)."""
     import pyarrow.csv as pa_csv
 
-    data = contract.read_regular(src)
+    data = fileio.read_regular(src)
     data = data[: data.rfind(b"\n") + 1]
     columns = contract.STREAMS[src.stem]
     types = {c: (pa.int64() if c == "step" else pa.float64()) for c in columns}

@@ -27,13 +27,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from deconcnn_cli import contract, locking
+from deconcnn_cli import fileio, locking
 from deconcnn_cli.export.files import ExportError
+from deconcnn_cli.sweep.manifest import MANIFEST_FILE
 
 MARK_FILE = ".decon_export.json"
 WRITER = "decon export"
 MARK_VERSION = 1
-SWEEP_MANIFEST = "sweep.json"  # docs/sweep-root.md: what makes a folder a sweep root
 LOCK_TIMEOUT_S = 600.0  # how long a second export of the same output waits for the first
 _STAGING, _ASIDE = "staging", "old"
 
@@ -51,7 +51,7 @@ def lock_path(out: Path) -> Path:
 def sweep_root_above(folder: Path) -> Path | None:
     """The sweep root ``folder`` lies inside (strictly below it), if any."""
     for above in folder.resolve().parents:
-        if (above / SWEEP_MANIFEST).is_file():
+        if (above / MANIFEST_FILE).is_file():
             return above
     return None
 
@@ -99,7 +99,7 @@ def check_destinations(out: Path, meta_path: Path, ts_dir: Path | None, source_r
 def check_replaceable(ts_dir: Path) -> None:
     """Refuse to replace ``ts_dir`` unless export wrote it and it holds only what the mark
     lists: no sweep root, no foreign file or folder, no link."""
-    if (ts_dir / SWEEP_MANIFEST).exists():
+    if (ts_dir / MANIFEST_FILE).exists():
         raise ExportError(
             f"{ts_dir} is a sweep root: export never replaces one",
             "give the table another name or folder",
@@ -122,7 +122,7 @@ def check_replaceable(ts_dir: Path) -> None:
                 foreign.append(rel + "/")
         for name in files:
             rel = str(here / name)
-            if name == SWEEP_MANIFEST:
+            if name == MANIFEST_FILE:
                 sweeps.append(rel)
             if rel != MARK_FILE and (rel not in listed or (ts_dir / rel).is_symlink()):
                 foreign.append(rel)
@@ -140,7 +140,7 @@ def check_replaceable(ts_dir: Path) -> None:
 
 
 def _marked_files(folder: Path) -> set[str] | None:
-    mark = contract.read_json(folder / MARK_FILE)
+    mark = fileio.read_json(folder / MARK_FILE)
     if mark is None or mark.get("writer") != WRITER or not isinstance(mark.get("files"), list):
         return None
     return {f for f in mark["files"] if isinstance(f, str)}
@@ -213,7 +213,7 @@ def repair_interrupted(dest: Path) -> list[str]:
 
 
 def _export_time(folder: Path) -> float:
-    mark = contract.read_json(folder / MARK_FILE) or {}
+    mark = fileio.read_json(folder / MARK_FILE) or {}
     value = mark.get("export_time_unix")
     return float(value) if isinstance(value, int | float) else 0.0
 
@@ -238,7 +238,7 @@ def write_mark(folder: Path, table: Path, source_root: Path) -> None:
         "export_time_unix": time.time(),
         "files": files,
     }
-    contract.atomic_write_json(folder / MARK_FILE, mark)
+    fileio.atomic_write_json(folder / MARK_FILE, mark)
 
 
 def swap_in(staging: Path, dest: Path) -> None:

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deconcnn_cli import contract
+from deconcnn_cli import contract, fileio, jsonout
 from deconcnn_cli.errors import DeconError
 from deconcnn_cli.export import stats
 from deconcnn_cli.export.columns import COLUMN_NAMES, DTYPES, require_columns
 from deconcnn_cli.export.dataset import Dataset, VerifyFn, collect, verify_problem
-from deconcnn_cli.export.files import RUNS_DIR, int64_or_none
+from deconcnn_cli.export.files import int64_or_none
 from deconcnn_cli.export.publish import sweep_root_above as _sweep_root_above
+from deconcnn_cli.sweep.manifest import JOBS_DIR, RUNS_DIR
 
 REPORT_FILE = "report.html"
 STATS_FILE = "report.json"
@@ -134,7 +135,7 @@ def build_report(
         raise ReportError(f"{out} exists and is not a folder", "give --out a folder")
     inside = _sweep_root_above(out)
     beside_runs = inside is not None and out.resolve().parent == inside
-    if inside is not None and not (beside_runs and out.name not in (RUNS_DIR, "jobs")):
+    if inside is not None and not (beside_runs and out.name not in (RUNS_DIR, JOBS_DIR)):
         raise ReportError(
             f"{out} lies inside the sweep root {inside}: the report never writes among a "
             "sweep's runs and jobs",
@@ -179,12 +180,12 @@ def build_report(
         "warnings": data.warnings,
     }
     stats_json = out / STATS_FILE
-    contract.atomic_write_bytes(
-        stats_json, (json.dumps(contract.json_safe(payload), indent=2) + "\n").encode()
+    fileio.atomic_write_bytes(
+        stats_json, (json.dumps(jsonout.json_safe(payload), indent=2) + "\n").encode()
     )
     page = render_html(payload, figs)
     html_path = out / REPORT_FILE
-    contract.atomic_write_bytes(html_path, page.encode())
+    fileio.atomic_write_bytes(html_path, page.encode())
     return Report(out, html_path, stats_json, figs, h1, h2, list(data.warnings))
 
 
@@ -382,7 +383,7 @@ def budget_verdict(overhead: float | None) -> str:
 
 
 def render_html(payload: dict[str, Any], figs: dict[str, Path]) -> str:
-    p = contract.json_safe(payload)
+    p = jsonout.json_safe(payload)
     counts = ", ".join(f"{n} {s}" for s, n in p["counts_by_status"].items())
     total = sum(p["counts_by_status"].values())
     warn = "".join(f'<li class="warn">{html.escape(w)}</li>' for w in p["warnings"])

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deconcnn_cli import contract
+from deconcnn_cli import contract, runenv
 
 POLL_S = 0.5  # how often the job looks at its children
 RESEND_EVERY_S = 2.0  # how often a stop signal is repeated to a child that has not exited
@@ -44,32 +44,6 @@ def train_command(run_dir: Path, threads: int) -> list[str]:
         "--threads",
         str(threads),
     ]
-
-
-def child_env(
-    threads: int,
-    gpu_share: int = 1,
-    *,
-    require_gpu: bool = False,
-    mps: dict[str, str] | None = None,
-) -> dict[str, str]:
-    """A run's environment: its threads; how many runs share its GPU (each caps its CUDA
-    allocator at its share: ``training.device.cap_gpu_memory``); cuBLAS's deterministic
-    workspace (it must be set before CUDA initialises); ``DECON_REQUIRE_GPU`` when the
-    resource profile asks for a GPU (the run then fails rather than train on the CPU); and
-    the job's MPS daemon (``sweep.mps``: its pipe directories, or why there is none)."""
-    n = str(threads)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": n,
-        "MKL_NUM_THREADS": n,
-        "PYTHONUNBUFFERED": "1",
-        contract.GPU_SHARE_ENV: str(max(1, gpu_share)),
-        contract.CUBLAS_ENV: os.environ.get(contract.CUBLAS_ENV) or contract.CUBLAS_WORKSPACE,
-        contract.REQUIRE_GPU_ENV: "1" if require_gpu else "0",
-        **(mps or {}),
-    }
-    return env
 
 
 def needs_start(run_dir: Path) -> str | None:
@@ -102,7 +76,7 @@ def _start(run_dir: Path, threads: int, gpu_share: int = 1, **env: Any) -> _Chil
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=child_env(threads, gpu_share, **env),
+        env=runenv.child_env(threads, gpu_share, **env),
         preexec_fn=_ignore_usr2,
     )
     _log(f"started {run_dir.name} (pid {proc.pid}, {threads} threads)")

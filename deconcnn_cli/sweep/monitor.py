@@ -10,7 +10,6 @@ action, the tail of its log or traceback and the command that fixes it. No torch
 from __future__ import annotations
 
 import math
-import os
 import re
 import socket
 import statistics
@@ -20,10 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deconcnn_cli import contract
+from deconcnn_cli import contract, fileio, locking
 from deconcnn_cli.errors import DeconError
 from deconcnn_cli.sweep import classify as C
 from deconcnn_cli.sweep.eta import EtaEstimate, Work, estimate_eta, typical_s_per_step
+from deconcnn_cli.sweep.manifest import JOBS_DIR
 from deconcnn_cli.sweep.observe import JobRef, SweepView, load_sweep
 from deconcnn_cli.sweep.scheduler import (
     CACHE_TTL_S,
@@ -31,7 +31,6 @@ from deconcnn_cli.sweep.scheduler import (
     SchedulerSnapshot,
     scheduler_snapshot,
 )
-from deconcnn_cli.sweep.store import JOBS_DIR
 
 LOG_TAIL_LINES = 15
 _TAIL_BYTES = 16384
@@ -165,12 +164,8 @@ def local_job(ref: JobRef, view: contract.RunView | None) -> JobRecord | None:
     ``PENDING`` for a run it has not started yet. None when it is gone or on another host."""
     if ref.pid is None or ref.host != socket.gethostname():
         return None
-    try:
-        os.kill(ref.pid, 0)
-    except ProcessLookupError:
+    if not locking.pid_alive(ref.pid):
         return None
-    except PermissionError:
-        pass  # alive, owned by someone else
     beat = view.status.get("heartbeat_unix") if view is not None else None
     started = isinstance(beat, int | float) and beat >= ref.submitted_unix
     return JobRecord(ref.job_id, "RUNNING" if started else "PENDING", source="local")
@@ -193,7 +188,7 @@ def _local_slots(root: Path, job_id: str) -> int:
     """``parallel_runs`` of a local runner, from its input ``jobs/<job_id>.json``; else 1."""
     if not _JOB_NAME.match(job_id):
         return 1
-    spec = contract.read_json(root / JOBS_DIR / f"{job_id}.json") or {}
+    spec = fileio.read_json(root / JOBS_DIR / f"{job_id}.json") or {}
     n = spec.get("parallel_runs")
     return n if isinstance(n, int) and n >= 1 else 1
 
@@ -403,7 +398,7 @@ class FailureReport:
 def tail_lines(path: Path, n: int = LOG_TAIL_LINES) -> list[str]:
     """The last ``n`` lines of a text file (reads at most its last 16 KiB)."""
     try:
-        with contract.open_regular(path) as f:
+        with fileio.open_regular(path) as f:
             f.seek(0, 2)
             size = f.tell()
             f.seek(max(0, size - _TAIL_BYTES))
@@ -450,7 +445,7 @@ def fix_command(root: Path, run_id: str, cause: str, job_id: str | None) -> str:
 
 def failure_report(sweep: SweepView, row: RunRow) -> FailureReport:
     run_dir = sweep.run_dir(row.run_id)
-    status = contract.read_json(run_dir / contract.STATUS_FILE) or {}
+    status = fileio.read_json(run_dir / contract.STATUS_FILE) or {}
     log: Path | None = None
     tail: list[str] = []
     # the job's own stderr first (a cgroup OOM or a crash before the run's log opened shows

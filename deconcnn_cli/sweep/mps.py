@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deconcnn_cli.contract import MPS_REASON_ENV as REASON_ENV
-from deconcnn_cli.contract import MPS_STATE_ENV as STATE_ENV
+from deconcnn_cli.runenv import MPS_REASON_ENV as REASON_ENV
+from deconcnn_cli.runenv import MPS_STATE_ENV as STATE_ENV
 
 CONTROL = "nvidia-cuda-mps-control"
 PIPE_ENV, LOG_ENV = "CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"

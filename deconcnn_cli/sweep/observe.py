@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deconcnn_cli.contract import job_run_ids, submissions
 from deconcnn_cli.errors import SweepError
-from deconcnn_cli.sweep.store import RUNS_DIR, SweepStore
+from deconcnn_cli.sweep.manifest import RUNS_DIR, job_run_ids, submissions
+from deconcnn_cli.sweep.store import SweepStore
 
 RECOVER_LOG_FILE = "recover.jsonl"  # one line per action `decon recover` took (append-only)
 

@@ -54,9 +54,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deconcnn_cli import contract
+from deconcnn_cli import contract, fileio
 from deconcnn_cli.errors import SweepError
 from deconcnn_cli.sweep import classify as C
+from deconcnn_cli.sweep.manifest import job_run_ids, submissions
 from deconcnn_cli.sweep.monitor import RunRow, SweepReport, last_traceback, observe_sweep
 from deconcnn_cli.sweep.observe import RECOVER_LOG_FILE, SweepView, load_sweep
 from deconcnn_cli.sweep.scheduler import LIVE_STATES, cancel_jobs
@@ -131,7 +132,7 @@ class RecoverPlan:
 def recovery_counts(root: Path) -> Counter[tuple[str, str]]:
     """(run_id, cause) -> how many times recover already acted on it."""
     counts: Counter[tuple[str, str]] = Counter()
-    for rec in contract.read_jsonl(root / RECOVER_LOG_FILE):
+    for rec in fileio.read_jsonl(root / RECOVER_LOG_FILE):
         if rec.get("action") in (RESUME, ALONE, RETRY, CANCEL, SUBMIT):
             counts[(str(rec.get("run_id")), str(rec.get("cause")))] += 1
     return counts
@@ -221,16 +222,16 @@ def process_ended(run_dir: Path, row: RunRow) -> str:
     leaves the queue), so when the scheduler says the job that status.json names has ended,
     its fresh heartbeat is a dead process's last. On this host the owner's pid is asked.
     """
-    from deconcnn_cli.training.rundir import pid_alive  # torch-free
+    from deconcnn_cli.locking import pid_alive
 
-    status = contract.read_json(run_dir / contract.STATUS_FILE) or {}
+    status = fileio.read_json(run_dir / contract.STATUS_FILE) or {}
     if row.executor == "slurm" and row.job_id and row.job_state is not None:
         ids = {str(status.get("slurm_job_id"))}
         if status.get("slurm_array_job_id") is not None:
             ids.add(f"{status.get('slurm_array_job_id')}_{status.get('slurm_array_task_id')}")
         if row.job_id in ids and row.job_state not in LIVE_STATES:
             return f"its process ended with job {row.job_id} ({row.job_state})"
-    owner = contract.read_json(run_dir / contract.OWNER_FILE)
+    owner = fileio.read_json(run_dir / contract.OWNER_FILE)
     host = socket.gethostname()
     if (
         owner
@@ -249,14 +250,14 @@ def release_run(run_dir: Path, why: str) -> bool:
     Only a run that still says ``running`` is touched (a process that wrote its own end
     meanwhile is left as it wrote it). Its progress is its checkpoints: nothing else changes.
     """
-    status = contract.read_json(run_dir / contract.STATUS_FILE)
+    status = fileio.read_json(run_dir / contract.STATUS_FILE)
     if not status or status.get("state") != contract.RUNNING:
         return False
     status.update(
         state=contract.INTERRUPTED,
         reason=f"{why}; released by decon recover (resumes from its newest checkpoint)",
     )
-    contract.atomic_write_json(run_dir / contract.STATUS_FILE, status)
+    fileio.atomic_write_json(run_dir / contract.STATUS_FILE, status)
     (run_dir / contract.OWNER_FILE).unlink(missing_ok=True)
     record = {
         "time": time.time(),
@@ -265,7 +266,7 @@ def release_run(run_dir: Path, why: str) -> bool:
         "message": f"{why}; released by decon recover",
         "by": "decon recover",
     }
-    contract.append_jsonl(run_dir / contract.EVENTS_FILE, record)
+    fileio.append_jsonl(run_dir / contract.EVENTS_FILE, record)
     return True
 
 
@@ -295,9 +296,9 @@ def _log_actions(root: Path, actions: list[Action], job_ids: dict[str, list[str]
 
 def _submission_of(sweep: SweepView, run_id: str) -> tuple[str, str]:
     """(executor, resources) the run was last submitted with (the sweep's first otherwise)."""
-    subs = contract.submissions(sweep.manifest)
+    subs = submissions(sweep.manifest)
     for sub in reversed(subs):
-        if any(run_id in contract.job_run_ids(j) for j in sub["jobs"]):
+        if any(run_id in job_run_ids(j) for j in sub["jobs"]):
             return str(sub.get("executor") or "slurm"), str(sub.get("resources") or "")
     if subs:
         return str(subs[0].get("executor") or "slurm"), str(subs[0].get("resources") or "")

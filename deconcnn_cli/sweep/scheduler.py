@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from deconcnn_cli.contract import atomic_write_json, read_json
+from deconcnn_cli.fileio import atomic_write_json, read_json
 from deconcnn_cli.sweep.observe import JobRef
 from deconcnn_cli.sweep.store import SCHEDULER_CACHE_FILE
 

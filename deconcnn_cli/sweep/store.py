@@ -15,16 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from deconcnn_cli import locking
-from deconcnn_cli.config import RunConfig, identity_dict, prepare_run_dir, run_id
-from deconcnn_cli.contract import atomic_write_json, manifest_name_problem, read_json
+from deconcnn_cli.config import RunConfig, prepare_run_dir, run_id
 from deconcnn_cli.errors import SweepError
+from deconcnn_cli.fileio import atomic_write_json
+from deconcnn_cli.sweep.manifest import (
+    JOBS_DIR,
+    MANIFEST_FILE,
+    RUNS_DIR,
+    SCHEMA_VERSION,
+    read_manifest,
+)
 from deconcnn_cli.version import code_version
 
-SCHEMA_VERSION = 1
-MANIFEST_FILE = "sweep.json"
 LOCK_FILE = ".sweep.lock"
-RUNS_DIR = "runs"
-JOBS_DIR = "jobs"
 SCHEDULER_CACHE_FILE = ".scheduler_cache.json"
 LOCK_TIMEOUT_S = 600.0  # how long a second submit waits for the first one to finish
 
@@ -73,31 +76,7 @@ class SweepStore:
     # ---- manifest
     def read_manifest(self) -> dict[str, Any]:
         """The manifest; a missing or foreign root raises :class:`SweepError`."""
-        if not self.manifest_path.is_file():
-            raise SweepError(
-                f"{self.root} is not a sweep root (no {MANIFEST_FILE})",
-                "give the --root that `decon submit` created, or submit a grid there first",
-            )
-        manifest = read_json(self.manifest_path)
-        if manifest is None or not isinstance(manifest.get("runs"), dict):
-            raise SweepError(
-                f"{self.manifest_path}: unreadable or not a sweep manifest",
-                "restore it from a backup, or start a new sweep root",
-            )
-        why = manifest_name_problem(manifest)
-        if why is not None:
-            raise SweepError(
-                f"{self.manifest_path}: {why}",
-                "a name read from sweep.json becomes a path or a script line: fix or restore "
-                "the file (docs/sweep-root.md, Names)",
-            )
-        if manifest.get("schema_version") != SCHEMA_VERSION:
-            raise SweepError(
-                f"{self.manifest_path}: schema_version {manifest.get('schema_version')!r}, "
-                f"this decon reads {SCHEMA_VERSION}",
-                "use the decon version that created the sweep",
-            )
-        return manifest
+        return read_manifest(self.root)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         """Replace ``sweep.json`` atomically (call under :meth:`lock`)."""
@@ -176,14 +155,3 @@ def _lock_busy(path: Path, holder: str) -> SweepError:
         f"wait for that submit/recover to finish, then run again (if its process is gone, "
         f"delete {path})",
     )
-
-
-def manifest_diff(old: dict[str, Any], new_runs: dict[str, dict]) -> tuple[list[str], list[str]]:
-    """Run ids only in the new grid (added) and only in the manifest (removed)."""
-    before, after = set(old.get("runs", {})), set(new_runs)
-    return sorted(after - before), sorted(before - after)
-
-
-def identity_of(entry: dict[str, Any]) -> dict[str, Any]:
-    """The result-affecting config of a manifest run entry (for diffs)."""
-    return identity_dict(RunConfig.model_validate(entry["config"]))

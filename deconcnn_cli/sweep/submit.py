@@ -29,6 +29,7 @@ from deconcnn_cli.sweep.grid import (
     load_grid,
     load_resources,
 )
+from deconcnn_cli.sweep.manifest import job_run_ids, submissions
 from deconcnn_cli.sweep.store import LOCK_FILE, SweepLockError, SweepStore
 
 FORCE_GRID = "grid"  # `--force grid`: adopt a changed grid for an existing sweep root
@@ -200,8 +201,8 @@ def _spec_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
 
 def _manifest_jobs(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [
-        (str(sub.get("executor", "slurm")), {**job, "run_ids": contract.job_run_ids(job)})
-        for sub in contract.submissions(manifest)
+        (str(sub.get("executor", "slurm")), {**job, "run_ids": job_run_ids(job)})
+        for sub in submissions(manifest)
         for job in sub["jobs"]
         if isinstance(job.get("job_id"), str)
     ]

@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 
 from deconcnn_cli import contract
-from deconcnn_cli.sweep.store import JOBS_DIR, RUNS_DIR
+from deconcnn_cli.sweep.manifest import JOBS_DIR, RUNS_DIR
 
 _OTHERS_MAY_WRITE = stat.S_IWGRP | stat.S_IWOTH
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from deconcnn_cli import contract
+from deconcnn_cli import contract, fileio
 from deconcnn_cli.config import (
     GridSpec,
     ResourceProfile,
@@ -155,7 +155,7 @@ def project_protocol_run(run_dir: Path, val_images: int) -> dict[str, float] | N
     then multiplied by the counts of ``PROTOCOL_RUN``. The curvature's mean includes the
     cold evaluation at step 0 (an upper bound for the 35 warm ones). None before a timing.
     """
-    status = contract.read_json(run_dir / contract.STATUS_FILE)
+    status = fileio.read_json(run_dir / contract.STATUS_FILE)
     raw = status.get("timing") if isinstance(status, dict) else None
     if not isinstance(raw, dict):
         return None
@@ -344,7 +344,7 @@ def _finish_probe(
         proc.kill()
         _, status, usage = os.wait4(proc.pid, 0)
         code = -9
-    probe = contract.read_json(report) or {}
+    probe = fileio.read_json(report) or {}
     view = contract.view_run(run_dir)
     tail = err.read_text(errors="replace")[-600:] if err.exists() else ""
     if code == -9:
@@ -383,14 +383,14 @@ def _wait4(proc: subprocess.Popen, timeout_s: float) -> tuple[int, int, Any]:
 def check_streams(run_dir: Path) -> tuple[str, str]:
     """Every stream due by the run's last step exists, has the documented header, and every
     cell is empty, ``nan`` or a number."""
-    status = contract.read_json(run_dir / contract.STATUS_FILE) or {}
+    status = fileio.read_json(run_dir / contract.STATUS_FILE) or {}
     spe = int(status.get("steps_per_epoch") or 0)
     steps = int(status.get("step") or 0)
     due = ["step", "val", "curvature"] + (["noise", "shape"] if spe and steps >= spe else [])
     problems = []
     for name in due:
         path = contract.stream_path(run_dir, name)
-        lines = contract.complete_lines(path)
+        lines = fileio.complete_lines(path)
         if not lines:
             problems.append(f"{name}.csv missing or empty")
             continue
@@ -515,7 +515,7 @@ def _short_runs(
     """Each variant's short run: alone on a CPU; on a GPU ``runs_per_gpu`` at once on the
     card, in the job's environment (its share of the card, MPS when the profile says so),
     with the card's utilization sampled while they run."""
-    from deconcnn_cli.sweep.job import child_env
+    from deconcnn_cli.runenv import child_env
 
     checks: list[Check] = []
     for variant in spec.variants:

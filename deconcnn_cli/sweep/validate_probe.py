@@ -19,7 +19,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from deconcnn_cli.config import RunConfig, prepare_run_dir
-    from deconcnn_cli.contract import atomic_write_json
+    from deconcnn_cli.fileio import atomic_write_json
     from deconcnn_cli.training.data import load_splits
     from deconcnn_cli.training.device import resolve_device
     from deconcnn_cli.training.loop import train_run

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from deconcnn_cli import contract
-from deconcnn_cli.contract import job_run_ids, submissions
+from deconcnn_cli import contract, fileio
+from deconcnn_cli.sweep.manifest import job_run_ids, submissions
 from deconcnn_cli.sweep.observe import load_sweep
 
 # ---- exit codes of `decon verify` (docs/cluster.md)
@@ -196,11 +196,11 @@ def _regular_table(path: Path) -> Any | None:
     numeric columns only. None otherwise, and the caller reads it row by row with
     :func:`contract.read_stream` (the reference reading; this one is only its fast path).
 
-    Like :func:`contract.complete_lines`, a partial last line is left out. ``""`` and ``nan``
+    Like :func:`fileio.complete_lines`, a partial last line is left out. ``""`` and ``nan``
     both read as NaN here, so a caller that finds any NaN must look at the cells themselves.
     """
     try:
-        data = contract.read_regular(path)
+        data = fileio.read_regular(path)
     except OSError:
         return None
     data = data[: data.rfind(b"\n") + 1]
@@ -283,7 +283,7 @@ def _header_problem(name: str, path: Path) -> str | None:
     """Why the stream's header is not its documented one (or the documented one without the
     columns appended since, as a run begun by older code writes it); None when it is."""
     try:
-        with contract.open_regular(path) as f:
+        with fileio.open_regular(path) as f:
             first = f.readline(65536).decode(errors="replace")
     except OSError:
         return None  # unreadable: the row checks say what is missing
@@ -303,7 +303,7 @@ def _sha256(path: Path) -> str | None:
     """The file's SHA-256, or None when it cannot be read (a directory, no permission)."""
     h = hashlib.sha256()
     try:
-        with contract.open_regular(path) as f:
+        with fileio.open_regular(path) as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     except OSError:
@@ -317,7 +317,7 @@ def _checkpoint_problems(run_id: str, run_dir: Path, final_step: int | None) -> 
     for ckpt in sorted(folder.glob("ckpt_*.pt")):
         rel = f"{contract.CHECKPOINT_DIR}/{ckpt.name}"
         try:
-            sha = contract.read_regular(ckpt.with_suffix(".sha256"))
+            sha = fileio.read_regular(ckpt.with_suffix(".sha256"))
             expected = sha.decode().split()[0]
         except (OSError, IndexError, UnicodeDecodeError):
             out.append(Problem(run_id, rel, "checksum", "no readable .sha256 beside it"))
@@ -383,8 +383,8 @@ def verify_run(run_dir: Path, run_id: str | None = None) -> tuple[str, list[Prob
         done = (summary or {}).get("steps_done", view.step)
         done = done if isinstance(done, int) and not isinstance(done, bool) else view.step
         diverged_at = done - 1
-    events, bad_events = contract.read_jsonl_checked(run_dir / contract.EVENTS_FILE)
-    _, bad_attempts = contract.read_jsonl_checked(run_dir / contract.ATTEMPTS_FILE)
+    events, bad_events = fileio.read_jsonl_checked(run_dir / contract.EVENTS_FILE)
+    _, bad_attempts = fileio.read_jsonl_checked(run_dir / contract.ATTEMPTS_FILE)
     for name, bad in ((contract.EVENTS_FILE, bad_events), (contract.ATTEMPTS_FILE, bad_attempts)):
         if bad:
             msg = f"{len(bad)} line(s) not a JSON object, skipped: line {bad[0]}"
@@ -406,7 +406,7 @@ def verify_run(run_dir: Path, run_id: str | None = None) -> tuple[str, list[Prob
             problems.append(Problem(run_id, rel, "foreign_link", msg))
             continue
         problems += _check_stream(run_id, name, path, expected[name], diverged_at, warned)
-        tail = contract.partial_tail(path)
+        tail = fileio.partial_tail(path)
         if tail:  # a run that ended wrote whole lines only
             what = "NUL bytes" if not tail.strip(b"\0") else "bytes"
             problems.append(

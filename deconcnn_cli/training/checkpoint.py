@@ -25,15 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from deconcnn_cli.contract import (
-    CHECKPOINT_DIR,
-    CHECKPOINT_PATTERN,
-    EXIT_FAILED,
-    atomic_write_bytes,
-    checkpoint_name,
-    read_regular,
-)
+from deconcnn_cli.contract import CHECKPOINT_DIR, CHECKPOINT_PATTERN, EXIT_FAILED, checkpoint_name
 from deconcnn_cli.errors import DeconError
+from deconcnn_cli.fileio import atomic_write_bytes, read_regular
 
 KEEP_LAST = 2
 _NAME = re.compile(CHECKPOINT_PATTERN)

@@ -17,13 +17,8 @@ from typing import Any
 
 import torch
 
-from deconcnn_cli.contract import (
-    CUBLAS_ENV,
-    CUBLAS_WORKSPACE,
-    DETERMINISTIC_ENV,
-    REQUIRE_GPU_ENV,
-)
 from deconcnn_cli.errors import ConfigError, GpuRequiredError, PrecisionError
+from deconcnn_cli.runenv import CUBLAS_ENV, CUBLAS_WORKSPACE, DETERMINISTIC_ENV, REQUIRE_GPU_ENV
 
 NATIVE_BF16_MAJOR = 8  # bf16 tensor cores from Ampere (sm_80); Turing (RTX8000, sm_75) emulates
 # Per process, outside the caching allocator: the CUDA context, cuDNN/cuBLAS workspaces.

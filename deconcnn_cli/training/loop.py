@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import threading
 import time
@@ -29,17 +28,18 @@ from deconcnn_cli.contract import (
     COMPLETED,
     DIVERGED,
     HEARTBEAT_EVERY_S,
-    HOLD_ENV,
     INTERRUPTED,
-    MPS_REASON_ENV,
-    MPS_STATE_ENV,
     TERMINAL_STATES,
     TIMED_ACTIONS,
-    Hold,
     analysis_split,
     exit_code_for,
+)
+from deconcnn_cli.runenv import (
+    HOLD_ENV,
+    Hold,
     gpu_share,
     hold_from_env,
+    mps_state,
 )
 from deconcnn_cli.training import measure
 from deconcnn_cli.training.checkpoint import (
@@ -282,16 +282,6 @@ class StopSignals:
         finally:
             for s, handler in self._previous.items():
                 signal.signal(s, signal.SIG_IGN if keep else handler)
-
-
-def mps_state() -> dict[str, Any]:
-    """Whether this run runs under the job's CUDA MPS daemon (``sweep.mps`` sets
-    ``DECON_MPS``), and why not; empty where no job said (a bare ``decon train``)."""
-    state = os.environ.get(MPS_STATE_ENV)
-    if state is None:
-        return {}
-    reason = os.environ.get(MPS_REASON_ENV, "")
-    return {"mps": state == "1", **({"mps_reason": reason} if state != "1" else {})}
 
 
 def _stored_precision(checkpoint: dict[str, Any] | None, writer: RunWriter) -> str | None:

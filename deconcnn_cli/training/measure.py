@@ -18,7 +18,8 @@ import torch
 from deconcnn_cli.analysis import hessian, noise, powerlaw, settings, spectral, stability
 from deconcnn_cli.analysis.knee import find_knee
 from deconcnn_cli.config import RunConfig
-from deconcnn_cli.contract import STREAMS, atomic_write_json, parse_cell, read_stream
+from deconcnn_cli.contract import STREAMS, parse_cell, read_stream
+from deconcnn_cli.fileio import atomic_write_json
 from deconcnn_cli.training.data import (
     DataSplits,
     augment_batch,

@@ -9,7 +9,7 @@ No torch here. The rule (docs/run-directory.md, "Ownership"):
 2. ``owner.json`` names the owner (host, pid, claim time). It is live when it names this
    host and its pid exists (unless we hold the flock, which a live owner on this host would
    hold), or names another host and its heartbeat is at most ``STALLED_AFTER_S`` old
-   (:func:`deconcnn_cli.contract.owner_is_live`). A live owner other than this process:
+   (:func:`deconcnn_cli.locking.owner_is_live`). A live owner other than this process:
    refused — unless it is an earlier incarnation of this same SLURM job (same
    ``SLURM_JOB_ID``, another ``SLURM_RESTART_COUNT``), which a requeue guarantees is gone.
    Otherwise this process writes its own ``owner.json`` and, without flock, re-reads
@@ -29,35 +29,20 @@ from pathlib import Path
 from typing import Any
 
 from deconcnn_cli.config import config_record, prepare_run_dir
-from deconcnn_cli.contract import (
-    LOCK_FILE,
-    OWNER_FILE,
-    STATUS_FILE,
-    atomic_write_json,
-    owner_is_live,
-    read_json,
-)
+from deconcnn_cli.contract import LOCK_FILE, OWNER_FILE, STATUS_FILE
 from deconcnn_cli.errors import RunOwnedError
+from deconcnn_cli.fileio import atomic_write_json, read_json
+from deconcnn_cli.locking import owner_is_live, pid_alive
 
 try:
     import fcntl
 except ImportError:  # not POSIX: no flock, the owner file decides
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["config_record", "own_run", "pid_alive", "prepare_run_dir"]
+__all__ = ["config_record", "own_run", "prepare_run_dir"]
 
 NO_FLOCK_ERRNOS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 CLAIM_SETTLE_S = 0.2  # without flock: re-read owner.json this long after writing it
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
 
 
 def _describe(owner: dict[str, Any] | None) -> str:

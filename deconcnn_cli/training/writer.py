@@ -31,15 +31,17 @@ from deconcnn_cli.contract import (
     STATUS_FILE,
     STREAMS,
     TEMP_MARK,
+    format_cell,
+)
+from deconcnn_cli.errors import DeconError
+from deconcnn_cli.fileio import (
     append_jsonl,
     atomic_write_bytes,
     complete_lines,
-    format_cell,
     open_regular,
     read_json,
     read_jsonl,
 )
-from deconcnn_cli.errors import DeconError
 from deconcnn_cli.version import code_version
 
 

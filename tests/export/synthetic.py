@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from deconcnn_cli import contract
+from deconcnn_cli import contract, fileio
 from deconcnn_cli.config import RunConfig
 
 
@@ -40,7 +40,7 @@ def write_manifest(root: Path, runs: Mapping[str, Mapping[str, Any]], grid: str 
             }
         ],
     }
-    contract.atomic_write_json(root / "sweep.json", manifest)
+    fileio.atomic_write_json(root / "sweep.json", manifest)
 
 
 def _write_stream(path: Path, name: str, columns: Mapping[str, Any]) -> None:
@@ -163,7 +163,7 @@ def write_run(
         ),
         **(status_extra or {}),
     }
-    contract.atomic_write_json(run / contract.STATUS_FILE, status)
+    fileio.atomic_write_json(run / contract.STATUS_FILE, status)
     (run / contract.ATTEMPTS_FILE).write_text(
         json.dumps({"attempt": 1, "start_unix": 1.0, "host": "node01", "slurm_job_id": "77_1"})
         + "\n"
@@ -180,7 +180,7 @@ def write_run(
         analysis=dict(analysis or {}),
     )  # fmt: skip
     record = {"run_id": run_id, "config_hash": "synthetic", "config": cfg.model_dump(mode="json")}
-    contract.atomic_write_json(run / contract.CONFIG_FILE, record)
+    fileio.atomic_write_json(run / contract.CONFIG_FILE, record)
     if summary is not None:
         full = {
             "state": state,
@@ -198,7 +198,7 @@ def write_run(
             "burn_in_step": None,
             **summary,
         }
-        contract.atomic_write_json(run / contract.SUMMARY_FILE, full)
+        fileio.atomic_write_json(run / contract.SUMMARY_FILE, full)
     return run
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from deconcnn_cli.contract import read_json
 from deconcnn_cli.export.dataset import export
 from deconcnn_cli.export.files import ExportError
 from deconcnn_cli.export.publish import MARK_FILE, output_lock
+from deconcnn_cli.fileio import read_json
 from tests.conftest import REPO, run_cli, subprocess_env
 from tests.export.synthetic import write_manifest, write_run
 

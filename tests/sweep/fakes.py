@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from deconcnn_cli import contract
+from deconcnn_cli import contract, fileio
 
 
 def install_fake_scheduler(
@@ -82,7 +82,7 @@ def write_manifest(
                 "jobs": [{"job_id": j, "run_ids": rs} for j, rs in jobs],
             }
         )
-    contract.atomic_write_json(root / "sweep.json", manifest)
+    fileio.atomic_write_json(root / "sweep.json", manifest)
     return root
 
 
@@ -101,7 +101,7 @@ def write_run(
     run_dir = root / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
-    contract.atomic_write_json(
+    fileio.atomic_write_json(
         run_dir / contract.STATUS_FILE,
         {
             "state": state,

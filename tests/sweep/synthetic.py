@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from deconcnn_cli import contract
+from deconcnn_cli import contract, fileio
 from tests.sweep.fakes import slurm_time
 
 VARIANTS = ("base", "bn_off", "narrow", "adamw")
@@ -173,6 +173,6 @@ def write_sweep(root: Path, n: int, executor: str = "local", parallel_runs: int 
             }
         ],
     }
-    contract.atomic_write_json(root / "sweep.json", manifest)
+    fileio.atomic_write_json(root / "sweep.json", manifest)
     text = "\n".join(squeue) + "\n", "\n".join(sacct) + "\n"
     return Synthetic(root, states, *text) if executor != "local" else Synthetic(root, states)

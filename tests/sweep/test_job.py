@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from deconcnn_cli.contract import GPU_SHARE_ENV
+from deconcnn_cli.runenv import GPU_SHARE_ENV, child_env
 from deconcnn_cli.sweep import job
-from deconcnn_cli.sweep.job import RunGroup, child_env, needs_start, train_command
+from deconcnn_cli.sweep.job import RunGroup, needs_start, train_command
 from tests.sweep.fakes import start_job_on_a_long_run
 from tests.test_completion import _complete
 

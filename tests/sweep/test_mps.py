@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from deconcnn_cli import contract
+from deconcnn_cli import contract, runenv
+from deconcnn_cli.runenv import child_env
 from deconcnn_cli.sweep import job, mps
-from deconcnn_cli.sweep.job import RunGroup, child_env
+from deconcnn_cli.sweep.job import RunGroup
 from tests.sweep.fakes import start_job_on_a_long_run
 
 FAKE = """#!/bin/sh
@@ -106,8 +107,8 @@ def test_a_job_hands_its_daemon_to_its_runs_and_quits_it(tmp_path, monkeypatch):
     pipes = {e["mps"][mps.PIPE_ENV] for e in seen}
     assert len(pipes) == 1 and calls(log)[-1] == "quit"  # one daemon, quit after the runs
     env = child_env(2, 2, require_gpu=True, mps=seen[0]["mps"])
-    assert env[mps.PIPE_ENV] in pipes and env[contract.REQUIRE_GPU_ENV] == "1"
-    assert env[contract.CUBLAS_ENV] == contract.CUBLAS_WORKSPACE
+    assert env[mps.PIPE_ENV] in pipes and env[runenv.REQUIRE_GPU_ENV] == "1"
+    assert env[runenv.CUBLAS_ENV] == runenv.CUBLAS_WORKSPACE
     assert not Path(next(iter(pipes))).exists()
 
 

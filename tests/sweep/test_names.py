@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from deconcnn_cli import contract
 from deconcnn_cli.cli import app
 from deconcnn_cli.config import load_grid_spec, load_resource_profile
 from deconcnn_cli.errors import ConfigError
+from deconcnn_cli.sweep.manifest import manifest_name_problem
 from tests.export.synthetic import write_manifest, write_run
 
 RUNS = {"done": {"variant": "base", "lr": 0.1, "weight_decay": 1e-3, "seed": 0}}
@@ -66,7 +66,7 @@ def test_bad_names_in_sweep_json_are_refused(root: Path, command: list[str], edi
 
 def test_a_resources_path_is_allowed(root: Path) -> None:
     _edit(root, lambda m: m["submissions"][0].update(resources="/opt/profiles/my gpu.toml"))
-    assert contract.manifest_name_problem(json.loads((root / "sweep.json").read_text())) is None
+    assert manifest_name_problem(json.loads((root / "sweep.json").read_text())) is None
 
 
 def test_grid_and_resource_names_in_toml_files(tmp_path: Path) -> None:

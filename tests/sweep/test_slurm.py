@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from deconcnn_cli import contract
+from deconcnn_cli import contract, runenv
 from deconcnn_cli.sweep.grid import expand_grid_runs, load_grid
 from deconcnn_cli.sweep.store import SweepStore
 from deconcnn_cli.sweep.submit import wait_done
@@ -192,7 +192,7 @@ def test_a_job_at_its_time_limit_requeues_and_both_runs_resume_exactly(tmp_path)
     )  # fmt: skip
     root = tmp_path / "sweep"
     release = tmp_path / "release"  # created only on the way out
-    held = {**ENV, contract.HOLD_ENV: f"{HOLD_AT_STEPS}:{release}"}
+    held = {**ENV, runenv.HOLD_ENV: f"{HOLD_AT_STEPS}:{release}"}
     held["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{held['PATH']}"  # sbatch exports it
     out = subprocess.run(_submit_cmd(root, str(grid), str(resources)), capture_output=True,
                          text=True, env=held, cwd=REPO, timeout=300)  # fmt: skip

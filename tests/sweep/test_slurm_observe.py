@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from deconcnn_cli import contract
+from deconcnn_cli import contract, runenv
 from deconcnn_cli.sweep.monitor import observe_sweep
 from tests.conftest import run_cli
 
@@ -124,7 +124,7 @@ def test_cancel_and_kill_are_reported_recovered_and_verified(tmp_path: Path) -> 
     grid.write_text(GRID)
     root = tmp_path / "sweep"
     release = tmp_path / "release"
-    held = {contract.HOLD_ENV: f"{FIRST_HOLD},{SECOND_HOLD}:{release}"}
+    held = {runenv.HOLD_ENV: f"{FIRST_HOLD},{SECOND_HOLD}:{release}"}
     try:
         _cancel_kill_recover_verify(tmp_path, grid, root, held, release)
     except BaseException:  # a failed test leaves no job busy for the next one

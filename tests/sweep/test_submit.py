@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from deconcnn_cli import contract
+from deconcnn_cli import contract, fileio
 from deconcnn_cli.errors import ConfigError, SweepError
 from deconcnn_cli.sweep import executors
 from deconcnn_cli.sweep.grid import expand_grid_runs, grid_hash, load_grid, load_resources
@@ -42,7 +42,7 @@ def _status_dir(status: dict) -> Path:
     d = Path(tempfile.mkdtemp()) / "r1"
     d.mkdir()
     if status.get("state"):
-        contract.atomic_write_json(d / contract.STATUS_FILE, status)
+        fileio.atomic_write_json(d / contract.STATUS_FILE, status)
     return d
 
 
@@ -287,7 +287,7 @@ def _seed_sweep(tmp_path: Path, text: str = GRID) -> tuple[SweepStore, Path]:
 
 
 def _mark(run_dir: Path, state: str) -> None:
-    contract.atomic_write_json(
+    fileio.atomic_write_json(
         run_dir / contract.STATUS_FILE,
         {"state": state, "step": 5, "heartbeat_unix": time.time(), "reason": "RuntimeError: x"},
     )

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from deconcnn_cli.contract import read_json
+from deconcnn_cli.fileio import read_json
 from deconcnn_cli.sweep.trust import writable_by_others
 from tests.conftest import run_cli
 from tests.sweep.test_submit import _seed_sweep

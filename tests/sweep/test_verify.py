@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from deconcnn_cli import contract
+from deconcnn_cli import contract, fileio
 from deconcnn_cli.sweep.verify import (
     EXIT_PROBLEMS,
     EXIT_VERIFIED,
@@ -111,7 +111,7 @@ def test_duplicate_rows_and_unfinished_runs_fail(sweep_copy: Path) -> None:
     lines = val.read_text().splitlines(keepends=True)
     val.write_text("".join([*lines[:3], lines[2], *lines[3:]]))
     status = json.loads((b / "status.json").read_text())
-    contract.atomic_write_json(b / "status.json", {**status, "state": "interrupted"})
+    fileio.atomic_write_json(b / "status.json", {**status, "state": "interrupted"})
     kinds = _kinds(sweep_copy)
     assert (f"runs/{a.name}/metrics/val.csv", "stream_duplicate") in kinds
     assert (f"runs/{b.name}/status.json", "unfinished") in kinds

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from deconcnn_cli.contract import read_attempts, read_events, read_json
+from deconcnn_cli.contract import read_attempts, read_events
+from deconcnn_cli.fileio import read_json
 from deconcnn_cli.training.checkpoint import (
     UnsafeCheckpointError,
     load_latest_checkpoint,

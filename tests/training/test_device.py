@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from deconcnn_cli.contract import GPU_SHARE_ENV, gpu_share
 from deconcnn_cli.errors import ConfigError, GpuRequiredError, PrecisionError
+from deconcnn_cli.runenv import GPU_SHARE_ENV, gpu_share
 from deconcnn_cli.training import measure
 from deconcnn_cli.training.checkpoint import (
     load_latest_checkpoint,

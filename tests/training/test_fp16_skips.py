@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from deconcnn_cli.config import load_run_config, prepare_run_dir
-from deconcnn_cli.contract import read_json, read_jsonl
+from deconcnn_cli.fileio import read_json, read_jsonl
 from deconcnn_cli.training import loop
 from deconcnn_cli.training.device import Precision
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from deconcnn_cli import contract
-from deconcnn_cli.contract import read_attempts, read_events, read_json, read_stream
+from deconcnn_cli import runenv
+from deconcnn_cli.contract import read_attempts, read_events, read_stream
+from deconcnn_cli.fileio import read_json
 from deconcnn_cli.training.checkpoint import list_checkpoints, load_latest_checkpoint
 from tests.conftest import REPO, TINY, only_run, run_cli, subprocess_env
 
@@ -111,14 +112,14 @@ def test_a_held_run_waits_until_a_signal_or_its_release_file(reference: Path, tm
     """$DECON_HOLD (the SLURM tests' hook): the run stops advancing at the named step until a
     stop signal (it then checkpoints there) or the release file; the streams stay exact."""
     release = tmp_path / "release"
-    env = {contract.HOLD_ENV: f"20,30:{release}"}
+    env = {runenv.HOLD_ENV: f"20,30:{release}"}
     root = tmp_path / "runs"
     proc = _start(root, env)
     _wait_for(lambda: _step(root) == 20, proc)
     run = only_run(root)
     time.sleep(1.5)  # a run that did not wait would move on (and stop past 20 below)
     assert _step(root) == 20 and proc.poll() is None
-    held = [e for e in read_events(run) if contract.HOLD_ENV in e.get("message", "")]
+    held = [e for e in read_events(run) if runenv.HOLD_ENV in e.get("message", "")]
     assert [e["step"] for e in held] == [19]  # tied to the last step done
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
@@ -133,7 +134,7 @@ def test_a_held_run_waits_until_a_signal_or_its_release_file(reference: Path, tm
     assert _step(root) == 30 and proc.poll() is None
     release.touch()
     assert proc.wait(timeout=300) == 0
-    held = [e for e in read_events(run) if contract.HOLD_ENV in e.get("message", "")]
+    held = [e for e in read_events(run) if runenv.HOLD_ENV in e.get("message", "")]
     assert [e["step"] for e in held] == [19, 29]  # the first kept by the resume after it
     _assert_streams_equal(run, reference)
 
@@ -141,10 +142,10 @@ def test_a_held_run_waits_until_a_signal_or_its_release_file(reference: Path, tm
 def test_a_malformed_hold_is_refused(tmp_path: Path):
     for bad in ("20", "x:/tmp/r", "0:/tmp/r", "20:", "20,,30:/tmp/r"):
         with pytest.raises(ValueError, match="DECON_HOLD"):
-            contract.hold_from_env({contract.HOLD_ENV: bad})
-    assert contract.hold_from_env({}) is None
-    hold = contract.hold_from_env({contract.HOLD_ENV: "5,30:/tmp/a:b"})
-    assert hold == contract.Hold(frozenset({5, 30}), Path("/tmp/a:b"))
+            runenv.hold_from_env({runenv.HOLD_ENV: bad})
+    assert runenv.hold_from_env({}) is None
+    hold = runenv.hold_from_env({runenv.HOLD_ENV: "5,30:/tmp/a:b"})
+    assert hold == runenv.Hold(frozenset({5, 30}), Path("/tmp/a:b"))
 
 
 def _step(root: Path) -> int:

@@ -13,16 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from deconcnn_cli.contract import (
-    EXIT_OWNED,
-    OWNER_FILE,
-    STALLED_AFTER_S,
-    default_threads,
-    exit_code_for,
-    owner_is_live,
-    read_json,
-)
+from deconcnn_cli.contract import EXIT_OWNED, OWNER_FILE, STALLED_AFTER_S, exit_code_for
 from deconcnn_cli.errors import RunOwnedError
+from deconcnn_cli.fileio import read_json
+from deconcnn_cli.locking import owner_is_live
+from deconcnn_cli.runenv import default_threads
 from deconcnn_cli.training.rundir import own_run
 
 HOST = socket.gethostname()

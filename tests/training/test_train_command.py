@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from deconcnn_cli.cli import app
 from deconcnn_cli.config import load_run_config, prepare_run_dir
-from deconcnn_cli.contract import read_attempts, read_json
+from deconcnn_cli.contract import read_attempts
+from deconcnn_cli.fileio import read_json
 from tests.conftest import run_cli
 
 
