@@ -6,10 +6,14 @@ and how a run reads them. No torch: the job side (sweep.job) and the run side
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# ---- the signals that stop a run with a checkpoint (SLURM's time-limit USR2, preemption's TERM,
+# Ctrl-C); a job forwards each to its runs (sweep.job), and each run exits with 128 + signal
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 # ---- threads: a launcher that starts several runs on one allocation sets this env var to
 # their number; each run then takes its share of the CPUs it was given (see default_threads).
 CONCURRENT_RUNS_ENV = "DECON_CONCURRENT_RUNS"

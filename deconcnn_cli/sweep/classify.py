@@ -50,7 +50,9 @@ SWEEP_STATES = (
     UNREADABLE,
 )
 
-# ---- causes: why a run needs action
+# ---- causes: why a run needs action (the `cause` column of monitor and recover). A cause
+# whose word is also a run state (contract.STATES) is named <STATE>_CAUSE, so a constant never
+# reads as a state: STALLED is what monitor shows, STALLED_CAUSE why recover acts.
 TIMEOUT = "timeout"
 PREEMPTED = "preempted"
 NODE_FAILURE = "node_failure"
@@ -59,7 +61,7 @@ OOM_CUDA = "oom_cuda"  # the run's own recorded torch.OutOfMemoryError
 CANCELLED = "cancelled"  # scancel by a user (or an admin)
 EXCEPTION = "exception"
 INTERRUPTED_CAUSE = "interrupted"  # stopped by a signal or --max-steps, scheduler silent
-HUNG = "stalled"  # heartbeat stopped while the job still runs, or with no scheduler to ask
+STALLED_CAUSE = "stalled"  # heartbeat stopped while the job still runs, or with no scheduler to ask
 HELD = "held"  # JobHeldAdmin / REQUEUE_HOLD: the scheduler waits for a person
 NOT_STARTED = "not_started"  # in the manifest, no directory, no live job
 UNREADABLE_CAUSE = "unreadable"  # status.json unreadable, no other evidence of the outcome
@@ -80,7 +82,9 @@ _JOB_CAUSES = {
     "REVOKED": CANCELLED,
     "FAILED": EXCEPTION,
 }
-RESUMABLE = frozenset({TIMEOUT, PREEMPTED, NODE_FAILURE, CANCELLED, INTERRUPTED_CAUSE, HUNG})
+RESUMABLE = frozenset(
+    {TIMEOUT, PREEMPTED, NODE_FAILURE, CANCELLED, INTERRUPTED_CAUSE, STALLED_CAUSE}
+)
 OOM_EXCEPTIONS = frozenset({"OutOfMemoryError", "CUDAOutOfMemoryError"})
 
 
@@ -145,7 +149,9 @@ def classify_run(
             return obs(PENDING, HELD, f"{_job_text(job)}: held by the scheduler")
         if job.state == "RUNNING" and state == STALLED:
             age = view.heartbeat_age_s if view else None
-            return obs(STALLED, HUNG, f"{_job_text(job)} but no heartbeat for {age or 0:.0f} s")
+            return obs(
+                STALLED, STALLED_CAUSE, f"{_job_text(job)} but no heartbeat for {age or 0:.0f} s"
+            )
         if job.state in ("RUNNING", "COMPLETING") and state != STALLED:
             return obs(RUNNING, None, _job_text(job))
         return obs(PENDING, None, _job_text(job))
@@ -168,7 +174,9 @@ def classify_run(
         )
     if state == STALLED:
         age = view.heartbeat_age_s if view else None
-        return obs(STALLED, HUNG, f"no heartbeat for {age or 0:.0f} s" if age else "no heartbeat")
+        return obs(
+            STALLED, STALLED_CAUSE, f"no heartbeat for {age or 0:.0f} s" if age else "no heartbeat"
+        )
     if state == INTERRUPTED:
         return obs(INTERRUPTED, INTERRUPTED_CAUSE, reason or "interrupted")
     return obs(MISSING, NOT_STARTED, "no run directory and no live job")

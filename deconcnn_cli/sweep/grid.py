@@ -81,10 +81,15 @@ def count_grid_runs(spec: GridSpec) -> dict[str, tuple[int, int, int]]:
     return out
 
 
+def grid_run_count(spec: GridSpec) -> int:
+    """The grid's number of runs: per variant, |lr| x |weight_decay| x |seed|."""
+    return sum(a * b * c for a, b, c in count_grid_runs(spec).values())
+
+
 def check_grid_size(spec: GridSpec, limit: int = MAX_GRID_RUNS) -> int:
     """The grid's number of runs; :class:`ConfigError` naming the axes when over ``limit``."""
     sizes = count_grid_runs(spec)
-    total = sum(a * b * c for a, b, c in sizes.values())
+    total = grid_run_count(spec)
     if total > limit:
         parts = "; ".join(
             f"{v}: lr {a} x weight_decay {b} x seed {c} = {a * b * c:,}"

@@ -28,7 +28,6 @@ from deconcnn_cli import contract, runenv
 
 POLL_S = 0.5  # how often the job looks at its children
 RESEND_EVERY_S = 2.0  # how often a stop signal is repeated to a child that has not exited
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
 def train_command(run_dir: Path, threads: int) -> list[str]:
@@ -252,7 +251,7 @@ def run_local(spec: dict[str, Any]) -> int:
     threads = int(spec["threads"])
     max_attempts = int(spec.get("max_attempts", 1))
     stop: list[int] = []
-    for s in STOP_SIGNALS:
+    for s in runenv.STOP_SIGNALS:
         signal.signal(s, lambda n, _f: stop.append(n))
     queue = [d for d in run_dirs]
     started: dict[Path, int] = {}

@@ -431,7 +431,7 @@ def fix_command(root: Path, run_id: str, cause: str, job_id: str | None) -> str:
         return f"inspect {root}/runs/{run_id}/status.json (unreadable); decon never reruns it"
     if cause == C.HELD:
         return f"scontrol release {job_id}  (or: scancel {job_id} && decon recover {r})"
-    if cause == C.HUNG and job_id:
+    if cause == C.STALLED_CAUSE and job_id:
         return f"decon recover {r}  (cancels hung job {job_id}; the next recover resumes the run)"
     if cause == C.EXCEPTION:
         return (

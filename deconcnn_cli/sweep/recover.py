@@ -82,7 +82,7 @@ _STRATEGY = {
     C.NODE_FAILURE: RESUME,
     C.CANCELLED: RESUME,
     C.INTERRUPTED_CAUSE: RESUME,
-    C.HUNG: RESUME,
+    C.STALLED_CAUSE: RESUME,
     C.NOT_STARTED: SUBMIT,
     C.OOM_CGROUP: ALONE,
     C.OOM_CUDA: ALONE,
@@ -170,7 +170,7 @@ def _decide(sweep: SweepView, row: RunRow, done: Counter[tuple[str, str]]) -> Ac
     previous = done[(run_id, cause)]
     action = _STRATEGY.get(cause, PERSON)
     limit = MAX_RETRIES.get(cause, MAX_SAME_CAUSE)
-    if cause == C.HUNG and job_id and row.job_state == "RUNNING":
+    if cause == C.STALLED_CAUSE and job_id and row.job_state == "RUNNING":
         if row.executor != "slurm":  # a local runner: only a person may kill it
             why = f"{detail}: its local runner lives; stop it, then decon recover"
             return Action(run_id, cause, PERSON, why, job_id, previous)

@@ -37,12 +37,12 @@ from deconcnn_cli.config import (
     variant_names,
 )
 from deconcnn_cli.errors import DeconError
-from deconcnn_cli.sweep.grid import expand_grid_runs, load_grid, load_resources
+from deconcnn_cli.sweep.grid import expand_grid_runs, grid_run_count, load_grid, load_resources
+from deconcnn_cli.sweep.validate_probe import GB
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 STALL_RATIO = 0.98  # "stalls": mean loss of the last quarter of steps >= 98% of the first's
 PROBE_TIMEOUT_S = 900.0  # one short run; longer is a hang
-GB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -57,15 +57,6 @@ class Check:
 
 # ---------------------------------------------------------------------------------------------
 # 1. profiles and grids
-
-
-def expected_count(spec: GridSpec) -> int:
-    """Runs the grid should expand to: per variant, |lr| x |weight_decay| x |seed|."""
-    total = 0
-    for variant in spec.variants:
-        axes = spec.axes_for(variant)
-        total += len(set(axes.lr)) * len(set(axes.weight_decay)) * len(set(axes.seed))
-    return total
 
 
 def check_profiles() -> list[Check]:
@@ -95,7 +86,7 @@ def _load_variant(variant: str) -> str:
 def _expand(name: str) -> str:
     spec = load_grid(name)
     runs = expand_grid_runs(spec)
-    want = expected_count(spec)
+    want = grid_run_count(spec)
     if len(runs) != want:
         raise DeconError(f"expands to {len(runs)} runs, its axes give {want}")
     per = ", ".join(f"{v} {sum(r.variant == v for r in runs)}" for v in spec.variants)
@@ -168,8 +159,7 @@ def project_protocol_run(run_dir: Path, val_images: int) -> dict[str, float] | N
         k: len(contract.read_stream(contract.stream_path(run_dir, k)))
         for k in ("curvature", "noise", "shape", "val")
     }
-    timed = ("curvature", "noise", "shape", "validation", "checkpoint")
-    train_s = timing["wall_s"] - sum(timing.get(f"{k}_s", 0.0) for k in timed)
+    train_s = timing["wall_s"] - sum(timing.get(f"{k}_s", 0.0) for k in contract.TIMED_ACTIONS)
     n_ckpt = int(timing.get("checkpoints", 0.0))
 
     def per(key: str, n: int) -> float:
@@ -184,7 +174,7 @@ def project_protocol_run(run_dir: Path, val_images: int) -> dict[str, float] | N
         "validation_s": per("validation", rows["val"]) * p["val_images"] / max(1, val_images),
         "checkpoint_s": per("checkpoint", n_ckpt),
     }
-    metrics = sum(p[k] * cost[f"{k}_s"] for k in ("curvature", "noise", "shape"))
+    metrics = sum(p[k] * cost[f"{k}_s"] for k in contract.ANALYSIS_ACTIONS)
     rest = (
         p["steps"] * cost["step_s"]
         + p["validation"] * cost["validation_s"]

@@ -36,6 +36,7 @@ from deconcnn_cli.contract import (
 )
 from deconcnn_cli.runenv import (
     HOLD_ENV,
+    STOP_SIGNALS,
     Hold,
     gpu_share,
     hold_from_env,
@@ -73,7 +74,6 @@ LN2 = math.log(2.0)
 # skipped steps in a row (the scale has fallen by 2^-50: no overflow left to fix) is a
 # divergence, not a scale still settling (docs/run-directory.md, "Skipped fp16 steps")
 MAX_SKIPPED_IN_A_ROW = 50
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 HOLD_POLL_S = 0.1  # how often a held run looks for its release file (or a stop signal)
 
 

@@ -43,8 +43,8 @@ TABLE = [
     (("diverged", FRESH, {}, "FAILED", None), ("diverged", None)),
     (("running", FRESH, {}, "RUNNING", None), ("running", None)),
     (("running", FRESH, {}, None, None), ("running", None)),
-    (("running", STALE, {}, None, None), ("stalled", C.HUNG)),
-    (("running", STALE, {}, "RUNNING", None), ("stalled", C.HUNG)),
+    (("running", STALE, {}, None, None), ("stalled", C.STALLED_CAUSE)),
+    (("running", STALE, {}, "RUNNING", None), ("stalled", C.STALLED_CAUSE)),
     # killed without a word: the scheduler knows at once, no need to wait for the heartbeat
     (("running", FRESH, {}, "CANCELLED", None), ("interrupted", C.CANCELLED)),
     (("running", FRESH, {}, "NODE_FAIL", None), ("interrupted", C.NODE_FAILURE)),

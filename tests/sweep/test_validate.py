@@ -16,7 +16,7 @@ import pytest
 from deconcnn_cli import contract
 from deconcnn_cli.config import load_resource_profile
 from deconcnn_cli.sweep import validate as v
-from deconcnn_cli.sweep.grid import load_grid
+from deconcnn_cli.sweep.grid import grid_run_count, load_grid
 from tests.conftest import REPO
 from tests.export.synthetic import write_run
 
@@ -52,7 +52,7 @@ def test_shipped_profiles_load_and_expand_to_their_counts():
     checks = {c.name: c for c in v.check_profiles()}
     assert all(c.status == v.PASS for c in checks.values()), checks
     assert checks["grid loss_lin_slope"].detail.startswith("216 runs")
-    assert v.expected_count(load_grid("loss_lin_slope")) == 216
+    assert grid_run_count(load_grid("loss_lin_slope")) == 216
 
 
 def test_a_broken_profile_fails_and_names_its_file(profiles: Path):

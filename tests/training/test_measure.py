@@ -12,7 +12,7 @@ import pytest
 from deconcnn_cli.config import load_run_config
 from deconcnn_cli.contract import STREAMS, read_events, read_stream, read_summary
 from deconcnn_cli.training import measure
-from deconcnn_cli.training.metrics import RunWriter
+from deconcnn_cli.training.writer import RunWriter
 from tests.conftest import TINY, only_run, run_cli
 
 SPE = 352
