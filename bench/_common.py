@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from deconcnn_cli.config import RunConfig, load_run_config
-from deconcnn_cli.training import loop as loop_mod
+from deconcnn_cli.training import attempt as attempt_mod
 from deconcnn_cli.training.data import DataSplits, load_splits, steps_per_epoch, train_batch
 from deconcnn_cli.training.models import build_model
+from deconcnn_cli.training.setup import build_optimizer
 
 CIFAR_TRAIN = 45_000  # CIFAR-10's 50,000 minus the 10% validation split: 352 steps of 128
 CIFAR_VAL = 5_000  # the validation split a run evaluates 4 times an epoch
@@ -68,12 +69,12 @@ def cifar_shaped_loop(
 ) -> Iterator[None]:
     """Make ``train_run`` load :func:`tiled_digits` instead of the configured dataset, on the
     device the run asks for."""
-    original = loop_mod.load_splits
-    loop_mod.load_splits = lambda *a, **k: tiled_digits(cfg, n_train, n_val, k["device"])
+    original = attempt_mod.load_splits
+    attempt_mod.load_splits = lambda *a, **k: tiled_digits(cfg, n_train, n_val, k["device"])
     try:
         yield
     finally:
-        loop_mod.load_splits = original
+        attempt_mod.load_splits = original
 
 
 def median_time(fn: Callable[[], object], reps: int, *, warmup: bool = False) -> float:
@@ -117,7 +118,7 @@ class Trajectory:
         self.spe = steps_per_epoch(self.splits.n_train, 128)
         torch.manual_seed(0)
         self.model = build_model(self.cfg.model, self.splits.num_classes)
-        self.opt = loop_mod.build_optimizer(self.cfg, self.model)
+        self.opt = build_optimizer(self.cfg, self.model)
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.step_no = 0

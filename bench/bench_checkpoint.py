@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from deconcnn_cli.config import load_run_config
 from deconcnn_cli.training.checkpoint import save_checkpoint
-from deconcnn_cli.training.loop import build_optimizer
 from deconcnn_cli.training.models import build_model
+from deconcnn_cli.training.setup import build_optimizer
 
 EPOCHS, RUN_CHECKPOINTS = 50, 6
 

@@ -60,7 +60,8 @@ from deconcnn_cli.analysis import hessian, noise
 from deconcnn_cli.config import RunConfig, prepare_run_dir
 from deconcnn_cli.training import measure
 from deconcnn_cli.training.device import resolve_precision
-from deconcnn_cli.training.loop import evaluate, train_run
+from deconcnn_cli.training.loop import train_run
+from deconcnn_cli.training.measure import evaluate
 
 OVERRIDES: list[str] = []  # --set KEY=VALUE: the analysis settings under test (default: none)
 

@@ -271,8 +271,8 @@ def micro(variants: list[str]) -> None:
     from deconcnn_cli.training.checkpoint import save_checkpoint
     from deconcnn_cli.training.data import normalize, train_batch
     from deconcnn_cli.training.device import deterministic, resolve_device
-    from deconcnn_cli.training.loop import build_optimizer
     from deconcnn_cli.training.models import build_model
+    from deconcnn_cli.training.setup import build_optimizer
 
     device = resolve_device("cuda" if not _dry() else "cpu")
     cuda = device.type == "cuda"

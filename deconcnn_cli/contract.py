@@ -206,7 +206,7 @@ class RunView:
     run_id: str
     state: str  # one of STATES, or STALLED / MISSING / UNREADABLE
     written_state: str | None  # the state as status.json has it
-    step: int
+    steps_done: int  # status.json's `step`: optimizer steps done (docs/architecture.md)
     total_steps: int | None
     epoch: float
     heartbeat_age_s: float | None
@@ -323,7 +323,7 @@ def view_run(run_dir: Path, now: float | None = None) -> RunView:
         run_id=run_dir.name,
         state=derive_state(status, now),
         written_state=status.get("state"),
-        step=int(status.get("step") or 0),
+        steps_done=int(status.get("step") or 0),
         total_steps=status.get("total_steps"),
         epoch=float(status.get("epoch") or 0.0),
         heartbeat_age_s=(now - beat) if isinstance(beat, int | float) else None,
@@ -356,7 +356,7 @@ def _view_from_evidence(run_dir: Path, why: str) -> RunView:
         run_id=run_dir.name,
         state=state,
         written_state=None,
-        step=step,
+        steps_done=step,
         total_steps=step if state == COMPLETED else None,
         epoch=float(epochs) if isinstance(epochs, int | float) and math.isfinite(epochs) else 0.0,
         heartbeat_age_s=None,

@@ -1,6 +1,5 @@
-"""Issue 14, items 7 and 8: broken files give `error:` or a word, never a traceback or a
-wrong answer. Each test failed on f8ca2ac (the fuzz suite, test_fuzz_contract.py, covers the
-same ground by brute force)."""
+"""Broken files give `error:` or a word, never a traceback or a wrong answer (the fuzz suite,
+test_fuzz_contract.py, covers the same ground by brute force)."""
 
 from __future__ import annotations
 
@@ -248,7 +247,7 @@ def test_a_status_before_its_first_step_is_not_unreadable(tmp_path: Path) -> Non
                   "exception_type": None, "timing": None, "heartbeat_unix": 1e18}  # fmt: skip
         fileio.atomic_write_json(run / contract.STATUS_FILE, status)
         view = contract.view_run(run, now=1e18)
-        assert view.state == state and view.unreadable is None and view.step == 0
+        assert view.state == state and view.unreadable is None and view.steps_done == 0
 
 
 def test_a_fifo_or_an_endless_device_reads_as_unreadable_at_once(tmp_path: Path):

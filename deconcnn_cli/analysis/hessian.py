@@ -114,11 +114,9 @@ class HessianOperator:
     forward may update BN buffers: use it inside ``preserved_model_state(model, train=True)``.
 
     With ``plain_batchnorm`` (default) every affine BatchNorm in train mode is computed, for
-    this forward only, from plain ops (:func:`plain_batchnorm`): the same function (its HVPs
-    equal the native ones to 1e-12 in float64), whose double backward is cheaper and more
-    accurate than the native kernel's (``bench/bench_hvp_variants.py``, ResNet-18 width
-    0.125: one HVP 2.5 instead of 2.8 training steps, the graph build 1.2 instead of 0.9;
-    the float32 HVP within 4e-6 of a float64 one, the native kernel's 1.7e-3 off).
+    this forward only, from plain ops (:func:`plain_batchnorm`): the same function, whose
+    double backward is cheaper and more accurate than the native kernel's (measured in
+    docs/performance.md, "Analysis metrics overhead", `bench/bench_hvp_variants.py`).
 
     Parameters
     ----------

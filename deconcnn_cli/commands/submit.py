@@ -173,7 +173,7 @@ def _wait(console: Console, store: SweepStore, jobs: list, run_ids: list[str]) -
         for rid in run_ids:
             v = contract.view_run(store.run_dir(rid))
             total = f"/{v.total_steps}" if v.total_steps else ""
-            t.add_row(rid, v.state, f"{v.step}{total}", f"{v.epoch:.2f}", str(v.attempt))
+            t.add_row(rid, v.state, f"{v.steps_done}{total}", f"{v.epoch:.2f}", str(v.attempt))
         return t
 
     try:

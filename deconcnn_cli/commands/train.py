@@ -199,7 +199,8 @@ def _run(
     max_steps: int | None,
     threads: int,
 ) -> RunResult:
-    from deconcnn_cli.training.loop import Progress, train_run
+    from deconcnn_cli.training.attempt import Progress
+    from deconcnn_cli.training.loop import train_run
 
     if quiet:
         typer.echo(f"training {target} ({threads} thread{'s' if threads > 1 else ''})")
@@ -222,11 +223,11 @@ def _run(
 
         def on_progress(p: Progress) -> None:
             if p.phase:  # a metric runs before the next block of steps: say so
-                bar.update(task, completed=p.step, total=p.total_steps, phase=p.phase)
+                bar.update(task, completed=p.steps_done, total=p.total_steps, phase=p.phase)
                 return
             bar.update(
                 task,
-                completed=p.step,
+                completed=p.steps_done,
                 total=p.total_steps,
                 epoch=p.epoch,
                 loss=f"{p.loss_train_nats:.4f}",

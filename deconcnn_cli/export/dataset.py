@@ -332,9 +332,9 @@ def run_row(
         row["_bad_cells"] = bad
 
     spe = _num(status.get("steps_per_epoch"))
-    row["steps_done"] = float(view.step)
+    row["steps_done"] = float(view.steps_done)
     row["total_steps"] = _num(view.total_steps)
-    row["epochs_done"] = view.step / spe if spe else _num(status.get("epoch"))
+    row["epochs_done"] = view.steps_done / spe if spe else _num(status.get("epoch"))
     if row["epochs_done"] is None and summary:  # status.json unreadable: the summary knows
         row["epochs_done"] = _num(summary.get("epochs_done"))
     numbers = {a.get("attempt") for a in attempts if isinstance(a.get("attempt"), int)}

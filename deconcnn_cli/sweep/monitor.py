@@ -297,7 +297,7 @@ def observe_sweep(
             state=ob.state,
             cause=ob.cause,
             detail=ob.detail,
-            step=view.step if view else 0,
+            step=view.steps_done if view else 0,
             total_steps=view.total_steps if view else None,
             epoch=view.epoch if view else 0.0,
             steps_per_s=float(rate) if isinstance(rate, int | float) else None,

@@ -1,45 +1,9 @@
 """Repair a sweep: classify each unfinished run and apply the strategy its cause calls for.
 
-=================================  ===============================================  =========
-cause                              strategy                                          limit
-=================================  ===============================================  =========
-timeout, preempted, node_failure,  resume from the newest checkpoint (resubmit; the  K times
-cancelled, interrupted             run's own directory holds its progress)
-stalled, job no longer running     resume                                            K times
-job ended, heartbeat still fresh   resume at once when the process is known dead     K times
-                                   (its own SLURM job ended, or its pid is gone on
-                                   this host: the run is *released*, below); else
-                                   wait until the heartbeat is stale                 -
-stalled, job still RUNNING (hung)  ``scancel`` the job; the next recover resumes     K times
-oom_cgroup, oom_cuda               rerun *alone* on its GPU (one run per job). The   once
-                                   batch size and everything measured stay as they
-                                   are; the submission records ``alone`` and why
-exception                          one retry, then left for a person (traceback in   once
-                                   ``decon monitor --show-failed``)
-not_started (missing)              submit                                            K times
-held (JobHeldAdmin)                left for a person: ``scontrol release`` or        -
-                                   ``scancel`` + recover
-unreadable (status.json)           left for a person (never rerun: it may hold a     -
-                                   result)
-unsafe_checkpoint                  left for a person (a checkpoint that failed the   -
-                                   safe load: someone else wrote it; a rerun would
-                                   refuse it again)
-diverged, completed, live runs     nothing: results, or already in hand              -
-=================================  ===============================================  =========
-
-After the limit for the same cause (``MAX_SAME_CAUSE`` = K = 3) the run is left for a person
-and the plan says so. A run killed without a word (``scancel --signal=KILL``, a node that
-died) still says ``running`` with a fresh heartbeat for up to ``STALLED_AFTER_S``. When the
-process is known dead (the SLURM job its status.json names has ended, so none of its
-processes survive, or its owner pid is gone on this host) recover releases the run before
-resubmitting it: status.json becomes ``interrupted`` with the reason, the dead owner's
-owner.json is removed and a warning event says who did it; the next attempt resumes from
-the newest checkpoint at once. Every action taken is appended to ``<root>/recover.jsonl``
-(time, run, cause, action, job ids), which is also where the counts come from; submissions
-go through ``sweep.submit.submit_runs`` and are recorded in the manifest with their reason.
-No torch.
-
-Exit codes of ``decon recover``: ``EXIT_RECOVERED`` 0 (nothing left for a person),
+The table of causes, strategies and limits is in docs/cluster.md (`decon recover`); each
+action taken is appended to ``<root>/recover.jsonl``, which is also where the counts of
+:data:`MAX_SAME_CAUSE` come from. A run whose process is known dead is released before it is
+resubmitted. No torch. Exit codes: ``EXIT_RECOVERED`` 0 (nothing left for a person),
 ``EXIT_NEEDS_PERSON`` 1 (some runs are, each listed with why), 2 bad input.
 """
 

@@ -73,9 +73,9 @@ def decide(
             return True, f"failed ({view.reason}), retried"
         return False, f"failed ({view.reason}): --retry-failed or --force {view.run_id}"
     if view.state == contract.INTERRUPTED:
-        return True, f"interrupted at step {view.step}: resumes"
+        return True, f"interrupted at step {view.steps_done}: resumes"
     if view.state == contract.STALLED:
-        return True, f"stalled at step {view.step} (no live job): resumes"
+        return True, f"stalled at step {view.steps_done} (no live job): resumes"
     return True, "new"
 
 

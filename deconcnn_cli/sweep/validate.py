@@ -344,7 +344,7 @@ def _finish_probe(
         lr=float(cfg["optim"]["lr"]),
         state=view.written_state,
         returncode=code,
-        steps_done=view.step,
+        steps_done=view.steps_done,
         peak_rss_gb=usage.ru_maxrss * 1024 / GB,  # Linux: kilobytes
         cuda_peak_allocated_gb=probe.get("cuda_peak_allocated_gb"),
         cuda_peak_reserved_gb=probe.get("cuda_peak_reserved_gb"),

@@ -32,6 +32,7 @@ import numpy as np
 from deconcnn_cli import contract, fileio
 from deconcnn_cli.sweep.manifest import job_run_ids, submissions
 from deconcnn_cli.sweep.observe import load_sweep
+from deconcnn_cli.training.schedule import val_steps_in_epoch
 
 # ---- exit codes of `decon verify` (docs/cluster.md)
 EXIT_VERIFIED = 0  # complete and clean
@@ -98,13 +99,6 @@ class VerifyResult:
         }
 
 
-def val_positions(steps_per_epoch: int, val_per_epoch: int) -> list[int]:
-    """Positions in an epoch after which validation runs (the training loop's rule)."""
-    return sorted(
-        {math.ceil(q * steps_per_epoch / val_per_epoch) - 1 for q in range(1, val_per_epoch + 1)}
-    )
-
-
 def expected_steps(config: dict[str, Any], steps_per_epoch: int) -> dict[str, list[int]]:
     """Every stream's row steps for a whole run of ``config`` (a resolved RunConfig dict)."""
     spe = steps_per_epoch
@@ -113,7 +107,7 @@ def expected_steps(config: dict[str, Any], steps_per_epoch: int) -> dict[str, li
         raise ValueError(f"{epochs} epochs x {spe} steps is not a run verify can check")
     cad = config["cadence"]
     total = epochs * spe
-    vals = val_positions(spe, int(cad["val_per_epoch"]))
+    vals = sorted(val_steps_in_epoch(spe, int(cad["val_per_epoch"])))
 
     def epoch_ends(every: int) -> list[int]:
         return [(e + 1) * spe - 1 for e in range(epochs) if every and (e + 1) % every == 0]
@@ -362,13 +356,13 @@ def verify_run(run_dir: Path, run_id: str | None = None) -> tuple[str, list[Prob
         return view.state, [Problem(run_id, contract.CONFIG_FILE, "unreadable", msg)]
     problems: list[Problem] = []
     total = len(expected["step"])
-    if view.state == contract.COMPLETED and (view.step, view.total_steps) != (total, total):
+    if view.state == contract.COMPLETED and (view.steps_done, view.total_steps) != (total, total):
         problems.append(
             Problem(
                 run_id,
                 contract.STATUS_FILE,
                 "status_steps",
-                f"completed at step {view.step} of {view.total_steps}, but its config gives "
+                f"completed at step {view.steps_done} of {view.total_steps}, but its config gives "
                 f"{total} steps",
             )
         )
@@ -380,8 +374,8 @@ def verify_run(run_dir: Path, run_id: str | None = None) -> tuple[str, list[Prob
     summary = contract.read_summary(run_dir)
     diverged_at = None
     if diverged:
-        done = (summary or {}).get("steps_done", view.step)
-        done = done if isinstance(done, int) and not isinstance(done, bool) else view.step
+        done = (summary or {}).get("steps_done", view.steps_done)
+        done = done if isinstance(done, int) and not isinstance(done, bool) else view.steps_done
         diverged_at = done - 1
     events, bad_events = fileio.read_jsonl_checked(run_dir / contract.EVENTS_FILE)
     _, bad_attempts = fileio.read_jsonl_checked(run_dir / contract.ATTEMPTS_FILE)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from deconcnn_cli.analysis import hessian, noise, powerlaw, settings, spectral, stability
 from deconcnn_cli.analysis.knee import find_knee
@@ -25,8 +26,9 @@ from deconcnn_cli.training.data import (
     augment_batch,
     derive_seed,
     normalize,
+    val_batches,
 )
-from deconcnn_cli.training.device import exact_fp32
+from deconcnn_cli.training.device import Precision, exact_fp32
 from deconcnn_cli.training.schedule import lr_per_step
 from deconcnn_cli.training.writer import RunWriter
 
@@ -298,3 +300,26 @@ def write_summary(
     summary = {k: NAN if isinstance(v, float) and math.isinf(v) else v for k, v in summary.items()}
     atomic_write_json(writer.run_dir / "summary.json", summary)
     return summary
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, splits: DataSplits, batch_size: int, prec: Precision
+) -> tuple[float, float]:
+    """Mean CE (nats) and accuracy over the full validation split, in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=splits.val_x.device, dtype=torch.float64)
+    correct = torch.zeros((), device=splits.val_x.device, dtype=torch.int64)
+    for x, y in val_batches(splits, batch_size):
+        with prec.autocast():
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
+    model.train(was_training)
+    n = splits.n_val
+    return (loss_sum / n).item(), (correct.double() / n).item()
+
+
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))

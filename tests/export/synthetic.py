@@ -19,6 +19,7 @@ import numpy as np
 
 from deconcnn_cli import contract, fileio
 from deconcnn_cli.config import RunConfig
+from deconcnn_cli.training.schedule import val_steps_in_epoch
 
 
 def write_manifest(root: Path, runs: Mapping[str, Mapping[str, Any]], grid: str = "test") -> None:
@@ -99,7 +100,7 @@ def write_run(
         },
     )
     spe = steps_per_epoch
-    positions = sorted({math.ceil(q * spe / 4) - 1 for q in range(1, 5)})  # the loop's rule
+    positions = sorted(val_steps_in_epoch(spe, 4))
     vstep = np.array([e * spe + p for e in range(steps // spe) for p in positions])
     vloss = 1.1 * prefactor * (vstep + 1.0) ** -alpha + 0.1
     _write_stream(

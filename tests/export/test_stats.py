@@ -92,7 +92,7 @@ def test_degenerate_draws_occur_as_often_as_theory_says():
 
 
 def test_scipy_alone_loses_the_interval_that_we_keep():
-    """The bug of issue 15: scipy gives NaN for 5 runs (a resample repeats one run)."""
+    """scipy gives NaN for 5 runs (a resample repeats one run): the interval stays finite."""
     x, y = _sample(5, 0)
     with pytest.warns(sps.DegenerateDataWarning):
         ref = sps.bootstrap((x, y), stats.spearman_rho, paired=True, vectorized=True,

@@ -76,4 +76,4 @@ def test_sigterm_saves_the_runs_and_the_job_exits_without_a_result(tmp_path):
     assert "SIGTERM: the runs saved" in out and "Traceback" not in out
     view = contract.view_run(run_dir)
     assert view.state == "interrupted" and view.reason == "signal SIGTERM"
-    assert view.status["last_checkpoint_step"] == view.step > 0
+    assert view.status["last_checkpoint_step"] == view.steps_done > 0

@@ -106,7 +106,7 @@ def test_concurrent_submits_make_no_duplicates_and_the_smoke_grid_completes(tmp_
     _wait(store, sub)
     for rid in ids:
         view = contract.view_run(store.run_dir(rid))
-        assert view.state == "completed" and view.step == view.total_steps == 26
+        assert view.state == "completed" and view.steps_done == view.total_steps == 26
         assert contract.read_summary(store.run_dir(rid))["state"] == "completed"
     job_ids = [j["job_id"] for j in sub["jobs"]]
     assert sorted(_sacct_states(job_ids)) == sorted((j, "COMPLETED") for j in job_ids)
@@ -150,7 +150,7 @@ def _time_out_once(store: SweepStore, job_id: str, run_ids: list[str]) -> None:
     sends the signal within ~30 s of the limit minus signal_delay_s); after the requeue, lift
     it. The runs cannot finish meanwhile: they wait for the signal."""
     deadline = time.monotonic() + 600
-    while not all(contract.view_run(store.run_dir(r)).step >= HOLD_AT_STEPS for r in run_ids):
+    while not all(contract.view_run(store.run_dir(r)).steps_done >= HOLD_AT_STEPS for r in run_ids):
         assert time.monotonic() < deadline, "the runs never reached their hold"
         time.sleep(1)
     elapsed_s = int(_sacct(job_id, "ElapsedRaw")[-1])

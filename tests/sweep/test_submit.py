@@ -376,7 +376,7 @@ def test_local_executor_end_to_end(tmp_path):
     assert wait_done(store, sub)
     for rid in job["run_ids"]:
         view = contract.view_run(store.run_dir(rid))
-        assert view.state == "completed" and view.step == view.total_steps == 26
+        assert view.state == "completed" and view.steps_done == view.total_steps == 26
         records = contract.read_attempts(store.run_dir(rid))  # one start + one end line
         assert {r["attempt"] for r in records} == {1}
         assert [r.get("event") for r in records] == [None, "end"]

@@ -10,9 +10,9 @@ from deconcnn_cli.sweep.verify import (
     EXIT_PROBLEMS,
     EXIT_VERIFIED,
     expected_steps,
-    val_positions,
     verify_sweep,
 )
+from deconcnn_cli.training.schedule import val_steps_in_epoch
 from deconcnn_cli.version import code_version
 from tests.conftest import run_cli
 from tests.sweep.fakes import tree_snapshot
@@ -31,8 +31,8 @@ def _kinds(root: Path) -> set[tuple[str | None, str]]:
 
 
 def test_cadence_rule_matches_the_loop() -> None:
-    assert val_positions(13, 4) == [3, 6, 9, 12]
-    assert val_positions(2, 4) == [0, 1]
+    assert sorted(val_steps_in_epoch(13, 4)) == [3, 6, 9, 12]
+    assert sorted(val_steps_in_epoch(2, 4)) == [0, 1]
     cfg = {
         "schedule": {"epochs": 2},
         "cadence": {

@@ -124,8 +124,8 @@ def test_tf32_off_inside_analysis_calls_and_restored_after(tmp_path):
 @pytest.mark.parametrize("spec", ["cuda", "cuda:0", "cuda:1"])
 def test_gpu_memory_capped_at_the_runs_share_of_the_card(fake_card, share, fraction, spec):
     """No GPU here: the card (48 GiB, an RTX8000) is faked at the driver boundary only, so
-    torch's own set_per_process_memory_fraction checks the device it is given (a bare
-    ``cuda``, which it refuses, crashed every run that shared a card on f8ca2ac)."""
+    torch's own set_per_process_memory_fraction checks the device it is given (including a
+    bare ``cuda``, which it refuses: the cap must pass an index)."""
     fake_card.count, fake_card.current = 2, 1 if spec == "cuda:1" else 0
     got = cap_gpu_memory(torch.device(spec), share)
     if fraction is None:

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from deconcnn_cli.contract import COMPLETED, INTERRUPTED
-from deconcnn_cli.training.loop import EndOfStep, Schedule, after_step, curvature_due
+from deconcnn_cli.training.schedule import EndOfStep, Schedule, after_step, curvature_due
 
 # smoke geometry: 13 steps an epoch, 3 epochs, validation after positions 3, 6, 9, 12,
 # curvature every 10 steps, noise and shape every epoch, flush every 8 steps
@@ -44,7 +44,7 @@ STOP = EndOfStep(flush=True, checkpoint=True, stop=INTERRUPTED)
         (12, 3, False, EPOCH_END),  # epoch 1 ends: not a checkpoint epoch (every 2)
         (25, 3, False, EndOfStep(True, True, True, True, checkpoint=True)),  # epoch 2 ends
         # a stop anywhere: flush, checkpoint at step + 1, interrupted
-        (4, 1, True, STOP),  # neither a flush nor a validation boundary (issue 6 item 1)
+        (4, 1, True, STOP),  # neither a flush nor a validation boundary
         (5, 2, True, STOP),
         (3, 4, True, EndOfStep(True, True, checkpoint=True, stop=INTERRUPTED)),
         (12, 3, True, EndOfStep(True, True, True, True, True, INTERRUPTED)),  # non-ckpt epoch

@@ -14,8 +14,9 @@ import torch
 
 from deconcnn_cli.config import load_run_config, prepare_run_dir
 from deconcnn_cli.fileio import read_json, read_jsonl
-from deconcnn_cli.training import loop
+from deconcnn_cli.training import attempt, fp16, loop
 from deconcnn_cli.training.device import Precision
+from deconcnn_cli.training.setup import build_optimizer
 
 
 class ScaledFp32(Precision):
@@ -46,9 +47,9 @@ def _run(
         ],
         flags={"seed": 0},
     )
-    monkeypatch.setattr(loop, "resolve_precision", lambda *a, **k: ScaledFp32("fp16", "cpu"))
+    monkeypatch.setattr(attempt, "resolve_precision", lambda *a, **k: ScaledFp32("fp16", "cpu"))
     current: dict[str, int | None] = {"step": None}
-    real_batch, real_build = loop.train_batch, loop.build_model
+    real_batch, real_build = attempt.train_batch, attempt.build_model
 
     def batch(splits, *, step, **kw):
         current["step"] = step
@@ -66,8 +67,8 @@ def _run(
         )
         return model
 
-    monkeypatch.setattr(loop, "train_batch", batch)
-    monkeypatch.setattr(loop, "build_model", build)
+    monkeypatch.setattr(attempt, "train_batch", batch)
+    monkeypatch.setattr(attempt, "build_model", build)
     run_dir = tmp_path / "run"
     prepare_run_dir(cfg, run_dir)
     for i, stop in enumerate(stops):  # each a new attempt, resumed from the last checkpoint
@@ -105,7 +106,7 @@ def test_clean_fp16_run_records_no_skip(tmp_path, monkeypatch):
 
 
 def test_endless_skips_stop_the_run_as_diverged(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "MAX_SKIPPED_IN_A_ROW", 6)
+    monkeypatch.setattr(fp16, "MAX_SKIPPED_IN_A_ROW", 6)
     result, status, _ = _run(tmp_path, monkeypatch, None, every_from=5)
     assert result.state == "diverged"
     assert "6 fp16 steps in a row skipped" in result.reason
@@ -117,5 +118,5 @@ def test_optimizer_choice_is_kept_for_the_whole_run(fused):
     """build_optimizer honours ``fused`` (the CUDA path's choice, recorded in status.json)."""
     cfg = load_run_config(variant="base", profiles=["smoke"], flags={})
     model = torch.nn.Linear(2, 2)
-    opt = loop.build_optimizer(cfg, model, fused=fused)
+    opt = build_optimizer(cfg, model, fused=fused)
     assert bool(opt.defaults.get("fused")) is fused

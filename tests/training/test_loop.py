@@ -13,7 +13,8 @@ import pytest
 
 from deconcnn_cli.config import load_run_config, run_id
 from deconcnn_cli.contract import read_attempts, read_stream
-from deconcnn_cli.training.loop import StopSignals, lr_factor, val_steps_in_epoch
+from deconcnn_cli.training.schedule import lr_factor, val_steps_in_epoch
+from deconcnn_cli.training.signals import StopSignals
 from tests.conftest import TINY, run_cli
 
 SPE = 13  # digits: 1797 images, 180 held out -> 1617 train -> ceil(1617 / 128) = 13

@@ -198,13 +198,13 @@ def test_progress_says_what_runs_before_the_first_block(tmp_path: Path) -> None:
     prepare_run_dir(cfg, tmp_path / "r")
     seen = []
     train_run(cfg, tmp_path / "r", on_progress=seen.append, stop_after_steps=14)
-    phases = [(p.step, p.phase) for p in seen if p.phase]
+    phases = [(p.steps_done, p.phase) for p in seen if p.phase]
     assert seen[0].phase == "curvature at step 0 ..." and seen[0].total_steps == 39
     assert phases[:2] == [(0, "curvature at step 0 ..."), (0, "training ...")]
     assert (10, "curvature at step 10 ...") in phases  # smoke: curvature every 10 steps
     assert (13, "gradient noise at epoch 1 ...") in phases
     steps = [p for p in seen if not p.phase]
-    assert steps[0].step == 4 and all(math.isfinite(p.loss_train_nats) for p in steps)
+    assert steps[0].steps_done == 4 and all(math.isfinite(p.loss_train_nats) for p in steps)
 
 
 def test_sharpness_is_not_defined_for_adamw_and_nan_when_lambda_failed() -> None:

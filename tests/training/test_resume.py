@@ -194,7 +194,7 @@ def test_huge_lr_is_recorded_as_diverged(tmp_path: Path):
     assert again.returncode == 0 and "already diverged" in again.stdout
 
 
-# ---- stops at any step (issue 6 items 1 and 7), in-process for speed; compared with the
+# ---- stops at any step, in-process for speed; compared with the
 # subprocess reference above (both on one torch thread)
 
 
@@ -266,7 +266,9 @@ def test_stop_at_non_checkpoint_epoch_end_and_on_the_final_step(reference: Path,
 def test_failure_during_setup_is_recorded(tmp_path: Path, mocker):
     """Data loading fails before the first step: status, attempt lines and the traceback."""
     cfg, run = _cfg(), tmp_path / "run"
-    mocker.patch("deconcnn_cli.training.loop.load_splits", side_effect=OSError("data volume gone"))
+    mocker.patch(
+        "deconcnn_cli.training.attempt.load_splits", side_effect=OSError("data volume gone")
+    )
     from deconcnn_cli.config import prepare_run_dir
     from deconcnn_cli.training.loop import train_run
 
@@ -364,7 +366,9 @@ def test_last_checkpoint_step_never_names_a_skipped_checkpoint(tmp_path: Path):
         cfg,
         run,
         stop_after_steps=31,
-        on_progress=lambda p: seen.append((p.step, read_json(status_path)["last_checkpoint_step"])),
+        on_progress=lambda p: seen.append(
+            (p.steps_done, read_json(status_path)["last_checkpoint_step"])
+        ),
     )
     assert seen[0] == (30, 26)  # resumed from 26: the corrupt 30 is not named
     assert read_json(status_path)["last_checkpoint_step"] == 31

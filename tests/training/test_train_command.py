@@ -37,7 +37,7 @@ def test_resume_in_a_precision_this_device_cannot_run_is_refused(tmp_path: Path)
 def test_a_failing_run_exits_1_and_says_where_it_is_recorded(tmp_path: Path, mocker):
     run = _run_dir(tmp_path)
     mocker.patch(
-        "deconcnn_cli.training.loop.load_splits", side_effect=RuntimeError("NCCL went away")
+        "deconcnn_cli.training.attempt.load_splits", side_effect=RuntimeError("NCCL went away")
     )
     res = CliRunner().invoke(app, ["train", "--run-dir", str(run), "-q", "--threads", "1"])
     assert res.exit_code == 1
