@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+DECON = str(Path(sys.executable).parent / "decon")  # the console script pip installed
 
 # A run small enough for CPU tests: smoke profile (digits, width 1/8, 3 epochs) at 8x8 pixels.
 TINY = ["-p", "smoke", "--set", "data.image_size=8", "--quiet"]
@@ -93,3 +94,16 @@ def _deselect(config: pytest.Config, items: list[pytest.Item], marker: str, miss
     items[:] = [item for item in items if marker not in item.keywords]
     config.hook.pytest_deselected(items=marked)
     print(f"\n{len(marked)} {marker}-marked test(s) deselected: {why}")
+
+
+def complete_words(words: str) -> list[str]:
+    """What the installed `decon` completes for the command line ``words`` (bash)."""
+    env = {
+        **os.environ,
+        "_DECON_COMPLETE": "complete_bash",
+        "COMP_WORDS": words,
+        "COMP_CWORD": str(len(words.split(" ")) - 1),
+    }
+    out = subprocess.run([DECON], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()

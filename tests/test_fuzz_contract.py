@@ -32,17 +32,9 @@ from deconcnn_cli.cli import app
 from deconcnn_cli.sweep.grid import expand_grid_runs, load_grid
 from deconcnn_cli.sweep.store import SweepStore
 from tests.export.synthetic import write_run
+from tests.factories import tiny_grid
 
-GRID_TOML = """name = "fuzz"
-variants = ["base"]
-profiles = ["smoke"]
-[overrides.data]
-image_size = 8
-[axes]
-lr = [0.1]
-weight_decay = [0.001]
-seed = [0, 1, 2, 3]
-"""
+GRID_TOML = tiny_grid("fuzz", seed=(0, 1, 2, 3))
 RESOURCES_TOML = 'executor = "local"\nparallel_runs = 1\ncpus_per_run = 1\n'
 STATES = ("completed", "diverged", "failed", "interrupted")  # one run each, in seed order
 

@@ -22,6 +22,7 @@ from deconcnn_cli.analysis.hessian import (
 )
 from deconcnn_cli.analysis.lanczos import DEFAULT_GAP_CAP, lanczos_top
 from deconcnn_cli.analysis.lanczos import MatrixOperator as MatrixHVP
+from tests.analysis.models import assert_state_equal, probe_batch, snapshot, tiny_cnn
 
 HVP_REL_TOL = 1e-5  # HVP vs dense Hessian, float64
 EIG_REL_TOL = 1e-3  # protocol: lambda_max to 1e-3 relative
@@ -31,31 +32,6 @@ N_SEEDS = 40
 N_PROBES = 32
 N_KRYLOV_SEEDS = 400  # Krylov-deflated estimator: many cheap seeds on an explicit matrix
 CHUNK = 4  # 10 examples -> chunks of 4, 4, 2
-
-
-def tiny_cnn(*, bn: bool = True, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
-    """Conv(1->2, 3x3) [+BN] + tanh + linear(32 -> 3): about 120 parameters."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = nn.Sequential(
-            nn.Conv2d(1, 2, 3),
-            nn.BatchNorm2d(2) if bn else nn.Identity(),
-            nn.Tanh(),
-            nn.Flatten(),
-            nn.Linear(2 * 4 * 4, 3),
-        )
-        if bn:  # non-trivial affine and running statistics
-            model[1].weight.data.uniform_(0.5, 1.5)
-            model[1].bias.data.uniform_(-0.5, 0.5)
-            model[1].running_mean.uniform_(-1, 1)
-    return model.to(dtype)
-
-
-def probe_batch(n: int = 10, seed: int = 1, dtype: torch.dtype = torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 6, 6, generator=gen, dtype=torch.float64).to(dtype)
-    y = torch.randint(0, 3, (n,), generator=gen)
-    return x, y
 
 
 def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -79,27 +55,6 @@ def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int
 
     with preserved_model_state(model, train=True):
         return torch.autograd.functional.hessian(loss, theta)
-
-
-def snapshot(model: nn.Module) -> dict:
-    return {
-        "params": [p.detach().clone() for p in model.parameters()],
-        "buffers": [b.detach().clone() for b in model.buffers()],
-        "grads": [(p.grad, None if p.grad is None else p.grad.clone()) for p in model.parameters()],
-        "modes": [m.training for m in model.modules()],
-    }
-
-
-def assert_state_equal(model: nn.Module, before: dict) -> None:
-    for p, saved in zip(model.parameters(), before["params"], strict=True):
-        torch.testing.assert_close(p.detach(), saved, rtol=0, atol=0, equal_nan=True)
-    for b, saved in zip(model.buffers(), before["buffers"], strict=True):
-        torch.testing.assert_close(b, saved, rtol=0, atol=0, equal_nan=True)
-    for p, (ref, value) in zip(model.parameters(), before["grads"], strict=True):
-        assert p.grad is ref
-        if ref is not None:
-            assert torch.equal(p.grad, value) and p.grad.grad_fn is None
-    assert [m.training for m in model.modules()] == before["modes"]
 
 
 @pytest.mark.parametrize("bn", [True, False])

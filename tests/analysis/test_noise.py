@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deconcnn_cli.analysis.noise import gradient_noise, noise_statistics
-from tests.analysis.test_hessian import assert_state_equal, probe_batch, snapshot, tiny_cnn
+from tests.analysis.models import assert_state_equal, probe_batch, snapshot, tiny_cnn
 
 N_SE = 3.0  # mean of an estimate over draws within this many standard errors of the truth
 EXACT_REL_TOL = 1e-10  # float64 identities (streaming vs two-pass, formulas)

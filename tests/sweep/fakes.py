@@ -11,6 +11,9 @@ from typing import Any
 import pytest
 
 from deconcnn_cli import contract, fileio
+from deconcnn_cli.sweep.grid import expand_grid_runs, grid_hash, load_grid
+from deconcnn_cli.sweep.store import SweepStore
+from tests.factories import tiny_grid
 
 
 def install_fake_scheduler(
@@ -142,9 +145,6 @@ def start_job_on_a_long_run(
     import subprocess
     import sys
 
-    from deconcnn_cli.sweep.grid import expand_grid_runs, load_grid
-    from deconcnn_cli.sweep.store import SweepStore
-
     cfg = expand_grid_runs(load_grid("smoke"))[0].config
     long = cfg.model_copy(update={"schedule": cfg.schedule.model_copy(update={"epochs": 60})})
     run_dir = SweepStore(root).write_run_config(long)
@@ -161,3 +161,30 @@ def start_job_on_a_long_run(
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
         time.sleep(0.2)
     return proc, run_dir
+
+
+TINY_GRID = tiny_grid("tiny")
+
+
+def seed_sweep(tmp_path: Path, text: str = TINY_GRID) -> tuple[SweepStore, Path]:
+    """A sweep root made from the grid file, with every run marked completed (no training)."""
+    path = tmp_path / "tiny.toml"
+    path.write_text(text)
+    spec = load_grid(str(path))
+    runs = expand_grid_runs(spec)
+    store = SweepStore(tmp_path / "sweep")
+    manifest = store.new_manifest(
+        "tiny", grid_hash(runs), {r.run_id: r.manifest_entry() for r in runs}
+    )
+    manifest["grid_spec"] = spec.model_dump(mode="json")
+    store.write_manifest(manifest)
+    for r in runs:
+        mark_state(store.write_run_config(r.config), "completed")
+    return store, path
+
+
+def mark_state(run_dir: Path, state: str) -> None:
+    fileio.atomic_write_json(
+        run_dir / contract.STATUS_FILE,
+        {"state": state, "step": 5, "heartbeat_unix": time.time(), "reason": "RuntimeError: x"},
+    )

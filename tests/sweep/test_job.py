@@ -11,8 +11,8 @@ import pytest
 from deconcnn_cli.runenv import GPU_SHARE_ENV, child_env
 from deconcnn_cli.sweep import job
 from deconcnn_cli.sweep.job import RunGroup, needs_start, train_command
+from tests.conftest import complete_words
 from tests.sweep.fakes import start_job_on_a_long_run
-from tests.test_completion import _complete
 
 
 def test_run_group_pickles_without_its_processes(tmp_path):
@@ -56,9 +56,9 @@ def test_the_runs_of_a_gpu_job_are_told_how_many_share_its_gpu(tmp_path, monkeyp
 
 
 def test_completes_grid_and_resource_names():
-    assert _complete("decon submit --grid ") == ["demo", "loss_lin_slope", "smoke"]
-    assert _complete("decon submit --resources r") == ["rtx8000"]
-    assert "submit" in _complete("decon su")
+    assert complete_words("decon submit --grid ") == ["demo", "loss_lin_slope", "smoke"]
+    assert complete_words("decon submit --resources r") == ["rtx8000"]
+    assert "submit" in complete_words("decon su")
 
 
 def test_sigterm_saves_the_runs_and_the_job_exits_without_a_result(tmp_path):

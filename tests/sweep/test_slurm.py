@@ -25,6 +25,7 @@ from deconcnn_cli.sweep.grid import expand_grid_runs, load_grid
 from deconcnn_cli.sweep.store import SweepStore
 from deconcnn_cli.sweep.submit import wait_done
 from tests.conftest import REPO
+from tests.factories import tiny_grid
 from tests.sweep.test_mps import write_fake_mps
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -118,19 +119,7 @@ def test_concurrent_submits_make_no_duplicates_and_the_smoke_grid_completes(tmp_
 # signal comes within a minute or two, and lifts it again after the requeue. The hold is mid
 # epoch 2 (13 steps an epoch), on neither a flush nor a validation boundary.
 HOLD_AT_STEPS = 18
-REQUEUE_GRID = """
-name = "requeue"
-variants = ["base"]
-profiles = ["smoke"]
-[overrides.schedule]
-epochs = 4
-[overrides.cadence]
-curvature_every_steps = 0
-[axes]
-lr = [0.1]
-weight_decay = [1e-3]
-seed = [0, 1]
-"""
+REQUEUE_GRID = tiny_grid("requeue", epochs=4, image_size=None, curvature_every_steps=0)
 
 TEN_MINUTES = """
 executor = "slurm"

@@ -22,26 +22,15 @@ import pytest
 from deconcnn_cli import contract, runenv
 from deconcnn_cli.sweep.monitor import observe_sweep
 from tests.conftest import run_cli
+from tests.factories import tiny_grid
 
 pytestmark = pytest.mark.slurm
 
-GRID = """\
-name = "slurm_observe"
-description = "two tiny runs, long enough to be cancelled mid-run"
-variants = ["base"]
-profiles = ["smoke"]
-
-[overrides.schedule]
-epochs = 6
-
-[overrides.data]
-image_size = 8
-
-[axes]
-lr = [0.1]
-weight_decay = [1e-3]
-seed = [0, 1]
-"""
+GRID = tiny_grid(
+    "slurm_observe",
+    description="two tiny runs, long enough to be cancelled mid-run",
+    epochs=6,
+)
 
 
 # held after 5 steps (first job) and 31 (the resumed job): each time mid-epoch, on no boundary

@@ -15,7 +15,7 @@ import pytest
 from deconcnn_cli import contract, fileio
 from deconcnn_cli.errors import ConfigError, SweepError
 from deconcnn_cli.sweep import executors
-from deconcnn_cli.sweep.grid import expand_grid_runs, grid_hash, load_grid, load_resources
+from deconcnn_cli.sweep.grid import expand_grid_runs, load_grid, load_resources
 from deconcnn_cli.sweep.store import SweepStore
 from deconcnn_cli.sweep.submit import (
     GridChangedError,
@@ -26,6 +26,7 @@ from deconcnn_cli.sweep.submit import (
     wait_done,
 )
 from tests.conftest import REPO, run_cli
+from tests.sweep.fakes import TINY_GRID, mark_state, seed_sweep
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -256,47 +257,10 @@ def test_a_foreign_folder_is_not_a_sweep_root(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
-GRID = """
-name = "tiny"
-variants = ["base"]
-profiles = ["smoke"]
-[overrides.data]
-image_size = 8
-[axes]
-lr = [0.1]
-weight_decay = [1e-3]
-seed = [0, 1]
-"""
-
-
-def _seed_sweep(tmp_path: Path, text: str = GRID) -> tuple[SweepStore, Path]:
-    """A sweep root made from the grid file, with every run marked completed (no training)."""
-    path = tmp_path / "tiny.toml"
-    path.write_text(text)
-    spec = load_grid(str(path))
-    runs = expand_grid_runs(spec)
-    store = SweepStore(tmp_path / "sweep")
-    manifest = store.new_manifest(
-        "tiny", grid_hash(runs), {r.run_id: r.manifest_entry() for r in runs}
-    )
-    manifest["grid_spec"] = spec.model_dump(mode="json")
-    store.write_manifest(manifest)
-    for r in runs:
-        _mark(store.write_run_config(r.config), "completed")
-    return store, path
-
-
-def _mark(run_dir: Path, state: str) -> None:
-    fileio.atomic_write_json(
-        run_dir / contract.STATUS_FILE,
-        {"state": state, "step": 5, "heartbeat_unix": time.time(), "reason": "RuntimeError: x"},
-    )
-
-
 def test_a_changed_grid_is_shown_and_refused_without_force(tmp_path):
-    store, path = _seed_sweep(tmp_path)
+    store, path = seed_sweep(tmp_path)
     before = store.manifest_path.read_bytes()
-    path.write_text(GRID.replace("seed = [0, 1]", "seed = [0, 2]"))
+    path.write_text(TINY_GRID.replace("seed = [0, 1]", "seed = [0, 2]"))
     with pytest.raises(GridChangedError) as info:
         submit_grid(store, str(path), executor="local")
     msg = info.value.message
@@ -311,11 +275,13 @@ def test_a_changed_grid_is_shown_and_refused_without_force(tmp_path):
 
 
 def test_force_grid_adopts_the_new_grid_and_keeps_finished_runs(tmp_path):
-    store, path = _seed_sweep(tmp_path)
+    store, path = seed_sweep(tmp_path)
     old = store.read_manifest()
-    path.write_text(GRID.replace("seed = [0, 1]", "seed = [0, 2]"))
+    path.write_text(TINY_GRID.replace("seed = [0, 1]", "seed = [0, 2]"))
     new_ids = [r.run_id for r in expand_grid_runs(load_grid(str(path)))]
-    _mark(store.write_run_config(expand_grid_runs(load_grid(str(path)))[1].config), "completed")
+    mark_state(
+        store.write_run_config(expand_grid_runs(load_grid(str(path)))[1].config), "completed"
+    )
     result = submit_grid(store, str(path), executor="local", force=["grid"])
     assert result.submission is None  # every run of the new grid is already completed
     manifest = store.read_manifest()
@@ -327,9 +293,9 @@ def test_force_grid_adopts_the_new_grid_and_keeps_finished_runs(tmp_path):
 
 
 def test_failed_runs_wait_for_retry_failed(tmp_path):
-    store, path = _seed_sweep(tmp_path)
+    store, path = seed_sweep(tmp_path)
     failed = sorted(store.read_manifest()["runs"])[0]
-    _mark(store.run_dir(failed), "failed")
+    mark_state(store.run_dir(failed), "failed")
     spec = load_grid(str(path))
     res = load_resources("local")
     plan = plan_submit(store, spec, "local", res)
@@ -341,7 +307,7 @@ def test_failed_runs_wait_for_retry_failed(tmp_path):
 
 
 def test_submit_runs_refuses_unknown_ids_and_skips_finished(tmp_path):
-    store, _ = _seed_sweep(tmp_path)
+    store, _ = seed_sweep(tmp_path)
     with pytest.raises(SweepError, match="not runs of this sweep: nope"):
         submit_runs(store, ["nope"], load_resources("local"), reason="test")
     done = sorted(store.read_manifest()["runs"])[0]

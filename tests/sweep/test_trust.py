@@ -9,7 +9,7 @@ from pathlib import Path
 from deconcnn_cli.fileio import read_json
 from deconcnn_cli.sweep.trust import writable_by_others
 from tests.conftest import run_cli
-from tests.sweep.test_submit import _seed_sweep
+from tests.sweep.fakes import seed_sweep
 
 
 def _tighten(root: Path) -> None:
@@ -20,7 +20,7 @@ def _tighten(root: Path) -> None:
 
 
 def test_group_or_world_writable_roots_runs_and_pickles_are_found(tmp_path: Path):
-    store, _ = _seed_sweep(tmp_path)
+    store, _ = seed_sweep(tmp_path)
     _tighten(store.root)
     assert writable_by_others(store.root) == []
     run = sorted(store.runs_dir.iterdir())[0]
@@ -44,7 +44,7 @@ def test_group_or_world_writable_roots_runs_and_pickles_are_found(tmp_path: Path
 
 
 def test_submit_and_recover_warn_about_a_group_writable_root(tmp_path: Path):
-    store, grid = _seed_sweep(tmp_path)
+    store, grid = seed_sweep(tmp_path)
     _tighten(store.root)
     root = str(store.root)
     submit = ["submit", "--grid", str(grid), "--executor", "local", "--root", root]
@@ -73,7 +73,7 @@ def test_a_run_failed_on_a_planted_checkpoint_is_left_for_a_person(tmp_path: Pat
     """UnsafeCheckpointError is no transient: a retry would refuse the same file again, so
     recover never reruns the run (not even the one retry an exception gets): it names the
     cause and tells the person what to do, and submits nothing."""
-    store, _ = _seed_sweep(tmp_path)
+    store, _ = seed_sweep(tmp_path)
     root = str(store.root)
     planted, plain = sorted(store.runs_dir.iterdir())[:2]
     ckpt = planted / "checkpoints" / "ckpt_000000030.pt"

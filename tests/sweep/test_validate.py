@@ -19,17 +19,9 @@ from deconcnn_cli.sweep import validate as v
 from deconcnn_cli.sweep.grid import grid_run_count, load_grid
 from tests.conftest import REPO
 from tests.export.synthetic import write_run
+from tests.factories import tiny_grid
 
-ONE_GRID = """name = "one"
-variants = ["base"]
-profiles = ["smoke"]
-[overrides.data]
-image_size = 8
-[axes]
-lr = [0.05, 0.1]
-weight_decay = [1e-3]
-seed = [0]
-"""
+ONE_GRID = tiny_grid("one", lr=(0.05, 0.1), seed=(0,))
 
 
 def _resources(figure_gb: float) -> str:
