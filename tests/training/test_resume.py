@@ -408,12 +408,12 @@ def test_a_lost_status_json_resumes_in_the_checkpoints_precision(tmp_path: Path,
     """status.json normally carries the precision ``auto`` chose at the first start; without
     it the checkpoint's precision wins over a fresh choice. The first attempt's device is
     faked at the precision choice: ``auto`` picks bf16 as on an A100 (fp32 on this CPU)."""
-    from deconcnn_cli.training import loop
+    from deconcnn_cli.training import attempt
     from deconcnn_cli.training.device import Precision
 
     run, cfg = tmp_path / "run", _cfg()
     on_a100 = mocker.patch.object(
-        loop, "resolve_precision", side_effect=lambda spec, device, stored=None: Precision(
+        attempt, "resolve_precision", side_effect=lambda spec, device, stored=None: Precision(
             stored or "bf16", device.type
         )
     )  # fmt: skip
