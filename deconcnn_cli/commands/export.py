@@ -18,7 +18,7 @@ def export(
     ),
     root: SweepRootOpt = Path("sweeps/smoke"),
     format_: Annotated[
-        str, typer.Option("--format", help="csv | parquet (parquet needs the [parquet] extra).")
+        str, typer.Option("--format", help="csv | parquet (parquet needs the \\[parquet] extra).")
     ] = "csv",
     timeseries: Annotated[
         bool,

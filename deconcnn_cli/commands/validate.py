@@ -24,7 +24,7 @@ def validate(
         str | None,
         typer.Option(
             "--resources",
-            help="Resource profile to check memory against [rtx8000 on a GPU, local on a CPU].",
+            help="Resource profile to check memory against \\[rtx8000 on a GPU, local on a CPU].",
         ),
     ] = None,
     steps: Annotated[int, typer.Option("--steps", help="Training steps per variant.")] = 26,
