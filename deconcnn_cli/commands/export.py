@@ -16,7 +16,7 @@ def export(
     out: Annotated[Path, typer.Argument(help="Table to write (results.csv).")] = Path(
         "results.csv"
     ),
-    root: SweepRootOpt = Path("sweeps/smoke"),
+    root: SweepRootOpt = Path("."),
     format_: Annotated[
         str, typer.Option("--format", help="csv | parquet (parquet needs the \\[parquet] extra).")
     ] = "csv",

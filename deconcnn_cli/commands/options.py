@@ -68,7 +68,11 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="Override any field: --set optim.lr=0.05 (TOML value)."),
 ]
 RootOpt = Annotated[
-    Path, typer.Option("--root", help="Folder holding run directories (one per run_id).")
+    Path,
+    typer.Option(
+        "--root",
+        help="Folder that holds this run's directory, <root>/<run_id>/ (not a sweep root).",
+    ),
 ]
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bar (batch jobs): one line per event.")
@@ -77,7 +81,8 @@ SweepRootOpt = Annotated[
     Path,
     typer.Option(
         "--root",
-        help="Sweep root (the folder holding sweep.json, runs/ and jobs/; see docs/sweep-root.md).",
+        help="Sweep root: the folder `decon submit` made (sweep.json, runs/, jobs/; "
+        "docs/sweep-root.md), not a folder of `decon train` runs.",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]

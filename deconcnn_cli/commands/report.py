@@ -14,7 +14,7 @@ from deconcnn_cli.errors import DeconError
 
 
 def report(
-    root: SweepRootOpt = Path("sweeps/smoke"),
+    root: SweepRootOpt = Path("."),
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Folder for report.html, report.json and PNGs [<root>/report]."),

@@ -52,7 +52,8 @@ def submit(
         ),
     ] = None,
     root: Annotated[
-        Path | None, typer.Option("--root", help="Sweep root (default: sweeps/GRID).")
+        Path | None,
+        typer.Option("--root", help="Sweep root to create or add to (default: sweeps/GRID)."),
     ] = None,
     wait: Annotated[
         bool,

@@ -26,7 +26,8 @@ from deconcnn_cli.export.columns import COLUMN_NAMES, DTYPES, require_columns
 from deconcnn_cli.export.dataset import Dataset, VerifyFn, collect, verify_problem
 from deconcnn_cli.export.files import int64_or_none
 from deconcnn_cli.export.publish import sweep_root_above as _sweep_root_above
-from deconcnn_cli.sweep.manifest import JOBS_DIR, RUNS_DIR
+from deconcnn_cli.sweep.manifest import JOBS_DIR, MANIFEST_FILE, RUNS_DIR
+from deconcnn_cli.sweep.rootcheck import not_a_sweep_root
 
 REPORT_FILE = "report.html"
 STATS_FILE = "report.json"
@@ -131,6 +132,8 @@ def build_report(
     from deconcnn_cli.export import figures
 
     root, out = Path(root), Path(out)
+    if not (root / MANIFEST_FILE).is_file():  # the sweep first: its error says what --root is
+        raise ReportError(*not_a_sweep_root(root))
     if out.exists() and not out.is_dir():
         raise ReportError(f"{out} exists and is not a folder", "give --out a folder")
     inside = _sweep_root_above(out)

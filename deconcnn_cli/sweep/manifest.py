@@ -29,16 +29,10 @@ def read_manifest(root: Path, error: type[DeconError] = SweepError) -> dict[str,
     """
     root = Path(root)
     path = root / MANIFEST_FILE
-    if not root.is_dir():
-        raise error(
-            f"sweep root {root} does not exist, so it is not a sweep root",
-            "give --root the folder of a sweep",
-        )
-    if not path.is_file():
-        raise error(
-            f"{root} is not a sweep root (no {MANIFEST_FILE})",
-            "give the --root that `decon submit` created, or submit a grid there first",
-        )
+    if not path.is_file():  # which folder it is instead, and the sweep root to give
+        from deconcnn_cli.sweep.rootcheck import not_a_sweep_root
+
+        raise error(*not_a_sweep_root(root))
     manifest = read_json(path)
     if manifest is None or not isinstance(manifest.get("runs"), dict):
         raise error(

@@ -23,7 +23,7 @@ def smoke_runs():
 
 def test_manifest_round_trip_follows_the_contract(tmp_path, smoke_runs):
     store = SweepStore(tmp_path / "sweep")
-    with pytest.raises(SweepError, match="not a sweep root"):
+    with pytest.raises(SweepError, match="sweep root .* does not exist"):
         store.read_manifest()
     runs = {r.run_id: r.manifest_entry() for r in smoke_runs}
     manifest = store.new_manifest("smoke", grid_hash(smoke_runs), runs)
