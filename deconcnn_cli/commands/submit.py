@@ -80,6 +80,11 @@ def submit(
         typer.echo(f"warning: {loose}", err=True)
     if dry_run:
         console.print("dry run: nothing written, nothing submitted")
+        if result.refusal is not None:  # exit as the real submit would
+            typer.echo("the real submit would refuse:", err=True)
+            _fail(result.refusal)
+        if result.elsewhere is not None:
+            console.print(f"note: submit it where it can run: {result.elsewhere.message}")
         return
     if result.submission is None:
         console.print("nothing to submit")

@@ -282,14 +282,19 @@ def stop_local_job(job: dict[str, Any], sig: int = 15) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_executor(executor: str, resources: ResourceProfile | None = None) -> None:
-    """Raise a clear error when ``executor`` cannot run here; nothing is written before."""
+def check_executor(
+    executor: str, resources: ResourceProfile | None = None, *, chosen_by: str | None = None
+) -> None:
+    """Raise a clear error when ``executor`` cannot run here; nothing is written before.
+    ``chosen_by``: what chose the executor, named in the error (a flag, or the profile)."""
     if executor == "slurm":
         why = slurm_unavailable()
         if why:
+            chosen_by = chosen_by or "--executor slurm"
             raise SweepError(
-                f"--executor slurm, but no SLURM is reachable: {why}",
-                "run on a login node of the cluster (SLURM_CONF set), or use --executor local",
+                f"{chosen_by}, but no SLURM is reachable: {why}",
+                "run on a login node of the cluster (SLURM_CONF set), or run here: "
+                "--executor local (with --resources local or none)",
             )
         if resources is not None and resources.partition:
             out = _run(["sinfo", "-h", "-o", "%R", "-p", resources.partition])

@@ -143,6 +143,8 @@ class SubmitResult:
     plan: SubmitPlan
     submission: dict[str, Any] | None  # the manifest entry written (None: nothing submitted)
     error: DeconError | None = None  # a scheduler error after part of the jobs went in
+    refusal: DeconError | None = None  # a dry run: why the real submit would refuse
+    elsewhere: DeconError | None = None  # a dry run: the executor does not run on this machine
 
 
 def resolve_executor(executor: str | None, resources: str | None) -> tuple[str, ResourceProfile]:
@@ -321,14 +323,24 @@ def submit_grid(
     store.check_folder()
     spec = load_grid(grid)
     check_grid_size(spec)  # counted from the axes, before anything is built or asked
+    chosen_by = f"--executor {executor}" if executor else None
     executor, profile = resolve_executor(executor, resources)
+    chosen_by = chosen_by or f"resource profile {profile.name!r} says executor = {executor!r}"
     force = list(force)
     if dry_run:
-        return SubmitResult(
-            plan_submit(store, spec, executor, profile, retry_failed=retry_failed, force=force),
-            None,
-        )
-    executors.check_executor(executor, profile)
+        plan = plan_submit(store, spec, executor, profile, retry_failed=retry_failed, force=force)
+        try:  # the refusals the real submit decides from the sweep and the grid
+            _check_force(spec, force)
+            _check_not_foreign(store)
+            _check_change(spec, plan, force)
+        except DeconError as exc:
+            return SubmitResult(plan, None, refusal=exc)
+        try:  # a plan is often read on a laptop before it is submitted on the cluster
+            executors.check_executor(executor, None, chosen_by=chosen_by)
+        except DeconError as exc:
+            return SubmitResult(plan, None, elsewhere=exc)
+        return SubmitResult(plan, None)
+    executors.check_executor(executor, profile, chosen_by=chosen_by)
     _check_force(spec, force)
     _check_not_foreign(store)
     created = not store.root.exists()
@@ -338,15 +350,7 @@ def submit_grid(
             plan = plan_submit(
                 store, spec, executor, profile, retry_failed=retry_failed, force=force
             )
-            if plan.change is not None and FORCE_GRID not in force:
-                raise GridChangedError(
-                    f"grid {spec.name} changed since this sweep was created:\n"
-                    f"{plan.change.render()}",
-                    "submit with `--force grid` to adopt the new grid (finished runs are "
-                    "kept), or give a new --root",
-                )
-            if plan.to_submit and plan.warnings:
-                raise SweepError(plan.warnings[0], "nothing was submitted")
+            _check_change(spec, plan, force)
             manifest = _updated_manifest(store, spec, plan)
             store.write_manifest(manifest)
             if not plan.to_submit:
@@ -363,6 +367,18 @@ def submit_grid(
         if created and only_lock:  # leave no trace of a refused first submit
             shutil.rmtree(store.root, ignore_errors=True)
         raise
+
+
+def _check_change(spec: GridSpec, plan: SubmitPlan, force: list[str]) -> None:
+    """Refuse a changed grid without ``--force grid``, and a plan with warnings."""
+    if plan.change is not None and FORCE_GRID not in force:
+        raise GridChangedError(
+            f"grid {spec.name} changed since this sweep was created:\n{plan.change.render()}",
+            "submit with `--force grid` to adopt the new grid (finished runs are "
+            "kept), or give a new --root",
+        )
+    if plan.to_submit and plan.warnings:
+        raise SweepError(plan.warnings[0], "nothing was submitted")
 
 
 def _check_force(spec: GridSpec, force: list[str], ids: set[str] | None = None) -> None:

@@ -230,6 +230,27 @@ def test_no_slurm_is_an_error_with_a_hint_and_writes_nothing(tmp_path):
     assert out.stderr.startswith("error: --executor slurm, but no SLURM is reachable")
     assert "hint: " in out.stderr and "Traceback" not in out.stderr
     assert not root.exists()
+    # the executor chosen by a profile, not a flag: the error names the profile
+    cmd = out.args[:3] + [
+        "submit",
+        "--grid",
+        "smoke",
+        "--resources",
+        "rtx8000",
+        "--root",
+        str(root),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith(
+        "error: resource profile 'rtx8000' says executor = 'slurm', but no SLURM is reachable"
+    )
+    assert "--executor local" in out.stderr and not root.exists()
+    # its dry run shows the plan, and says where it can run
+    out = subprocess.run([*cmd, "--dry-run"], capture_output=True, text=True, env=env, cwd=REPO)
+    assert (
+        out.returncode == 0 and "note: submit it where it can run: resource profile" in out.stdout
+    )
 
 
 @pytest.mark.parametrize(
@@ -268,10 +289,15 @@ def test_a_changed_grid_is_shown_and_refused_without_force(tmp_path):
     assert "+ base_lr0.1_wd0.001_s2_" in msg and "- base_lr0.1_wd0.001_s1_" in msg
     assert "--force grid" in info.value.hint
     assert store.manifest_path.read_bytes() == before
-    out = run_cli(
-        "submit", "--grid", str(path), "--executor", "local", "--dry-run", "--root", str(store.root)
-    )
-    assert out.returncode == 0 and "grid changed since the sweep was created" in out.stdout
+    dry = ["submit", "--grid", str(path), "--executor", "local", "--dry-run"]
+    out = run_cli(*dry, "--root", str(store.root))
+    # the dry run shows the change and exits as the real submit would: refused
+    assert out.returncode == 2 and "grid changed since the sweep was created" in out.stdout
+    assert out.stderr.startswith("the real submit would refuse:\nerror: grid tiny changed")
+    assert "--force grid" in out.stderr
+    forced = run_cli(*dry, "--force", "grid", "--root", str(store.root))
+    assert forced.returncode == 0, forced.stderr
+    assert store.manifest_path.read_bytes() == before
 
 
 def test_force_grid_adopts_the_new_grid_and_keeps_finished_runs(tmp_path):
