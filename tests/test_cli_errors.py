@@ -60,6 +60,7 @@ def test_missing_cifar_data_is_a_clean_error(tmp_path: Path):
 
 
 def test_run_dir_without_config(tmp_path: Path):
+    (tmp_path / "empty").mkdir()
     res = CliRunner().invoke(app, ["train", "--run-dir", str(tmp_path / "empty")])
     _assert_clean_error(res.exit_code, res.stderr, "config.json")
 
@@ -95,3 +96,38 @@ def test_changing_a_runs_config_on_resume_is_refused_and_loses_nothing(tmp_path:
     res = run_cli("train", "--run-dir", str(run), "--lr", "0.2", "-q")
     _assert_clean_error(res.returncode, res.stderr, "different run", "optim.lr")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def _completed_run(tmp_path: Path) -> Path:
+    """A run directory whose status says completed (its config as `decon train` wrote it)."""
+    from deconcnn_cli.config import load_run_config, prepare_run_dir, run_id
+    from deconcnn_cli.contract import STATUS_FILE, atomic_write_json
+
+    cfg = load_run_config(variant="base", profiles=["smoke"], overrides=None, flags={})
+    run = tmp_path / "runs" / run_id(cfg)
+    prepare_run_dir(cfg, run)
+    atomic_write_json(run / STATUS_FILE, {"state": "completed", "step": 39})
+    return run
+
+
+def test_run_dir_flags_that_change_the_run_are_refused_by_name(tmp_path: Path):
+    run = _completed_run(tmp_path)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--run-dir", str(run), "--lr", "0.5"])
+    _assert_clean_error(res.exit_code, res.stderr, "different run", "--lr change optim.lr")
+    res = runner.invoke(app, ["train", "--run-dir", str(run), "--set", "optim.lr=0.5"])
+    _assert_clean_error(res.exit_code, res.stderr, "--set optim.lr=0.5 change optim.lr")
+    res = runner.invoke(app, ["train", "--run-dir", str(run), "--variant", "adamw"])
+    _assert_clean_error(res.exit_code, res.stderr, "--variant would describe another run")
+    assert "cifar10" not in res.stderr  # the cause, not a consequence of it
+    # flags that re-state the run, or change nothing it computes, still resume it
+    res = runner.invoke(app, ["train", "--run-dir", str(run), "--lr", "0.1", "--device", "cpu"])
+    assert res.exit_code == 0 and "already completed" in res.stdout, res.output
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_run_dir_that_does_not_exist_is_named(tmp_path: Path):
+    res = CliRunner().invoke(app, ["train", "--run-dir", str(tmp_path / "runs" / "nope")])
+    _assert_clean_error(res.exit_code, res.stderr, "nope does not exist")
+    assert not (tmp_path / "runs").exists()

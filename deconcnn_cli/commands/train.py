@@ -23,6 +23,8 @@ from deconcnn_cli.commands.render import render_error
 from deconcnn_cli.config import (
     RunConfig,
     build_config,
+    dict_changes,
+    identity_dict,
     load_run_config,
     load_saved_config,
     parse_override,
@@ -39,25 +41,28 @@ if TYPE_CHECKING:
     from deconcnn_cli.training.loop import RunResult
 
 
+# a dedicated flag -> the config field it sets
+_FLAG_PATHS = {
+    "lr": ("optim", "lr"),
+    "wd": ("optim", "weight_decay"),
+    "seed": ("seed",),
+    "epochs": ("schedule", "epochs"),
+    "dataset": ("data", "dataset"),
+    "data_dir": ("data", "data_dir"),
+    "download": ("data", "download"),
+    "batch_size": ("data", "batch_size"),
+    "device": ("device",),
+    "precision": ("precision",),
+}
+
+
 def _flags(**values: Any) -> dict[str, Any]:
     """Dedicated flags -> a nested config layer (only the flags the user gave)."""
-    paths = {
-        "lr": ("optim", "lr"),
-        "wd": ("optim", "weight_decay"),
-        "seed": ("seed",),
-        "epochs": ("schedule", "epochs"),
-        "dataset": ("data", "dataset"),
-        "data_dir": ("data", "data_dir"),
-        "download": ("data", "download"),
-        "batch_size": ("data", "batch_size"),
-        "device": ("device",),
-        "precision": ("precision",),
-    }
     layer: dict[str, Any] = {}
     for name, value in values.items():
         if value is None:
             continue
-        *parents, leaf = paths[name]
+        *parents, leaf = _FLAG_PATHS[name]
         node = layer
         for p in parents:
             node = node.setdefault(p, {})
@@ -72,16 +77,34 @@ def resolve_config(
     run_dir: Path | None,
     flags: dict[str, Any],
 ) -> RunConfig:
-    if run_dir is not None and (run_dir / CONFIG_FILE).exists() and not (variant or profile):
+    if run_dir is not None and (run_dir / CONFIG_FILE).exists():
         # resume an existing run: its saved config is the base; flags may only re-state it
+        if variant or profile:
+            named = " and ".join(
+                n for n, v in (("--variant", variant), ("--profile", profile)) if v
+            )
+            raise ConfigError(
+                f"--run-dir {run_dir} resumes the run its {CONFIG_FILE} holds; {named} would "
+                "describe another run",
+                f"leave out {named} to resume it, or leave out --run-dir to start a new run "
+                "(in --root)",
+            )
         saved = load_saved_config(run_dir / CONFIG_FILE)
         base = saved.model_dump(mode="json", exclude_none=True)
         layers = [(str(run_dir / CONFIG_FILE), base)]
         layers += [(f"--set {t}", parse_override(t)) for t in set_ or []]
         if flags:
             layers.append(("command-line flags", flags))
-        return build_config(layers)
+        cfg = build_config(layers)
+        _check_same_run(run_dir, saved, cfg, set_, flags)
+        return cfg
     if run_dir is not None and not (variant or profile):
+        if not run_dir.exists():
+            raise RunDirError(
+                f"--run-dir {run_dir} does not exist",
+                "give the folder of an existing run (<root>/<run_id>), or --variant to start "
+                "a new run",
+            )
         raise RunDirError(f"{run_dir} has no {CONFIG_FILE}", "give --variant to start a new run")
     return load_run_config(
         variant=variant if (variant or profile) else "base",
@@ -89,6 +112,37 @@ def resolve_config(
         overrides=set_,
         flags=flags,
     )
+
+
+def _check_same_run(
+    run_dir: Path, saved: RunConfig, cfg: RunConfig, set_: list[str] | None, flags: dict
+) -> None:
+    """Refuse flags that would change the result-affecting config of the run being resumed
+    (also when it has ended: nothing would run, and the flags would be ignored silently)."""
+    differing = [p for p, _, _ in dict_changes(identity_dict(saved), identity_dict(cfg))]
+    if not differing:
+        return
+    given = [f"--{k.replace('_', '-')}" for k in _given_flags(flags)]
+    given += [f"--set {t}" for t in set_ or []]
+    raise ConfigError(
+        f"--run-dir {run_dir} holds a different run: {', '.join(given)} change "
+        f"{', '.join(differing)}",
+        "leave them out to resume the run as it was, or leave out --run-dir to start a new "
+        "run with them (in --root)",
+    )
+
+
+def _given_flags(layer: dict, prefix: str = "") -> list[str]:
+    """The dedicated flags behind a :func:`_flags` layer."""
+    names = {".".join(path): flag for flag, path in _FLAG_PATHS.items()}
+    out = []
+    for key, value in layer.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out += _given_flags(value, f"{path}.")
+        else:
+            out.append(names.get(path, path))
+    return out
 
 
 def train(

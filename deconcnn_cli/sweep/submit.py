@@ -176,7 +176,8 @@ def _with_data_dir(run: GridRun, resources: ResourceProfile) -> GridRun:
     return GridRun(run.run_id, run.variant, run.lr, run.weight_decay, run.seed, cfg, run.identity)
 
 
-def _data_problems(runs: Iterable[GridRun]) -> list[str]:
+def _data_problems(runs: Iterable[GridRun], resources: ResourceProfile) -> list[str]:
+    """What keeps the runs from finding their data, each saying where its data_dir was set."""
     out: set[str] = set()
     for run in runs:
         data = run.config.data
@@ -191,7 +192,19 @@ def _data_problems(runs: Iterable[GridRun]) -> list[str]:
         folder = "cifar-10-batches-py" if data.dataset == "cifar10" else "cifar-100-python"
         root = Path(data.data_dir).expanduser()
         if not (root / folder).is_dir() and not data.download:
-            out.add(f"{data.dataset} not found: no {root / folder} (set data.download or fix it)")
+            from_profile = resources.data_dir is not None and data.data_dir == Path(
+                resources.data_dir
+            )
+            where = (
+                f"data_dir of resource profile {resources.name!r}"
+                if from_profile
+                else "[overrides.data] data_dir of the grid"
+            )
+            out.add(
+                f"{data.dataset} not found: no {root / folder} (data_dir {data.data_dir} is the "
+                f"{where}: fix it there, or set data.download = true in the grid's "
+                "[overrides.data])"
+            )
     return sorted(out)
 
 
@@ -283,7 +296,7 @@ def plan_submit(
         runs=by_id,
     )
     _layout(plan, chosen, alone=False)
-    plan.warnings += _data_problems(by_id[rid] for rid, _ in chosen)
+    plan.warnings += _data_problems((by_id[rid] for rid, _ in chosen), resources)
     return plan
 
 
@@ -332,7 +345,7 @@ def submit_grid(
         try:  # the refusals the real submit decides from the sweep and the grid
             _check_force(spec, force)
             _check_not_foreign(store)
-            _check_change(spec, plan, force)
+            _check_change(spec, plan, force, warnings=False)
         except DeconError as exc:
             return SubmitResult(plan, None, refusal=exc)
         try:  # a plan is often read on a laptop before it is submitted on the cluster
@@ -369,15 +382,18 @@ def submit_grid(
         raise
 
 
-def _check_change(spec: GridSpec, plan: SubmitPlan, force: list[str]) -> None:
-    """Refuse a changed grid without ``--force grid``, and a plan with warnings."""
+def _check_change(
+    spec: GridSpec, plan: SubmitPlan, force: list[str], *, warnings: bool = True
+) -> None:
+    """Refuse a changed grid without ``--force grid``, and (``warnings``) a plan with warnings
+    (data missing on this machine: a dry run shows them, they may hold where the runs run)."""
     if plan.change is not None and FORCE_GRID not in force:
         raise GridChangedError(
             f"grid {spec.name} changed since this sweep was created:\n{plan.change.render()}",
             "submit with `--force grid` to adopt the new grid (finished runs are "
             "kept), or give a new --root",
         )
-    if plan.to_submit and plan.warnings:
+    if warnings and plan.to_submit and plan.warnings:
         raise SweepError(plan.warnings[0], "nothing was submitted")
 
 

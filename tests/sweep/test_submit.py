@@ -129,6 +129,21 @@ def test_dry_run_of_the_full_grid_plans_216_runs_in_108_gpu_jobs(tmp_path):
     assert not root.exists()
 
 
+def test_missing_data_says_where_its_data_dir_was_set(tmp_path):
+    profile = (REPO / "profiles" / "resources" / "rtx8000.toml").read_text()
+    path = tmp_path / "mine.toml"
+    path.write_text(profile.replace('data_dir = "~/data/cifar"', f'data_dir = "{tmp_path}/no"'))
+    store = SweepStore(tmp_path / "sweep")
+    spec = load_grid("loss_lin_slope")
+    plan = plan_submit(store, spec, "slurm", load_resources(str(path)))
+    (warning,) = plan.warnings
+    assert f"no {tmp_path}/no/cifar-10-batches-py" in warning
+    assert "data_dir of resource profile 'mine'" in warning
+    grid = spec.model_copy(update={"overrides": {"data": {"data_dir": str(tmp_path / "g")}}})
+    (warning,) = plan_submit(store, grid, "slurm", load_resources(str(path))).warnings
+    assert "[overrides.data] data_dir of the grid" in warning
+
+
 def test_plan_chunks_every_array_below_max_array_size(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", _fake_bin(tmp_path, scontrol=SCONTROL_100))
     spec = load_grid("loss_lin_slope")
