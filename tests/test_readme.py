@@ -242,8 +242,13 @@ def test_readme_sweep_command_runs_as_shown(
         assert not any(tmp_path.iterdir())  # nothing written
     elif cmd == "submit":
         _, root, stdout = request.getfixturevalue("local_sweep")
-        n = len(read_json(root / "sweep.json")["runs"])
-        assert f"all {n} runs ended: {n} completed" in " ".join(stdout.split())
+        runs = read_json(root / "sweep.json")["runs"]
+        lines = stdout.splitlines()
+        assert f"all {len(runs)} runs ended: {len(runs)} completed" in lines  # a line of its own
+        for rid in runs:  # not a terminal: a line as each run changes state, in one word
+            changes = [ln.split(f" {rid}: ")[1].split()[0] for ln in lines if f" {rid}: " in ln]
+            assert changes[-1] == "completed" and "running" in changes, (rid, stdout)
+            assert "missing" not in changes
     elif cmd in ("monitor", "export", "report", "verify", "recover"):
         cwd, root, _ = request.getfixturevalue("local_sweep")
         if need == "SLURM":  # shown for a cluster sweep: read the local one

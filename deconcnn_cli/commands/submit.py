@@ -172,22 +172,44 @@ def _render_plan(console: Console, plan: SubmitPlan, dry_run: bool) -> None:
 
 def _wait(console: Console, store: SweepStore, jobs: list, run_ids: list[str]) -> int:
     """Show the runs until they end; 0 if all completed or diverged. Ctrl-C stops watching
-    only: the runs go on."""
+    only: the runs go on. On a terminal a live table; in a file or a CI log a line per run
+    whose state changes, then the final table."""
 
-    def table() -> Table:
+    def views() -> dict[str, contract.RunView]:
+        return {rid: contract.view_run(store.run_dir(rid)) for rid in run_ids}
+
+    def table(vs: dict[str, contract.RunView]) -> Table:
         t = Table("run", "state", "step", "epoch", "attempt")
-        for rid in run_ids:
-            v = contract.view_run(store.run_dir(rid))
+        for rid, v in vs.items():
             total = f"/{v.total_steps}" if v.total_steps else ""
-            t.add_row(rid, v.state, f"{v.steps_done}{total}", f"{v.epoch:.2f}", str(v.attempt))
+            t.add_row(
+                rid, _word(v.state), f"{v.steps_done}{total}", f"{v.epoch:.2f}", str(v.attempt)
+            )
         return t
 
+    seen: dict[str, str] = {}
+
+    def log_changes(vs: dict[str, contract.RunView]) -> None:
+        for rid, v in vs.items():
+            if seen.get(rid) != v.state:
+                seen[rid] = v.state
+                total = f"/{v.total_steps}" if v.total_steps else ""
+                console.print(f"{time.strftime('%H:%M:%S')} {rid}: {_word(v.state)} "
+                              f"(step {v.steps_done}{total})")  # fmt: skip
+
     try:
-        with Live(table(), console=console, refresh_per_second=1) as live:
+        if console.is_terminal:
+            with Live(table(views()), console=console, refresh_per_second=1) as live:
+                while not runs_done(store, jobs, run_ids):
+                    time.sleep(WAIT_REFRESH_S)
+                    live.update(table(views()))
+                live.update(table(views()))
+        else:
+            log_changes(views())
             while not runs_done(store, jobs, run_ids):
                 time.sleep(WAIT_REFRESH_S)
-                live.update(table())
-            live.update(table())
+                log_changes(views())
+            console.print(table(views()))
     except KeyboardInterrupt:
         console.print(f"stopped watching; the runs go on (decon monitor --root {store.root})")
         return 130
@@ -198,6 +220,12 @@ def _wait(console: Console, store: SweepStore, jobs: list, run_ids: list[str]) -
     summary = ", ".join(f"{n} {s}" for s, n in _count(states.values()).items())
     console.print(f"all {len(run_ids)} runs ended: {summary}")
     return 1 if bad else 0
+
+
+def _word(state: str) -> str:
+    """A submitted run that has not started is queued: `pending`, as monitor says (`missing`
+    means a run no job holds, which `decon recover` resubmits)."""
+    return "pending" if state == contract.MISSING else state
 
 
 def _count(values) -> dict[str, int]:
