@@ -48,12 +48,18 @@ def _render_failures(report: SweepReport) -> list[RenderableType]:
         out.append(_indented(f.detail, 2))
         if f.exception_type:
             out.append(_indented(f"exception: {f.exception_type}", 2))
+        shown: set[str] = set()
         if f.traceback:
             out.append(_indented("traceback (last lines):", 2, "dim"))
-            out += [_indented(line, 4) for line in f.traceback.splitlines()[-8:]]
-        if f.log_tail:
-            out.append(_indented(f"tail of {f.log_path}:", 2, "dim"))
-            out += [_indented(line, 4) for line in f.log_tail]
+            tb = f.traceback.splitlines()[-8:]
+            out += [_indented(line, 4) for line in tb]
+            shown = {line.strip() for line in tb if line.strip()}
+        tail = [line for line in f.log_tail if line.strip() not in shown]  # the traceback once
+        if tail:
+            out.append(_indented(f"tail of {f.log_path} (traceback lines above left out):"
+                                 if len(tail) < len(f.log_tail) else f"tail of {f.log_path}:",
+                                 2, "dim"))  # fmt: skip
+            out += [_indented(line, 4) for line in tail]
         out.append(_indented(f"fix: {f.fix}", 2, "green"))
     if not report.needs_action:
         out.append(Text("\nno run needs action"))

@@ -158,6 +158,8 @@ def test_show_failed_gives_cause_log_traceback_and_fix(sweep: tuple[Path, Path])
     assert "scontrol release 100_5" in failures["j_held"]["fix"]
     text = run_cli("monitor", "--show-failed", "--root", str(root)).stdout
     assert "i_exception: failed, cause exception" in text and "ValueError: bad batch" in text
+    assert text.count("ValueError: bad batch") == 1  # the log tail leaves out the traceback
+    assert "srun: error: task 0" in text  # and keeps the rest
 
 
 def test_without_sacct_monitor_says_degraded(
