@@ -482,6 +482,12 @@ def export(
     meta_path, ts_dir = output_paths(out)
     check_destinations(out, meta_path, ts_dir if timeseries else None, root)
     targets = [out, meta_path] + ([ts_dir] if timeseries else [])
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)  # as `report --out` does
+    except OSError as exc:
+        raise ExportError(
+            f"cannot create folder {out.parent}: {exc.strerror or exc}", "choose another path"
+        ) from exc
     with output_lock(out):  # from the overwrite check to the last write: one export at a time
         notes = repair_interrupted(ts_dir)  # a killed export's old folder is put back first
         _check_overwrite(targets, force)

@@ -60,9 +60,10 @@ def check_destinations(out: Path, meta_path: Path, ts_dir: Path | None, source_r
     """Refuse, before anything is written, outputs export must never write: a table or
     metadata path that is a folder, a folder inside a sweep root (an export may sit in a
     sweep root's top folder, beside ``runs/``, never deeper), and a time-series path that is
-    a symlink, a file, a sweep root or holds the sweep being exported."""
-    if not out.parent.is_dir():
-        raise ExportError(f"folder {out.parent} does not exist", "create it or choose another path")
+    a symlink, a file, a sweep root or holds the sweep being exported. A table's folder that
+    does not exist yet is fine (created, as ``report --out`` creates its folder)."""
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ExportError(f"{out.parent} is not a folder", "choose another path for the table")
     for path in (out, meta_path):
         if path.is_dir():
             raise ExportError(

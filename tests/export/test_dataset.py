@@ -337,3 +337,21 @@ def test_format_must_match_the_file_name_and_a_bad_root_is_named_first(
     with pytest.raises(ExportError, match="sweep root .* does not exist"):
         export(tmp_path / "nowhere", exported)  # not "would overwrite"
     assert not list(tmp_path.iterdir())
+
+
+def test_export_creates_a_missing_folder_as_report_does(sweep: Path, tmp_path: Path):
+    """One rule for an output folder that is not there yet: created (report --out did,
+    export refused)."""
+    from typer.testing import CliRunner
+
+    from deconcnn_cli.cli import app
+
+    table = tmp_path / "new" / "deeper" / "results.csv"
+    res = CliRunner().invoke(app, ["export", str(table), "--root", str(sweep), "--no-verify"])
+    assert res.exit_code == 0, res.output
+    assert table.is_file() and (table.parent / "results_timeseries").is_dir()
+    (tmp_path / "afile").write_text("x")
+    res = CliRunner().invoke(
+        app, ["export", str(tmp_path / "afile" / "r.csv"), "--root", str(sweep)]
+    )
+    assert res.exit_code == 2 and "afile is not a folder" in res.stderr
