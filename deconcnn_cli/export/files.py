@@ -21,6 +21,7 @@ import numpy as np
 from deconcnn_cli import contract, fileio
 from deconcnn_cli.errors import DeconError
 from deconcnn_cli.export.columns import COLUMN_NAMES, COLUMNS, DTYPES, require_columns
+from deconcnn_cli.install import install_extra_command
 from deconcnn_cli.sweep.manifest import RUNS_DIR
 
 
@@ -80,7 +81,7 @@ def require_pyarrow() -> Any:
     except ImportError:
         raise ExportError(
             "--format parquet needs pyarrow, which is not installed",
-            "pip install 'deconcnn_cli[parquet]' (or use --format csv)",
+            f"{install_extra_command('parquet')} (or use --format csv)",
         ) from None
     return pyarrow
 
