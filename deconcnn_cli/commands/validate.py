@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from deconcnn_cli.commands.render import render_error
@@ -36,8 +37,13 @@ def validate(
     """
     gpu = _cuda_available()
     prof = resources or ("rtx8000" if gpu else "local")
+    title = f"decon validate: grid {grid}, resources {prof}, {'GPU' if gpu else 'CPU'}"
+    console = Console(width=max(100, Console().width))
     try:
-        checks = lib.validate(grid, prof, steps=steps, gpu=gpu)
+        if as_json:
+            checks = lib.validate(grid, prof, steps=steps, gpu=gpu)
+        else:
+            checks = _validate_shown(console, title, grid, prof, steps, gpu)
     except DeconError as exc:
         render_error(exc)
         raise typer.Exit(exc.exit_code) from None
@@ -47,14 +53,6 @@ def validate(
                                "resources": prof, "checks": [c.as_dict() for c in checks]},
                               indent=2))  # fmt: skip
     else:
-        table = Table(title=f"decon validate: grid {grid}, resources {prof}, "
-                            f"{'GPU' if gpu else 'CPU'}")  # fmt: skip
-        for col in ("check", "result", "detail"):
-            table.add_column(col, overflow="fold")
-        for c in checks:
-            table.add_row(c.name, f"[{_STYLE[c.status]}]{c.status}[/]", c.detail)
-        console = Console(width=max(100, Console().width))
-        console.print(table)
         n_fail = sum(c.status == lib.FAIL for c in checks)
         n_warn = sum(c.status == lib.WARN for c in checks)
         console.print(
@@ -62,6 +60,40 @@ def validate(
             f"{len(checks)} checks"
         )
     raise typer.Exit(0 if ok else 1)
+
+
+def _validate_shown(
+    console: Console, title: str, grid: str, prof: str, steps: int, gpu: bool
+) -> list[lib.Check]:
+    """Run the checks, showing each as it is decided: a live table on a terminal, a line per
+    check otherwise (a short run takes tens of seconds; nothing waits for the last one)."""
+    rows: list[lib.Check] = []
+
+    def table() -> Table:
+        t = Table(title=title)
+        for col in ("check", "result", "detail"):
+            t.add_column(col, overflow="fold")
+        for c in rows:
+            t.add_row(c.name, f"[{_STYLE[c.status]}]{c.status}[/]", c.detail)
+        return t
+
+    if console.is_terminal:
+        with Live(table(), console=console, auto_refresh=False) as live:
+
+            def show(check: lib.Check) -> None:
+                rows.append(check)
+                live.update(table(), refresh=True)
+
+            return lib.validate(grid, prof, steps=steps, gpu=gpu, on_check=show)
+
+    console.print(title, markup=False, highlight=False)
+
+    def line(check: lib.Check) -> None:
+        rows.append(check)
+        console.print(f"{check.status:<5} {check.name}: {check.detail}", markup=False,
+                      highlight=False, soft_wrap=True)  # fmt: skip
+
+    return lib.validate(grid, prof, steps=steps, gpu=gpu, on_check=line)
 
 
 def _cuda_available() -> bool:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -459,28 +460,40 @@ def validate(
     gpu: bool = False,
     work_dir: Path | None = None,
     timeout_s: float = PROBE_TIMEOUT_S,
+    on_check: Callable[[Check], None] | None = None,
 ) -> list[Check]:
-    """Run every check; the caller renders the table and exits non-zero on any ``fail``."""
+    """Run every check; the caller renders the table and exits non-zero on any ``fail``.
+    ``on_check`` is called with each check as soon as it is decided (a short run takes
+    tens of seconds: the caller shows the checks as they come)."""
     if steps < 1:
         raise DeconError(f"--steps must be at least 1, got {steps}", "e.g. --steps 26")
-    checks = check_profiles()
+    checks: list[Check] = []
+
+    def add(new: list[Check]) -> None:
+        checks.extend(new)
+        for check in new:
+            if on_check is not None:
+                on_check(check)
+
+    add(check_profiles())
     try:
         spec = load_grid(grid)
         prof = load_resources(resources)
     except DeconError as exc:
-        return checks + [Check("short runs", FAIL, f"not run: {exc.message}")]
+        add([Check("short runs", FAIL, f"not run: {exc.message}")])
+        return checks
     with tempfile.TemporaryDirectory(prefix="decon-validate-", dir=work_dir) as tmp:
         daemon = _start_mps(prof) if gpu else None
         try:
-            checks += _short_runs(spec, prof, steps, gpu, Path(tmp), timeout_s, daemon)
+            _short_runs(spec, prof, steps, gpu, Path(tmp), timeout_s, daemon, add)
         finally:
             if daemon is not None:
                 daemon.stop()
     if not gpu:
-        checks += [Check(name, SKIP, "skipped: no GPU") for name in GPU_CRITERIA]
+        add([Check(name, SKIP, "skipped: no GPU") for name in GPU_CRITERIA])
     elif daemon is not None and prof.mps:
         state = "on" if daemon.active else f"not started: {daemon.reason}"
-        checks.append(Check("CUDA MPS", PASS if daemon.active else WARN, state))
+        add([Check("CUDA MPS", PASS if daemon.active else WARN, state)])
     return checks
 
 
@@ -501,14 +514,16 @@ def _short_runs(
     tmp: Path,
     timeout_s: float,
     daemon: Any,
-) -> list[Check]:
+    add: Callable[[list[Check]], None],
+) -> None:
     """Each variant's short run: alone on a CPU; on a GPU ``runs_per_gpu`` at once on the
     card, in the job's environment (its share of the card, MPS when the profile says so),
-    with the card's utilization sampled while they run."""
+    with the card's utilization sampled while they run. Each variant's checks go to ``add``
+    as its run ends."""
     from deconcnn_cli.runenv import child_env
 
-    checks: list[Check] = []
     for variant in spec.variants:
+        checks: list[Check] = []
         cfg = probe_config(spec, variant, steps, gpu)
         n = prof.runs_per_gpu if gpu else 1
         dirs = [tmp / (variant if i == 0 else f"{variant}_{i}") for i in range(n)]
@@ -521,7 +536,7 @@ def _short_runs(
         result = results[0]
         label = f"{variant} (lr {result.lr:g}, {result.steps_done} steps)"
         if result.state is None or result.state == contract.FAILED or result.returncode < 0:
-            checks.append(Check(f"{label}: trains", FAIL, result.stderr_tail.strip()[-300:]))
+            add([Check(f"{label}: trains", FAIL, result.stderr_tail.strip()[-300:])])
             continue
         how = "stopped as asked, resumable" if result.state == contract.INTERRUPTED else ""
         checks.append(Check(f"{label}: trains", PASS, f"state {result.state} {how}".strip()))
@@ -530,7 +545,7 @@ def _short_runs(
         checks.extend(check_memory(result, prof, gpu))
         if gpu:
             checks.extend(gpu_criteria(variant, results, result.cuda_total_gb, util.mean))
-    return checks
+        add(checks)
 
 
 class UtilizationSampler:

@@ -188,6 +188,28 @@ def test_cli_fails_on_a_variant_over_its_memory_figure(profiles: Path):
     assert "base: host memory" in proc.stdout and "FAIL: 1 failed" in proc.stdout
     # the protocol's GPU criteria are never judged without a GPU
     assert proc.stdout.count("skipped: no GPU") == len(v.GPU_CRITERIA)
+    # not a terminal: a line per check, as it is decided (no table drawn at the end)
+    lines = proc.stdout.splitlines()
+    assert any(ln.startswith("fail  base: host memory: ") for ln in lines), proc.stdout
+    assert any(ln.startswith("pass  variant base: ") for ln in lines)
+    assert "│" not in proc.stdout
+
+
+def test_each_check_is_given_as_soon_as_it_is_decided(profiles: Path, tmp_path: Path):
+    """The first variant's checks arrive before the second variant's short run starts."""
+    (profiles / "grids" / "two.toml").write_text(
+        ONE_GRID.replace('"one"', '"two"').replace('["base"]', '["base", "narrow"]')
+    )
+    seen: list[tuple[str, list[str]]] = []
+
+    def on_check(check: v.Check) -> None:
+        probes = sorted(p.name for d in tmp_path.glob("decon-validate-*") for p in d.iterdir())
+        seen.append((check.name, probes))
+
+    checks = v.validate("two", "roomy", steps=2, work_dir=tmp_path, on_check=on_check)
+    assert [name for name, _ in seen] == [c.name for c in checks]  # each once, in order
+    (base_trains,) = [p for name, p in seen if name.startswith("base (lr")]
+    assert "base" in base_trains and "narrow" not in base_trains
 
 
 def test_divergence_and_stalls_are_flagged(tmp_path: Path):
