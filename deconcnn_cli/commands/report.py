@@ -51,12 +51,15 @@ def report(
                 f"{label}: {row.n_power_law}/{row.n_runs} runs with "
                 f"R² ≥ 0.98, 95% CI [{row.ci_low:.3f}, {row.ci_high:.3f}]: {row.verdict}"
             )
+        if row.group == "all":
+            _excluded(result.excluded.get(f"H1 ({row.time_axis} time)", []))
     for row in result.h2:
         if row.group != "all":
             continue
         label = f"H2 ({row.time_axis} time{_settings(row.analysis_settings)})"
         if not row.ci_method:
             typer.echo(f"{label}: {row.n_runs} runs: {row.verdict}")
+            _excluded(result.excluded.get(f"H2 ({row.time_axis} time)", []))
             continue
         redrawn = f", {row.n_degenerate} degenerate resamples redrawn" if row.n_degenerate else ""
         typer.echo(
@@ -64,9 +67,26 @@ def report(
             f"95% CI [{row.ci_low:.3f}, {row.ci_high:.3f}] ({row.ci_method}{redrawn}): "
             f"{row.verdict}"
         )
+        _excluded(result.excluded.get(f"H2 ({row.time_axis} time)", []))
+    for note in result.caveats:
+        typer.echo(f"note: {note}")
     typer.echo(f"report written in {time.perf_counter() - start:.1f}s")
     typer.echo(f"html:    {result.html}")
     typer.echo(f"numbers: {result.stats_json}")
+
+
+_SHOW_EXCLUDED = 10  # runs listed on screen per table; the page lists them all
+
+
+def _excluded(runs: list[dict[str, str]]) -> None:
+    """The runs a hypothesis table left out, and why, under its line."""
+    if not runs:
+        return
+    typer.echo(f"  left out {len(runs)}:")
+    for r in runs[:_SHOW_EXCLUDED]:
+        typer.echo(f"    {r['run_id']}: {r['why']}")
+    if len(runs) > _SHOW_EXCLUDED:
+        typer.echo(f"    ... {len(runs) - _SHOW_EXCLUDED} more (report.html lists every one)")
 
 
 def _settings(settings_id: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 from deconcnn_cli import contract, fileio, jsonout
 from deconcnn_cli.errors import DeconError
-from deconcnn_cli.export import stats
+from deconcnn_cli.export import caveats, stats
 from deconcnn_cli.export.columns import COLUMN_NAMES, DTYPES, require_columns
 from deconcnn_cli.export.dataset import Dataset, VerifyFn, collect, verify_problem
 from deconcnn_cli.export.files import int64_or_none
@@ -50,6 +50,8 @@ class Report:
     h1: list[stats.H1Row]
     h2: list[stats.H2Row]
     warnings: list[str] = field(default_factory=list)
+    excluded: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # by hypothesis
+    caveats: list[str] = field(default_factory=list)  # too short, too small
 
 
 def to_frame(data: Dataset) -> Any:
@@ -181,6 +183,8 @@ def build_report(
         "h2": [stats.as_dict(r) for r in h2],
         "metrics_cost": metrics_cost(root, df),
         "warnings": data.warnings,
+        "caveats": caveats.sweep_caveats(df, h1, h2),
+        "excluded": caveats.exclusions(df),
     }
     stats_json = out / STATS_FILE
     fileio.atomic_write_bytes(
@@ -189,7 +193,17 @@ def build_report(
     page = render_html(payload, figs)
     html_path = out / REPORT_FILE
     fileio.atomic_write_bytes(html_path, page.encode())
-    return Report(out, html_path, stats_json, figs, h1, h2, list(data.warnings))
+    return Report(
+        out,
+        html_path,
+        stats_json,
+        figs,
+        h1,
+        h2,
+        list(data.warnings),
+        payload["excluded"],
+        payload["caveats"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,6 +222,7 @@ th { background: #f3f3f3; } td.l, th.l { text-align: left; }
 figure { margin: 1em 0 2em; } figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 0.9em; color: #555; } code { background: #f5f5f5; padding: 0 0.2em; }
 .warn { color: #8a5300; }
+.caveats { background: #fff3cd; border: 1px solid #e0c060; padding: 0.5em 1em; }
 """
 
 
@@ -385,6 +400,31 @@ def budget_verdict(overhead: float | None) -> str:
     return WITHIN_BUDGET if overhead <= CEILING else OVER_CEILING
 
 
+def _caveats_html(notes: list[str]) -> str:
+    if not notes:
+        return ""
+    items = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    head = "<strong>Read the verdicts with care:</strong>"
+    return f'<div class="caveats">{head}<ul>{items}</ul></div>'
+
+
+def _excluded_html(excluded: dict[str, list[dict[str, str]]], hypothesis: str) -> str:
+    """The runs each table of ``hypothesis`` left out, and why."""
+    parts = []
+    for label, runs in excluded.items():
+        if not label.startswith(hypothesis):
+            continue
+        if not runs:
+            parts.append(f"<p>{html.escape(label)}: every run counts.</p>")
+            continue
+        items = "".join(
+            f"<li><code>{html.escape(r['run_id'])}</code>: {html.escape(r['why'])}</li>"
+            for r in runs
+        )
+        parts.append(f"<p>{html.escape(label)}: {len(runs)} run(s) left out:</p><ul>{items}</ul>")
+    return "".join(parts)
+
+
 def render_html(payload: dict[str, Any], figs: dict[str, Path]) -> str:
     p = jsonout.json_safe(payload)
     counts = ", ".join(f"{n} {s}" for s, n in p["counts_by_status"].items())
@@ -403,6 +443,7 @@ def render_html(payload: dict[str, Any], figs: dict[str, Path]) -> str:
 <code>{html.escape(str(p["grid_hash"]))}</code>, generated {p["generated_utc"]}.
 {total} runs: {counts}.</p>
 {f"<ul>{warn}</ul>" if warn else ""}
+{_caveats_html(p.get("caveats", []))}
 <h2>Analysis settings</h2>
 <p>What every run's curve-shape fits used (<code>analysis_settings</code> in its
 <code>summary.json</code>; for a run without one, its <code>config.json</code>): the
@@ -419,6 +460,7 @@ target; <em>not supported</em>: the whole interval lies at or below it; otherwis
 config) are excluded too, and named in the warnings above. With a handful of runs the exact
 interval is wide: a group of 1 or 2 runs can rarely be more than inconclusive.</p>
 {_h1_table(p["h1"])}
+{_excluded_html(p.get("excluded", {}), "H1")}
 <h2>H2: the early exponent predicts the best validation loss</h2>
 <p>Spearman ρ between <code>alpha_early</code> and <code>best_val_ce</code> over completed
 runs, its p-value, and a 95% bootstrap interval ({stats.N_BOOTSTRAP} resamples of runs, BCa;
@@ -434,6 +476,7 @@ correlation's interval is wide, an end may sit at ±1 (the edge of ρ's range), 
 move with the resampling seed (fixed here at 0, so the report is reproducible); read the
 verdict, and treat the digits of the interval as approximate.</p>
 {_h2_table(p["h2"])}
+{_excluded_html(p.get("excluded", {}), "H2")}
 <h2>Cost of the analysis metrics</h2>
 <p>Curvature, gradient noise and curve shape as a share of the rest of the completed runs'
 time (training steps, validation, checkpoints: <em>rest h</em>), summed over every attempt's

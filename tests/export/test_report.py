@@ -15,7 +15,7 @@ import pytest
 from scipy import stats as sps
 
 from deconcnn_cli.contract import read_attempts
-from deconcnn_cli.export import stats
+from deconcnn_cli.export import caveats, stats
 from deconcnn_cli.export.columns import SchemaError
 from deconcnn_cli.export.dataset import export
 from deconcnn_cli.export.files import read_results
@@ -186,6 +186,25 @@ def test_report_on_a_real_smoke_sweep_with_every_state(sweep: Path, tmp_path: Pa
     assert any(w.startswith("done fails verification") for w in payload["warnings"])
     h1_all = payload["h1"][0]
     assert (h1_all["n_runs"], h1_all["n_excluded"], h1_all["n_diverged"]) == (0, 3, 1)
+    # which runs each hypothesis left out, and why: on screen, in report.json, on the page
+    why = {r["run_id"]: r["why"] for r in payload["excluded"]["H1 (step time)"]}
+    assert why["done"].startswith("fails verification: foreign")
+    assert why["blown"] == "diverged (counted apart)"
+    assert why["broken"] == "failed: RuntimeError: boom" and why["absent"] == "missing"
+    screen = proc.stdout.split("H2 (step time)")[0]  # under the H1 line
+    assert "left out 4:" in screen and "broken: failed: RuntimeError: boom" in screen
+    page = (checked / "report.html").read_text()
+    assert "H1 (step time): 4 run(s) left out" in page and "RuntimeError: boom" in page
+    # a 3-epoch sweep of 4 runs: the verdicts mean little, and the report says so
+    notes = [ln for ln in proc.stdout.splitlines() if ln.startswith("note: ")]
+    assert any(
+        "too short: the runs trained at most 3 epochs (the protocol: 50)" in n for n in notes
+    )
+    assert any("too small for H1 (step time): 0 runs count" in n for n in notes)
+    need = caveats.runs_for_h1_support()
+    assert stats.clopper_pearson(need, need)[0] > stats.H1_TARGET  # 36 runs: the least
+    assert stats.clopper_pearson(need - 1, need - 1)[0] <= stats.H1_TARGET
+    assert "Read the verdicts with care" in page and f"that takes at least {need} runs" in page
     out = tmp_path / "rep"
     proc = run_cli("report", "--root", str(sweep), "--out", str(out), "--no-verify")
     assert proc.returncode == 0, proc.stderr
