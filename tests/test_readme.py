@@ -313,5 +313,5 @@ def test_readme_train_command_runs_as_shown(shown: Shown, tmp_path: Path) -> Non
     proc = run_cli(*args[1:], cwd=tmp_path, timeout=limit)  # a slow example fails here
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "completed:" in proc.stdout and "error" not in proc.stderr
-    if resume:
-        assert "resum" in proc.stdout  # it went on from the checkpoint
+    if resume:  # it went on from the checkpoint, and said so
+        assert "resumed at step 2 " in proc.stdout + proc.stderr

@@ -245,6 +245,35 @@ def train(
         raise typer.Exit(result.exit_code)
 
 
+class _EventLines:
+    """``--quiet``: one line per event, for a job log: the resume point, each long evaluation
+    as it starts (once, however often its progress is reported), each epoch as it ends."""
+
+    def __init__(self) -> None:
+        from deconcnn_cli.training.attempt import RESUMED_AT  # torch: only once a run starts
+
+        self.resumed_at = RESUMED_AT
+        self.epoch = 0
+        self.phase = ""
+
+    def __call__(self, p: Any) -> None:
+        if p.phase:
+            head = p.phase.split(":")[0].removesuffix(" ...")
+            if head != self.phase and not head.startswith("training"):
+                typer.echo(f"{p.phase} (epoch {p.epoch:.2f})" if p.steps_done else p.phase)
+            self.phase = head
+            if p.phase.startswith(self.resumed_at):  # earlier epochs ended in an earlier attempt
+                self.epoch = int(p.epoch)
+            return
+        self.phase = ""
+        if int(p.epoch) > self.epoch:
+            self.epoch = int(p.epoch)
+            typer.echo(
+                f"epoch {self.epoch} ended: step {p.steps_done}/{p.total_steps}, loss "
+                f"{p.loss_train_nats:.4f}, {p.steps_per_s:.1f} step/s"
+            )
+
+
 def _run(
     cfg: RunConfig,
     target: Path,
@@ -253,13 +282,18 @@ def _run(
     max_steps: int | None,
     threads: int,
 ) -> RunResult:
-    from deconcnn_cli.training.attempt import Progress
+    from deconcnn_cli.training.attempt import RESUMED_AT, Progress
     from deconcnn_cli.training.loop import train_run
 
     if quiet:
         typer.echo(f"training {target} ({threads} thread{'s' if threads > 1 else ''})")
         return train_run(
-            cfg, target, threads=threads, stop_after_steps=max_steps, keep_signal_handlers=True
+            cfg,
+            target,
+            threads=threads,
+            on_progress=_EventLines(),
+            stop_after_steps=max_steps,
+            keep_signal_handlers=True,
         )
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -276,6 +310,8 @@ def _run(
         task = bar.add_task(target.name, total=None, **fields)
 
         def on_progress(p: Progress) -> None:
+            if p.phase.startswith(RESUMED_AT):  # an event: a line of its own above the bar
+                bar.console.print(f"{p.phase} (epoch {p.epoch:.2f})", markup=False)
             if p.phase:  # a metric runs before the next block of steps: say so
                 bar.update(task, completed=p.steps_done, total=p.total_steps, phase=p.phase)
                 return

@@ -56,6 +56,9 @@ from deconcnn_cli.training.writer import RunWriter
 LN2 = math.log(2.0)
 
 
+RESUMED_AT = "resumed at step"  # Progress.phase of the first report of a resumed attempt
+
+
 @dataclass(frozen=True)
 class Progress:
     """What the loop reports to its caller after each flush, and before a long action."""

@@ -35,7 +35,7 @@ from deconcnn_cli.runenv import (
     mps_state,
 )
 from deconcnn_cli.training import measure
-from deconcnn_cli.training.attempt import Attempt, Progress
+from deconcnn_cli.training.attempt import RESUMED_AT, Attempt, Progress
 from deconcnn_cli.training.device import (
     deterministic,
     exact_fp32,
@@ -197,6 +197,8 @@ def _loop(
 
     run.model.train()
     run.t_attempt = time.perf_counter()
+    if run.start_step:
+        announce(f"{RESUMED_AT} {run.start_step}", run.start_step)
     for step in range(run.start_step, s.total_steps):
         if curvature_due(step, s):
             announce(f"curvature at step {step} ...", step)

@@ -46,3 +46,24 @@ def test_a_failing_run_exits_1_and_says_where_it_is_recorded(tmp_path: Path, moc
     status = read_json(run / "status.json")
     assert status["state"] == "failed" and status["exception_type"] == "RuntimeError"
     assert read_attempts(run)[-1]["exit_code"] == 1
+
+
+def test_quiet_prints_one_line_per_event_across_a_resume(tmp_path: Path):
+    """--quiet in a job log: the resume point, each long evaluation's start and each epoch's
+    end (it printed only the start and the end)."""
+    from tests.conftest import TINY, run_cli
+
+    root = tmp_path / "runs"
+    first = run_cli("train", "-v", "base", *TINY, "--root", str(root), "--max-steps", "15")
+    assert first.returncode == 3, first.stderr
+    lines = first.stdout.splitlines()
+    assert "curvature at step 0 ..." in lines
+    assert any(ln.startswith("epoch 1 ended: step 13/39, loss ") for ln in lines), lines
+    second = run_cli("train", "-v", "base", *TINY, "--root", str(root))
+    assert second.returncode == 0, second.stderr
+    lines = second.stdout.splitlines()
+    assert lines[1] == "resumed at step 15 (epoch 1.15)", lines
+    ended = [ln.split(" ended:")[0] for ln in lines if " ended: step " in ln]
+    assert ended == ["epoch 2", "epoch 3"]  # epoch 1 ended in the first attempt
+    assert "curvature at step 20 ... (epoch 1.54)" in lines
+    assert "gradient noise at epoch 2 ... (epoch 2.00)" in lines
