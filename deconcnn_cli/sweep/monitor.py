@@ -15,7 +15,7 @@ import socket
 import statistics
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,23 @@ def local_job(ref: JobRef, view: contract.RunView | None) -> JobRecord | None:
     return JobRecord(ref.job_id, "RUNNING" if started else "PENDING", source="local")
 
 
+def owner_gone(run_dir: Path, status: dict[str, Any]) -> str:
+    """Why the process that last wrote ``running`` into this run is known dead on this host
+    ("" if not known): ``owner.json`` and status.json name the same pid on this host, and
+    that pid is gone. A process on another host is judged by its heartbeat only."""
+    owner = fileio.read_json(run_dir / contract.OWNER_FILE)
+    host = socket.gethostname()
+    if (
+        owner
+        and owner.get("host") == host == status.get("host")
+        and isinstance(owner.get("pid"), int)
+        and owner.get("pid") == status.get("pid")
+        and not locking.pid_alive(owner["pid"])
+    ):
+        return f"its process (pid {owner['pid']} on {host}) is gone"
+    return ""
+
+
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -277,6 +294,15 @@ def observe_sweep(
             view = None
         ref = sweep.jobs_by_run.get(run_id)
         job = snap.job(ref) if ref is None or ref.executor == "slurm" else local_job(ref, view)
+        if (
+            view is not None
+            and view.state == contract.RUNNING
+            and ref is not None
+            and ref.executor == "local"
+            and (gone := owner_gone(run_dir, view.status))
+        ):  # seen at once, not when the heartbeat goes stale: the runner may live on
+            view = replace(view, state=contract.INTERRUPTED, reason=gone)
+            job = None
         beat = (view.status if view else {}).get("heartbeat_unix")
         newer = ref is not None and isinstance(beat, int | float) and ref.submitted_unix > beat
         ob = C.classify_run(run_id, view, job, job_is_newer=newer)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,13 @@ from deconcnn_cli import contract, fileio
 from deconcnn_cli.errors import SweepError
 from deconcnn_cli.sweep import classify as C
 from deconcnn_cli.sweep.manifest import job_run_ids, submissions
-from deconcnn_cli.sweep.monitor import RunRow, SweepReport, last_traceback, observe_sweep
+from deconcnn_cli.sweep.monitor import (
+    RunRow,
+    SweepReport,
+    last_traceback,
+    observe_sweep,
+    owner_gone,
+)
 from deconcnn_cli.sweep.observe import RECOVER_LOG_FILE, SweepView, load_sweep
 from deconcnn_cli.sweep.scheduler import LIVE_STATES, cancel_jobs
 from deconcnn_cli.sweep.store import SweepStore
@@ -186,8 +191,6 @@ def process_ended(run_dir: Path, row: RunRow) -> str:
     leaves the queue), so when the scheduler says the job that status.json names has ended,
     its fresh heartbeat is a dead process's last. On this host the owner's pid is asked.
     """
-    from deconcnn_cli.locking import pid_alive
-
     status = fileio.read_json(run_dir / contract.STATUS_FILE) or {}
     if row.executor == "slurm" and row.job_id and row.job_state is not None:
         ids = {str(status.get("slurm_job_id"))}
@@ -195,17 +198,7 @@ def process_ended(run_dir: Path, row: RunRow) -> str:
             ids.add(f"{status.get('slurm_array_job_id')}_{status.get('slurm_array_task_id')}")
         if row.job_id in ids and row.job_state not in LIVE_STATES:
             return f"its process ended with job {row.job_id} ({row.job_state})"
-    owner = fileio.read_json(run_dir / contract.OWNER_FILE)
-    host = socket.gethostname()
-    if (
-        owner
-        and owner.get("host") == host == status.get("host")
-        and isinstance(owner.get("pid"), int)
-        and owner.get("pid") == status.get("pid")
-        and not pid_alive(owner["pid"])
-    ):
-        return f"its process (pid {owner['pid']} on {host}) is gone"
-    return ""
+    return owner_gone(run_dir, status)
 
 
 def release_run(run_dir: Path, why: str) -> bool:

@@ -133,3 +133,31 @@ def test_a_shipped_resource_profile_is_recorded_by_name() -> None:
     assert load_resources("local").reference == "local"
     shipped = REPO / "profiles" / "resources" / "local.toml"
     assert load_resources(str(shipped)).reference == "local"
+
+
+def test_a_killed_run_of_a_live_local_runner_is_seen_at_the_next_look(tmp_path: Path) -> None:
+    """The runner goes on with its other runs; the run whose training process was SIGKILLed
+    still says `running` with a fresh heartbeat. Its owner pid is gone on this host: monitor
+    calls it interrupted at once (it said running for two minutes, a slot too many busy) and
+    recover releases and resumes it."""
+    import socket
+    import subprocess
+
+    from tests.sweep.synthetic import write_sweep
+
+    root = tmp_path / "sweep"
+    syn = write_sweep(root, 4)
+    (rid,) = [r for r, s in syn.states.items() if s == "running"]
+    killed = subprocess.Popen(["sleep", "60"])
+    killed.kill()
+    killed.wait()
+    host, run_dir = socket.gethostname(), root / "runs" / rid
+    status = json.loads((run_dir / "status.json").read_text())
+    (run_dir / "status.json").write_text(json.dumps({**status, "host": host, "pid": killed.pid}))
+    (run_dir / "owner.json").write_text(json.dumps({"host": host, "pid": killed.pid}))
+    row = {r.run_id: r for r in observe_sweep(root).rows}[rid]
+    assert (row.state, row.cause) == ("interrupted", "interrupted"), row
+    assert f"pid {killed.pid} on {host}) is gone" in row.detail
+    plan = run_cli("recover", "--dry-run", "--json", "--root", str(root))
+    (action,) = [a for a in json.loads(plan.stdout)["actions"] if a["run_id"] == rid]
+    assert action["action"] == "resume" and action["release"], action
