@@ -88,7 +88,8 @@ def monitor(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Counts by state, per-run progress, ETA, GPU-hours; one batched scheduler query."""
+    """Counts by state, per-run progress, ETA, device-hours (GPU- or CPU-hours, as the runs
+    trained; --json: gpu_hours, with hours_unit saying which); one batched scheduler query."""
     with exit_on_error():
         report = observe_sweep(root, refresh=refresh)
         if as_json:

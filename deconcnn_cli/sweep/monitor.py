@@ -98,6 +98,7 @@ class SweepReport:
             "eta_s": self.eta_s,
             "gpu_hours": round(self.gpu_hours, 4),
             "gpu_hours_wasted": round(self.gpu_hours_wasted, 4),
+            "hours_unit": self.hours_unit,  # what gpu_hours counts: "GPU", "CPU" or "device"
             "scheduler": {
                 "calls": sched.calls,
                 "from_cache": sched.from_cache,

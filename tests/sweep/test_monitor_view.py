@@ -154,8 +154,14 @@ def test_json_is_unchanged(tmp_path: Path) -> None:
     out = json.loads(run_cli("monitor", "--json", "--root", str(syn.root)).stdout)
     assert set(out) == {
         "root", "grid", "time_unix", "counts", "n_runs", "eta_s", "gpu_hours",
-        "gpu_hours_wasted", "scheduler", "runs",
+        "gpu_hours_wasted", "hours_unit", "scheduler", "runs",
     }  # fmt: skip
+    # the synthetic runs trained on the CPU: the hours say so, on screen and in --json
+    assert out["hours_unit"] == "CPU"
+    screen = run_cli("monitor", "--root", str(syn.root)).stdout
+    assert "CPU-hours" in screen and "GPU-hours" not in screen
+    helptext = " ".join(run_cli("monitor", "--help", env={"COLUMNS": "200"}).stdout.split())
+    assert "GPU- or CPU-hours" in helptext and "hours_unit" in helptext
     assert set(out["runs"][0]) == {
         "run_id", "state", "cause", "detail", "step", "total_steps", "epoch", "steps_per_s",
         "attempts", "gpu_hours", "gpu_hours_wasted", "job_id", "job_state", "executor",
