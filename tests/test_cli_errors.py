@@ -101,7 +101,8 @@ def test_changing_a_runs_config_on_resume_is_refused_and_loses_nothing(tmp_path:
 def _completed_run(tmp_path: Path) -> Path:
     """A run directory whose status says completed (its config as `decon train` wrote it)."""
     from deconcnn_cli.config import load_run_config, prepare_run_dir, run_id
-    from deconcnn_cli.contract import STATUS_FILE, atomic_write_json
+    from deconcnn_cli.contract import STATUS_FILE
+    from deconcnn_cli.fileio import atomic_write_json
 
     cfg = load_run_config(variant="base", profiles=["smoke"], overrides=None, flags={})
     run = tmp_path / "runs" / run_id(cfg)
@@ -114,8 +115,8 @@ def test_run_dir_flags_that_change_the_run_are_refused_by_name(tmp_path: Path):
     run = _completed_run(tmp_path)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     runner = CliRunner()
-    res = runner.invoke(app, ["train", "--run-dir", str(run), "--lr", "0.5"])
-    _assert_clean_error(res.exit_code, res.stderr, "different run", "--lr change optim.lr")
+    res = runner.invoke(app, ["train", "--run-dir", str(run), "--lr", "0.5", "--device", "cpu"])
+    _assert_clean_error(res.exit_code, res.stderr, "different run: --lr change optim.lr\n")
     res = runner.invoke(app, ["train", "--run-dir", str(run), "--set", "optim.lr=0.5"])
     _assert_clean_error(res.exit_code, res.stderr, "--set optim.lr=0.5 change optim.lr")
     res = runner.invoke(app, ["train", "--run-dir", str(run), "--variant", "adamw"])

@@ -122,8 +122,10 @@ def _check_same_run(
     differing = [p for p, _, _ in dict_changes(identity_dict(saved), identity_dict(cfg))]
     if not differing:
         return
-    given = [f"--{k.replace('_', '-')}" for k in _given_flags(flags)]
-    given += [f"--set {t}" for t in set_ or []]
+    changes = set(differing)
+    given = [f"--{k.replace('_', '-')}" for k, path in _given_flags(flags) if path in changes]
+    given += [f"--set {t}" for t in set_ or [] if t.partition("=")[0].strip() in changes]
+    given = given or ["the flags"]
     raise ConfigError(
         f"--run-dir {run_dir} holds a different run: {', '.join(given)} change "
         f"{', '.join(differing)}",
@@ -132,8 +134,8 @@ def _check_same_run(
     )
 
 
-def _given_flags(layer: dict, prefix: str = "") -> list[str]:
-    """The dedicated flags behind a :func:`_flags` layer."""
+def _given_flags(layer: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """``(flag, config path)`` of each dedicated flag behind a :func:`_flags` layer."""
     names = {".".join(path): flag for flag, path in _FLAG_PATHS.items()}
     out = []
     for key, value in layer.items():
@@ -141,7 +143,7 @@ def _given_flags(layer: dict, prefix: str = "") -> list[str]:
         if isinstance(value, dict):
             out += _given_flags(value, f"{path}.")
         else:
-            out.append(names.get(path, path))
+            out.append((names.get(path, path), path))
     return out
 
 
