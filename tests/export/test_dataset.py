@@ -258,7 +258,7 @@ def test_missing_pyarrow_is_a_clear_error(sweep: Path, tmp_path: Path, monkeypat
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     with pytest.raises(ExportError, match="pyarrow") as info:
         export(sweep, tmp_path / "r.parquet", fmt="parquet")
-    assert "deconcnn_cli[parquet]" in (info.value.hint or "")
+    assert "[parquet]'" in (info.value.hint or "")  # the install command (tests/test_install.py)
     assert not (tmp_path / "r.parquet").exists()
 
 

@@ -370,7 +370,8 @@ def test_last_checkpoint_step_never_names_a_skipped_checkpoint(tmp_path: Path):
             (p.steps_done, read_json(status_path)["last_checkpoint_step"])
         ),
     )
-    assert seen[0] == (30, 26)  # resumed from 26: the corrupt 30 is not named
+    assert seen[0] == (26, 26)  # the resume itself is reported first
+    assert seen[1] == (30, 26)  # resumed from 26: the corrupt 30 is not named
     assert read_json(status_path)["last_checkpoint_step"] == 31
 
 
