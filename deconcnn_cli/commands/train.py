@@ -188,7 +188,15 @@ def train(
     )
     if result.exit_code:
         sys.stdout.flush()
+        if result.signal_number is not None:
+            stopped_by_signal.append(result.signal_number)
         raise typer.Exit(result.exit_code)
+
+
+# set when the run stopped on a signal: the process then exits without finalizing the
+# interpreter (cli.main), whose teardown of torch and of a large model's memory takes seconds
+# (docs/performance.md, "A stop inside an evaluation") that a preempted job does not have
+stopped_by_signal: list[int] = []
 
 
 def _run(
