@@ -33,7 +33,7 @@ from deconcnn_cli.analysis.lanczos import (
     dot64,
     lanczos_top,
 )
-from deconcnn_cli.analysis.progress import ProgressFn, checked_graph, report
+from deconcnn_cli.analysis.progress import STILL_WORKING, ProgressFn, checked_graph, report
 
 HVP_PRECISIONS = ("fp32", "fp16", "bf16")  # HessianOperator's precision (analysis.hvp_precision)
 DEFAULT_DEFLATE = True  # deflate the trace with the Lanczos Krylov basis (measured: docs/)
@@ -320,7 +320,7 @@ def hutchinson_trace(
     """
     if n_probes < 2:
         raise ValueError(f"n_probes must be >= 2 (the standard error needs it), got {n_probes}")
-    basis, offset = _deflation(hvp, deflation_vectors, deflation_values)
+    basis, offset = _deflation(hvp, deflation_vectors, deflation_values, progress)
     samples = []
     with torch.autocast(hvp.device.type, enabled=False):
         for i in range(n_probes):
@@ -466,6 +466,7 @@ def _deflation(
     hvp: HVPOperator,
     vectors: torch.Tensor | Sequence[torch.Tensor] | None,
     values: Sequence[float] | None,
+    progress: ProgressFn | None = None,
 ) -> tuple[list[torch.Tensor] | None, float]:
     """Validate the deflation basis; return its vectors on the operator's device, sum(values)."""
     if vectors is None and values is None:
@@ -489,6 +490,7 @@ def _deflation(
         )
     atol = _ORTHONORMAL_ATOL[basis[0].dtype] if basis else 0.0
     for i, u in enumerate(basis):  # Gram matrix, upper triangle, without a stacked copy
+        report(progress, STILL_WORKING, 0, 0)  # r^2 / 2 full-length dots: tens of seconds
         for j in range(i, len(basis)):
             if abs(float(dot64(u, basis[j])) - (i == j)) > atol:
                 raise ValueError("deflation_vectors must have orthonormal columns")

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
-from deconcnn_cli.analysis.progress import ProgressFn, report
+from deconcnn_cli.analysis.progress import STILL_WORKING, ProgressFn, report
 
 DEFAULT_TOL = 1e-3  # library default; a run uses AnalysisConfig.lanczos_tol (1e-2, from the spread)
 DEFAULT_MAX_HVP = 40  # Lanczos steps (= HVPs) at most; reaching it gives NaN, never a guess
@@ -164,6 +164,7 @@ def lanczos_top(
         if len(basis) > 1:
             w -= betas[-1] * basis[-2]
         for _ in range(_REORTH_PASSES):  # no stacked copy of the basis: loop over it
+            report(progress, STILL_WORKING, 0, 0)  # 2 j full-length dots: seconds at width 1
             coeffs = [dot64(b, w).to(w.dtype) for b in basis]
             for b, c in zip(basis, coeffs, strict=True):
                 w -= c * b
