@@ -3,16 +3,17 @@ ResNet-18 on the CPU (issue 24).
 
 Runs the README's digits example (``decon train --variant base ... --dataset digits --epochs
 3``) as a real subprocess on ``--threads`` threads, waits until status.json says the step-0
-curvature runs and ``--delays`` seconds more (inside the graph build or a Hessian-vector
-product), sends the signal and times the exit. Each stop is then checked: the exit code
-(128 + signal), ``interrupted`` with a checkpoint at step 0 for SIGTERM, no curvature row,
-and the event that records the cut. ``SIGINT x2`` sends a second SIGINT 0.2 s after the first:
-the run ends at once, without a checkpoint. Printed: the seconds from the signal to the run's
-final status.json (checkpoint and status on disk: what a SIGKILL after it cannot lose) and to
-the process's exit, and the exit time over the evaluation's length so far (the old code waited
-at least for the rest of the evaluation: it looked at a stop only between steps). Beside them,
-``teardown``: how long a bare ``python -c "import torch, deconcnn_cli.training.loop"`` takes
-from its last line to its exit (interpreter finalization, a fixed cost of every torch process).
+curvature runs and ``--delays`` seconds more (inside the graph build, a Hessian-vector product
+or the Lanczos bookkeeping), sends the signal and times the exit. Each stop is checked: the
+exit code (128 + signal), ``interrupted`` with a checkpoint at step 0, no curvature row.
+``SIGINT x2`` sends a second SIGINT 0.2 s after the first: the run ends at once (no checkpoint
+if it was not written yet). Printed: the seconds from the signal to the cut-short event (the
+evaluation abandoned), to the run's final status.json (checkpoint and status on disk: what a
+SIGKILL after it cannot lose) and to the process's exit; the exit time over the evaluation's
+length so far (the old code waited for the rest of the evaluation: it looked at a stop only
+between steps). Beside them, ``teardown``: how long a bare ``python -c "import torch,
+deconcnn_cli.training.loop"`` takes from its last line to its exit (interpreter finalization,
+a fixed cost of every torch process, which a stopped ``decon train`` skips).
 
     python bench/bench_stop.py [--delays 5,20,60] [--threads 1]
 """
@@ -72,7 +73,7 @@ def stop_once(delay_s: float, signals: list[int], threads: int) -> dict:
         rows = run / "metrics" / "curvature.csv"
         curvature = rows.read_text().splitlines() if rows.exists() else ["header"]
         events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
-        cut = any("cut short" in e["message"] for e in events)
+        cut = [e["time"] - sent_unix for e in events if "cut short" in e["message"]]
         ckpts = sorted(p.name for p in (run / "checkpoints").glob("*.pt"))
     return {
         "exit_s": exited - sent,
@@ -82,7 +83,7 @@ def stop_once(delay_s: float, signals: list[int], threads: int) -> dict:
         "state": status["state"],
         "checkpoints": ckpts,
         "curvature_rows": len(curvature) - 1,
-        "cut_event": cut,
+        "cut_s": cut[0] if cut else None,  # the cut-short event: the evaluation abandoned
     }
 
 
@@ -101,17 +102,18 @@ def main() -> None:
     delays = [float(d) for d in args.delays.split(",")]
     cases = [("SIGTERM", [signal.SIGTERM]), ("SIGINT x2", [signal.SIGINT, signal.SIGINT])]
     print(f"full-width ResNet-18, digits, cold step-0 curvature, {args.threads} thread(s)")
-    head = f"{'signal':>10} {'in eval':>8} {'recorded':>9} {'to exit':>8} {'ratio':>7}"
+    head = f"{'signal':>10} {'in eval':>8} {'cut':>6} {'recorded':>9} {'to exit':>8} {'ratio':>7}"
     print(f"{head} {'teardown':>9}  exit  state / files")
     for name, sigs in cases:
         for delay in delays if name == "SIGTERM" else delays[:1]:
             r = stop_once(delay, sigs, args.threads)
             ratio = r["exit_s"] / r["in_eval_s"]
             print(
-                f"{name:>10} {r['in_eval_s']:7.1f}s {r['recorded_s']:8.2f}s {r['exit_s']:7.2f}s "
+                f"{name:>10} {r['in_eval_s']:7.1f}s {r['cut_s']:5.2f}s {r['recorded_s']:8.2f}s "
+                f"{r['exit_s']:7.2f}s "
                 f"{ratio:7.3f} {teardown_s():8.2f}s  "
                 f"{r['code']:>4}  {r['state']}, checkpoints {r['checkpoints']}, "
-                f"curvature rows {r['curvature_rows']}, cut-short event {r['cut_event']}"
+                f"curvature rows {r['curvature_rows']}"
             )
 
 

@@ -41,9 +41,12 @@ def report(progress: ProgressFn | None, stage: str, done: int, total: int) -> No
 def checked_graph(model: nn.Module, progress: ProgressFn | None) -> Iterator[None]:
     """Forward passes inside the block call ``progress(STILL_WORKING, 0, 0)`` at every module,
     and leave a hook on each module's output that does the same whenever a backward pass
-    reaches it, also later ones through the same graph (each Hessian-vector product). The
-    hooks change no value; the module hooks are removed on exit, the tensor hooks live as long
-    as the graph. Nothing is installed without a callable."""
+    reaches it, also later ones through the same graph. A backward with ``create_graph`` (the
+    gradient a Hessian-vector product differentiates) gets the same hook on each gradient it
+    computes there, so each product asks in both of its halves: back through that gradient's
+    graph, then through the forward's. The hooks change no value; the module hooks are removed
+    on exit, the tensor hooks live as long as the graph. Nothing is installed without a
+    callable."""
     if progress is None:
         yield
         return
@@ -51,10 +54,15 @@ def checked_graph(model: nn.Module, progress: ProgressFn | None) -> Iterator[Non
     def check(*_: object) -> None:
         report(progress, STILL_WORKING, 0, 0)
 
+    def on_grad(grad: torch.Tensor) -> None:
+        check()
+        if grad.requires_grad:  # a backward with create_graph: its gradients are a graph too
+            grad.register_hook(check)
+
     def on_forward(_module: nn.Module, _inputs: object, output: object) -> None:
         check()
         if isinstance(output, torch.Tensor) and output.requires_grad:
-            output.register_hook(check)  # returns None: the gradient is left as it is
+            output.register_hook(on_grad)  # returns None: the gradient is left as it is
 
     handles = [m.register_forward_hook(on_forward) for m in model.modules()]
     try:
