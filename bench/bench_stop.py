@@ -98,18 +98,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--delays", default="5,20,60", help="seconds into the curvature, comma list")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cases", default="SIGTERM,SIGINT x2", help="comma list")
     args = ap.parse_args()
     delays = [float(d) for d in args.delays.split(",")]
     cases = [("SIGTERM", [signal.SIGTERM]), ("SIGINT x2", [signal.SIGINT, signal.SIGINT])]
     print(f"full-width ResNet-18, digits, cold step-0 curvature, {args.threads} thread(s)")
     head = f"{'signal':>10} {'in eval':>8} {'cut':>6} {'recorded':>9} {'to exit':>8} {'ratio':>7}"
     print(f"{head} {'teardown':>9}  exit  state / files")
-    for name, sigs in cases:
+    for name, sigs in [c for c in cases if c[0] in args.cases.split(",")]:
         for delay in delays if name == "SIGTERM" else delays[:1]:
             r = stop_once(delay, sigs, args.threads)
             ratio = r["exit_s"] / r["in_eval_s"]
+            cut = "-" if r["cut_s"] is None else f"{r['cut_s']:.2f}s"  # None: ended before it
             print(
-                f"{name:>10} {r['in_eval_s']:7.1f}s {r['cut_s']:5.2f}s {r['recorded_s']:8.2f}s "
+                f"{name:>10} {r['in_eval_s']:7.1f}s {cut:>6} {r['recorded_s']:8.2f}s "
                 f"{r['exit_s']:7.2f}s "
                 f"{ratio:7.3f} {teardown_s():8.2f}s  "
                 f"{r['code']:>4}  {r['state']}, checkpoints {r['checkpoints']}, "
