@@ -67,7 +67,7 @@ class Progress:
     epoch: float
     loss_train_nats: float
     steps_per_s: float
-    phase: str = ""  # non-empty: what runs now instead of steps ("curvature at step 0 ...")
+    phase: str = ""  # non-empty: what runs now ("curvature at step 0: Lanczos 3/40, ..., 9s")
 
 
 class Attempt:
