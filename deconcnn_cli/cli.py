@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -44,3 +45,11 @@ def main() -> None:
     except DeconError as exc:  # raised outside a command's own handler
         render_error(exc)
         sys.exit(exc.exit_code)
+    except SystemExit as exc:
+        if train_cmd.stopped_by_signal and isinstance(exc.code, int):
+            # a run stopped by a signal: everything it wrote is on disk (fsync'd); exit now
+            # instead of spending seconds finalizing torch (docs/performance.md)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.code)
+        raise

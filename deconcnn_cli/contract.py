@@ -268,6 +268,7 @@ _STATUS_TYPES: dict[str, tuple[type, ...]] = {
     "pid": (int,),
     "precision": (str,),
     "last_checkpoint_step": (int,),
+    "action": (str,),  # the evaluation running now (curvature, validation, ...), null between
 }
 
 

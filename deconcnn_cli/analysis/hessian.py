@@ -33,6 +33,7 @@ from deconcnn_cli.analysis.lanczos import (
     dot64,
     lanczos_top,
 )
+from deconcnn_cli.analysis.progress import STILL_WORKING, ProgressFn, checked_graph, report
 
 HVP_PRECISIONS = ("fp32", "fp16", "bf16")  # HessianOperator's precision (analysis.hvp_precision)
 DEFAULT_DEFLATE = True  # deflate the trace with the Lanczos Krylov basis (measured: docs/)
@@ -135,6 +136,10 @@ class HessianOperator:
         dtype (the tensor-core precision of training on a GPU); vectors, products and every
         dot product stay in float32/float64. Accuracy and cost: docs/performance.md, "HVP
         precision".
+    progress : callable, optional
+        Called from the forward and from hooks on every module's output, in the graph build
+        and in every product (:func:`.progress.checked_graph`): a True answer raises
+        :class:`.progress.EvaluationStopped` within a fraction of one product.
     """
 
     def __init__(
@@ -146,6 +151,7 @@ class HessianOperator:
         chunk_size: int,
         plain_batchnorm: bool = True,
         precision: str = "fp32",
+        progress: ProgressFn | None = None,
     ) -> None:
         if precision not in HVP_PRECISIONS:
             raise ValueError(f"precision must be one of {HVP_PRECISIONS}, got {precision!r}")
@@ -168,7 +174,7 @@ class HessianOperator:
             dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
             enabled=precision != "fp32",
         )
-        with torch.enable_grad(), self._autocast(), plain:
+        with torch.enable_grad(), self._autocast(), plain, checked_graph(model, progress):
             loss = torch.zeros((), device=self.device, dtype=self.dtype)
             for start in range(0, n_total, chunk_size):
                 x, y = inputs[start : start + chunk_size], targets[start : start + chunk_size]
@@ -239,6 +245,7 @@ def top_hessian_eigenvalue(
     tol: float = DEFAULT_TOL,
     max_hvp: int = DEFAULT_MAX_HVP,
     gap_cap: float = DEFAULT_GAP_CAP,
+    progress: ProgressFn | None = None,
 ) -> EigenResult:
     """Largest algebraic eigenvalue by Lanczos with full reorthogonalisation.
 
@@ -257,13 +264,15 @@ def top_hessian_eigenvalue(
         Krylov basis are still returned).
     gap_cap : float
         The Ritz gap is trusted up to this fraction of ``|theta|`` (:mod:`.lanczos`).
+    progress : callable, optional
+        Told ``("lanczos", done, max_hvp)`` before each product (:mod:`.progress`).
 
     Returns
     -------
     EigenResult
         A :class:`~deconcnn_cli.analysis.lanczos.LanczosResult`.
     """
-    return lanczos_top(hvp, v0=v0, tol=tol, max_hvp=max_hvp, gap_cap=gap_cap)
+    return lanczos_top(hvp, v0=v0, tol=tol, max_hvp=max_hvp, gap_cap=gap_cap, progress=progress)
 
 
 def hutchinson_trace(
@@ -273,6 +282,7 @@ def hutchinson_trace(
     generator: torch.Generator,
     deflation_vectors: torch.Tensor | Sequence[torch.Tensor] | None = None,
     deflation_values: Sequence[float] | None = None,
+    progress: ProgressFn | None = None,
 ) -> TraceResult:
     """Hutchinson trace from a fixed number of Rademacher probes, optionally deflated.
 
@@ -295,6 +305,9 @@ def hutchinson_trace(
         Both or neither. The vectors: an ``(n_params, r)`` matrix or a sequence of ``r``
         1-D vectors (a Lanczos ``basis``, never stacked); the projection is done in their
         dtype, one vector at a time.
+    progress : callable, optional
+        Told ``("probes", done, n_probes)`` before each product and at the end
+        (:mod:`.progress`); a True answer abandons the estimate.
 
     Returns
     -------
@@ -307,10 +320,11 @@ def hutchinson_trace(
     """
     if n_probes < 2:
         raise ValueError(f"n_probes must be >= 2 (the standard error needs it), got {n_probes}")
-    basis, offset = _deflation(hvp, deflation_vectors, deflation_values)
+    basis, offset = _deflation(hvp, deflation_vectors, deflation_values, progress)
     samples = []
     with torch.autocast(hvp.device.type, enabled=False):
-        for _ in range(n_probes):
+        for i in range(n_probes):
+            report(progress, "probes", i, n_probes)
             z = torch.randint(0, 2, (hvp.n_params,), generator=generator, device=generator.device)
             z = (2 * z - 1).to(device=hvp.device, dtype=basis[0].dtype if basis else torch.float64)
             coeffs = [dot64(b, z).to(z.dtype) for b in basis or ()]  # z <- (I - QQ^T) z
@@ -318,6 +332,7 @@ def hutchinson_trace(
                 z.sub_(b * c)
             hz = hvp(z.to(hvp.dtype)).detach().to(z.dtype)
             samples.append(dot64(z, hz))
+    report(progress, "probes", n_probes, n_probes)
     values = torch.stack(samples).cpu().numpy()
     if not np.all(np.isfinite(values)):
         nan = math.nan
@@ -341,6 +356,7 @@ def evaluate_curvature(
     max_hvp: int = DEFAULT_MAX_HVP,
     deflate: bool = DEFAULT_DEFLATE,
     precision: str = "fp32",
+    progress: ProgressFn | None = None,
 ) -> CurvatureResult:
     """``lambda_max`` and Krylov-deflated Hutchinson trace; the model is left as found.
 
@@ -353,6 +369,10 @@ def evaluate_curvature(
     ``DEFAULT_GAP_CAP``. With ``deflate`` the trace is ``tr(T)`` (exact on the Lanczos
     Krylov basis ``Q``) plus Hutchinson on ``(I - QQ^T) H (I - QQ^T)``; this holds whether or
     not Lanczos converged, so a non-converged run still gives a trace (``lambda_max`` NaN).
+    ``progress`` (:mod:`.progress`) is told both stages from the start (``lanczos`` 0 of
+    ``max_hvp``, ``probes`` 0 of ``n_probes``), then each product, and is asked often inside
+    each product; a True answer raises :class:`.progress.EvaluationStopped`, with the model
+    restored as on any exit.
 
     Returns
     -------
@@ -363,9 +383,11 @@ def evaluate_curvature(
     """
     if n_probes < 2:
         raise ValueError(f"n_probes must be >= 2, got {n_probes}")
+    report(progress, "lanczos", 0, max_hvp)
+    report(progress, "probes", 0, n_probes)
     with preserved_model_state(model, train=True):
         operator = HessianOperator(
-            model, inputs, targets, chunk_size=chunk_size, precision=precision
+            model, inputs, targets, chunk_size=chunk_size, precision=precision, progress=progress
         )
         if not math.isfinite(operator.loss):
             reason = f"non-finite probe loss ({operator.loss})"
@@ -374,7 +396,9 @@ def evaluate_curvature(
         start = lanczos_start(previous, operator.gradient)
         warm = previous is not None
         gap_cap = max(DEFAULT_GAP_CAP, WARM_GAP_CAP_PER_TOL * tol) if warm else DEFAULT_GAP_CAP
-        eig = top_hessian_eigenvalue(operator, v0=start, tol=tol, max_hvp=max_hvp, gap_cap=gap_cap)
+        eig = top_hessian_eigenvalue(
+            operator, v0=start, tol=tol, max_hvp=max_hvp, gap_cap=gap_cap, progress=progress
+        )
         defl = deflate and eig.basis is not None
         trace = hutchinson_trace(
             operator,
@@ -382,6 +406,7 @@ def evaluate_curvature(
             generator=generator,
             deflation_vectors=eig.basis if defl else None,
             deflation_values=np.diag(eig.tridiagonal).tolist() if defl else None,
+            progress=progress,
         )
         del operator
     return CurvatureResult(
@@ -441,6 +466,7 @@ def _deflation(
     hvp: HVPOperator,
     vectors: torch.Tensor | Sequence[torch.Tensor] | None,
     values: Sequence[float] | None,
+    progress: ProgressFn | None = None,
 ) -> tuple[list[torch.Tensor] | None, float]:
     """Validate the deflation basis; return its vectors on the operator's device, sum(values)."""
     if vectors is None and values is None:
@@ -464,6 +490,7 @@ def _deflation(
         )
     atol = _ORTHONORMAL_ATOL[basis[0].dtype] if basis else 0.0
     for i, u in enumerate(basis):  # Gram matrix, upper triangle, without a stacked copy
+        report(progress, STILL_WORKING, 0, 0)  # r^2 / 2 full-length dots: tens of seconds
         for j in range(i, len(basis)):
             if abs(float(dot64(u, basis[j])) - (i == j)) > atol:
                 raise ValueError("deflation_vectors must have orthonormal columns")

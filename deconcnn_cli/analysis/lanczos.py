@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
+from deconcnn_cli.analysis.progress import STILL_WORKING, ProgressFn, report
+
 DEFAULT_TOL = 1e-3  # library default; a run uses AnalysisConfig.lanczos_tol (1e-2, from the spread)
 DEFAULT_MAX_HVP = 40  # Lanczos steps (= HVPs) at most; reaching it gives NaN, never a guess
 DEFAULT_GAP_CAP = 3e-3  # the Ritz gap is trusted up to this fraction of |theta| (docstring)
@@ -99,6 +101,7 @@ def lanczos_top(
     max_hvp: int = DEFAULT_MAX_HVP,
     gap_cap: float = DEFAULT_GAP_CAP,
     basis_dtype: torch.dtype = DEFAULT_BASIS_DTYPE,
+    progress: ProgressFn | None = None,
 ) -> LanczosResult:
     """Largest algebraic eigenvalue by Lanczos with full reorthogonalisation.
 
@@ -124,6 +127,9 @@ def lanczos_top(
         Precision of the stored Lanczos vectors: float32 (default) halves the memory of
         float64, and its rounding (~1e-7) is far below any tolerance used; float64 for tests
         that check orthogonality to 1e-12.
+    progress : callable, optional
+        Told ``("lanczos", done, max_hvp)`` before each product; a True answer raises
+        :class:`~deconcnn_cli.analysis.progress.EvaluationStopped` (nothing is returned).
 
     Returns
     -------
@@ -146,6 +152,7 @@ def lanczos_top(
     betas: list[float] = []  # off-diagonal of T: betas[i] couples q_i and q_{i+1}
     theta, bound, s = math.nan, math.inf, np.ones(1)
     for step in range(1, min(max_hvp, n) + 1):
+        report(progress, "lanczos", step - 1, max_hvp)
         basis.append(q)
         with torch.autocast(op.device.type, enabled=False):
             hq = op(q.to(op.dtype)).detach().to(basis_dtype)
@@ -157,6 +164,7 @@ def lanczos_top(
         if len(basis) > 1:
             w -= betas[-1] * basis[-2]
         for _ in range(_REORTH_PASSES):  # no stacked copy of the basis: loop over it
+            report(progress, STILL_WORKING, 0, 0)  # 2 j full-length dots: seconds at width 1
             coeffs = [dot64(b, w).to(w.dtype) for b in basis]
             for b, c in zip(basis, coeffs, strict=True):
                 w -= c * b

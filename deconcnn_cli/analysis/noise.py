@@ -16,7 +16,7 @@ Pure functions: no I/O, no printing; ``.grad``, buffers and modes are left as fo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deconcnn_cli.analysis.hessian import _to_device, preserved_model_state
+from deconcnn_cli.analysis.progress import ProgressFn, checked_graph, report
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,10 @@ def noise_statistics(grads: torch.Tensor, batch_size: int) -> NoiseResult:
 
 
 def gradient_noise(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    progress: ProgressFn | None = None,
 ) -> NoiseResult:
     """Gradient-noise statistics of ``model`` at its current parameters.
 
@@ -84,6 +88,10 @@ def gradient_noise(
         to their dtype).
     batches : iterable of (inputs, targets)
         k >= 2 independent mini-batches, all of the training batch size ``B``.
+    progress : callable, optional
+        Told ``("batches", done, k)`` before each batch (``k`` 0 when ``batches`` has no
+        length) and asked often inside each forward and backward pass (:mod:`.progress`); a
+        True answer raises :class:`~deconcnn_cli.analysis.progress.EvaluationStopped`.
 
     Returns
     -------
@@ -98,6 +106,7 @@ def gradient_noise(
     mean = torch.zeros(n_params, dtype=torch.float64, device=device)
     sum_sq_dev = torch.zeros((), dtype=torch.float64, device=device)
     k, batch_size = 0, 0
+    n_batches = len(batches) if isinstance(batches, Sized) else 0
     autocast_off = torch.autocast(device.type, enabled=False)
     with preserved_model_state(model, train=True), autocast_off:
         for inputs, targets in batches:
@@ -109,9 +118,11 @@ def gradient_noise(
             if k > 0 and inputs.shape[0] != batch_size:
                 raise ValueError(f"all batches must have size {batch_size}, got {inputs.shape[0]}")
             batch_size = inputs.shape[0]
+            report(progress, "batches", k, n_batches)
             k += 1
             x, y = _to_device(inputs, device, params[0].dtype), targets.to(device)
-            g = _flat_gradient(model, params, x, y)
+            with checked_graph(model, progress):
+                g = _flat_gradient(model, params, x, y)
             if not bool(torch.isfinite(g).all()):
                 return _failed(k, batch_size, n_params, f"non-finite loss or gradient in batch {k}")
             delta = g - mean

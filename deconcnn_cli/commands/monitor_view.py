@@ -124,6 +124,8 @@ class _Layout:
 
 def _cells(row: RunRow, label: str, job: str) -> tuple[str, ...]:
     rate = f"{row.steps_per_s:.1f}" if row.steps_per_s and row.state == "running" else ""
+    if row.action and row.state == "running":  # no steps meanwhile: what runs instead
+        rate = row.action
     step = f"{row.step}/{row.total_steps or '?'}"
     return (label, row.state, f"{row.epoch:.2f}", step, rate, str(row.attempts), job)
 

@@ -244,6 +244,8 @@ def train(
     )
     if result.exit_code:
         sys.stdout.flush()
+        if result.signal_number is not None:
+            stopped_by_signal.append(result.signal_number)
         raise typer.Exit(result.exit_code)
 
 
@@ -274,6 +276,12 @@ class _EventLines:
                 f"epoch {self.epoch} ended: step {p.steps_done}/{p.total_steps}, loss "
                 f"{p.loss_train_nats:.4f}, {p.steps_per_s:.1f} step/s"
             )
+
+
+# set when the run stopped on a signal: the process then exits without finalizing the
+# interpreter (cli.main), whose teardown of torch and of a large model's memory takes seconds
+# (docs/performance.md, "A stop inside an evaluation") that a preempted job does not have
+stopped_by_signal: list[int] = []
 
 
 def _run(

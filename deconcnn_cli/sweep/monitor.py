@@ -54,6 +54,7 @@ class RunRow:
     executor: str | None  # "slurm" | "local": who ran the latest job
     written_state: str | None  # the state as the run's status.json has it
     heartbeat_age_s: float | None
+    action: str | None = None  # a running run's evaluation now (curvature, validation, ...)
 
 
 @dataclass(frozen=True)
@@ -336,6 +337,7 @@ def observe_sweep(
             executor=ref.executor if ref else None,
             written_state=view.written_state if view else None,
             heartbeat_age_s=view.heartbeat_age_s if view else None,
+            action=status.get("action") if ob.state == C.RUNNING else None,
         )
         rows.append(row)
         if row.state == C.COMPLETED and row.step > 0:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from deconcnn_cli.analysis.progress import STILL_WORKING, ProgressFn, report
 from deconcnn_cli.config import RunConfig
 from deconcnn_cli.contract import (
     TIMED_ACTIONS,
@@ -38,6 +39,7 @@ from deconcnn_cli.training.data import (
 from deconcnn_cli.training.device import (
     resolve_precision,
 )
+from deconcnn_cli.training.evaluation import Watch
 from deconcnn_cli.training.fp16 import SkipCounter, loss_scale, overflow_flag
 from deconcnn_cli.training.models import build_model
 from deconcnn_cli.training.schedule import (
@@ -68,30 +70,37 @@ class Progress:
     epoch: float
     loss_train_nats: float
     steps_per_s: float
-    phase: str = ""  # non-empty: what runs now instead of steps ("curvature at step 0 ...")
+    phase: str = ""  # non-empty: what runs now ("curvature at step 0: Lanczos 3/40, ..., 9s")
 
 
 class Attempt:
     """Model, optimizer, data and buffers of one attempt, restored from the newest checkpoint."""
 
     def __init__(
-        self, cfg: RunConfig, run_dir: Path, writer: RunWriter, device: torch.device
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        writer: RunWriter,
+        device: torch.device,
+        stops: StopSignals,
     ) -> None:
         self.cfg, self.run_dir, self.writer, self.device = cfg, run_dir, writer, device
+        self.stops = stops
         checkpoint, skipped = load_latest_checkpoint(run_dir)  # on the CPU
         self.prec = resolve_precision(
             cfg.precision, self.device, stored_precision(checkpoint, writer)
         )
         share_gpu_memory(writer, self.device)
-        self.splits = load_splits(
-            cfg.data.dataset,
-            cfg.data.data_dir,
-            val_fraction=cfg.data.val_fraction,
-            split_seed=cfg.data.split_seed,
-            image_size=cfg.data.image_size,
-            download=cfg.data.download,
-            device=self.device,
-        )
+        with stops.raising():  # a stop while loading (or downloading) ends the attempt at once
+            self.splits = load_splits(
+                cfg.data.dataset,
+                cfg.data.data_dir,
+                val_fraction=cfg.data.val_fraction,
+                split_seed=cfg.data.split_seed,
+                image_size=cfg.data.image_size,
+                download=cfg.data.download,
+                device=self.device,
+            )
         spe = steps_per_epoch(self.splits.n_train, cfg.data.batch_size)
         self.sched = Schedule.of(cfg, spe)
 
@@ -107,6 +116,10 @@ class Attempt:
         self.analysis_state: dict[str, Any] = {"eigenvector": None}
         self.start_step = 0
         self.last_checkpoint_step: int | None = None
+        # end-of-step evaluations a stop cut short: {"step", "actions", "grad_norm"}, repeated
+        # before the next step (a checkpoint's, or this attempt's when a stop cuts one short)
+        self.pending: dict[str, Any] | None = None
+        self.last_grad_norm = torch.zeros((), device=self.device)
         self._restore(checkpoint, skipped)
 
         self.losses = measure.read_step_losses(writer)
@@ -118,7 +131,6 @@ class Attempt:
         self.diverged_reason: str | None = None
         self.buf_rows: list[dict[str, Any]] = []  # host-known fields of the buffered steps
         self.t_block, self.steps_block = time.perf_counter(), 0
-        self.last_grad_norm = torch.zeros((), device=self.device)
         self.steps_done = self.start_step
         self.t_attempt = time.perf_counter()  # restarted when the loop begins
         self.checkpoint_clock = time.monotonic()  # when the last checkpoint (or start) was
@@ -140,6 +152,9 @@ class Attempt:
             }
             restore_rng_states(state["rng"])
             self.start_step = self.last_checkpoint_step = state["next_step"]
+            self.pending = state.get("pending")
+            if self.pending is not None:  # validation's grad_norm is that of the pending step
+                self.last_grad_norm = self.pending["grad_norm"].to(self.device)
         self.writer.truncate_before(self.start_step)  # replayed rows are never doubled
 
     @contextlib.contextmanager
@@ -165,11 +180,27 @@ class Attempt:
         analysis, rest = analysis_split(timing)
         return {**timing, "analysis_overhead": round(analysis / rest, 5) if rest > 0 else None}
 
+    @contextlib.contextmanager
+    def evaluating(
+        self, action: str, title: str, show: Callable[[str], None] | None, *, quiet_s: float = 0.0
+    ) -> Iterator[Watch]:
+        """One evaluation (``action``, one of the timed actions): status.json names it while it
+        runs (``decon monitor`` shows it), its time is counted, and the :class:`Watch` it
+        yields is its ``progress``: a line for ``show`` (after ``quiet_s``: validation and
+        shape usually end at once) and a stop once a stop signal came."""
+        self.writer.write_status(action=action)
+        watch = Watch(title, lambda: self.stops.requested, show, first_after_s=quiet_s)
+        try:
+            with self.timed(action):
+                yield watch
+        finally:
+            self.writer.write_status(action=None)
+
     # ---- actions, in the order the loop takes them
-    def measure_curvature(self, step: int) -> None:
+    def measure_curvature(self, step: int, progress: ProgressFn | None = None) -> None:
         def evaluate_curvature() -> dict[str, Any]:
             row, self.analysis_state = measure.curvature_row(
-                self.model, self.probe, self.cfg, step, self.analysis_state
+                self.model, self.probe, self.cfg, step, self.analysis_state, progress
             )
             return row
 
@@ -277,9 +308,9 @@ class Attempt:
         self.buf_rows, self.t_block, self.steps_block = [], time.perf_counter(), 0
         return bad
 
-    def validate(self, step: int) -> None:
+    def validate(self, step: int, progress: ProgressFn | None = None) -> None:
         loss_val, acc_val = measure.evaluate(
-            self.model, self.splits, self.cfg.data.batch_size, self.prec
+            self.model, self.splits, self.cfg.data.batch_size, self.prec, progress
         )
         weight_norm = measure.global_norm([p.detach() for p in self.model.parameters()])
         row = {
@@ -292,13 +323,14 @@ class Attempt:
         }
         self.writer.streams["val"].append([row])
 
-    def measure_noise(self, step: int) -> None:
+    def measure_noise(self, step: int, progress: ProgressFn | None = None) -> None:
         spe = self.sched.steps_per_epoch
-        args = (self.model, self.splits, self.cfg, step, self.losses, spe)
+        args = (self.model, self.splits, self.cfg, step, self.losses, spe, progress)
         row = measure.guarded(self.writer, "noise", step, measure.noise_row, *args)
         self.writer.streams["noise"].append([{**row, "epoch": (step + 1) // spe}])
 
-    def measure_shape(self, step: int) -> None:
+    def measure_shape(self, step: int, progress: ProgressFn | None = None) -> None:
+        report(progress, STILL_WORKING, 0, 0)  # numpy fits, seconds at most: a stop before them
         spe = self.sched.steps_per_epoch
         row = measure.guarded(
             self.writer, "shape", step, measure.shape_row, self.losses, self.cfg, spe
@@ -319,6 +351,9 @@ class Attempt:
         self.t_block = time.perf_counter()  # the next block's steps/s leaves the wait out
 
     def checkpoint(self, next_step: int) -> None:
+        """Save the state for resuming at ``next_step``, with :attr:`pending` (the end-of-step
+        evaluations of ``next_step - 1`` a stop cut short) when there are any."""
+        pending = {} if self.pending is None else {"pending": self.pending}
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -329,6 +364,7 @@ class Attempt:
             "precision": self.prec.name,
             "optimizer_fused": self.fused,
             "skip_counters": self.skips.state(),
+            **pending,
         }
         save_checkpoint(self.run_dir, next_step, state)
         self.last_checkpoint_step = next_step

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from deconcnn_cli.analysis.progress import EvaluationStopped
 from deconcnn_cli.config import RunConfig
 from deconcnn_cli.contract import (
     COMPLETED,
@@ -46,7 +47,7 @@ from deconcnn_cli.training.schedule import (
     after_step,
     curvature_due,
 )
-from deconcnn_cli.training.signals import StopSignals
+from deconcnn_cli.training.signals import StopDuringSetup, StopSignals
 from deconcnn_cli.training.writer import RunWriter
 
 __all__ = ["RunResult", "train_run"]
@@ -85,7 +86,10 @@ def train_run(
     attempt is recorded from its first line: a failure anywhere (data loading, checkpoint
     restore, a step) leaves ``failed`` with the exception in status.json, an ``error`` event
     with its traceback, and the attempt's end line, then re-raises. SIGTERM/SIGUSR2/SIGINT
-    stop the run at the next step boundary; the caller's handlers are restored afterwards,
+    stop the run within seconds: at the next step boundary, or inside an evaluation, which is
+    abandoned (the checkpoint holds the state before it; a resume repeats it), or while the
+    data loads (no checkpoint: nothing to save). A second SIGINT ends the attempt at once,
+    ``interrupted`` without a checkpoint. The caller's handlers are restored afterwards,
     unless ``keep_signal_handlers`` (``decon train``, which exits when the run returns: a
     late SIGTERM then leaves the exit code of the run, not a kill).
     """
@@ -110,14 +114,34 @@ def train_run(
                 writer.log_event("warning", f"removed orphan temp file {orphan}")
             device = resolve_device(cfg.device)
             with deterministic(device):
-                run = Attempt(cfg, run_dir, writer, device)
+                run = Attempt(cfg, run_dir, writer, device, stops)
                 return _train(run, stops, stop_after_steps, on_progress)
+        except (StopDuringSetup, KeyboardInterrupt) as exc:
+            return _stopped_at_once(writer, exc)
         except BaseException as exc:
             writer.record_failure(exc, steps_done=int(writer.status.get("step") or 0))
             raise
         finally:
             writer.stop_heartbeat()
             torch.set_num_threads(threads_before)
+
+
+def _stopped_at_once(writer: RunWriter, exc: BaseException) -> RunResult:
+    """``interrupted`` without a checkpoint: a stop while the data loaded, or a second SIGINT
+    (the resume starts from the last checkpoint, the streams cut back to it)."""
+    steps = int(writer.status.get("step") or 0)
+    if isinstance(exc, StopDuringSetup):
+        sig = exc.signal_number
+        reason = f"signal {signal.Signals(sig).name} while loading data"
+    else:
+        sig = signal.SIGINT
+        reason = "a second SIGINT: stopped at once, without a checkpoint"
+        writer.log_event("warning", f"{reason} (a resume starts from the last checkpoint)")
+    result = RunResult(INTERRUPTED, steps, reason, sig)
+    writer.finish(
+        state=INTERRUPTED, steps_done=steps, exit_code=result.exit_code, reason=reason, action=None
+    )
+    return result
 
 
 def _train(
@@ -195,31 +219,53 @@ def _loop(
             spe = s.steps_per_epoch
             on_progress(Progress(step, s.total_steps, step / spe, math.nan, 0.0, phase=phase))
 
+    def evaluate(action: str, step: int, title: str, done_steps: int) -> bool:
+        """Run one evaluation with its progress line; False if a stop cut it short."""
+        show = None if on_progress is None else lambda line: announce(line, done_steps)
+        with run.evaluating(action, title, show, quiet_s=QUIET_S.get(action, 0.0)) as watch:
+            try:
+                getattr(run, EVALUATIONS[action])(step, watch)
+            except EvaluationStopped:
+                return False
+            finally:
+                if watch.shown:
+                    announce("training ...", done_steps)
+        return True
+
+    def after_step_evaluations(step: int, actions: list[str]) -> list[str]:
+        """The end-of-step evaluations of ``step``, in order; those a stop cut short."""
+        spe = s.steps_per_epoch
+        for i, action in enumerate(actions):
+            at = f"step {step + 1}" if action == "validation" else f"epoch {(step + 1) // spe}"
+            if not evaluate(action, step, f"{TITLES[action]} at {at}", step + 1):
+                return actions[i:]
+        return []
+
     run.model.train()
     run.t_attempt = time.perf_counter()
     if run.start_step:
         announce(f"{RESUMED_AT} {run.start_step}", run.start_step)
+    if run.pending is not None:  # the resumed checkpoint's evaluations come first
+        step = run.start_step - 1
+        left = after_step_evaluations(step, list(run.pending["actions"]))
+        if left:
+            return _cut_short(run, stops, step, left)
+        run.pending = None
     for step in range(run.start_step, s.total_steps):
-        if curvature_due(step, s):
-            announce(f"curvature at step {step} ...", step)
-            with run.timed("curvature"):
-                run.measure_curvature(step)
-            announce("training ...", step)
+        if curvature_due(step, s) and not evaluate(
+            "curvature", step, f"curvature at step {step}", step
+        ):
+            return _cut_short(run, stops, step, ["curvature"])
         run.train_step(step)
 
         plan = decide(step)
         bad = run.flush(on_progress) if plan.flush else None
         if bad is None:
-            if plan.validate:
-                with run.timed("validation"):
-                    run.validate(step)
-            if plan.noise:
-                announce(f"gradient noise at epoch {(step + 1) // s.steps_per_epoch} ...", step + 1)
-                with run.timed("noise"):
-                    run.measure_noise(step)
-            if plan.shape:
-                with run.timed("shape"):
-                    run.measure_shape(step)
+            wanted = (plan.validate, plan.noise, plan.shape)
+            due = [a for a, on in zip(AFTER_STEP, wanted, strict=True) if on]
+            left = after_step_evaluations(step, due)
+            if left:
+                return _cut_short(run, stops, step, left)
             if plan.hold and hold is not None:
                 announce(f"held after {step + 1} steps ({HOLD_ENV}) ...", step + 1)
                 run.hold(step, hold, stops)
@@ -239,3 +285,39 @@ def _loop(
         if plan.stop == COMPLETED:
             return RunResult(COMPLETED, step + 1)
     return RunResult(COMPLETED, s.total_steps)  # every step was already done (resumed at the end)
+
+
+# the evaluations after a step, in order, as the loop names them (and times them)
+AFTER_STEP = ("validation", "noise", "shape")
+EVALUATIONS = {  # action -> the Attempt method that performs it, (step, progress)
+    "curvature": "measure_curvature",
+    "validation": "validate",
+    "noise": "measure_noise",
+    "shape": "measure_shape",
+}
+TITLES = {"curvature": "curvature", "validation": "validation", "noise": "gradient noise"}
+TITLES["shape"] = "loss-curve shape"
+QUIET_S = {"validation": 2.0, "shape": 2.0}  # a progress line only once this long
+
+
+def _cut_short(run: Attempt, stops: StopSignals, step: int, actions: list[str]) -> RunResult:
+    """A stop abandoned ``actions[0]`` of ``step`` (nothing of it written): an event says so,
+    and the checkpoint holds the state from before it, so the resumed run repeats it there.
+    The curvature runs before its step (the checkpoint is at ``step``); the evaluations after
+    a step are kept as the checkpoint's ``pending`` (at ``step + 1``), with the grad norm the
+    validation row needs."""
+    sig = stops.received[0] if stops.received else None
+    by = f"signal {signal.Signals(sig).name}" if sig else "a stop"
+    next_step = step if actions == ["curvature"] else step + 1
+    if next_step > step:
+        run.pending = {"step": step, "actions": actions, "grad_norm": run.last_grad_norm.detach()}
+    run.writer.log_event(  # no `step` key: the resume that repeats it keeps the event
+        "info",
+        f"{actions[0]} at step {step} cut short by {by}: nothing of it written, the resumed run "
+        "repeats it",
+        action=actions[0],
+        at_step=step,
+    )
+    with run.timed("checkpoint"):
+        run.checkpoint(next_step)
+    return RunResult(INTERRUPTED, next_step, by, sig)

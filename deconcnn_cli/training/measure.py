@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from deconcnn_cli.analysis import hessian, noise, powerlaw, settings, spectral, stability
 from deconcnn_cli.analysis.knee import find_knee
+from deconcnn_cli.analysis.progress import EvaluationStopped, ProgressFn, report
 from deconcnn_cli.config import RunConfig
 from deconcnn_cli.contract import STREAMS, parse_cell, read_stream
 from deconcnn_cli.fileio import atomic_write_json
@@ -36,17 +37,26 @@ NAN = float("nan")
 
 
 def guarded(
-    writer: RunWriter, stream: str, step: int, fn: Callable[..., dict[str, Any]], *args: Any
+    writer: RunWriter,
+    stream: str,
+    step: int,
+    fn: Callable[..., dict[str, Any]],
+    *args: Any,
+    **kwargs: Any,
 ) -> dict[str, Any]:
-    """``fn(*args)`` with TF32 off, or a row of NaN plus a warning event if it raises.
+    """``fn(*args, **kwargs)`` with TF32 off, or a row of NaN plus a warning event if it raises.
 
     The one failure path of every metric (curvature, noise, shape): a failure is data, never a
     crash. A CUDA out-of-memory error (two runs sharing a card) frees the cached memory the
-    failed evaluation left before training goes on; the event names the exception class.
+    failed evaluation left before training goes on; the event names the exception class. An
+    evaluation abandoned on the caller's request (``EvaluationStopped``) is no failure: it
+    passes through, and no row is made.
     """
     try:
         with exact_fp32():
-            return fn(*args)
+            return fn(*args, **kwargs)
+    except EvaluationStopped:
+        raise
     except Exception as exc:
         name = type(exc).__name__
         oom = isinstance(exc, torch.cuda.OutOfMemoryError)
@@ -81,6 +91,7 @@ def curvature_row(
     cfg: RunConfig,
     step: int,
     state: dict[str, Any],
+    progress: ProgressFn | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     x, y = probe
     # drawn on the CPU, then moved: the same probes on any card (a CUDA generator's stream can
@@ -97,6 +108,7 @@ def curvature_row(
         tol=cfg.analysis.lanczos_tol,
         max_hvp=cfg.analysis.lanczos_max_hvp,
         precision=cfg.analysis.hvp_precision,
+        progress=progress,
     )
     row = {
         "step": step,
@@ -148,8 +160,9 @@ def noise_row(
     step: int,
     losses: list[float],
     spe: int,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    res = noise.gradient_noise(model, noise_batches(splits, cfg, step))
+    res = noise.gradient_noise(model, noise_batches(splits, cfg, step), progress=progress)
     window = _smooth_window(spe)
     # 2 epochs of residuals: the smoother trims window // 2 samples at each end
     tail = np.asarray(losses[-(2 * spe + 2 * (window // 2)) :], dtype=np.float64)
@@ -304,19 +317,30 @@ def write_summary(
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, splits: DataSplits, batch_size: int, prec: Precision
+    model: torch.nn.Module,
+    splits: DataSplits,
+    batch_size: int,
+    prec: Precision,
+    progress: ProgressFn | None = None,
 ) -> tuple[float, float]:
-    """Mean CE (nats) and accuracy over the full validation split, in eval mode."""
+    """Mean CE (nats) and accuracy over the full validation split, in eval mode.
+
+    ``progress`` is told ``("batches", done, n)`` before each batch; a True answer raises
+    ``EvaluationStopped`` (the model's mode restored)."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=splits.val_x.device, dtype=torch.float64)
     correct = torch.zeros((), device=splits.val_x.device, dtype=torch.int64)
-    for x, y in val_batches(splits, batch_size):
-        with prec.autocast():
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        correct += (logits.argmax(1) == y).sum()
-    model.train(was_training)
+    n_batches = math.ceil(splits.n_val / batch_size)
+    try:
+        for i, (x, y) in enumerate(val_batches(splits, batch_size)):
+            report(progress, "batches", i, n_batches)
+            with prec.autocast():
+                logits = model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
+    finally:
+        model.train(was_training)
     n = splits.n_val
     return (loss_sum / n).item(), (correct.double() / n).item()
 

@@ -165,8 +165,26 @@ def test_json_is_unchanged(tmp_path: Path) -> None:
     assert set(out["runs"][0]) == {
         "run_id", "state", "cause", "detail", "step", "total_steps", "epoch", "steps_per_s",
         "attempts", "gpu_hours", "gpu_hours_wasted", "job_id", "job_state", "executor",
-        "written_state", "heartbeat_age_s",
+        "written_state", "heartbeat_age_s", "action",
     }  # fmt: skip
+
+
+def test_a_running_run_shows_the_evaluation_it_runs_beside_its_step(tmp_path: Path) -> None:
+    """status.json's `action` (issue 24): monitor shows `curvature` in the step/s column of a
+    running run, whose steps wait meanwhile; a run that is not running shows none."""
+    syn = write_sweep(tmp_path / "sweep", 4, "local")  # running, failed, pending, stalled
+    running = next(r for r, s in syn.states.items() if s == "running")
+    other = next(r for r, s in syn.states.items() if s == "failed")
+    for rid in (running, other):
+        path = syn.root / "runs" / rid / "status.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "action": "curvature"}))
+    report = observe_sweep(syn.root)
+    actions = {r.run_id: r.action for r in report.rows}
+    assert actions[running] == "curvature" and actions[other] is None
+    text = screen(report, 80)
+    rows = [ln for ln in text.splitlines() if "curvature" in ln]
+    assert len(rows) == 1 and "running" in rows[0]
+    assert re.search(r"\d+/\d+ +curvature ", rows[0])  # beside the step
 
 
 # ---- the ETA
