@@ -11,6 +11,7 @@ import torch
 from deconcnn_cli.config import RunConfig
 from deconcnn_cli.runenv import gpu_share
 from deconcnn_cli.training.device import cap_gpu_memory
+from deconcnn_cli.training.optim import zero_momentum_buffers
 from deconcnn_cli.training.schedule import lr_factor, warmup_steps
 from deconcnn_cli.training.writer import RunWriter
 
@@ -19,17 +20,21 @@ def build_optimizer(
     cfg: RunConfig, model: torch.nn.Module, *, fused: bool = False
 ) -> torch.optim.Optimizer:
     """SGD or AdamW as the config says. ``fused``: the single-kernel CUDA implementation,
-    which also takes GradScaler's inf flag on the device (no host sync per fp16 step)."""
+    which also takes GradScaler's inf flag on the device (no host sync per fp16 step). SGD's
+    momentum buffers start as zeros, so a skipped first fp16 step leaves it finite
+    (``training.optim``); a resumed run loads its checkpoint's state over them."""
     o = cfg.optim
     kind = {"fused": True} if fused else {}
     if o.name == "sgd":
-        return torch.optim.SGD(
-            model.parameters(),
-            lr=o.lr,
-            momentum=o.momentum,
-            nesterov=o.nesterov,
-            weight_decay=o.weight_decay,
-            **kind,
+        return zero_momentum_buffers(
+            torch.optim.SGD(
+                model.parameters(),
+                lr=o.lr,
+                momentum=o.momentum,
+                nesterov=o.nesterov,
+                weight_decay=o.weight_decay,
+                **kind,
+            )
         )
     return torch.optim.AdamW(
         model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, **kind
