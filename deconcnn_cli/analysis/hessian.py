@@ -325,8 +325,11 @@ def hutchinson_trace(
     with torch.autocast(hvp.device.type, enabled=False):
         for i in range(n_probes):
             report(progress, "probes", i, n_probes)
-            z = torch.randint(0, 2, (hvp.n_params,), generator=generator, device=generator.device)
-            z = (2 * z - 1).to(device=hvp.device, dtype=basis[0].dtype if basis else torch.float64)
+            # int8: the values and the generator's state of an int64 draw, 1/8 of the bytes
+            # to make and copy; 2z - 1 in the probe's dtype on the operator's device
+            on = {"generator": generator, "device": generator.device, "dtype": torch.int8}
+            bits = torch.randint(0, 2, (hvp.n_params,), **on)
+            z = bits.to(hvp.device).to(basis[0].dtype if basis else torch.float64).mul_(2).sub_(1)
             coeffs = [dot64(b, z).to(z.dtype) for b in basis or ()]  # z <- (I - QQ^T) z
             for b, c in zip(basis or (), coeffs, strict=True):
                 z.sub_(b * c)

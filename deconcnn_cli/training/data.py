@@ -215,8 +215,32 @@ def augment_batch(
     """
     if x_uint8.ndim != 4:
         raise ValueError(f"expected N x C x H x W images, got shape {tuple(x_uint8.shape)}")
+    draws = augment_draws(x_uint8.shape[0], generator).to(x_uint8.device)
+    return augment_with(x_uint8, draws, out_size=out_size, scale=scale, ratio=ratio, flip=flip)
+
+
+def augment_draws(n: int, generator: torch.Generator) -> Tensor:
+    """The ``n x 5`` uniform draws :func:`augment_batch` takes for ``n`` images, on the
+    generator's device: area, log aspect, centre x, centre y, mirror."""
+    return torch.rand((n, 5), generator=generator, device=generator.device)
+
+
+def augment_with(
+    x_uint8: Tensor,
+    draws: Tensor,
+    *,
+    out_size: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+) -> Tensor:
+    """:func:`augment_batch` with its draws given (``n x 5``, on the images' device)."""
+    if x_uint8.ndim != 4:
+        raise ValueError(f"expected N x C x H x W images, got shape {tuple(x_uint8.shape)}")
     n, _, height, width = x_uint8.shape
-    u = torch.rand((n, 5), generator=generator, device=generator.device).to(x_uint8.device)
+    if tuple(draws.shape) != (n, 5):
+        raise ValueError(f"expected {n} x 5 draws, got shape {tuple(draws.shape)}")
+    u = draws
     area = (scale[0] + (scale[1] - scale[0]) * u[:, 0]) * (height * width)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
@@ -271,12 +295,47 @@ def epoch_permutation(n: int, *, seed: int, epoch: int, device: torch.device) ->
     run is made on the CPU, so the same run gets the same batches on any card (a CUDA
     generator's stream is not promised to match across GPU models)."""
     generator = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
-    return torch.randperm(n, generator=generator).to(device)
+    return to_device(torch.randperm(n, generator=generator), device)
+
+
+def epoch_augment_draws(
+    n: int, *, batch_size: int, seed: int, epoch: int, device: torch.device
+) -> Tensor:
+    """The crop draws of every step of ``epoch``, ``n x 5``, moved to ``device`` in one copy.
+
+    Rows ``position * batch_size`` onwards are step ``epoch * spe + position``'s: the draws
+    :func:`augment_draws` makes from a CPU generator seeded with
+    ``derive_seed(seed, "augment", step)``, the same numbers as one step at a time. Drawn per
+    epoch, so a step reads its draws from the device without a copy (a blocking copy per
+    step would keep the host from running ahead of the GPU).
+    """
+    spe = steps_per_epoch(n, batch_size)
+    parts = []
+    for position in range(spe):
+        step = epoch * spe + position
+        generator = torch.Generator().manual_seed(derive_seed(seed, "augment", step))
+        rows = min(batch_size, n - position * batch_size)
+        parts.append(augment_draws(rows, generator))
+    return to_device(torch.cat(parts), device)
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` (on the CPU) on ``device``; to a GPU through pinned memory without waiting for
+    the copy (``non_blocking``: the host goes on; the pinned block is kept until the copy is
+    done by torch's host allocator, and the copy is ordered before any kernel that reads it)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @lru_cache(maxsize=4)
 def _cached_permutation(n: int, seed: int, epoch: int, device: torch.device) -> Tensor:
     return epoch_permutation(n, seed=seed, epoch=epoch, device=device)
+
+
+@lru_cache(maxsize=4)
+def _cached_draws(n: int, batch_size: int, seed: int, epoch: int, device: torch.device) -> Tensor:
+    return epoch_augment_draws(n, batch_size=batch_size, seed=seed, epoch=epoch, device=device)
 
 
 def train_batch(
@@ -293,8 +352,9 @@ def train_batch(
 
     Epoch ``step // steps_per_epoch`` visits every training image once, in the order of
     :func:`epoch_permutation`; the last batch of an epoch holds the remainder. Crops come
-    from a generator seeded with ``derive_seed(seed, "augment", step)``. A pure function of
-    ``(splits, seed, step)``: resuming needs no saved data-loader state.
+    from a generator seeded with ``derive_seed(seed, "augment", step)``, drawn for the whole
+    epoch at once (:func:`epoch_augment_draws`): no copy to the device per step. A pure
+    function of ``(splits, seed, step)``: resuming needs no saved data-loader state.
     """
     n = splits.n_train
     expected = -(-n // batch_size) if batch_size >= 1 else 0
@@ -307,11 +367,12 @@ def train_batch(
     epoch, position = divmod(step, steps_per_epoch)
     device = splits.train_x.device
     order = _cached_permutation(n, seed, epoch, device)
-    rows = order[position * batch_size : (position + 1) * batch_size]
+    rows_slice = slice(position * batch_size, (position + 1) * batch_size)
+    rows = order[rows_slice]
     x, y = splits.train_x[rows], splits.train_y[rows]
     if augment:
-        generator = torch.Generator().manual_seed(derive_seed(seed, "augment", step))  # CPU
-        images = augment_batch(x, generator, out_size=image_size)
+        draws = _cached_draws(n, batch_size, seed, epoch, device)[rows_slice]
+        images = augment_with(x, draws, out_size=image_size)
     elif x.shape[-1] != image_size or x.shape[-2] != image_size:
         images = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear")
     else:

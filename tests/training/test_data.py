@@ -220,6 +220,7 @@ def test_train_batch_is_a_pure_function_of_seed_and_step():
     splits = _load("digits", image_size=8)
     x1, y1 = _batch(splits, 13, augment=True)
     data._cached_permutation.cache_clear()  # a resumed process starts with an empty cache
+    data._cached_draws.cache_clear()
     x2, y2 = _batch(splits, 13, augment=True)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
     x3, y3 = _batch(splits, 14, augment=True)
