@@ -499,6 +499,9 @@ class ResourceProfile(_Strict):
     require_gpu: bool = False
     # one CUDA MPS control daemon per job, shared by its runs (docs/cluster.md, "MPS")
     mps: bool = False
+    # each run's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE under MPS (its share of the card's SMs, for a
+    # card shared by more than two runs); None: the runs share all of them
+    mps_active_thread_percentage: Annotated[int, Field(ge=1, le=100)] | None = None
     # -- local
     parallel_runs: Annotated[int, Field(ge=1)] = 1
     host_memory_gb_per_run: dict[str, Annotated[float, Field(gt=0)]] = {}  # per variant
@@ -519,6 +522,8 @@ class ResourceProfile(_Strict):
                         f"gpu_memory_gb_per_run.{variant} = {gb} x runs_per_gpu "
                         f"{self.runs_per_gpu} exceeds gpu_memory_gb {self.gpu_memory_gb}"
                     )
+        if self.mps_active_thread_percentage is not None and not self.mps:
+            raise ValueError("mps_active_thread_percentage is set but mps is false")
         return self
 
 

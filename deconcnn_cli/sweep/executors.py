@@ -199,6 +199,7 @@ def submit_slurm(
                             grace_s(resources),
                             require_gpu=resources.require_gpu,
                             mps=resources.mps,
+                            mps_thread_percentage=resources.mps_active_thread_percentage,
                         )
                     )
                     for g in chunk

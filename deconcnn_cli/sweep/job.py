@@ -135,6 +135,7 @@ class RunGroup:
     grace_s: float = 60.0  # how long checkpoint() waits for the children to save
     require_gpu: bool = False  # the profile asks for a GPU: a run never falls back to the CPU
     mps: bool = False  # start a CUDA MPS daemon for the job's runs (sweep.mps)
+    mps_thread_percentage: int | None = None  # each run's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE
     _children: list[_Child] = field(default_factory=list, repr=False, compare=False)
     _mps: Any = field(default=None, repr=False, compare=False)
 
@@ -187,7 +188,7 @@ class RunGroup:
         from deconcnn_cli.sweep.mps import start_mps
 
         job = os.environ.get("SLURM_JOB_ID") or f"pid{os.getpid()}"
-        self._mps = start_mps(f"{job}-{restarts}")
+        self._mps = start_mps(f"{job}-{restarts}", thread_percentage=self.mps_thread_percentage)
         if self._mps.active:
             _log(f"MPS control daemon started ({self._mps.root})")
         else:
@@ -231,7 +232,12 @@ class RunGroup:
             _log(f"{child.run_dir.name} did not exit within {self.grace_s:.0f} s")
         self._stop_mps()  # the requeued job starts its own
         fresh = RunGroup(
-            list(self.run_dirs), self.max_attempts, self.grace_s, self.require_gpu, self.mps
+            list(self.run_dirs),
+            self.max_attempts,
+            self.grace_s,
+            self.require_gpu,
+            self.mps,
+            self.mps_thread_percentage,
         )
         return submitit.helpers.DelayedSubmission(fresh)
 

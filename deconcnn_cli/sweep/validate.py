@@ -503,7 +503,7 @@ def _start_mps(prof: ResourceProfile) -> Any:
         return None
     from deconcnn_cli.sweep.mps import start_mps
 
-    return start_mps(f"validate-{os.getpid()}")
+    return start_mps(f"validate-{os.getpid()}", thread_percentage=prof.mps_active_thread_percentage)
 
 
 def _short_runs(

@@ -22,7 +22,8 @@ FAKE = """#!/bin/sh
 # come on stdin: get_server_list answers while it runs, quit stops it
 log="{log}"
 if [ "$1" = "-d" ]; then
-  echo "-d pipe=$CUDA_MPS_PIPE_DIRECTORY log=$CUDA_MPS_LOG_DIRECTORY" >> "$log"
+  echo "-d pipe=$CUDA_MPS_PIPE_DIRECTORY log=$CUDA_MPS_LOG_DIRECTORY" \
+    "visible=$CUDA_VISIBLE_DEVICES" >> "$log"
   {start}
 fi
 read cmd
@@ -32,6 +33,12 @@ echo "$cmd pipe=$CUDA_MPS_PIPE_DIRECTORY" >> "$log"
 exit 0
 """
 STARTS = 'touch "$CUDA_MPS_PIPE_DIRECTORY/control"; exit 0'
+# as the real daemon does: a background server that keeps the stdout it inherited open, here
+# until it is quit (its control file gone)
+BACKGROUNDS = (
+    'touch "$CUDA_MPS_PIPE_DIRECTORY/control"; echo "daemon up"; '
+    '(while [ -e "$CUDA_MPS_PIPE_DIRECTORY/control" ]; do sleep 0.1; done) & exit 0'
+)
 
 
 def write_fake_mps(bin_dir: Path, start: str = STARTS) -> Path:
@@ -118,9 +125,12 @@ def test_sigterm_quits_the_daemon_and_the_run_recorded_it_ran_under_mps(tmp_path
     (a cancel, a requeue) quits the daemon."""
 
     log = install_fake_mps(monkeypatch, tmp_path / "bin")
-    env = {"TMPDIR": str(tmp_path), "SLURM_JOB_ID": "777"}
+    env = {"TMPDIR": str(tmp_path), "SLURM_JOB_ID": "777", mps.VISIBLE_ENV: "2"}
     proc, run_dir = start_job_on_a_long_run(tmp_path / "sweep", env, mps=True)
     assert calls(log) == ["-d", "get_server_list"]  # running: not quit yet
+    (child,) = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+    assert b"CUDA_VISIBLE_DEVICES=0" in environ  # the server's numbering of the job's card 2
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 143, out
@@ -129,3 +139,63 @@ def test_sigterm_quits_the_daemon_and_the_run_recorded_it_ran_under_mps(tmp_path
     start = contract.read_attempts(run_dir)[0]
     assert status["mps"] is True and start["mps"] is True
     assert not list(tmp_path.glob("decon-mps-777-0-*"))
+
+
+def test_a_daemon_that_keeps_its_output_open_starts_and_is_quit(tmp_path, monkeypatch):
+    """The real daemon backgrounds a server holding the stdout it inherited: its output goes
+    to a file, so the start neither waits for the server to end nor takes it for a failure."""
+    log = install_fake_mps(monkeypatch, tmp_path / "bin", start=BACKGROUNDS)
+    monkeypatch.setattr(mps, "CALL_TIMEOUT_S", 3.0)
+    daemon = mps.start_mps("55-0", base=str(tmp_path))
+    assert daemon.active, daemon.reason
+    assert (daemon.root / mps.DAEMON_OUTPUT).read_text() == "daemon up\n"
+    pipe = Path(daemon.env()[mps.PIPE_ENV])
+    assert (pipe / "control").exists()  # the live daemon's folder is kept while it runs
+    daemon.stop()
+    assert calls(log)[-1] == "quit" and not pipe.exists()
+
+
+@pytest.mark.parametrize(("visible", "clients"), [("2", "0"), ("1,3", "0,1"), ("GPU-8a1b", "0")])
+def test_the_runs_see_the_jobs_card_as_the_server_numbers_it(
+    tmp_path, monkeypatch, visible, clients
+):
+    """The daemon starts with SLURM's CUDA_VISIBLE_DEVICES; its clients get the server's
+    numbering (from 0); without MPS the runs keep the job's value."""
+    log = install_fake_mps(monkeypatch, tmp_path / "bin")
+    monkeypatch.setenv(mps.VISIBLE_ENV, visible)
+    daemon = mps.start_mps("9-0", base=str(tmp_path), thread_percentage=40)
+    assert daemon.active, daemon.reason
+    assert log.read_text().splitlines()[0].endswith(f"visible={visible}")
+    env = child_env(2, 2, require_gpu=True, mps=daemon.env())
+    assert env[mps.VISIBLE_ENV] == clients and env[mps.THREADS_ENV] == "40"
+    daemon.stop()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    without = child_env(2, 2, require_gpu=True, mps=mps.start_mps("9-1", base=str(tmp_path)).env())
+    assert without[mps.VISIBLE_ENV] == visible and mps.THREADS_ENV not in without
+
+
+def test_the_profiles_thread_percentage_reaches_the_jobs_daemon(tmp_path, monkeypatch):
+    """From the resource profile to the job (and its requeue), checked where it loads."""
+    from deconcnn_cli.config import ResourceProfile
+
+    base = {"name": "p", "executor": "slurm", "mps": True}
+    assert ResourceProfile(**base, mps_active_thread_percentage=50).mps_active_thread_percentage
+    for bad in ({"mps_active_thread_percentage": 0}, {"mps_active_thread_percentage": 101}):
+        with pytest.raises(ValueError, match="mps_active_thread_percentage"):
+            ResourceProfile(**base, **bad)
+    with pytest.raises(ValueError, match="mps is false"):
+        ResourceProfile(**{**base, "mps": False}, mps_active_thread_percentage=50)
+    install_fake_mps(monkeypatch, tmp_path / "bin")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text("{}")
+    seen = []
+    monkeypatch.setattr(job, "_start", lambda d, t, share, **env: seen.append(env["mps"]))
+    monkeypatch.setattr(job, "_wait_children", lambda children, timeout, **kw: [])
+    group = RunGroup([str(tmp_path / "a")], 3, mps=True, mps_thread_percentage=30)
+    with pytest.raises(RuntimeError, match="runs not finished"):
+        group()
+    assert seen[0][mps.THREADS_ENV] == "30"
+    group._children = []  # the fakes started nothing
+    requeued = group.checkpoint().function  # submitit's hook: the requeued job's group
+    assert requeued.mps and requeued.mps_thread_percentage == 30
