@@ -8,19 +8,26 @@ Not run by the test suite (this project's machines have no GPU). On a CUDA machi
 Each run is the real loop (``train_run``) at full width on 32 px images (the offline digits
 tiled to ``SPE`` = 50 steps of 128 an epoch), with the protocol's cadences scaled to that
 epoch (validation 4x an epoch, curvature at step 0 and every 100 steps, noise every 2 epochs,
-shape and a checkpoint every epoch), started as a job starts it: a child process with the
-job's environment (``sweep.job.child_env``: threads, ``DECON_GPU_SHARE``,
-``CUBLAS_WORKSPACE_CONFIG``, ``DECON_REQUIRE_GPU=1``).
+shape and a checkpoint every epoch: ``checkpoint_every_minutes = 0``, so a kill past step 50
+resumes from a checkpoint), started as a job starts it: a child process with the job's
+environment (``sweep.job.child_env``: threads, ``DECON_GPU_SHARE``,
+``CUBLAS_WORKSPACE_CONFIG``, ``DECON_REQUIRE_GPU=1``). Every figure of a run counts from its
+first epoch on (``WARMUP_STEPS``: cuDNN's choices, lazy kernel loading and the cold step-0
+curvature left out; ``sweep.gpu_figures``), and the utilization is sampled on the job's card
+(NVML through ``CUDA_VISIBLE_DEVICES``) only while both runs are past it.
 
 1. **micro** (in this process, per variant): the peak extra memory of one curvature
    evaluation over a training step's; one HVP in fp32, fp16 and bf16 autocast (ms, and the
    relative error against a float64 HVP of the same vector); the cost of deterministic
-   kernels (steps/s on and off); fused vs for-each optimizer under fp16 + GradScaler; the
-   time and size of one checkpoint.
+   kernels (steps/s on and off), and of its two parts a GPU session may want to drop: the NaN
+   fill of new memory (``torch.utils.deterministic.fill_uninitialized_memory``) and
+   ``cudnn.benchmark = False``; fused vs for-each optimizer under fp16 + GradScaler; the time
+   and size of one checkpoint.
 2. **job** (per variant): run A alone (1 run on the card); runs B and C at once with
    ``DECON_GPU_SHARE=2`` (2 runs per card, as a job runs them) while NVML samples the card's
-   utilization; B is SIGKILLed past its first checkpoint and resumed. Every stream of B must
-   equal C's and A's byte for byte (deterministic kernels, draws made on the CPU).
+   utilization; B is SIGKILLed past its first checkpoint and resumed, and its second attempt
+   must have started from that checkpoint (step > 0). Every stream of B must equal C's and
+   A's byte for byte (deterministic kernels, draws made on the CPU).
 3. **fp16** (base): the same in fp16 + GradScaler, the RTX8000's precision, on any card.
 4. **mps** (base): B and C again under a CUDA MPS daemon of this script's own
    (``sweep.mps``), when one can start.
@@ -31,9 +38,11 @@ action's own measured cost from the runs' ``timing`` (docs/run-directory.md), sc
 protocol's counts (17,600 steps; 36 curvature, 25 noise, 50 shape, 200 validation passes of
 5,000 images, a checkpoint every ``checkpoint_every_minutes``).
 
-Exit 0 when every run completed in the expected precision, every resume is byte-identical,
-and the protocol's criteria hold (2 runs per card without OOM, utilization > 80% with 2
-runs, projected 50-epoch run < 30 min, memory within the 48 GB card, metrics <= 10%).
+Exit 0 when every run completed in the expected precision, every resume started from a
+checkpoint and is byte-identical, and no protocol criterion fails, judged by the rule
+``decon validate`` uses (``sweep.gpu_figures.judge``: a projected 50-epoch run < 30 min and
+memory within the 48 GB card, or FAIL; utilization > 80% and metrics <= 5%, or WARN; metrics
+over 10%, FAIL). A CPU dry run (``--set device="cpu"``) skips the protocol's criteria.
 """
 
 from __future__ import annotations
@@ -55,9 +64,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from deconcnn_cli.sweep.validate import LIMIT_METRICS, LIMIT_UTIL, LIMIT_WALL_MIN  # noqa: E402
+from deconcnn_cli.sweep.gpu_figures import FAIL, GPU_CRITERIA, SKIP  # noqa: E402
 
 SPE = 50  # steps per epoch of the tiled digits (6,400 training images / 128)
+WARMUP_STEPS = SPE  # figures count from the first epoch's end on
 CURV_EVERY = 100
 STREAMS = ("step", "val", "curvature", "noise", "shape")
 CARD_GB = 48.0  # the protocol's card (RTX 8000)
@@ -80,6 +90,7 @@ def _cfg(variant: str, steps: int, precision: str = "auto"):
         f"schedule.epochs={epochs}",
         "schedule.warmup_epochs=0.5",
         f"cadence.curvature_every_steps={CURV_EVERY}",
+        "cadence.checkpoint_every_minutes=0",  # a checkpoint at every epoch's end
         'device="cuda"',
         f'precision="{precision}"',
         *EXTRA,
@@ -99,12 +110,21 @@ def worker(variant: str, steps: int, precision: str, run_dir: Path) -> None:
     from deconcnn_cli.training.loop import train_run
 
     cfg = _cfg(variant, steps, precision)
+    context = 0
+    if torch.cuda.is_available():  # the context (and whatever else is on the card now)
+        free, total = torch.cuda.mem_get_info()
+        context = total - free
     prepare_run_dir(cfg, run_dir)
     with cifar_shaped_loop(cfg, n_train=SPE * cfg.data.batch_size):
         result = train_run(cfg, run_dir, threads=int(os.environ.get("OMP_NUM_THREADS", "2")))
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     reserved = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else 0
-    out = {"state": result.state, "peak_bytes": peak, "reserved_bytes": reserved}
+    out = {
+        "state": result.state,
+        "peak_bytes": peak,
+        "reserved_bytes": reserved,
+        "context_bytes": context,
+    }
     (run_dir.parent / f"{run_dir.name}.gpu.json").write_text(json.dumps(out))
 
 
@@ -155,12 +175,21 @@ def _n_val() -> int:
     return tiled_digits(_cfg("base", 200), n_train=128).n_val
 
 
-def _projection(run_dir: Path) -> dict[str, float]:
-    """A 50-epoch CIFAR run at the protocol's cadences from this run's own costs: the same
-    projection as ``decon validate`` (``sweep.validate.project_protocol_run``)."""
-    from deconcnn_cli.sweep.validate import project_protocol_run
+def _projection(run_dir: Path, since: dict | None) -> dict[str, float]:
+    """A 50-epoch CIFAR run at the protocol's cadences from this run's own costs after its
+    warm-up (``since``): the same projection as ``decon validate``
+    (``sweep.gpu_figures.project_protocol_run``)."""
+    from deconcnn_cli.sweep.gpu_figures import project_protocol_run
 
-    return project_protocol_run(run_dir, _n_val()) or {}
+    return project_protocol_run(run_dir, _n_val(), since) or {}
+
+
+def _resumed_from(run_dir: Path) -> int | None:
+    """The step the run's last attempt resumed from (0 or None: it started afresh)."""
+    from deconcnn_cli.contract import read_attempt_starts
+
+    starts = read_attempt_starts(run_dir)
+    return starts[-1].get("resumed_from_step") if len(starts) > 1 else None
 
 
 def check_variant(
@@ -168,7 +197,7 @@ def check_variant(
 ) -> bool:
     import torch
 
-    from deconcnn_cli.sweep.validate import UtilizationSampler
+    from deconcnn_cli.sweep.gpu_figures import UtilizationSampler, WarmupWatch
 
     name = f"{variant}{tag}"
     a, b, c = (tmp / f"{name}_{x}" for x in "abc")
@@ -176,12 +205,19 @@ def check_variant(
         d.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     ok = True
+    since_a: dict | None = None
     if not mps_env:
-        pa = _start(variant, steps, a, 1, precision)
-        if pa.wait() != 0:
+        with WarmupWatch([a], WARMUP_STEPS) as watch_a:
+            pa = _start(variant, steps, a, 1, precision)
+            code = pa.wait()
+        if code != 0:
             log(f"{name}: run A failed\n{_tail(a)}")
             return False
-    with UtilizationSampler() as util:
+        since_a = watch_a.snapshots[0]
+    with (
+        WarmupWatch([b, c], WARMUP_STEPS) as watch,
+        UtilizationSampler(enabled=not _dry(), gate=watch.all_warm) as util,
+    ):
         pb = _start(variant, steps, b, 2, precision, mps_env)
         pc = _start(variant, steps, c, 2, precision, mps_env)
         while int(_status(b).get("step") or 0) <= SPE + 5:  # past the checkpoint at epoch 1
@@ -194,6 +230,7 @@ def check_variant(
         killed_at = _status(b).get("step")
         pb = _start(variant, steps, b, 2, precision, mps_env)
         ok = pb.wait() == 0 and pc.wait() == 0
+    resumed_from = _resumed_from(b)
     if not ok:
         log(f"{name}: B or C failed\n{_tail(b)}\n{_tail(c)}")
     if torch.cuda.is_available() and precision == "auto":
@@ -205,21 +242,29 @@ def check_variant(
     same_c, same_a = _same(b, c), _same(b, ref)
     states = [_status(r).get("state") for r in (ref, b, c)]
     peaks = {r.name[-1]: _gpu_json(r).get("peak_bytes", 0) / 2**30 for r in (ref, b, c)}
-    proj_alone = _projection(ref)
-    proj_two = _projection(c)
+    held = {  # what each of the two runs held on the card: reserved + its context
+        r.name[-1]: (_gpu_json(r).get("reserved_bytes", 0) + _gpu_json(r).get("context_bytes", 0))
+        / 1e9
+        for r in (b, c)
+    }
+    proj_alone = _projection(ref, since_a if not mps_env else watch.snapshots[1])
+    proj_two = _projection(c, watch.snapshots[1])
     row = {
         "tag": tag,
         "precision": _status(c).get("precision"),
         "expected_precision": expected,
         "states": states,
         "killed_at": killed_at,
+        "resumed_from": resumed_from,
         "resumed_identical_to_C": same_c,
         "resumed_identical_to_A": same_a,
         "steps_per_s_alone": proj_alone.get("steps_per_s"),
         "steps_per_s_two": proj_two.get("steps_per_s"),
         "peak_gib": peaks,
+        "held_gb_two": held,
         "utilization_two": util.mean,
         "utilization_error": util.error,
+        "utilization_samples": len(util.samples),
         "projection_alone": proj_alone,
         "projection_two": proj_two,
         "mps": (_status(c).get("mps") if mps_env else None),
@@ -228,11 +273,21 @@ def check_variant(
     }
     RESULTS["variants"][name] = row
     identical = all(same_c.values()) and all(same_a.values())
-    good = ok and states == ["completed"] * 3 and identical and row["precision"] == expected
+    resumed = isinstance(resumed_from, int) and resumed_from > 0
+    if not resumed:
+        log(f"{name}: B's second attempt started from step {resumed_from}, not a checkpoint")
+    good = (
+        ok
+        and states == ["completed"] * 3
+        and identical
+        and resumed
+        and row["precision"] == expected
+    )
     log(
         f"{name:12s} {row['precision']} (expected {expected}); steps/s alone "
         f"{_f(row['steps_per_s_alone'])}, two at once {_f(row['steps_per_s_two'])}; util "
-        f"{_pct(util.mean)}; peak GiB {peaks}; killed at {killed_at}; identical to C "
+        f"{_pct(util.mean)}; peak GiB {peaks}; killed at {killed_at}, resumed from {resumed_from}; "
+        f"identical to C "
         f"{all(same_c.values())}, to A {all(same_a.values())} {same_c if not identical else ''};"
         f" projected 50-epoch run {_f(proj_two.get('projected_min'))} min (2/card), metrics "
         f"{_pct(proj_two.get('metrics_share'))}; {row['seconds']:.0f} s; states {states}"
@@ -340,6 +395,19 @@ def micro(variants: list[str]) -> None:
         row["step_ms"] = 1e3 * median_time(lambda step=step: (step(), sync()), 10)
         with deterministic(device):
             row["step_deterministic_ms"] = 1e3 * median_time(lambda step=step: (step(), sync()), 10)
+            # its two parts a GPU session may want to drop, one at a time
+            fill = torch.utils.deterministic.fill_uninitialized_memory
+            torch.utils.deterministic.fill_uninitialized_memory = False
+            try:
+                row["step_deterministic_no_fill_ms"] = 1e3 * median_time(
+                    lambda step=step: (step(), sync()), 10, warmup=True
+                )
+            finally:
+                torch.utils.deterministic.fill_uninitialized_memory = fill
+            torch.backends.cudnn.benchmark = True  # restored by deterministic()'s exit
+            row["step_deterministic_benchmark_ms"] = 1e3 * median_time(
+                lambda step=step: (step(), sync()), 10, warmup=True
+            )
         # fused vs for-each under fp16 + GradScaler (the RTX8000's path)
         if cuda:
             for fused in (False, True):
@@ -386,39 +454,39 @@ def _num(v: Any) -> str:
 
 
 def verdicts() -> bool:
-    """The protocol's criteria, PASS/FAIL each, from what was measured."""
-    rows = [r for r in RESULTS["variants"].values() if not r["tag"]]  # auto precision, no MPS
-    checks = []
+    """The protocol's criteria for each variant, by ``decon validate``'s rule
+    (``sweep.gpu_figures.judge``); SKIP in a CPU dry run, as ``decon validate`` without a GPU."""
+    from deconcnn_cli.sweep.gpu_figures import judge
 
-    def check(name: str, ok: bool | None, detail: str) -> None:
-        verdict = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
-        checks.append({"criterion": name, "verdict": verdict, "detail": detail})
-        log(f"{verdict:4s} {name}: {detail}")
+    rows = {n: r for n, r in RESULTS["variants"].items() if not r["tag"]}  # auto, no MPS
+    checks = RESULTS["checks"]
 
-    if rows:
-        worst_min = max(r["projection_two"].get("projected_min", math.inf) for r in rows)
-        check(
-            "50-epoch run < 30 min (2 per card)",
-            worst_min < LIMIT_WALL_MIN,
-            f"{worst_min:.1f} min worst",
-        )
-        utils = [r["utilization_two"] for r in rows if r["utilization_two"] is not None]
-        check(
-            "utilization > 80% (2 per card)",
-            min(utils) > LIMIT_UTIL if utils else None,
-            f"{min(utils):.1%} lowest" if utils else rows[0]["utilization_error"],
-        )
-        peak = max(r["peak_gib"]["b"] + r["peak_gib"]["c"] for r in rows)
-        check(
-            "memory within 48 GB (2 per card)",
-            peak * 2**30 / 1e9 < CARD_GB,
-            f"{peak:.2f} GiB peak of two runs",
-        )
-        no_oom = all(not any("out of memory" in e for e in r["events_c"]) for r in rows)
-        check("no OOM with 2 runs per card", no_oom, "events of the runs")
-        share = max(r["projection_two"].get("metrics_share", math.inf) for r in rows)
-        check("metrics <= 10% of the run", share <= LIMIT_METRICS, f"{share:.1%} worst (goal 5%)")
-    return all(c["verdict"] != "FAIL" for c in checks) and bool(checks)
+    def check(name: str, verdict: str, detail: str) -> None:
+        checks.append({"criterion": name, "verdict": verdict.upper(), "detail": detail})
+        log(f"{verdict.upper():4s} {name}: {detail}")
+
+    for name, r in rows.items():
+        if _dry():
+            for criterion in GPU_CRITERIA:
+                check(f"{name}: {criterion}", SKIP, "skipped: no GPU (dry run)")
+            continue
+        two = r["projection_two"]
+        if not two:
+            check(f"{name}: projection", FAIL, "no timing recorded")
+            continue
+        for criterion, verdict, detail in judge(
+            steps_per_s=[r["steps_per_s_two"] or 0.0] * 2,
+            utilization=r["utilization_two"],
+            memory_gb=list(r["held_gb_two"].values()),
+            card_gb=CARD_GB,
+            projected_min=two.get("projected_min", math.inf),
+            metrics_share=two.get("metrics_share", math.inf),
+            why_no_utilization=r["utilization_error"] or "not measured",
+        ):
+            check(f"{name}: {criterion}", verdict, detail)
+        no_oom = not any("out of memory" in e for e in r["events_c"])
+        check(f"{name}: no OOM with 2 runs per card", "pass" if no_oom else FAIL, "events of C")
+    return bool(rows) and all(c["verdict"] != FAIL.upper() for c in checks)
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,10 +37,20 @@ from deconcnn_cli.config import (
     variant_names,
 )
 from deconcnn_cli.errors import DeconError
+from deconcnn_cli.sweep.gpu_figures import (
+    FAIL,
+    GPU_CRITERIA,
+    PASS,
+    SKIP,
+    WARN,
+    UtilizationSampler,
+    WarmupWatch,
+    judge,
+    project_protocol_run,
+)
 from deconcnn_cli.sweep.grid import expand_grid_runs, grid_run_count, load_grid, load_resources
 from deconcnn_cli.sweep.validate_probe import GB
 
-PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skip"
 STALL_RATIO = 0.98  # "stalls": mean loss of the last quarter of steps >= 98% of the first's
 PROBE_TIMEOUT_S = 900.0  # one short run; longer is a hang
 
@@ -104,143 +113,35 @@ def _describe_resources(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The protocol's criteria on a GPU (METRICS.md): 2 runs per card, no OOM, utilization > 80%,
-# a 50-epoch run < 30 min, memory within the card; the metrics <= 10% of a run (5% the goal)
-
-# one 50-epoch CIFAR-10 run at batch 128: 352 steps an epoch; curvature at step 0 and every
-# 500 steps, noise every 2 epochs, shape every epoch, validation 4 times an epoch over 5,000
-# images; about 6 checkpoints (every 10 minutes of a < 30 min run, and at the end)
-PROTOCOL_RUN = {
-    "steps": 17_600,
-    "curvature": 36,
-    "noise": 25,
-    "shape": 50,
-    "validation": 200,
-    "val_images": 5_000,
-    "checkpoints": 6,
-}
-LIMIT_WALL_MIN, LIMIT_UTIL, LIMIT_METRICS, GOAL_METRICS = 30.0, 0.80, 0.10, 0.05
-GPU_CRITERIA = (
-    "steps/s per run",
-    "GPU utilization",
-    "peak memory per run and card",
-    "projected 50-epoch run",
-    "metrics' share of the run",
-)
-
-
-def _number(value: object) -> float:
-    """``value`` as a finite, non-negative float; 0.0 for anything else (bool included)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return 0.0
-    v = float(value)
-    return v if math.isfinite(v) and v > 0 else 0.0
-
-
-def project_protocol_run(run_dir: Path, val_images: int) -> dict[str, float] | None:
-    """One 50-epoch protocol run's wall time, from a short run's own measured costs.
-
-    Each action's cost per call comes from the run's ``timing`` (status.json; the last
-    attempt) divided by the rows its stream holds: the training step (wall time less every
-    timed action, per step), one curvature, noise and shape evaluation, one validation pass
-    (scaled from the short run's ``val_images`` to CIFAR-10's 5,000) and one checkpoint;
-    then multiplied by the counts of ``PROTOCOL_RUN``. The curvature's mean includes the
-    cold evaluation at step 0 (an upper bound for the 35 warm ones). None before a timing.
-    """
-    status = fileio.read_json(run_dir / contract.STATUS_FILE)
-    raw = status.get("timing") if isinstance(status, dict) else None
-    if not isinstance(raw, dict):
-        return None
-    # a number or 0.0: a damaged status.json never crashes the projection
-    timing = {k: _number(v) for k, v in raw.items()}
-    steps = int(_number(status.get("step")))
-    if steps < 1 or timing.get("wall_s", 0.0) <= 0:
-        return None
-    rows = {
-        k: len(contract.read_stream(contract.stream_path(run_dir, k)))
-        for k in ("curvature", "noise", "shape", "val")
-    }
-    train_s = timing["wall_s"] - sum(timing.get(f"{k}_s", 0.0) for k in contract.TIMED_ACTIONS)
-    n_ckpt = int(timing.get("checkpoints", 0.0))
-
-    def per(key: str, n: int) -> float:
-        return timing.get(f"{key}_s", 0.0) / n if n else 0.0
-
-    p = PROTOCOL_RUN
-    cost = {
-        "step_s": max(train_s, 0.0) / steps,
-        "curvature_s": per("curvature", rows["curvature"]),
-        "noise_s": per("noise", rows["noise"]),
-        "shape_s": per("shape", rows["shape"]),
-        "validation_s": per("validation", rows["val"]) * p["val_images"] / max(1, val_images),
-        "checkpoint_s": per("checkpoint", n_ckpt),
-    }
-    metrics = sum(p[k] * cost[f"{k}_s"] for k in contract.ANALYSIS_ACTIONS)
-    rest = (
-        p["steps"] * cost["step_s"]
-        + p["validation"] * cost["validation_s"]
-        + p["checkpoints"] * cost["checkpoint_s"]
-    )
-    return {
-        **cost,
-        "steps_per_s": 1 / cost["step_s"] if cost["step_s"] > 0 else math.inf,
-        "projected_min": (rest + metrics) / 60,
-        "metrics_share": metrics / rest if rest > 0 else math.inf,
-    }
+# The protocol's criteria on a GPU: measured and judged as bench/gpu_check.py does
+# (sweep.gpu_figures)
 
 
 def gpu_criteria(
-    variant: str, results: list[ProbeResult], card_gb: float | None, util: float | None
+    variant: str,
+    results: list[ProbeResult],
+    card_gb: float | None,
+    util: float | None,
+    since: list[dict[str, Any] | None] | None = None,
+    why_no_util: str = "not measured (no NVML)",
 ) -> list[Check]:
-    """The protocol's GPU criteria for ``variant``'s runs measured together on one card."""
-    n = len(results)
-    proj = [project_protocol_run(r.run_dir, r.n_val or 1) for r in results]
+    """The protocol's GPU criteria for ``variant``'s runs measured together on one card;
+    ``since``: each run's status.json after warm-up (its figures then count from there)."""
+    since = since or [None] * len(results)
+    pairs = zip(results, since, strict=True)
+    proj = [project_protocol_run(r.run_dir, r.n_val or 1, s) for r, s in pairs]
     if not all(proj):
         return [Check(f"{variant}: {c}", FAIL, "no timing recorded") for c in GPU_CRITERIA]
-    rates = ", ".join(f"{q['steps_per_s']:.1f}" for q in proj)
-    checks = [Check(f"{variant}: steps/s per run", PASS, f"{rates} steps/s, {n} on one card")]
-    if util is None:
-        checks.append(Check(f"{variant}: GPU utilization", WARN, "not measured (no NVML)"))
-    else:
-        ok = util > LIMIT_UTIL
-        checks.append(
-            Check(
-                f"{variant}: GPU utilization",
-                PASS if ok else WARN,
-                f"{util:.0%} over the runs {'>' if ok else '<='} {LIMIT_UTIL:.0%}",
-            )
-        )
-    peaks = [(r.cuda_peak_reserved_gb or 0.0) + (r.cuda_context_gb or 0.0) for r in results]
-    total = sum(peaks)
-    fits = card_gb is None or total <= card_gb
-    checks.append(
-        Check(
-            f"{variant}: peak memory per run and card",
-            PASS if fits else FAIL,
-            " + ".join(f"{x:.2f}" for x in peaks)
-            + f" = {total:.2f} GB"
-            + (f" of a {card_gb:.1f} GB card" if card_gb else ""),
-        )
+    verdicts = judge(
+        steps_per_s=[q["steps_per_s"] for q in proj],
+        utilization=util,
+        memory_gb=[(r.cuda_peak_reserved_gb or 0.0) + (r.cuda_context_gb or 0.0) for r in results],
+        card_gb=card_gb,
+        projected_min=max(q["projected_min"] for q in proj),
+        metrics_share=max(q["metrics_share"] for q in proj),
+        why_no_utilization=why_no_util,
     )
-    worst = max(q["projected_min"] for q in proj)
-    checks.append(
-        Check(
-            f"{variant}: projected 50-epoch run",
-            PASS if worst < LIMIT_WALL_MIN else FAIL,
-            f"{worst:.1f} min with {n} per card {'<' if worst < LIMIT_WALL_MIN else '>='} "
-            f"{LIMIT_WALL_MIN:.0f} min",
-        )
-    )
-    share = max(q["metrics_share"] for q in proj)
-    verdict = PASS if share <= GOAL_METRICS else WARN if share <= LIMIT_METRICS else FAIL
-    checks.append(
-        Check(
-            f"{variant}: metrics' share of the run",
-            verdict,
-            f"{share:.1%} (goal {GOAL_METRICS:.0%}, ceiling {LIMIT_METRICS:.0%})",
-        )
-    )
-    return checks
+    return [Check(f"{variant}: {name}", verdict, detail) for name, verdict, detail in verdicts]
 
 
 @dataclass(frozen=True)
@@ -260,6 +161,12 @@ class ProbeResult:
     n_val: int | None = None  # images in the short run's validation split
 
 
+def warmup_steps(steps: int) -> int:
+    """A short run's warm-up: its first half (the step-0 curvature, cuDNN's choices, lazy
+    kernel loading); the second curvature evaluation, at ``steps // 2``, falls after it."""
+    return max(1, steps // 2)
+
+
 def probe_config(spec: GridSpec, variant: str, steps: int, gpu: bool) -> dict[str, Any]:
     """The short run of ``variant``: the grid's run at its largest lr (seed of the first
     point), on the digits data, long enough for every stream's cadence to come due."""
@@ -273,7 +180,7 @@ def probe_config(spec: GridSpec, variant: str, steps: int, gpu: bool) -> dict[st
     cfg["data"].update(dataset="digits", download=False, data_dir=None)
     cfg["cadence"].update(
         val_per_epoch=4,
-        curvature_every_steps=max(1, steps // 2),
+        curvature_every_steps=warmup_steps(steps),
         noise_every_epochs=1,
         shape_every_epochs=1,
         flush_every_steps=8,
@@ -531,7 +438,10 @@ def _short_runs(
         if gpu:
             mps_env = daemon.env() if daemon is not None else {}
             env = child_env(prof.cpus_per_run, n, require_gpu=True, mps=mps_env)
-        with UtilizationSampler(enabled=gpu) as util:
+        with (
+            WarmupWatch(dirs, warmup_steps(steps)) as warm,
+            UtilizationSampler(enabled=gpu, gate=warm.all_warm) as util,
+        ):
             results = run_probes(cfg, dirs, steps, timeout_s, env)
         result = results[0]
         label = f"{variant} (lr {result.lr:g}, {result.steps_done} steps)"
@@ -544,47 +454,13 @@ def _short_runs(
         checks.append(Check(f"{variant}: dynamics", *check_dynamics(result.run_dir, result.state)))
         checks.extend(check_memory(result, prof, gpu))
         if gpu:
-            checks.extend(gpu_criteria(variant, results, result.cuda_total_gb, util.mean))
+            mean = util.mean
+            checks.extend(
+                gpu_criteria(
+                    variant, results, result.cuda_total_gb, mean, warm.snapshots, util.error
+                )
+            )
         add(checks)
-
-
-class UtilizationSampler:
-    """The GPU's utilization (NVML, ``nvidia-ml-py``: the GPU path's own dependency) sampled
-    10 times a second inside the block; ``mean`` over it, None where NVML is missing."""
-
-    def __init__(self, enabled: bool = True, index: int = 0) -> None:
-        self.enabled, self.index = enabled, index
-        self.samples: list[float] = []
-        self.error = ""
-        self._stop = threading.Event()
-
-    def __enter__(self) -> UtilizationSampler:
-        if not self.enabled:
-            return self
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
-        except Exception as exc:  # ImportError, or NVML's own errors: not measured
-            self.error = f"NVML unavailable: {exc}"
-            return self
-
-        def sample() -> None:
-            while not self._stop.wait(0.1):
-                self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100)
-
-        threading.Thread(target=sample, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-
-    @property
-    def mean(self) -> float | None:
-        """Mean over the samples, the first and last second (start-up, exit) left out."""
-        core = self.samples[10:-10] if len(self.samples) > 40 else self.samples
-        return sum(core) / len(core) if core else None
 
 
 def failed(checks: list[Check]) -> bool:
