@@ -114,7 +114,8 @@ def child_env(
     allocator at its share: ``training.device.cap_gpu_memory``); cuBLAS's deterministic
     workspace (it must be set before CUDA initialises); ``DECON_REQUIRE_GPU`` when the
     resource profile asks for a GPU (the run then fails rather than train on the CPU); and
-    the job's MPS daemon (``sweep.mps``: its pipe directories, or why there is none)."""
+    the job's MPS daemon (``sweep.mps``: its pipe directories, the devices as its server
+    numbers them and the thread percentage, or why there is none)."""
     n = str(threads)
     env = {
         **os.environ,
