@@ -10,7 +10,7 @@ import torch
 
 from deconcnn_cli.analysis import hessian
 from deconcnn_cli.config import load_run_config, prepare_run_dir
-from deconcnn_cli.training import data, loop
+from deconcnn_cli.training import attempt, data, loop
 from deconcnn_cli.training.data import (
     augment_batch,
     derive_seed,
@@ -57,7 +57,7 @@ def test_batches_are_the_ones_drawn_one_step_at_a_time():
         assert torch.equal(x, normalize(crops, splits.mean, splits.std)), step
 
 
-def test_no_blocking_copy_per_step_in_a_training_run(tmp_path):
+def test_no_blocking_copy_per_step_in_a_training_run(tmp_path, monkeypatch):
     """The real loop, in process: the blocking copies it asks for do not grow with the steps
     (an epoch's order and crops, the probe batch, validation: none per step)."""
     cfg = load_run_config(
@@ -76,19 +76,17 @@ def test_no_blocking_copy_per_step_in_a_training_run(tmp_path):
     prepare_run_dir(cfg, run_dir)
     data._cached_draws.cache_clear()
     data._cached_permutation.cache_clear()
-    real_batch = loop.train_batch
+    real_batch = attempt.train_batch
     with DeviceCopies() as copies:
 
         def batch(splits, *, step, **kw):
             copies.tag = step
             return real_batch(splits, step=step, **kw)
 
-        loop.train_batch = batch
-        try:
-            result = loop.train_run(cfg, run_dir, threads=1)
-        finally:
-            loop.train_batch = real_batch
+        monkeypatch.setattr(attempt, "train_batch", batch)
+        result = loop.train_run(cfg, run_dir, threads=1)
     assert result.state == "completed" and result.steps_done > 20
+    assert copies.tag == result.steps_done - 1  # every step went through the counter
     per_step = collections.Counter(t for t in copies.tags if t is not None)
     epochs = cfg.schedule.epochs
     assert sum(per_step.values()) <= 2 * epochs, per_step  # order + crops, once an epoch
