@@ -157,7 +157,7 @@ def start_job_on_a_long_run(
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=full_env)  # fmt: skip
     deadline = time.monotonic() + 300
-    while contract.view_run(run_dir).step < 1:
+    while contract.view_run(run_dir).steps_done < 1:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
         time.sleep(0.2)
     return proc, run_dir
