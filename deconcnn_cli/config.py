@@ -116,6 +116,12 @@ class AnalysisConfig(_Strict):
         return self
 
 
+class LoggingConfig(_Strict):
+    # TensorBoard event files in <run>/tb/ (the [tensorboard] extra): auto = when installed;
+    # on = also say so in events.jsonl when it is not; never part of a run's identity
+    tensorboard: Literal["auto", "on", "off"] = "auto"
+
+
 class RunConfig(_Strict):
     """Everything that defines one training run."""
 
@@ -130,6 +136,7 @@ class RunConfig(_Strict):
     data: DataConfig = DataConfig()
     cadence: CadenceConfig = CadenceConfig()
     analysis: AnalysisConfig = AnalysisConfig()
+    logging: LoggingConfig = LoggingConfig()
 
 
 # Fields that do not change what a run computes; left out of its identity.
@@ -137,6 +144,7 @@ _NOT_IDENTITY: dict[str, Any] = {
     "device": True,
     "data": {"data_dir": True, "download": True},
     "cadence": {"flush_every_steps": True, "checkpoint_every_minutes": True},
+    "logging": True,
 }
 
 

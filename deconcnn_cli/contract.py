@@ -30,6 +30,7 @@ OWNER_FILE = "owner.json"
 LOG_FILE = "train.log"
 METRICS_DIR = "metrics"
 CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "tb"  # TensorBoard event files of the run's streams (logging.tensorboard)
 CHECKPOINT_PATTERN = r"^ckpt_(\d{9})\.pt$"  # ckpt_<next_step:09d>.pt (+ .sha256 beside it)
 TEMP_MARK = ".tmp"  # atomic writes go through ".<name>.tmp<pid>"; leftovers are orphans
 

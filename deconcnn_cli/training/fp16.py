@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from deconcnn_cli.tbevents import FP16_TAGS
 from deconcnn_cli.training.writer import RunWriter
 
 MAX_SKIPPED_IN_A_ROW = 50
@@ -81,3 +82,5 @@ class SkipCounter:
         writer.write_status(
             skipped_steps=self.total, skipped_in_a_row=self.in_a_row, loss_scale=scale
         )
+        curves = dict(zip(FP16_TAGS, (scale, self.total), strict=True))  # TensorBoard's train/
+        writer.events.scalars([(rows[-1]["step"], curves)])

@@ -93,7 +93,9 @@ def train_run(
     unless ``keep_signal_handlers`` (``decon train``, which exits when the run returns: a
     late SIGTERM then leaves the exit code of the run, not a kill).
     """
-    writer = RunWriter(run_dir, heartbeat_every_s=heartbeat_every_s)
+    writer = RunWriter(
+        run_dir, heartbeat_every_s=heartbeat_every_s, tensorboard=cfg.logging.tensorboard
+    )
     if writer.status.get("state") in TERMINAL_STATES:  # re-checked by the owner: nothing to do
         state = writer.status["state"]
         return RunResult(state, int(writer.status.get("step") or 0), already=True)

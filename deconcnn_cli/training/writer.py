@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from deconcnn_cli.fileio import (
     read_json,
     read_jsonl,
 )
+from deconcnn_cli.training.tensorboard import RunEvents
 from deconcnn_cli.version import code_version
 
 
@@ -60,6 +62,7 @@ def slurm_ids(environ: dict[str, str] | None = None) -> dict[str, str | None]:
 class MetricStream:
     path: Path
     columns: tuple[str, ...]
+    on_append: Callable[[list[dict[str, Any]]], None] | None = None  # after the rows are on disk
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
@@ -78,6 +81,8 @@ class MetricStream:
             f.write(buf.getvalue())
             f.flush()
             os.fsync(f.fileno())
+        if self.on_append is not None:
+            self.on_append(rows)
 
     def truncate_before(self, next_step: int) -> None:
         """Keep only whole rows with ``step < next_step`` (what the checkpoint already covers)."""
@@ -96,15 +101,28 @@ class RunWriter:
     ``begin`` marks the run ``running`` under this process and starts the heartbeat thread;
     ``record_start`` writes the attempt's start line once the resume point is known;
     ``finish`` / ``record_failure`` write the final status and the attempt's end line.
-    Every status write (main thread or heartbeat thread) goes through one lock.
+    Every status write (main thread or heartbeat thread) goes through one lock. Every row
+    appended to a stream also goes to the run's TensorBoard events (``tensorboard``: auto |
+    on | off), opened by :meth:`truncate_before` and closed by :meth:`finish`.
     """
 
-    def __init__(self, run_dir: Path, *, heartbeat_every_s: float = HEARTBEAT_EVERY_S) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        heartbeat_every_s: float = HEARTBEAT_EVERY_S,
+        tensorboard: str = "off",
+    ) -> None:
         self.run_dir = run_dir
         self.metrics_dir = run_dir / METRICS_DIR
         self.metrics_dir.mkdir(parents=True, exist_ok=True)
+        self.events = RunEvents(run_dir, tensorboard, self.log_event)
         self.streams = {
-            name: MetricStream(self.metrics_dir / f"{name}.csv", cols)
+            name: MetricStream(
+                self.metrics_dir / f"{name}.csv",
+                cols,
+                on_append=lambda rows, name=name: self.events.rows(name, rows),
+            )
             for name, cols in STREAMS.items()
         }
         self.status: dict[str, Any] = read_json(run_dir / STATUS_FILE) or {}
@@ -205,6 +223,7 @@ class RunWriter:
         """Final status of this attempt and its end line; stops the heartbeat first.
         ``timing`` (the loop's, when it ran) goes to both."""
         self.stop_heartbeat()
+        self.events.close()
         extra = {} if timing is None else {"timing": timing}
         self.write_status(state=state, exception_type=exception_type, **fields, **extra)
         self.record_start(resumed_from_step=None)  # a failure before the start line
@@ -253,7 +272,9 @@ class RunWriter:
 
     def truncate_before(self, next_step: int) -> None:
         """Cut every stream, and the step-tied events, to ``step < next_step``: a resume
-        replays the rest, so nothing is doubled."""
+        replays the rest, so nothing is doubled. The TensorBoard events start here, with
+        TensorBoard's purge marker at ``next_step``, which drops what they had beyond it."""
+        self.events.open(purge_step=next_step)
         for stream in self.streams.values():
             stream.truncate_before(next_step)
         path = self.run_dir / EVENTS_FILE
