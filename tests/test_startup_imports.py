@@ -12,7 +12,7 @@ import pytest
 
 from tests.sweep.synthetic import write_sweep
 
-HEAVY = ("torch", "scipy", "pandas", "matplotlib")
+HEAVY = ("torch", "scipy", "pandas", "matplotlib", "tensorboard")
 
 # runs the real entry point in-process, then names the heavy modules it left loaded
 PROBE = """

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from deconcnn_cli.commands.options import SweepRootOpt
-from deconcnn_cli.commands.render import render_error
+from deconcnn_cli.commands.render import render_error, tensorboard_command
 from deconcnn_cli.errors import DeconError
 
 
@@ -37,6 +37,15 @@ def export(
             "checksums) and flag those that fail in verify_problem.",
         ),
     ] = True,
+    tensorboard: Annotated[
+        Path | None,
+        typer.Option(
+            "--tensorboard",
+            metavar="DIR",
+            help="Also write TensorBoard event files, DIR/<run_id>/, from the runs' streams "
+            "(a sweep that ran without them; needs the [tensorboard] extra).",
+        ),
+    ] = None,
 ) -> None:
     """Export every run of a sweep (completed, diverged, failed or missing) as one table."""
     # imported here: the dataset's analysis settings load scipy, which every other command
@@ -65,3 +74,13 @@ def export(
     typer.echo(f"metadata:    {meta_path}")
     if timeseries:
         typer.echo(f"time series: {ts_dir}/")
+    if tensorboard is not None:
+        from deconcnn_cli.export.tensorboard import export_tensorboard
+
+        try:
+            runs, events = export_tensorboard(root, tensorboard, force=force)
+        except DeconError as exc:
+            render_error(exc)
+            raise typer.Exit(exc.exit_code) from None
+        typer.echo(f"tensorboard: {tensorboard}/ ({runs} runs, {events} events)")
+        typer.echo(f"curves:      {tensorboard_command(tensorboard)}")

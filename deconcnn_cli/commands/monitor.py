@@ -17,10 +17,11 @@ from rich.text import Text
 from deconcnn_cli import jsonout
 from deconcnn_cli.commands.monitor_view import render
 from deconcnn_cli.commands.options import JsonOpt, SweepRootOpt
-from deconcnn_cli.commands.render import exit_on_error, printable
+from deconcnn_cli.commands.render import exit_on_error, printable, tensorboard_command
 from deconcnn_cli.sweep.monitor import SweepReport, failure_report, observe_sweep
 from deconcnn_cli.sweep.observe import load_sweep
 from deconcnn_cli.sweep.scheduler import CACHE_TTL_S
+from deconcnn_cli.sweep.store import RUNS_DIR
 
 
 def render_report(report: SweepReport, show_failed: bool, *, fit_height: bool = False) -> Group:
@@ -31,6 +32,7 @@ def render_report(report: SweepReport, show_failed: bool, *, fit_height: bool = 
     parts: list[RenderableType] = [glance]
     if show_failed:
         parts += _render_failures(report)
+    parts.append(Text(f"curves: {tensorboard_command(report.root / RUNS_DIR)}", style="dim"))
     return Group(*parts)
 
 

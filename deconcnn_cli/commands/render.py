@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
 from collections.abc import Iterator
+from pathlib import Path
 
 import typer
 
@@ -45,3 +47,9 @@ def exit_on_error() -> Iterator[None]:
     except DeconError as exc:
         render_error(exc)
         raise typer.Exit(exc.exit_code) from None
+
+
+def tensorboard_command(logdir: Path) -> str:
+    """The line that opens the curves of every run under ``logdir`` (docs/cluster.md: with
+    an SSH port forward from a laptop)."""
+    return f"tensorboard --logdir {shlex.quote(printable(str(logdir)))}"
