@@ -16,7 +16,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[tensorboard]'
 
 install-dev: $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_PINS)
@@ -24,7 +24,8 @@ install-dev: $(BIN)/python
 
 # The main job on its embedded default: the whole lifecycle on this machine. The `demo` grid
 # (4 variants x 2 seeds of tiny runs on the offline digits data) goes to the local executor,
-# a live table shows it while it trains, then verify, export and report.
+# a live table shows it while it trains, then verify, export and report; every run's curves
+# are in TensorBoard event files (the [tensorboard] extra), the last line says how to open them.
 DEMO_ROOT ?= runs/demo
 demo: install
 	$(BIN)/decon submit --grid demo --executor local --root $(DEMO_ROOT) --wait
@@ -32,6 +33,7 @@ demo: install
 	$(BIN)/decon export $(DEMO_ROOT)/results.csv --root $(DEMO_ROOT) --force
 	$(BIN)/decon report --root $(DEMO_ROOT) --out $(DEMO_ROOT)/report
 	@echo "dataset: $(DEMO_ROOT)/results.csv  report: $(DEMO_ROOT)/report/report.html"
+	@echo "curves: $(BIN)/tensorboard --logdir $(DEMO_ROOT)/runs  (then open http://localhost:6006)"
 
 test: install-dev
 	@command -v tmux >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive \
@@ -50,7 +52,8 @@ slurm-start:
 
 slurm-stop:
 	SLURM_LOCAL_BASE=$(SLURM_LOCAL_BASE) bash scripts/slurm-local/stop.sh
-# CI-only: report.html in headless Debian chromium, every image decoded (needs root for apt).
+# CI-only: report.html in headless Debian chromium, every image decoded, and TensorBoard's
+# scalars page drawing a demo-like sweep's curves (needs root for apt).
 test-browser: install-dev
 	apt-get update
 	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
