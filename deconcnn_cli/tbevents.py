@@ -38,17 +38,23 @@ def tag_of(stream: str, column: str) -> str:
     return f"{SECTIONS[stream]}/{column}"
 
 
+# stream -> {column: tag} of its scalars, computed once (a row's cost is one lookup a column)
+TAGS = {
+    stream: {c: tag_of(stream, c) for c in columns if c not in NOT_SCALARS}
+    for stream, columns in STREAMS.items()
+}
+
+
 def scalars_of(stream: str, row: Mapping[str, Any]) -> dict[str, float]:
     """The tags and values of one stream row: its numbers (a value not defined yet, None or
     an empty cell, is left out; NaN and inf stay, as the stream has them)."""
     out: dict[str, float] = {}
-    for column, value in row.items():
-        if column in NOT_SCALARS or column.startswith("_") or column not in STREAMS[stream]:
-            continue
+    for column, tag in TAGS[stream].items():
+        value = row.get(column)
         if isinstance(value, str):
             value = parse_cell(value) if value != "" else None
         if isinstance(value, int | float):
-            out[tag_of(stream, column)] = float(value)
+            out[tag] = float(value)
     return out
 
 
