@@ -67,3 +67,4 @@ bench: install-dev  # side-by-side speed ratios, see docs/performance.md
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_monitor.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_export.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_stop.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/bench_tensorboard.py
