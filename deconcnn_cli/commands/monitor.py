@@ -18,10 +18,10 @@ from deconcnn_cli import jsonout
 from deconcnn_cli.commands.monitor_view import render
 from deconcnn_cli.commands.options import JsonOpt, SweepRootOpt
 from deconcnn_cli.commands.render import exit_on_error, printable, tensorboard_command
+from deconcnn_cli.sweep.manifest import RUNS_DIR
 from deconcnn_cli.sweep.monitor import SweepReport, failure_report, observe_sweep
 from deconcnn_cli.sweep.observe import load_sweep
 from deconcnn_cli.sweep.scheduler import CACHE_TTL_S
-from deconcnn_cli.sweep.store import RUNS_DIR
 
 
 def render_report(report: SweepReport, show_failed: bool, *, fit_height: bool = False) -> Group:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from deconcnn_cli import tbevents
 from deconcnn_cli.export.dataset import read_manifest
-from deconcnn_cli.export.files import RUNS_DIR, ExportError
+from deconcnn_cli.export.files import ExportError
 from deconcnn_cli.export.publish import (
     check_replaceable,
     new_staging,
@@ -23,6 +23,7 @@ from deconcnn_cli.export.publish import (
     sweep_root_above,
     write_mark,
 )
+from deconcnn_cli.sweep.manifest import RUNS_DIR
 
 
 def export_tensorboard(root: Path, dest: Path, *, force: bool = False) -> tuple[int, int]:
