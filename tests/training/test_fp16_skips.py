@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from deconcnn_cli.config import load_run_config, prepare_run_dir
+from deconcnn_cli.contract import TENSORBOARD_DIR
 from deconcnn_cli.fileio import read_json, read_jsonl
 from deconcnn_cli.training import attempt, fp16, loop
 from deconcnn_cli.training.device import Precision
 from deconcnn_cli.training.setup import build_optimizer
+from tests.tensorboard_check import read_scalars
 
 
 class ScaledFp32(Precision):
@@ -88,6 +90,11 @@ def test_skipped_steps_are_recorded_with_the_scale(tmp_path, monkeypatch):
     assert skips[-1]["loss_scale"] == 65536.0 / 4  # halved at each of the two skips
     assert status["skipped_steps"] == 2 and status["skipped_in_a_row"] == 0
     assert status["loss_scale"] > 0
+    curves = read_scalars(tmp_path / "run" / TENSORBOARD_DIR)  # the same, in TensorBoard
+    assert curves["train/skipped_steps"][-1][1] == 2.0
+    assert curves["train/loss_scale"][-1][1] == status["loss_scale"]
+    steps = [s for s, _ in curves["train/loss_scale"]]  # one per block, at its last step
+    assert steps == sorted(set(steps)) and steps[-1] == curves["train/lr"][-1][0]
 
 
 def test_a_resume_counts_each_skipped_step_once(tmp_path, monkeypatch):
