@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from deconcnn_cli.export.report import build_report
+from tests.browser import CHROMIUM, chromium
 from tests.export.synthetic import write_grid
 
-CHROMIUM = Path("/usr/bin/chromium")
 DOCS = Path(__file__).parents[2] / "docs" / "report.md"
 
 # Run after the load event: one line listing every <img> with its decoded size.
@@ -32,17 +31,6 @@ window.addEventListener("load", function () {
 </script>"""
 
 
-def _chromium(url: str, user_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={user_dir}", "--virtual-time-budget=5000",
-    ]  # fmt: skip
-    return subprocess.run(
-        [str(CHROMIUM), *flags, *extra, url], capture_output=True, text=True, timeout=180
-    )
-
-
 @pytest.mark.browser
 def test_report_html_loads_with_every_image(tmp_path: Path):
     if not CHROMIUM.exists():
@@ -53,7 +41,7 @@ def test_report_html_loads_with_every_image(tmp_path: Path):
     page = report.html.read_text()
     probe_page = tmp_path / "report" / "probe.html"
     probe_page.write_text(page.replace("</body>", _PROBE + "</body>"))
-    proc = _chromium(probe_page.as_uri(), tmp_path / "chrome-profile", "--dump-dom")
+    proc = chromium(probe_page.as_uri(), tmp_path / "chrome-profile", "--dump-dom")
     match = re.search(r"IMGCHECK:(\[.*?\]):ENDCHECK", proc.stdout, flags=re.S)
     assert match, f"no probe output; stderr: {proc.stderr[-2000:]}"
     images = json.loads(match.group(1))
@@ -64,6 +52,6 @@ def test_report_html_loads_with_every_image(tmp_path: Path):
         assert complete and width > 200 and height > 100, (alt, width, height)
     # the report itself, unmodified, renders to a screenshot
     shot = tmp_path / "shot.png"
-    _chromium(report.html.as_uri(), tmp_path / "chrome-profile2", f"--screenshot={shot}",
+    chromium(report.html.as_uri(), tmp_path / "chrome-profile2", f"--screenshot={shot}",
               "--window-size=1280,2000")  # fmt: skip
     assert shot.read_bytes().startswith(b"\x89PNG")

@@ -20,8 +20,8 @@ import pytest
 
 from deconcnn_cli.contract import TENSORBOARD_DIR
 from deconcnn_cli.tbevents import write_streams
+from tests.browser import CHROMIUM, chromium
 from tests.export.synthetic import write_manifest, write_run
-from tests.export.test_browser import CHROMIUM, _chromium
 
 VARIANTS = ("base", "bn_off", "narrow", "adamw")
 START_S = 120  # TensorBoard's first load of the logdir, on a busy 2-core machine
@@ -86,14 +86,14 @@ def test_tensorboard_lists_the_runs_and_draws_their_curves(tmp_path: Path):
         # the Time Series page, filtered to the training loss; headless chromium has no WebGL
         # here, so TensorBoard's forceSVG flag draws the same chart as SVG
         page = f"{base}/?tagFilter=loss_train_nats&forceSVG=true#timeseries"
-        proc = _chromium(page, tmp_path / "profile", "--dump-dom", "--virtual-time-budget=15000")
+        proc = chromium(page, tmp_path / "profile", "--dump-dom", "--virtual-time-budget=15000")
         missing = [r for r in run_ids if r not in proc.stdout]
         assert not missing, f"runs not on the page: {missing}; stderr: {proc.stderr[-2000:]}"
         # the card draws once its data arrived: on a busy machine that can be after the
         # budget of virtual time, so a blank card is taken again (3 tries at most)
         for attempt in range(3):
             shot = tmp_path / f"tensorboard_scalars_{attempt}.png"
-            _chromium(page, tmp_path / f"profile-shot{attempt}", f"--screenshot={shot}",
+            chromium(page, tmp_path / f"profile-shot{attempt}", f"--screenshot={shot}",
                       "--window-size=1400,1000", "--virtual-time-budget=30000")  # fmt: skip
             if _coloured_pixels(shot) > 1500:
                 break
