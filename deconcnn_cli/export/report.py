@@ -476,7 +476,8 @@ Target: |ρ| ≥ {stats.H2_TARGET}.
 otherwise <em>inconclusive</em>. Rows with time <em>lr</em> use the fits against cumulative
 learning rate. <strong>Small samples:</strong> with fewer than about 20 runs a rank
 correlation's interval is wide, an end may sit at ±1 (the edge of ρ's range), and the ends
-move with the resampling seed (fixed here at 0, so the report is reproducible); read the
+move with the resampling seed (fixed here at 0, the runs resampled in run-id order, so the
+report is reproducible whatever the order of the table's rows); read the
 verdict, and treat the digits of the interval as approximate.</p>
 {_h2_table(p["h2"])}
 {_excluded_html(p.get("excluded", {}), "H2")}
