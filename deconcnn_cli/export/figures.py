@@ -22,7 +22,7 @@ from matplotlib import ticker  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from deconcnn_cli import contract, fileio  # noqa: E402
+from deconcnn_cli import contract, fileio, streambound  # noqa: E402
 from deconcnn_cli.export.stats import R2_THRESHOLD, finished  # noqa: E402
 from deconcnn_cli.sweep.manifest import RUNS_DIR  # noqa: E402
 
@@ -44,12 +44,13 @@ def variant_colours(variants: list[str]) -> dict[str, Any]:
     return {v: cmap(i % 10) for i, v in enumerate(sorted(variants))}
 
 
-def _read_columns(path: Path, columns: tuple[str, ...]) -> dict[str, np.ndarray] | None:
-    """Whole lines of a stream as float arrays (``""`` -> NaN); None when absent or empty."""
+def _read_columns(path: Path, columns: tuple[str, ...], limit: int) -> dict[str, np.ndarray] | None:
+    """Whole lines of a stream as float arrays (``""`` -> NaN); None when absent, empty, or
+    over ``limit`` bytes (far longer than its run allows: the export's warnings say so)."""
     import pandas as pd
 
     try:
-        data = fileio.read_regular(path)
+        data = fileio.read_regular(path, limit)
     except OSError:
         return None
     data = data[: data.rfind(b"\n") + 1]  # a live writer's partial last line is left out
@@ -71,14 +72,18 @@ def read_series(root: Path, run_ids: list[str]) -> dict[str, dict[str, dict[str,
     out: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for run_id in run_ids:
         run_dir = root / RUNS_DIR / run_id
+        n_rows = streambound.run_stream_rows(contract.view_run(run_dir).total_steps)
         step_path = contract.stream_path(run_dir, "step")
-        step = _read_columns(step_path, ("step", "epoch", "loss_train_nats", "lr"))
+        step_limit = streambound.stream_byte_limit("step", n_rows)
+        step = _read_columns(step_path, ("step", "epoch", "loss_train_nats", "lr"), step_limit)
         if step is None:
-            step = _read_columns(step_path, ("step", "epoch", "loss_train_nats"))
+            step = _read_columns(step_path, ("step", "epoch", "loss_train_nats"), step_limit)
         curv_path = contract.stream_path(run_dir, "curvature")
+        curv_limit = streambound.stream_byte_limit("curvature", n_rows)
         curv = None
         for extra in (("hutch_trace_sem", "sharpness_norm"), ("hutch_trace_sem",), ()):
-            curv = _read_columns(curv_path, ("step", "lambda_max", "hutch_trace", *extra))
+            columns = ("step", "lambda_max", "hutch_trace", *extra)
+            curv = _read_columns(curv_path, columns, curv_limit)
             if curv is not None:
                 break
         out[run_id] = {k: v for k, v in (("step", step), ("curvature", curv)) if v is not None}

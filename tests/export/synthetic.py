@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from deconcnn_cli import contract, fileio
-from deconcnn_cli.config import RunConfig
+from deconcnn_cli.config import RunConfig, config_hash
+from deconcnn_cli.config import run_id as config_run_id
 from deconcnn_cli.training.schedule import val_steps_in_epoch
 
 
@@ -52,6 +53,31 @@ def _write_stream(path: Path, name: str, columns: Mapping[str, Any]) -> None:
     for i in range(n):
         lines.append(",".join(contract.format_cell(None if c is None else c[i]) for c in cols))
     path.write_text("\n".join(lines) + "\n")
+
+
+def run_config(
+    *,
+    steps: int = 400,
+    steps_per_epoch: int = 20,
+    seed: int = 0,
+    curvature_every: int = 500,
+    analysis: Mapping[str, Any] | None = None,
+) -> RunConfig:
+    """The config :func:`write_run` writes into config.json for these arguments."""
+    return RunConfig(
+        variant="base",
+        seed=seed,
+        schedule={"epochs": max(1, steps // steps_per_epoch), "warmup_epochs": 0},
+        cadence={"curvature_every_steps": curvature_every, "noise_every_epochs": 1,
+                 "shape_every_epochs": 1, "val_per_epoch": 4},
+        analysis=dict(analysis or {}),
+    )  # fmt: skip
+
+
+def real_run_id(**kwargs: Any) -> str:
+    """The run id :func:`write_run`'s config has (its keyword arguments as run_config's):
+    the directory name under which ``decon verify`` finds such a run its own."""
+    return config_run_id(run_config(**kwargs))
 
 
 def write_run(
@@ -172,15 +198,10 @@ def write_run(
     ckpt = run / contract.CHECKPOINT_DIR / f"ckpt_{steps:09d}.pt"
     ckpt.write_bytes(b"x")
     ckpt.with_suffix(".sha256").write_text(hashlib.sha256(b"x").hexdigest() + "\n")
-    cfg = RunConfig(
-        variant="base",
-        seed=seed,
-        schedule={"epochs": max(1, steps // spe), "warmup_epochs": 0},
-        cadence={"curvature_every_steps": curvature_every, "noise_every_epochs": 1,
-                 "shape_every_epochs": 1, "val_per_epoch": 4},
-        analysis=dict(analysis or {}),
-    )  # fmt: skip
-    record = {"run_id": run_id, "config_hash": "synthetic", "config": cfg.model_dump(mode="json")}
+    cfg = run_config(steps=steps, steps_per_epoch=spe, seed=seed,
+                     curvature_every=curvature_every, analysis=analysis)  # fmt: skip
+    record = {"run_id": run_id, "config_hash": config_hash(cfg),
+              "config": cfg.model_dump(mode="json")}  # fmt: skip
     fileio.atomic_write_json(run / contract.CONFIG_FILE, record)
     if summary is not None:
         full = {
