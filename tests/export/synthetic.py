@@ -62,11 +62,17 @@ def run_config(
     seed: int = 0,
     curvature_every: int = 500,
     analysis: Mapping[str, Any] | None = None,
+    variant: str = "base",
+    lr: float | None = None,
+    weight_decay: float | None = None,
 ) -> RunConfig:
-    """The config :func:`write_run` writes into config.json for these arguments."""
+    """The config :func:`write_run` writes into config.json for these arguments (``lr`` and
+    ``weight_decay``: the defaults' where None)."""
+    optim = {k: v for k, v in (("lr", lr), ("weight_decay", weight_decay)) if v is not None}
     return RunConfig(
-        variant="base",
+        variant=variant,
         seed=seed,
+        optim=optim,
         schedule={"epochs": max(1, steps // steps_per_epoch), "warmup_epochs": 0},
         cadence={"curvature_every_steps": curvature_every, "noise_every_epochs": 1,
                  "shape_every_epochs": 1, "val_per_epoch": 4},
@@ -96,11 +102,13 @@ def write_run(
     curvature_every: int = 500,
     analysis: Mapping[str, Any] | None = None,
     sharpness: bool = True,
+    axes: Mapping[str, Any] | None = None,
 ) -> Path:
     """A run directory whose train loss follows ``prefactor * t^-alpha`` (t = step + 1).
 
     ``analysis`` sets the config's analysis section (``config.json``); a summary records the
-    settings only where ``summary`` itself has ``analysis_settings``.
+    settings only where ``summary`` itself has ``analysis_settings``. ``axes`` (variant, lr,
+    weight_decay) go into the config as well (:func:`run_config`).
     """
     rng = np.random.default_rng(seed)
     run = root / "runs" / run_id
@@ -199,7 +207,8 @@ def write_run(
     ckpt.write_bytes(b"x")
     ckpt.with_suffix(".sha256").write_text(hashlib.sha256(b"x").hexdigest() + "\n")
     cfg = run_config(steps=steps, steps_per_epoch=spe, seed=seed,
-                     curvature_every=curvature_every, analysis=analysis)  # fmt: skip
+                     curvature_every=curvature_every, analysis=analysis,
+                     **dict(axes or {}))  # fmt: skip
     record = {"run_id": run_id, "config_hash": config_hash(cfg),
               "config": cfg.model_dump(mode="json")}  # fmt: skip
     fileio.atomic_write_json(run / contract.CONFIG_FILE, record)
@@ -249,13 +258,16 @@ def write_grid(
     """
     runs: dict[str, dict[str, Any]] = {}
     rng = np.random.default_rng(1)
-    for v_i, variant in enumerate(VARIANTS):
+    shape = {"steps": steps, "steps_per_epoch": steps_per_epoch,
+             "curvature_every": curvature_every}  # fmt: skip
+    for variant in VARIANTS:
         for lr in LRS:
             for wd in WDS:
                 for seed in range(seeds):
-                    run_id = f"{variant}_lr{lr:g}_wd{wd:g}_s{seed}_{v_i}{seed}"
-                    runs[run_id] = {"variant": variant, "lr": lr, "weight_decay": wd,
-                                    "seed": seed}  # fmt: skip
+                    k = len(runs)  # the run's data seed: its config's seed, so its id's
+                    axes = {"variant": variant, "lr": lr, "weight_decay": wd}
+                    run_id = real_run_id(**shape, seed=k, **axes)
+                    runs[run_id] = {**axes, "seed": seed}
     write_manifest(root, runs, grid="loss_lin_slope")
     ids = list(runs)
     for k, run_id in enumerate(ids):
@@ -284,5 +296,6 @@ def write_grid(
             root, run_id, state=state, steps=steps, steps_per_epoch=steps_per_epoch,
             alpha=alpha, seed=k, summary=summary, curvature_every=curvature_every,
             sharpness=spec["variant"] != "adamw",
+            axes={a: spec[a] for a in ("variant", "lr", "weight_decay")},
         )  # fmt: skip
     return runs

@@ -179,7 +179,8 @@ def test_runs_with_different_analysis_settings_are_flagged_and_never_pooled(tmp_
     from deconcnn_cli.export.report import build_report
 
     root = tmp_path / "sweep"
-    runs = {f"r{i}": {"variant": "base", "lr": 0.1, "weight_decay": 1e-3, "seed": i}
+    ids = [real_run_id(steps=200, curvature_every=50, seed=i) for i in range(10)]
+    runs = {ids[i]: {"variant": "base", "lr": 0.1, "weight_decay": 1e-3, "seed": i}
             for i in range(10)}  # fmt: skip
     write_manifest(root, runs)
     early = analysis_settings([5, 15], 1.0, 20)
@@ -190,7 +191,7 @@ def test_runs_with_different_analysis_settings_are_flagged_and_never_pooled(tmp_
         alpha = 0.3 + 0.05 * i
         summary = {"alpha_early": alpha, "power_law_r2": 0.99, "analysis_settings": chosen,
                    "best_val_ce": 2.0 - alpha + 0.01 * rng.random()}  # fmt: skip
-        write_run(root, f"r{i}", steps=200, summary=summary, curvature_every=50, seed=i)
+        write_run(root, ids[i], steps=200, summary=summary, curvature_every=50, seed=i)
     data, meta = export(root, tmp_path / "r.csv", verify=None)
     ids = {g["id"]: g["runs"] for g in meta["analysis_settings"]}
     assert sorted(ids.values()) == [4, 6] and None not in ids
