@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deconcnn_cli.export import stats  # noqa: E402
-from deconcnn_cli.export.dataset import collect  # noqa: E402
+from deconcnn_cli.export.dataset import collect, verify_problem  # noqa: E402
 from deconcnn_cli.export.report import to_frame  # noqa: E402
 from deconcnn_cli.sweep.grid import expand_grid_runs, load_grid  # noqa: E402
 
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, required=True, help="a finished sweep root")
     parser.add_argument("--seeds", type=int, default=10, help="seeds 0..N-1 (default 10)")
     args = parser.parse_args()
-    data = collect(args.root)
+    data = collect(args.root, verify=verify_problem)  # as `decon report` checks the runs
     df = to_frame(data)
     grid_order = [run.run_id for run in expand_grid_runs(load_grid(str(data.manifest["grid"])))]
     print(f"sweep {args.root} (grid {data.manifest['grid']}): {len(df)} runs, "
