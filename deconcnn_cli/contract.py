@@ -141,6 +141,7 @@ TERMINAL_STATES = (COMPLETED, DIVERGED)
 STALLED = "stalled"  # status says running but the heartbeat is older than STALLED_AFTER_S
 MISSING = "missing"  # no run directory / no status.json
 UNREADABLE = "unreadable"  # status.json is there but unreadable, and no other evidence decides
+DERIVED_STATES = (STALLED, MISSING, UNREADABLE)
 
 # ---- liveness: a live run rewrites status.json's heartbeat every HEARTBEAT_EVERY_S seconds
 # from a timer thread, independent of step time; a `running` run whose heartbeat is older than

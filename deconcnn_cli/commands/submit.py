@@ -96,7 +96,7 @@ def submit(
         return
     sub = result.submission
     console.print(
-        f"submitted {len(wait_targets(store, sub))} runs in {len(sub['jobs'])} "
+        f"submitted {len(wait_targets(sub))} runs in {len(sub['jobs'])} "
         f"{result.plan.executor} job(s): {_job_ids(sub['jobs'])}"
     )
     console.print(f"sweep root: {store.root}  (watch: decon monitor --root {store.root})")
@@ -104,7 +104,7 @@ def submit(
         _fail(result.error)
     if wait:
         jobs = [(sub["executor"], j) for j in sub["jobs"]]
-        raise typer.Exit(_wait(console, store, jobs, wait_targets(store, sub)))
+        raise typer.Exit(_wait(console, store, jobs, wait_targets(sub)))
 
 
 def _outstanding(reason: str) -> bool:

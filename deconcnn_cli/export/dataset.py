@@ -22,7 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from deconcnn_cli import contract, fileio
+from deconcnn_cli import contract, fileio, streambound
 from deconcnn_cli.analysis.settings import analysis_settings, settings_id
 from deconcnn_cli.export.columns import COLUMN_NAMES, COLUMNS, SCHEMA_VERSION, describe
 from deconcnn_cli.export.files import (
@@ -296,10 +296,27 @@ def run_row(
     status = view.status
     summary = contract.read_summary(run_dir) or {}
     attempts = contract.read_attempts(run_dir)
-    shape = contract.read_stream(contract.stream_path(run_dir, "shape"))
-    val = contract.read_stream(contract.stream_path(run_dir, "val"))
-    last_step = _last_row(contract.stream_path(run_dir, "step"))
-    last_curv = _last_row(contract.stream_path(run_dir, "curvature"))
+    n_rows = streambound.run_stream_rows(view.total_steps)
+    too_long = {
+        name: why
+        for name in contract.STREAMS
+        if (why := streambound.stream_too_long(contract.stream_path(run_dir, name), name, n_rows))
+    }
+    if too_long:  # reported, and read as empty: a runaway file never fills the memory
+        row["_too_long"] = [f"{contract.METRICS_DIR}/{n}.csv: {w}" for n, w in too_long.items()]
+
+    def stream(name: str) -> list[dict[str, str]]:
+        if name in too_long:
+            return []
+        path = contract.stream_path(run_dir, name)
+        return streambound.read_stream_within(path, streambound.stream_byte_limit(name, n_rows))
+
+    shape = stream("shape")
+    val = stream("val")
+    last_step = None if "step" in too_long else _last_row(contract.stream_path(run_dir, "step"))
+    last_curv = None
+    if "curvature" not in too_long:
+        last_curv = _last_row(contract.stream_path(run_dir, "curvature"))
 
     bad: list[str] = []  # cells that are not numbers: left empty, and said so
     for col in ("knee_epoch", "burn_in_loss", "best_val_ce", "best_val_epoch", "burn_in_step"):
@@ -325,9 +342,7 @@ def run_row(
         row["lambda_max_last"] = _cell(last_curv.get("lambda_max"), bad)
         row["hutch_trace_last"] = _cell(last_curv.get("hutch_trace"), bad)
         row["sharpness_norm_last"] = _cell(last_curv.get("sharpness_norm"), bad)
-        row["sharpness_norm_max"] = _max_defined(
-            contract.read_stream(contract.stream_path(run_dir, "curvature")), "sharpness_norm"
-        )
+        row["sharpness_norm_max"] = _max_defined(stream("curvature"), "sharpness_norm")
     if bad:
         row["_bad_cells"] = bad
 
@@ -390,6 +405,8 @@ def collect(
                 f"{row['run_id']}: {len(bad)} stream cell(s) not a number, left empty "
                 f"(first {bad[0][:20]!r})"
             )
+        for why in row.pop("_too_long", None) or []:
+            data.warnings.append(f"{row['run_id']}: {why}; its values left empty")
         if row["verify_problem"]:
             data.warnings.append(f"{row['run_id']} fails verification: {row['verify_problem']}")
     runs_dir = root / RUNS_DIR

@@ -22,13 +22,21 @@ from matplotlib import ticker  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from deconcnn_cli import contract, fileio  # noqa: E402
+from deconcnn_cli import contract, fileio, streambound  # noqa: E402
 from deconcnn_cli.export.stats import R2_THRESHOLD, finished  # noqa: E402
 from deconcnn_cli.sweep.manifest import RUNS_DIR  # noqa: E402
 
 DPI = 110
 N_CURVE_BINS = 60  # log-uniform bins of t for the loss-curve figure
-STATUS_ORDER = ("completed", "diverged", "failed", "interrupted", "running", "stalled", "missing")
+# every state a run can be in (contract.STATES and DERIVED_STATES), outcomes first
+STATUS_ORDER = (
+    contract.COMPLETED,
+    contract.DIVERGED,
+    contract.FAILED,
+    contract.INTERRUPTED,
+    contract.RUNNING,
+    *contract.DERIVED_STATES,
+)
 
 
 def variant_colours(variants: list[str]) -> dict[str, Any]:
@@ -36,12 +44,13 @@ def variant_colours(variants: list[str]) -> dict[str, Any]:
     return {v: cmap(i % 10) for i, v in enumerate(sorted(variants))}
 
 
-def _read_columns(path: Path, columns: tuple[str, ...]) -> dict[str, np.ndarray] | None:
-    """Whole lines of a stream as float arrays (``""`` -> NaN); None when absent or empty."""
+def _read_columns(path: Path, columns: tuple[str, ...], limit: int) -> dict[str, np.ndarray] | None:
+    """Whole lines of a stream as float arrays (``""`` -> NaN); None when absent, empty, or
+    over ``limit`` bytes (far longer than its run allows: the export's warnings say so)."""
     import pandas as pd
 
     try:
-        data = fileio.read_regular(path)
+        data = fileio.read_regular(path, limit)
     except OSError:
         return None
     data = data[: data.rfind(b"\n") + 1]  # a live writer's partial last line is left out
@@ -63,14 +72,18 @@ def read_series(root: Path, run_ids: list[str]) -> dict[str, dict[str, dict[str,
     out: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for run_id in run_ids:
         run_dir = root / RUNS_DIR / run_id
+        n_rows = streambound.run_stream_rows(contract.view_run(run_dir).total_steps)
         step_path = contract.stream_path(run_dir, "step")
-        step = _read_columns(step_path, ("step", "epoch", "loss_train_nats", "lr"))
+        step_limit = streambound.stream_byte_limit("step", n_rows)
+        step = _read_columns(step_path, ("step", "epoch", "loss_train_nats", "lr"), step_limit)
         if step is None:
-            step = _read_columns(step_path, ("step", "epoch", "loss_train_nats"))
+            step = _read_columns(step_path, ("step", "epoch", "loss_train_nats"), step_limit)
         curv_path = contract.stream_path(run_dir, "curvature")
+        curv_limit = streambound.stream_byte_limit("curvature", n_rows)
         curv = None
         for extra in (("hutch_trace_sem", "sharpness_norm"), ("hutch_trace_sem",), ()):
-            curv = _read_columns(curv_path, ("step", "lambda_max", "hutch_trace", *extra))
+            columns = ("step", "lambda_max", "hutch_trace", *extra)
+            curv = _read_columns(curv_path, columns, curv_limit)
             if curv is not None:
                 break
         out[run_id] = {k: v for k, v in (("step", step), ("curvature", curv)) if v is not None}
@@ -80,11 +93,20 @@ def read_series(root: Path, run_ids: list[str]) -> dict[str, dict[str, dict[str,
 def _save(fig: Any, path: Path) -> Path:
     """Render to memory, then replace ``path`` atomically: a link (or anything else) already
     at ``path`` is replaced, never written through."""
+    _wrap_labels(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)  # constrained layout: no second "tight" draw
     plt.close(fig)
     fileio.atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def _wrap_labels(fig: Any) -> None:
+    """Titles and axis labels (a colour bar's too) wrap at the figure's edge instead of
+    running off the canvas: a panel may be narrower than its title (one variant)."""
+    for ax in fig.axes:
+        for text in (ax.title, ax.xaxis.label, ax.yaxis.label):
+            text.set_wrap(True)
 
 
 def _panels(n: int, width: float = 4.2, height: float = 3.4) -> tuple[Any, list[Any]]:
@@ -138,8 +160,14 @@ def _median_band(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 def state_counts(df: Any, variant: str) -> str:
     """ "8 completed, 1 diverged, 1 missing": every state of the variant's runs, in order."""
     counts = df.loc[df["variant"] == variant, "status"].value_counts()
+    return ", ".join(_ordered_counts(counts))
+
+
+def _ordered_counts(counts: Any) -> list[str]:
+    """``["8 completed", "1 unreadable"]``: each state counted, in STATUS_ORDER, then any
+    state this module does not know (a newer writer's), so that no run goes uncounted."""
     order = list(STATUS_ORDER) + sorted(set(counts.index) - set(STATUS_ORDER))
-    return ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s, 0))
+    return [f"{counts[s]} {s}" for s in order if counts.get(s, 0)]
 
 
 def per_run_fit_label(sub: Any, alpha_col: str, r2_col: str) -> str:
@@ -179,7 +207,8 @@ _TIME_LABEL = {"step": "optimizer step t (step + 1)", "lr": "cumulative learning
 
 def loss_curves(df: Any, series: dict, path: Path, time_axis: str = "step") -> Path:
     """Train loss vs step (or cumulative lr), log-log, per variant: the pointwise median of the
-    completed runs, a band (10-90% from 10 runs, else min-max), the runs' own fits (median
+    completed, verified runs (:func:`finished`: the runs H1 and H2 count), a band (10-90%
+    from 10 runs, else min-max), the runs' own fits (median
     alpha_full with its IQR, share with R^2 >= 0.98), a guide of that median slope from the
     median burn-in on, and the median knee."""
     alpha_col, r2_col = _FITS[time_axis]
@@ -187,19 +216,20 @@ def loss_curves(df: Any, series: dict, path: Path, time_axis: str = "step") -> P
     fig, axes = _panels(len(variants), height=3.8)
     colours = variant_colours(variants)
     for ax, variant in zip(axes, variants, strict=True):
-        sub = df[(df["variant"] == variant) & (df["status"] == "completed")]
+        sub = df[(df["variant"] == variant) & finished(df)]
         ids = [r for r in sub["run_id"] if "step" in series.get(r, {})]
         curves = [series[r]["step"] for r in ids]
         times = [_time_of(c, time_axis) for c in curves]
         ax.set_title(f"{variant}: {state_counts(df, variant)}\n"
-                     f"curves: the {len(curves)} completed run(s)", fontsize=9)  # fmt: skip
+                     f"curves: the {len(curves)} completed, verified run(s)",
+                     fontsize=9)  # fmt: skip
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(_TIME_LABEL[time_axis])
         ax.set_ylabel("train loss (nats)")
         finite_t = [t[np.isfinite(t)] for t in times]
         if not any(t.size for t in finite_t):
-            ax.text(0.5, 0.5, "no completed runs", ha="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, "no completed, verified runs", ha="center", transform=ax.transAxes)
             continue
         t_min = min(float(t.min()) for t in finite_t if t.size)
         t_max = max(float(t.max()) for t in finite_t if t.size)
@@ -255,7 +285,7 @@ def loss_curves(df: Any, series: dict, path: Path, time_axis: str = "step") -> P
         ax.tick_params(axis="y", which="minor", labelsize=7)
     what = "step" if time_axis == "step" else "cumulative learning rate"
     fig.suptitle(f"Training loss vs {what}, log-log: pointwise median of the runs and the "
-                 "runs' own power-law fits", fontsize=11)  # fmt: skip
+                 "runs' own power-law fits", fontsize=11, wrap=True)  # fmt: skip
     return _save(fig, path)
 
 
@@ -268,11 +298,12 @@ def _steps_per_epoch(curve: dict[str, np.ndarray]) -> float | None:
 
 
 def alpha_vs_best_val(df: Any, path: Path, axes_cols: list[tuple[str, str]]) -> Path:
-    """Scatter of alpha_early (and alpha_early_lr) against best_val_ce, coloured by variant."""
+    """Scatter of alpha_early (and alpha_early_lr) against best_val_ce, coloured by variant:
+    the runs H2 counts (completed, verified: :func:`finished`)."""
     fig, axes = _panels(len(axes_cols), width=5.0, height=4.0)
     variants = sorted(df["variant"].unique())
     colours = variant_colours(variants)
-    done = df[df["status"] == "completed"]
+    done = df[finished(df)]  # the runs H1 and H2 count
     for ax, (col, label) in zip(axes, axes_cols, strict=True):
         se_col = f"{col}_se" if f"{col}_se" in df.columns else None
         for i, v in enumerate(variants):
@@ -304,11 +335,12 @@ def alpha_vs_best_val(df: Any, path: Path, axes_cols: list[tuple[str, str]]) -> 
 
 
 def r2_histogram(df: Any, path: Path, cols: list[str]) -> Path:
-    """Stacked histogram (by variant) of the power-law R² of completed runs."""
+    """Stacked histogram (by variant) of the power-law R² of the runs H1 counts (completed,
+    verified: :func:`finished`)."""
     fig, axes = _panels(len(cols), width=5.0, height=3.6)
     variants = sorted(df["variant"].unique())
     colours = variant_colours(variants)
-    done = df[df["status"] == "completed"]
+    done = df[finished(df)]  # the runs H1 and H2 count
     for ax, col in zip(axes, cols, strict=True):
         values = [
             done.loc[done["variant"] == v, col].to_numpy(dtype=float, na_value=np.nan)
@@ -453,12 +485,11 @@ def val_loss_heatmap(df: Any, path: Path) -> Path:
         image = ax.imshow(grid, cmap="viridis_r", vmin=vmin, vmax=vmax, aspect="auto")
         _label_grid(ax, v, lrs, wds)
     if image is not None:
-        fig.colorbar(
-            image, ax=axes, label="median over completed runs of the final validation CE (nats)"
-        )
+        fig.colorbar(image, ax=axes, label="median final validation CE (nats)")
     fig.suptitle(
         "Final validation loss by lr x weight decay: median of the completed runs\n"
-        "(n = completed runs / all runs of the cell; 'n/a': none)"
+        "(n = completed runs / all runs of the cell; 'n/a': none)",
+        wrap=True,
     )
     return _save(fig, path)
 
@@ -501,13 +532,13 @@ def status_heatmap(df: Any, path: Path) -> Path:
                 continue  # fmt: skip
             counts = cell["status"].value_counts()
             grid[i, j] = counts.get("completed", 0) / len(cell)
-            lines = [f"{counts[s]} {s}" for s in STATUS_ORDER if counts.get(s, 0)]
+            lines = _ordered_counts(counts)
             ax.text(j, i, "\n".join(lines), ha="center", va="center", fontsize=8)
         image = ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, aspect="auto")
         _label_grid(ax, v, lrs, wds)
     if image is not None:
         fig.colorbar(image, ax=axes, label="share of the cell's runs completed")
-    fig.suptitle("Run status by lr x weight decay (runs per state; hatched: no runs)")
+    fig.suptitle("Run status by lr x weight decay (runs per state; hatched: no runs)", wrap=True)
     return _save(fig, path)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from deconcnn_cli import contract, fileio
+from deconcnn_cli import contract, fileio, streambound
 from deconcnn_cli.errors import DeconError
 from deconcnn_cli.export.columns import COLUMN_NAMES, COLUMNS, DTYPES, require_columns
 from deconcnn_cli.install import install_extra_command
@@ -122,10 +122,10 @@ def write_parquet_rows(rows: list[dict[str, Any]], path: Path) -> None:
 # Time series
 
 
-def _copy_stream(src: Path, dst: Path) -> None:
+def _copy_stream(src: Path, dst: Path, limit: int) -> None:
     """Copy a stream's whole lines (a partial last line from a live writer is left out)."""
     try:
-        data = fileio.read_regular(src)
+        data = fileio.read_regular(src, limit)
     except OSError:  # unreadable: left out of the time series (verify names the file)
         return
     cut = data.rfind(b"\n") + 1
@@ -139,7 +139,8 @@ def write_timeseries(
 
     Only a stream that really lives in its run directory is copied: one that is a link to a
     file elsewhere (another user's file on a shared filesystem, planted by whoever can write
-    the sweep root) is left out, never read, and named in the returned warnings.
+    the sweep root) is left out, never read, and named in the returned warnings; so is one far
+    longer than its run's steps allow (:func:`streambound.stream_too_long`).
     """
     pa = require_pyarrow() if fmt == "parquet" else None
     skipped: list[str] = []
@@ -150,6 +151,7 @@ def write_timeseries(
         dest = folder / row["run_id"]
         dest.mkdir(parents=True, exist_ok=True)
         home = run_dir.resolve()
+        n_rows = streambound.run_stream_rows(row.get("total_steps"))
         for name in contract.STREAMS:
             src = contract.stream_path(run_dir, name)
             if not src.is_file():
@@ -161,19 +163,29 @@ def write_timeseries(
                     f"(to {real}); left out of the time series"
                 )
                 continue
+            too_long = streambound.stream_too_long(src, name, n_rows)
+            if too_long is not None:
+                skipped.append(
+                    f"{row['run_id']}: {name} stream {too_long}; left out of the time series"
+                )
+                continue
+            limit = streambound.stream_byte_limit(name, n_rows)
             if pa is None:
-                _copy_stream(src, dest / f"{name}.csv")
+                _copy_stream(src, dest / f"{name}.csv", limit)
             else:
-                _stream_to_parquet(src, dest / f"{name}.parquet", pa)
+                _stream_to_parquet(src, dest / f"{name}.parquet", pa, limit)
     return skipped
 
 
-def _stream_to_parquet(src: Path, dst: Path, pa: Any) -> None:
+def _stream_to_parquet(src: Path, dst: Path, pa: Any, limit: int) -> None:
     """A stream's whole lines as Parquet: ``step`` int64, the rest float64; ``""`` -> null
     (not defined), ``nan`` -> NaN (could not be computed)."""
     import pyarrow.csv as pa_csv
 
-    data = fileio.read_regular(src)
+    try:
+        data = fileio.read_regular(src, limit)
+    except OSError:  # unreadable, or grown past its bound since it was checked: left out
+        return
     data = data[: data.rfind(b"\n") + 1]
     columns = contract.STREAMS[src.stem]
     types = {c: (pa.int64() if c == "step" else pa.float64()) for c in columns}

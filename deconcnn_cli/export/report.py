@@ -339,19 +339,22 @@ def _degenerate_cell(row: dict[str, Any]) -> str:
 
 _CAPTIONS = {
     "loss_curves": "Training loss per step on log-log axes, per variant (the title counts "
-    "its runs in every state): the pointwise median of the completed runs' log-binned curves, "
-    "a band (10-90% of runs from 10 runs on, min-max below that, as labelled), and what H1 "
-    "and H2 use: the runs' own fits, median alpha_full with its interquartile range and the "
-    "share of runs with R² ≥ 0.98. The dashed guide has the median per-run slope from the "
-    "median burn-in on; it is not a fit to the median curve. Red: the median knee.",
+    "its runs in every state): the pointwise median of the log-binned curves of the "
+    "completed runs that pass verification (the runs H1 and H2 count), a band (10-90% of "
+    "runs from 10 runs on, min-max below that, as labelled), and what H1 and H2 use: the "
+    "runs' own fits, median alpha_full with its interquartile range and the share of runs "
+    "with R² ≥ 0.98. The dashed guide has the median per-run slope from the median burn-in "
+    "on; it is not a fit to the median curve. Red: the median knee.",
     "loss_curves_lr": "The same against cumulative learning rate τ = Σ lr (the lr-time fits: "
     "alpha_full_lr, r_squared_lr), which takes the warmup and the cosine anneal out of the "
     "curve's shape.",
     "alpha_vs_best_val": "H2: early power-law exponent against the best validation loss, "
-    "one point per completed run, coloured by variant, with horizontal bars of ± the "
-    "exponent's OLS standard error (conditional on the binned fit: a lower bound).",
-    "r2_histogram": "H1: R² of each completed run's power-law fit (log space), stacked by "
-    "variant; the dashed line is the 0.98 threshold.",
+    "one point per completed run that passes verification (the runs H2 counts), coloured by "
+    "variant, with horizontal bars of ± the exponent's OLS standard error (conditional on the "
+    "binned fit: a lower bound).",
+    "r2_histogram": "H1: R² of the power-law fit (log space) of each completed run that passes "
+    "verification (the runs H1 counts), stacked by variant; the dashed line is the 0.98 "
+    "threshold.",
     "curvature": "Top Hessian eigenvalue and Hessian trace of the mean cross-entropy (nats "
     "per parameter²) on the fixed probe batch, over training: pointwise median over each "
     "variant's completed and diverged runs, a band (10-90% from 10 runs, else min-max), and "
@@ -473,7 +476,8 @@ Target: |ρ| ≥ {stats.H2_TARGET}.
 otherwise <em>inconclusive</em>. Rows with time <em>lr</em> use the fits against cumulative
 learning rate. <strong>Small samples:</strong> with fewer than about 20 runs a rank
 correlation's interval is wide, an end may sit at ±1 (the edge of ρ's range), and the ends
-move with the resampling seed (fixed here at 0, so the report is reproducible); read the
+move with the resampling seed (fixed here at 0, the runs resampled in run-id order, so the
+report is reproducible whatever the order of the table's rows); read the
 verdict, and treat the digits of the interval as approximate.</p>
 {_h2_table(p["h2"])}
 {_excluded_html(p.get("excluded", {}), "H2")}

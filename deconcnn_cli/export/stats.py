@@ -6,6 +6,9 @@
   bootstrap interval (runs resampled in pairs; BCa, percentile where BCa cannot be formed),
   against a target of |rho| >= 0.7. Resamples on which rho is undefined (one run repeated,
   or only tied runs drawn) are redrawn and counted, so the interval exists whenever rho does.
+  The runs are put in run-id order before resampling, and each row's bootstrap starts a fresh
+  generator from ``BOOTSTRAP_SEED``: the interval depends on the set of runs, never on the
+  order of the table's rows.
 
 A verdict reads the interval, not only the point estimate: ``supported`` when the whole 95%
 interval meets the target, ``not supported`` when the whole interval misses it,
@@ -28,7 +31,7 @@ H1_TARGET = 0.90  # H1 holds when more than this share of runs do
 H2_TARGET = 0.70  # H2 holds when |rho| reaches this
 CONFIDENCE = 0.95
 N_BOOTSTRAP = 9999  # bootstrap resamples
-BOOTSTRAP_SEED = 0  # the report is reproducible: same table, same interval
+BOOTSTRAP_SEED = 0  # seeds numpy's default_rng afresh for each H2 row: same runs, same interval
 MIN_RUNS_H2 = 4  # Spearman's rho on fewer runs says nothing
 
 H1_COLUMNS = ("run_id", "variant", "status", "r_squared")
@@ -233,6 +236,9 @@ def bootstrap_rho(
 ) -> BootstrapCI:
     """95% bootstrap interval of rho over runs (pairs resampled): BCa, else percentile.
 
+    ``np.random.default_rng(seed)`` draws index rows into ``x`` and ``y`` as given, so the
+    interval depends on their order: callers fix one (:func:`h2_rows` sorts by run id).
+
     Degenerate resamples (rho undefined) are redrawn and counted (:func:`_resample_rhos`),
     so the interval exists whenever rho of the sample itself does. Without degenerate draws it
     equals ``scipy.stats.bootstrap(..., paired=True, method="BCa")`` with the same generator.
@@ -251,12 +257,19 @@ def bootstrap_rho(
     return BootstrapCI(float(low), float(high), method, len(rho_b), n_degenerate)
 
 
-def h2_rows(df: Any, alpha_column: str = "alpha_early", time_axis: str = "step") -> list[H2Row]:
-    """H2 overall and per variant: rho(``alpha_column``, ``best_val_ce``)."""
+def h2_rows(
+    df: Any, alpha_column: str = "alpha_early", time_axis: str = "step", seed: int = BOOTSTRAP_SEED
+) -> list[H2Row]:
+    """H2 overall and per variant: rho(``alpha_column``, ``best_val_ce``).
+
+    Each row's runs are sorted by ``run_id`` before :func:`bootstrap_rho` resamples them
+    with ``seed`` (``BOOTSTRAP_SEED`` in the report): resample ``b`` draws the same runs
+    whatever the order of the table's rows (the export's order, the grid's, a shuffled CSV)."""
     require_columns(df.columns, (*H2_COLUMNS, alpha_column), "the results table")
     out = []
     for group, sid, g in _groups(df):
         runs, n_div, n_exc = _eligible(g, (alpha_column, "best_val_ce"))
+        runs = runs.sort_values("run_id", kind="stable")  # resampling order: by run id
         n = len(runs)
         x = runs[alpha_column].to_numpy(dtype=float)
         y = runs["best_val_ce"].to_numpy(dtype=float)
@@ -268,7 +281,7 @@ def h2_rows(df: Any, alpha_column: str = "alpha_early", time_axis: str = "step")
             out.append(row)
             continue
         res = stats.spearmanr(x, y)
-        ci = bootstrap_rho(x, y)
+        ci = bootstrap_rho(x, y, seed=seed)
         low, high = ci.low, ci.high
         if not ci.method:
             verdict = INCONCLUSIVE

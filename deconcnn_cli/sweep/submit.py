@@ -532,7 +532,7 @@ def submit_runs(
     return _submit_groups(store, manifest, plan, reason=reason, alone=alone)
 
 
-def wait_targets(store: SweepStore, submission: dict[str, Any]) -> list[str]:
+def wait_targets(submission: dict[str, Any]) -> list[str]:
     """The run ids a submission asked for (what ``--wait`` watches)."""
     return [rid for job in submission.get("jobs", []) for rid in job.get("run_ids", [])]
 
@@ -564,4 +564,4 @@ def runs_done(
 def wait_done(store: SweepStore, submission: dict[str, Any], now: float | None = None) -> bool:
     """:func:`runs_done` for the runs of one submission."""
     jobs = [(submission["executor"], j) for j in submission.get("jobs", [])]
-    return runs_done(store, jobs, wait_targets(store, submission), now)
+    return runs_done(store, jobs, wait_targets(submission), now)

@@ -10,6 +10,8 @@
   ``events.jsonl`` at that row's step (a metric that failed and said why), or a column that
   is NaN by definition while too little of the curve exists (``DOCUMENTED_NAN_COLUMNS``);
 * ``summary.json`` holds every field (``SUMMARY_FIELDS``) and agrees with the run's state;
+* ``config.json``'s config gives the run's id and its ``config_hash`` when both are
+  recomputed from it (a config swapped for another run's does not pass);
 * every kept checkpoint matches its ``.sha256``, and a completed run has its final one;
 * every run was made by the same code version (the differing runs are listed otherwise).
 
@@ -29,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from deconcnn_cli import contract, fileio
+from deconcnn_cli import contract, fileio, streambound
+from deconcnn_cli.sweep.identity import identity_mismatches
 from deconcnn_cli.sweep.manifest import job_run_ids, submissions
 from deconcnn_cli.sweep.observe import load_sweep
 from deconcnn_cli.training.schedule import val_steps_in_epoch
@@ -183,7 +186,7 @@ def _nan_problems(
     return [Problem(run_id, f"{contract.METRICS_DIR}/{name}.csv", "nan", msg)]
 
 
-def _regular_table(path: Path) -> Any | None:
+def _regular_table(path: Path, limit: int) -> Any | None:
     """The stream's whole lines as a pandas DataFrame of numbers, when the file is regular:
     every line (header included) has the header's number of cells, no blank line, no quote or
     carriage return, a unique header starting with ``step``, an integer ``step`` column and
@@ -192,9 +195,10 @@ def _regular_table(path: Path) -> Any | None:
 
     Like :func:`fileio.complete_lines`, a partial last line is left out. ``""`` and ``nan``
     both read as NaN here, so a caller that finds any NaN must look at the cells themselves.
+    A file over ``limit`` bytes is not read (None).
     """
     try:
-        data = fileio.read_regular(path)
+        data = fileio.read_regular(path, limit)
     except OSError:
         return None
     data = data[: data.rfind(b"\n") + 1]
@@ -247,11 +251,18 @@ def _check_stream(
 ) -> list[Problem]:
     """A stream's problems: its steps against its cadence and, unless the run diverged, its
     non-finite cells. A regular stream whose checked cells are all finite numbers is decided
-    from one vectorised parse; anything else is read cell by cell as ``_nan_problems`` says."""
+    from one vectorised parse; anything else is read cell by cell as ``_nan_problems`` says.
+    A stream far longer than its expected rows allow (:func:`streambound.stream_too_long`) is
+    reported from its size and not read: memory stays bounded by what the config gives."""
+    rel = f"{contract.METRICS_DIR}/{name}.csv"
+    too_long = streambound.stream_too_long(path, name, len(expected))
+    if too_long is not None:
+        return [Problem(run_id, rel, "stream_too_long", too_long)]
+    limit = streambound.stream_byte_limit(name, len(expected))
     header = _header_problem(name, path)
     if header is not None:  # columns not the documented ones: the cells cannot be trusted
         return [Problem(run_id, f"{contract.METRICS_DIR}/{name}.csv", "stream_header", header)]
-    table = _regular_table(path)
+    table = _regular_table(path, limit)
     rows: list[dict[str, str]] | None = None
     if table is not None:
         steps = table["step"].tolist()
@@ -259,9 +270,9 @@ def _check_stream(
             allowed = DOCUMENTED_NAN_COLUMNS.get(name, frozenset())
             checked = [c for c in table.columns if c not in allowed]
             if not np.isfinite(table[checked].to_numpy(dtype=np.float64)).all():
-                rows = contract.read_stream(path)  # a NaN, an inf or an empty cell: look closer
+                rows = streambound.read_stream_within(path, limit)  # a NaN, inf or empty cell
     else:
-        rows = contract.read_stream(path)
+        rows = streambound.read_stream_within(path, limit)
         try:
             steps = [int(r["step"]) for r in rows]
         except (KeyError, TypeError, ValueError):
@@ -370,6 +381,10 @@ def verify_run(run_dir: Path, run_id: str | None = None) -> tuple[str, list[Prob
         problems.append(
             Problem(run_id, contract.CONFIG_FILE, "foreign", f"holds run {record['run_id']!r}")
         )
+    problems += [
+        Problem(run_id, contract.CONFIG_FILE, "identity", why)
+        for why in identity_mismatches(run_id, record)
+    ]
     diverged = view.state == contract.DIVERGED
     summary = contract.read_summary(run_dir)
     diverged_at = None
@@ -399,7 +414,10 @@ def verify_run(run_dir: Path, run_id: str | None = None) -> tuple[str, list[Prob
             msg = f"links outside the run directory, to {path.resolve()}"
             problems.append(Problem(run_id, rel, "foreign_link", msg))
             continue
-        problems += _check_stream(run_id, name, path, expected[name], diverged_at, warned)
+        found = _check_stream(run_id, name, path, expected[name], diverged_at, warned)
+        problems += found
+        if any(p.kind == "stream_too_long" for p in found):
+            continue  # named from its size, read no further
         tail = fileio.partial_tail(path)
         if tail:  # a run that ended wrote whole lines only
             what = "NUL bytes" if not tail.strip(b"\0") else "bytes"

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from deconcnn_cli import contract, fileio
-from deconcnn_cli.config import RunConfig
+from deconcnn_cli.config import RunConfig, config_hash
+from deconcnn_cli.config import run_id as config_run_id
 from deconcnn_cli.training.schedule import val_steps_in_epoch
 
 
@@ -54,6 +55,37 @@ def _write_stream(path: Path, name: str, columns: Mapping[str, Any]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def run_config(
+    *,
+    steps: int = 400,
+    steps_per_epoch: int = 20,
+    seed: int = 0,
+    curvature_every: int = 500,
+    analysis: Mapping[str, Any] | None = None,
+    variant: str = "base",
+    lr: float | None = None,
+    weight_decay: float | None = None,
+) -> RunConfig:
+    """The config :func:`write_run` writes into config.json for these arguments (``lr`` and
+    ``weight_decay``: the defaults' where None)."""
+    optim = {k: v for k, v in (("lr", lr), ("weight_decay", weight_decay)) if v is not None}
+    return RunConfig(
+        variant=variant,
+        seed=seed,
+        optim=optim,
+        schedule={"epochs": max(1, steps // steps_per_epoch), "warmup_epochs": 0},
+        cadence={"curvature_every_steps": curvature_every, "noise_every_epochs": 1,
+                 "shape_every_epochs": 1, "val_per_epoch": 4},
+        analysis=dict(analysis or {}),
+    )  # fmt: skip
+
+
+def real_run_id(**kwargs: Any) -> str:
+    """The run id :func:`write_run`'s config has (its keyword arguments as run_config's):
+    the directory name under which ``decon verify`` finds such a run its own."""
+    return config_run_id(run_config(**kwargs))
+
+
 def write_run(
     root: Path,
     run_id: str,
@@ -70,11 +102,13 @@ def write_run(
     curvature_every: int = 500,
     analysis: Mapping[str, Any] | None = None,
     sharpness: bool = True,
+    axes: Mapping[str, Any] | None = None,
 ) -> Path:
     """A run directory whose train loss follows ``prefactor * t^-alpha`` (t = step + 1).
 
     ``analysis`` sets the config's analysis section (``config.json``); a summary records the
-    settings only where ``summary`` itself has ``analysis_settings``.
+    settings only where ``summary`` itself has ``analysis_settings``. ``axes`` (variant, lr,
+    weight_decay) go into the config as well (:func:`run_config`).
     """
     rng = np.random.default_rng(seed)
     run = root / "runs" / run_id
@@ -172,15 +206,11 @@ def write_run(
     ckpt = run / contract.CHECKPOINT_DIR / f"ckpt_{steps:09d}.pt"
     ckpt.write_bytes(b"x")
     ckpt.with_suffix(".sha256").write_text(hashlib.sha256(b"x").hexdigest() + "\n")
-    cfg = RunConfig(
-        variant="base",
-        seed=seed,
-        schedule={"epochs": max(1, steps // spe), "warmup_epochs": 0},
-        cadence={"curvature_every_steps": curvature_every, "noise_every_epochs": 1,
-                 "shape_every_epochs": 1, "val_per_epoch": 4},
-        analysis=dict(analysis or {}),
-    )  # fmt: skip
-    record = {"run_id": run_id, "config_hash": "synthetic", "config": cfg.model_dump(mode="json")}
+    cfg = run_config(steps=steps, steps_per_epoch=spe, seed=seed,
+                     curvature_every=curvature_every, analysis=analysis,
+                     **dict(axes or {}))  # fmt: skip
+    record = {"run_id": run_id, "config_hash": config_hash(cfg),
+              "config": cfg.model_dump(mode="json")}  # fmt: skip
     fileio.atomic_write_json(run / contract.CONFIG_FILE, record)
     if summary is not None:
         full = {
@@ -228,13 +258,16 @@ def write_grid(
     """
     runs: dict[str, dict[str, Any]] = {}
     rng = np.random.default_rng(1)
-    for v_i, variant in enumerate(VARIANTS):
+    shape = {"steps": steps, "steps_per_epoch": steps_per_epoch,
+             "curvature_every": curvature_every}  # fmt: skip
+    for variant in VARIANTS:
         for lr in LRS:
             for wd in WDS:
                 for seed in range(seeds):
-                    run_id = f"{variant}_lr{lr:g}_wd{wd:g}_s{seed}_{v_i}{seed}"
-                    runs[run_id] = {"variant": variant, "lr": lr, "weight_decay": wd,
-                                    "seed": seed}  # fmt: skip
+                    k = len(runs)  # the run's data seed: its config's seed, so its id's
+                    axes = {"variant": variant, "lr": lr, "weight_decay": wd}
+                    run_id = real_run_id(**shape, seed=k, **axes)
+                    runs[run_id] = {**axes, "seed": seed}
     write_manifest(root, runs, grid="loss_lin_slope")
     ids = list(runs)
     for k, run_id in enumerate(ids):
@@ -263,5 +296,6 @@ def write_grid(
             root, run_id, state=state, steps=steps, steps_per_epoch=steps_per_epoch,
             alpha=alpha, seed=k, summary=summary, curvature_every=curvature_every,
             sharpness=spec["variant"] != "adamw",
+            axes={a: spec[a] for a in ("variant", "lr", "weight_decay")},
         )  # fmt: skip
     return runs

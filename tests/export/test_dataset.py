@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from deconcnn_cli import contract
+from deconcnn_cli import contract, streambound
 from deconcnn_cli.export.columns import COLUMN_NAMES, COLUMNS, SchemaError
 from deconcnn_cli.export.dataset import export
 from deconcnn_cli.export.files import ExportError, format_float, read_results
 from tests.conftest import REPO, run_cli
 from tests.export.conftest import RUNS
-from tests.export.synthetic import write_manifest, write_run
+from tests.export.synthetic import real_run_id, write_manifest, write_run
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,8 @@ def test_runs_with_different_analysis_settings_are_flagged_and_never_pooled(tmp_
     from deconcnn_cli.export.report import build_report
 
     root = tmp_path / "sweep"
-    runs = {f"r{i}": {"variant": "base", "lr": 0.1, "weight_decay": 1e-3, "seed": i}
+    ids = [real_run_id(steps=200, curvature_every=50, seed=i) for i in range(10)]
+    runs = {ids[i]: {"variant": "base", "lr": 0.1, "weight_decay": 1e-3, "seed": i}
             for i in range(10)}  # fmt: skip
     write_manifest(root, runs)
     early = analysis_settings([5, 15], 1.0, 20)
@@ -190,7 +191,7 @@ def test_runs_with_different_analysis_settings_are_flagged_and_never_pooled(tmp_
         alpha = 0.3 + 0.05 * i
         summary = {"alpha_early": alpha, "power_law_r2": 0.99, "analysis_settings": chosen,
                    "best_val_ce": 2.0 - alpha + 0.01 * rng.random()}  # fmt: skip
-        write_run(root, f"r{i}", steps=200, summary=summary, curvature_every=50, seed=i)
+        write_run(root, ids[i], steps=200, summary=summary, curvature_every=50, seed=i)
     data, meta = export(root, tmp_path / "r.csv", verify=None)
     ids = {g["id"]: g["runs"] for g in meta["analysis_settings"]}
     assert sorted(ids.values()) == [4, 6] and None not in ids
@@ -311,20 +312,23 @@ def test_data_dictionary_documents_every_column():
 def test_runs_failing_verification_are_exported_with_a_warning(tmp_path: Path):
     root = tmp_path / "sweep"
     spec = {"variant": "base", "lr": 0.1, "weight_decay": 1e-3}
-    write_manifest(root, {"good": {**spec, "seed": 0}, "bad": {**spec, "seed": 1}})
-    write_run(root, "good", steps=200, steps_per_epoch=20, summary={}, curvature_every=50)
-    bad = write_run(root, "bad", steps=200, steps_per_epoch=20, summary={}, curvature_every=50)
+    shape = {"steps": 200, "steps_per_epoch": 20, "curvature_every": 50}
+    good, bad_id = real_run_id(**shape, seed=0), real_run_id(**shape, seed=1)
+    write_manifest(root, {good: {**spec, "seed": 0}, bad_id: {**spec, "seed": 1}})
+    write_run(root, good, **shape, seed=0, summary={})
+    bad = write_run(root, bad_id, **shape, seed=1, summary={})
     (bad / "checkpoints" / "ckpt_000000200.pt").write_bytes(b"tampered")
     data, meta = export(root, tmp_path / "r.csv")
     cells = _cells(tmp_path / "r.csv")
+    cells["good"], cells["bad"] = cells.pop(good), cells.pop(bad_id)
     assert cells["good"]["verify_problem"] == "" and cells["good"]["status"] == "completed"
     assert cells["bad"]["status"] == "completed"  # kept, with its status
     assert cells["bad"]["verify_problem"].startswith("checksum: checkpoints/ckpt_000000200.pt")
-    assert meta["warnings"] == [f"bad fails verification: {cells['bad']['verify_problem']}"]
+    assert meta["warnings"] == [f"{bad_id} fails verification: {cells['bad']['verify_problem']}"]
     proc = run_cli("export", str(tmp_path / "r2.csv"), "--root", str(root), "--no-timeseries")
-    assert proc.returncode == 0 and "warning: bad fails verification" in proc.stderr
+    assert proc.returncode == 0 and f"warning: {bad_id} fails verification" in proc.stderr
     export(root, tmp_path / "r3.csv", verify=None)  # --no-verify
-    assert _cells(tmp_path / "r3.csv")["bad"]["verify_problem"] == ""
+    assert _cells(tmp_path / "r3.csv")[bad_id]["verify_problem"] == ""
 
 
 def test_format_must_match_the_file_name_and_a_bad_root_is_named_first(
@@ -355,3 +359,34 @@ def test_export_creates_a_missing_folder_as_report_does(sweep: Path, tmp_path: P
         app, ["export", str(tmp_path / "afile" / "r.csv"), "--root", str(sweep)]
     )
     assert res.exit_code == 2 and "afile is not a folder" in res.stderr
+
+
+def test_a_stream_far_longer_than_its_run_allows_is_named_and_not_read(tmp_path: Path):
+    """A step stream grown to 64 MiB (sparse) in a run of 200 steps: the row's values from it
+    are empty, the time series leaves it out, verification and the warnings name it."""
+    from deconcnn_cli.export import figures
+
+    root = tmp_path / "sweep"
+    shape = {"steps": 200, "steps_per_epoch": 20, "curvature_every": 50}
+    ok_id, big_id = real_run_id(**shape, seed=0), real_run_id(**shape, seed=1)
+    spec = {"variant": "base", "lr": 0.1, "weight_decay": 1e-3}
+    write_manifest(root, {ok_id: {**spec, "seed": 0}, big_id: {**spec, "seed": 1}})
+    write_run(root, ok_id, **shape, seed=0, summary={})
+    big = write_run(root, big_id, **shape, seed=1, summary={})
+    with contract.stream_path(big, "step").open("r+b") as f:
+        f.truncate(64 * 2**20)
+    data, meta = export(root, tmp_path / "r.csv")
+    cells = _cells(tmp_path / "r.csv")
+    assert cells[ok_id]["final_loss_train_nats"] and cells[ok_id]["verify_problem"] == ""
+    assert cells[big_id]["final_loss_train_nats"] == ""
+    assert cells[big_id]["verify_problem"].startswith("stream_too_long: metrics/step.csv 67,108")
+    limit = streambound.stream_byte_limit("step", 200)
+    assert f"{big_id}: metrics/step.csv: {64 * 2**20:,} bytes, over 2x the largest file its " \
+           f"200 expected rows can make ({limit:,} bytes): not read; its values left empty" \
+           in meta["warnings"]  # fmt: skip
+    series = tmp_path / "r_timeseries"
+    assert (series / ok_id / "step.csv").is_file() and not (series / big_id / "step.csv").exists()
+    assert (series / big_id / "val.csv").is_file()  # the run's other streams are kept
+    assert any(w.startswith(f"{big_id}: step stream 67,108,864 bytes") for w in meta["warnings"])
+    read = figures.read_series(root, [ok_id, big_id])
+    assert "step" in read[ok_id] and "step" not in read[big_id]

@@ -211,3 +211,120 @@ def test_alpha_vs_best_val_draws_each_runs_standard_error(frame, captured, tmp_p
         for seg in container[2][0].get_segments()
     )
     assert widths == [0.01, 0.01, 0.02, 0.02, 0.03, 0.03, 0.04]  # adamw seeds 0-2, base 0-3
+
+
+def _failing_verify(frame: Any, run_id: str) -> Any:
+    """The table with ``run_id`` completed but failing verification (H1 and H2 leave it out)."""
+    df = frame.copy()
+    df.loc[df["run_id"] == run_id, "verify_problem"] = "metrics/step.csv: a gap in steps"
+    return df
+
+
+def test_h2_figure_shows_the_runs_the_h2_table_counts(frame, captured, tmp_path):
+    from deconcnn_cli.export.stats import h2_rows
+
+    df = _failing_verify(frame, "base1")
+    figures.alpha_vs_best_val(df, tmp_path / "a.png", [("alpha_early", "step time")])
+    ax = captured[0].axes[0]
+    drawn = sum(len(c.get_offsets()) for c in ax.collections if c.get_label() in ("base", "adamw"))
+    (overall,) = [r for r in h2_rows(df) if r.group == "all"]
+    assert drawn == overall.n_runs == 6  # base0, base2, base3 and adamw0-2; base1 left out
+    base = next(c for c in ax.collections if c.get_label() == "base")
+    xs = sorted(round(float(x), 6) for x, _ in base.get_offsets())
+    assert xs == [0.2, 0.4, 0.5]  # alpha of base seeds 0, 2, 3: not base1's 0.3
+
+
+def test_r2_histogram_and_loss_curves_count_the_runs_h1_counts(frame, series, captured,
+                                                                tmp_path):  # fmt: skip
+    from deconcnn_cli.export.stats import h1_rows
+
+    df = _failing_verify(frame, "base1")
+    figures.r2_histogram(df, tmp_path / "r.png", ["r_squared"])
+    (overall,) = [r for r in h1_rows(df) if r.group == "all"]
+    assert overall.n_runs == 6
+    assert "of 6 completed runs" in captured[0].axes[0].get_title()
+    figures.loss_curves(df, series, tmp_path / "l.png")
+    base = _axes(captured[1])["base"]
+    assert "curves: the 3 completed, verified run(s)" in base.get_title()
+    assert "(n=3)" in _legend(base)
+
+
+def test_status_heatmap_and_titles_count_unreadable_runs(frame, series, captured, tmp_path):
+    from deconcnn_cli import contract
+
+    assert set(figures.STATUS_ORDER) == {*contract.STATES, *contract.DERIVED_STATES}
+    df = frame.copy()
+    df.loc[df["run_id"] == "adamw1", "status"] = contract.UNREADABLE
+    figures.status_heatmap(df, tmp_path / "s.png")
+    adamw = _axes(captured[0])["adamw"]
+    assert "1 unreadable" in [t.get_text() for t in adamw.texts]
+    assert figures.state_counts(df, "adamw") == "2 completed, 1 unreadable"
+
+
+def _drawn_texts(fig: Any) -> list[Any]:
+    """Every text the figure draws: tick labels only of the ticks inside the axis' view."""
+    import matplotlib.text
+
+    hidden = set()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            low, high = sorted(axis.get_view_interval())
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                if not low - 1e-12 * abs(low) <= tick.get_loc() <= high + 1e-12 * abs(high):
+                    hidden.update((id(tick.label1), id(tick.label2)))
+    return [t for t in fig.findobj(matplotlib.text.Text)
+            if t.get_visible() and t.get_text().strip() and id(t) not in hidden
+            and (t.axes is None or t.axes.get_visible())]  # fmt: skip
+
+
+def _with_variants(frame: Any, series: dict, n: int) -> tuple[Any, dict]:
+    """The table cut to base alone (n=1), as it is (2 variants), or with copies of adamw under
+    new names (n=4, the demo's count), each copy's runs under new ids."""
+    import pandas as pd
+
+    if n == 1:
+        return frame[frame["variant"] == "base"], series
+    parts, series = [frame], dict(series)
+    for k in range(n - 2):
+        copy = frame[frame["variant"] == "adamw"].copy()
+        copy["variant"] = f"adamw_copy{k}"
+        copy["run_id"] = copy["run_id"] + f"_copy{k}"
+        for rid in frame.loc[frame["variant"] == "adamw", "run_id"]:
+            if rid in series:
+                series[f"{rid}_copy{k}"] = series[rid]
+        parts.append(copy)
+    return pd.concat(parts, ignore_index=True), series
+
+
+@pytest.mark.parametrize("n_variants", [1, 2, 4])
+def test_no_figure_draws_text_outside_its_canvas(frame, series, tmp_path, monkeypatch,
+                                                 n_variants):  # fmt: skip
+    df, runs = _with_variants(frame, series, n_variants)
+    outside: list[str] = []
+    save = figures._save
+
+    def check(fig: Any, path: Path) -> Path:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        written = save(fig, path)  # then drawn again as written: its layout, its wrapping
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        width, height = fig.bbox.width, fig.bbox.height
+        for text in _drawn_texts(fig):
+            box = text.get_window_extent(renderer)
+            if box.x0 < -0.5 or box.y0 < -0.5 or box.x1 > width + 0.5 or box.y1 > height + 0.5:
+                outside.append(f"{path.name}: {text.get_text()!r} at {box.extents.round()} "
+                               f"on a {width:.0f}x{height:.0f} canvas")  # fmt: skip
+        return written
+
+    monkeypatch.setattr(figures, "_save", check)
+    figures.loss_curves(df, runs, tmp_path / "l.png")
+    figures.loss_curves(df, runs, tmp_path / "l_lr.png", time_axis="lr")
+    both = [("alpha_early", "step time"), ("alpha_early_lr", "lr time")]
+    figures.alpha_vs_best_val(df, tmp_path / "a.png", both)
+    figures.r2_histogram(df, tmp_path / "r.png", ["r_squared", "r_squared_lr"])
+    figures.curvature(df, runs, tmp_path / "c.png")
+    figures.val_loss_heatmap(df, tmp_path / "v.png")
+    figures.status_heatmap(df, tmp_path / "s.png")
+    assert not outside, "\n".join(outside)

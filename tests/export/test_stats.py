@@ -122,3 +122,20 @@ def test_h2_row_of_a_small_variant_has_an_interval_and_its_count(n: int):
         assert row.ci_method and math.isfinite(row.ci_low) and math.isfinite(row.ci_high)
         assert row.n_resamples == stats.N_BOOTSTRAP and row.n_degenerate >= 0
         assert row.verdict != stats.TOO_FEW
+
+
+def test_h2_interval_depends_on_the_runs_not_on_the_order_of_the_rows():
+    x, y = _sample(8, 3)
+    ids = [f"run{i}" for i in (5, 2, 7, 0, 3, 6, 1, 4)]  # table order is not run-id order
+    df = pd.DataFrame({"run_id": ids, "variant": "base", "status": "completed",
+                       "alpha_early": x, "best_val_ce": y})  # fmt: skip
+    rows = stats.h2_rows(df)
+    for perm_seed in range(3):
+        shuffled = df.sample(frac=1, random_state=perm_seed).reset_index(drop=True)
+        assert stats.h2_rows(shuffled) == rows
+    order = np.argsort(ids)  # the documented order: sorted by run id, seed BOOTSTRAP_SEED
+    ci = stats.bootstrap_rho(x[order], y[order], seed=stats.BOOTSTRAP_SEED)
+    overall = rows[0]
+    assert (overall.ci_low, overall.ci_high) == (ci.low, ci.high)
+    as_given = stats.bootstrap_rho(x, y, seed=stats.BOOTSTRAP_SEED)
+    assert (as_given.low, as_given.high) != (ci.low, ci.high)  # the order did matter

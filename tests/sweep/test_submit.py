@@ -24,6 +24,7 @@ from deconcnn_cli.sweep.submit import (
     submit_grid,
     submit_runs,
     wait_done,
+    wait_targets,
 )
 from tests.conftest import REPO, run_cli
 from tests.sweep.fakes import TINY_GRID, mark_state, seed_sweep
@@ -391,3 +392,9 @@ def test_local_executor_end_to_end(tmp_path):
     third = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert third.returncode == 0 and third.stdout.count(": completed") == 4
     assert len(json.loads((root / "sweep.json").read_text())["submissions"]) == 1
+
+
+def test_wait_targets_are_the_run_ids_of_the_submission_alone():
+    sub = {"executor": "local", "jobs": [{"job_id": "a", "run_ids": ["r1", "r2"]},
+                                         {"job_id": "b", "run_ids": ["r3"]}]}  # fmt: skip
+    assert wait_targets(sub) == ["r1", "r2", "r3"]  # no store: the submission says it all

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from deconcnn_cli import contract, fileio
+from deconcnn_cli import contract, fileio, streambound
 from deconcnn_cli.sweep.verify import (
     EXIT_PROBLEMS,
     EXIT_VERIFIED,
@@ -246,3 +246,41 @@ def test_a_completed_run_whose_status_claims_another_step_count_fails(sweep_copy
     status["step"] = 5
     path.write_text(json.dumps(status))
     assert _kinds(sweep_copy) == {(f"runs/{run.name}/status.json", "status_steps")}
+
+
+def test_a_config_swapped_for_another_runs_fails_even_with_its_identity_kept(
+    sweep_copy: Path,
+) -> None:
+    """config.json's run_id and config_hash are the run's own, its config another run's: the
+    identity recomputed from the config gives it away; with the hash recomputed too, the id."""
+    run, other = _runs(sweep_copy, "completed")
+    path = run / contract.CONFIG_FILE
+    record = json.loads(path.read_text())
+    foreign = json.loads((other / contract.CONFIG_FILE).read_text())["config"]
+    path.write_text(json.dumps({**record, "config": foreign}))
+    found = [p for p in verify_sweep(sweep_copy).problems if p.kind == "identity"]
+    assert [p.file for p in found] == [f"runs/{run.name}/config.json"] * 2
+    assert f"hashes to {other.name.rsplit('_', 1)[1]!r}" in found[0].message
+    assert f"its config is run {other.name!r}, not {run.name!r}" == found[1].message
+    from deconcnn_cli.config import RunConfig, config_hash
+
+    rehashed = {**record, "config": foreign,
+                "config_hash": config_hash(RunConfig.model_validate(foreign))}  # fmt: skip
+    path.write_text(json.dumps(rehashed))
+    assert _kinds(sweep_copy) == {(f"runs/{run.name}/config.json", "identity")}
+
+
+def test_a_stream_far_longer_than_its_config_allows_is_reported_unread(sweep_copy: Path) -> None:
+    """A step stream grown (a runaway writer, NULs of a crash) to 64 MiB, a sparse file: over
+    STREAM_SIZE_FACTOR x its 39 rows' largest size, so it is named from its size alone."""
+    run = _runs(sweep_copy, "completed")[0]
+    path = contract.stream_path(run, "step")
+    with path.open("r+b") as f:
+        f.truncate(64 * 2**20)
+    limit = streambound.stream_byte_limit("step", 39)
+    assert limit < 64 * 2**20 and limit == 2 * 40 * len(contract.STREAMS["step"]) * 25
+    problems = [p for p in verify_sweep(sweep_copy).problems if p.file.endswith("step.csv")]
+    assert [(p.kind, p.message) for p in problems] == [
+        ("stream_too_long", f"{64 * 2**20:,} bytes, over 2x the largest file its 39 expected "
+                            f"rows can make ({limit:,} bytes): not read"),
+    ]  # fmt: skip
