@@ -264,7 +264,9 @@ class _EventLines:
         if p.phase:
             head = p.phase.split(":")[0].removesuffix(" ...")
             if head != self.phase and not head.startswith("training"):
-                typer.echo(f"{p.phase} (epoch {p.epoch:.2f})" if p.steps_done else p.phase)
+                # an evaluation's start, without its progress counts ("curvature at step 0 ...")
+                text = p.phase if head.startswith(self.resumed_at) else f"{head} ..."
+                typer.echo(f"{text} (epoch {p.epoch:.2f})" if p.steps_done else text)
             self.phase = head
             if p.phase.startswith(self.resumed_at):  # earlier epochs ended in an earlier attempt
                 self.epoch = int(p.epoch)
