@@ -50,8 +50,9 @@ def export(
     """Export every run of a sweep (completed, diverged, failed or missing) as one table."""
     # imported here: the dataset's analysis settings load scipy, which every other command
     # (monitor above all) would pay for at start-up
-    from deconcnn_cli.export.dataset import export as export_dataset
-    from deconcnn_cli.export.dataset import output_paths, verify_problem
+    from deconcnn_cli.export.dataset import verify_problem
+    from deconcnn_cli.export.outputs import export as export_dataset
+    from deconcnn_cli.export.outputs import output_paths
 
     try:
         data, meta = export_dataset(

@@ -14,8 +14,8 @@ import pytest
 
 from deconcnn_cli import contract, streambound
 from deconcnn_cli.export.columns import COLUMN_NAMES, COLUMNS, SchemaError
-from deconcnn_cli.export.dataset import export
 from deconcnn_cli.export.files import ExportError, format_float, read_results
+from deconcnn_cli.export.outputs import export
 from tests.conftest import REPO, run_cli
 from tests.export.conftest import RUNS
 from tests.export.synthetic import real_run_id, write_manifest, write_run

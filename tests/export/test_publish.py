@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from deconcnn_cli.export.dataset import export
 from deconcnn_cli.export.files import ExportError
+from deconcnn_cli.export.outputs import export
 from deconcnn_cli.export.publish import MARK_FILE, output_lock
 from deconcnn_cli.fileio import read_json
 from tests.conftest import REPO, run_cli, subprocess_env
@@ -259,12 +259,13 @@ def test_an_export_waits_for_the_lock_of_its_output(tmp_path: Path):
 _KILLER = """
 import os, shutil, signal, sys
 from pathlib import Path
-from deconcnn_cli.export import dataset
+from deconcnn_cli.export import outputs
+from deconcnn_cli.export import outputs
 
 point, root, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 renames = []
 real_rename, real_rmtree = os.rename, shutil.rmtree
-real_mark = getattr(dataset, "write_mark", None)
+real_mark = getattr(outputs, "write_mark", None)
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
@@ -291,8 +292,8 @@ def rmtree(path, *args, **kwargs):
 
 os.rename, shutil.rmtree = rename, rmtree
 if real_mark is not None:
-    dataset.write_mark = write_mark
-dataset.export(root, out, force=True, verify=None)
+    outputs.write_mark = write_mark
+outputs.export(root, out, force=True, verify=None)
 """
 
 

@@ -17,8 +17,8 @@ from scipy import stats as sps
 from deconcnn_cli.contract import read_attempts
 from deconcnn_cli.export import caveats, stats
 from deconcnn_cli.export.columns import SchemaError
-from deconcnn_cli.export.dataset import export
 from deconcnn_cli.export.files import read_results
+from deconcnn_cli.export.outputs import export
 from deconcnn_cli.export.report import build_report, hypothesis_tables
 from tests.conftest import run_cli
 from tests.export.synthetic import write_grid
