@@ -7,7 +7,9 @@ first-order graph is built once per evaluation and reused by every HVP.
 
 ``lambda_max`` comes from a warm-started Lanczos run (:mod:`.lanczos`) that stops on an
 a-posteriori error bound; the trace is ``tr(Q^T H Q)`` over its Krylov basis ``Q`` (exact,
-free) plus Hutchinson on the deflated operator ``(I - QQ^T) H (I - QQ^T)``.
+free) plus Hutchinson on the deflated operator ``(I - QQ^T) H (I - QQ^T)``. One concern
+(the Hessian operator and the two estimators that share its graph and its basis), hence one
+file of about 500 lines.
 """
 
 from __future__ import annotations

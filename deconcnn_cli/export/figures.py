@@ -2,7 +2,9 @@
 
 Each takes the results table (a DataFrame, docs/data-dictionary.md) and, for curves, the
 per-run series read by :func:`read_series`; each returns the path it wrote. No statistics
-are decided here (they are in :mod:`deconcnn_cli.export.stats`).
+are decided here (they are in :mod:`deconcnn_cli.export.stats`). One file over 500 lines on
+purpose: the figures share their layout, colours and text-wrapping helpers, so the report
+looks one way.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 ``submit`` is idempotent: the runs of the grid minus the completed, diverged, live and queued
 ones (and the failed ones unless asked) are submitted; everything happens under the sweep
 lock, so concurrent calls never submit a run twice. ``recover`` reuses :func:`submit_runs`.
+Planning and submitting stay in one file of over 500 lines on purpose: the plan is what the
+submission records under the same lock, and a split would put the lock's scope in two places.
 """
 
 from __future__ import annotations
