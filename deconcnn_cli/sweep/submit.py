@@ -302,6 +302,12 @@ def plan_submit(
 
 def _layout(plan: SubmitPlan, chosen: list[tuple[str, str]], *, alone: bool) -> None:
     res = plan.resources
+    if plan.executor == "slurm" and res.container is not None:
+        from deconcnn_cli.sweep.container import check_root
+
+        why = check_root(plan.root.absolute())
+        if why:
+            raise SweepError(why, "give a --root whose path the container can bind")
     if plan.executor == "slurm":
         plan.groups = executors.group_for_gpus(chosen, res.runs_per_gpu, alone=alone)
         if plan.groups:
