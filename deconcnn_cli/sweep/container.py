@@ -91,12 +91,15 @@ def requeue_setup(jobs_dir: Path) -> list[str]:
 
 
 def requeue_teardown() -> list[str]:
-    """Batch-script lines after ``srun`` (on the host): the requeue the job asked for."""
+    """Batch-script lines after ``srun`` (on the host): the requeue the job asked for; the
+    script then exits with srun's status (a failed job stays FAILED in SLURM's records)."""
     return [
+        "decon_status=$?",
         f'if [ -e "${REQUEUE_FILE_ENV}" ]; then',
         f'    rm -f "${REQUEUE_FILE_ENV}"',
         '    scontrol requeue "$SLURM_JOB_ID"',
         "fi",
+        'exit "$decon_status"',
     ]
 
 

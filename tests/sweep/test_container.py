@@ -189,6 +189,9 @@ def test_golden_sbatch_with_a_container_extra_options_and_no_partition(tmp_path,
     assert args[image + 4 :] == ["--", "-u", "-m", "submitit.core._submit", f"{root}/jobs/%j"]
     assert args[image + 3] == 'source /ext3/env.sh\nexec python "$@"'
     assert not scontrol.exists()  # no marker, no requeue
+    env["FAKE_SRUN"] = "exit 3"  # the job failed: so does the script (SLURM records FAILED)
+    assert subprocess.run(["bash", str(capture)], cwd=tmp_path, env=env).returncode == 3
+    assert not scontrol.exists()
     env["FAKE_SRUN"] = 'touch "$DECON_REQUEUE_FILE"'  # the job asked for its requeue
     subprocess.run(["bash", str(capture)], cwd=tmp_path, check=True, env=env)
     assert scontrol.read_text() == "requeue 4243\n"
