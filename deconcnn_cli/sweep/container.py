@@ -30,8 +30,8 @@ from typing import Any
 
 from deconcnn_cli.cluster_options import ContainerConfig
 from deconcnn_cli.config import ResourceProfile
+from deconcnn_cli.runenv import REQUEUE_FILE_ENV
 
-REQUEUE_FILE_ENV = "DECON_REQUEUE_FILE"
 CHECK_TIMEOUT_S = 300.0  # the first exec of an image on a login node can take a while
 IMPORT_CHECK = (
     "import importlib.metadata as m, deconcnn_cli, submitit, torch; "
