@@ -14,8 +14,22 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from deconcnn_cli.cluster_options import (
+    ContainerConfig,
+    SbatchValue,
+    check_sbatch_options,
+    gres_gpu_count,
+)
 from deconcnn_cli.contract import CONFIG_FILE, NAME_PATTERN
 from deconcnn_cli.errors import ConfigError, RunDirError
 from deconcnn_cli.fileio import atomic_write_json, read_json, read_regular
@@ -510,6 +524,11 @@ class ResourceProfile(_Strict):
     # each run's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE under MPS (its share of the card's SMs, for a
     # card shared by more than two runs); None: the runs share all of them
     mps_active_thread_percentage: Annotated[int, Field(ge=1, le=100)] | None = None
+    # run every job inside a Singularity/Apptainer image (docs/cluster.md, "Inside a container")
+    container: ContainerConfig | None = None
+    # extra `#SBATCH --key=value` options (constraint, mail_type, ...): true = a bare flag,
+    # false or "" = not sent; the options decon sets itself are refused (cluster_options.py)
+    sbatch: dict[str, SbatchValue] = {}
     # -- local
     parallel_runs: Annotated[int, Field(ge=1)] = 1
     host_memory_gb_per_run: dict[str, Annotated[float, Field(gt=0)]] = {}  # per variant
@@ -520,6 +539,34 @@ class ResourceProfile(_Strict):
         """What a sweep records to load this profile again (recover, resubmit): its name
         when it is a shipped profile, else the absolute path of the file it came from."""
         return self._source or self.name
+
+    @field_validator("sbatch")
+    @classmethod
+    def _sbatch_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return check_sbatch_options(value)
+
+    @field_validator("gres")
+    @classmethod
+    def _one_gpu(cls, value: str) -> str:
+        count = gres_gpu_count(value)
+        if count is not None and count != 1:
+            raise ValueError(
+                f"{value!r} asks for {count} GPUs per job: a decon job is one GPU holding "
+                "runs_per_gpu runs (write gpu:1, or gpu:TYPE:1, and set runs_per_gpu)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _shared_overlays_read_only(self) -> ResourceProfile:
+        if self.container is not None and (self.runs_per_gpu > 1 or self.array_parallelism > 1):
+            for overlay in self.container.writable_overlays():
+                raise ValueError(
+                    f"container.overlays: {overlay!r} is writable, and several jobs or runs "
+                    f"mount it at once (runs_per_gpu {self.runs_per_gpu}, array_parallelism "
+                    f"{self.array_parallelism}): a writable overlay can be mounted once; "
+                    "append :ro"
+                )
+        return self
 
     @model_validator(mode="after")
     def _fits_on_card(self) -> ResourceProfile:

@@ -33,6 +33,10 @@ DETERMINISTIC_ENV = "DECON_DETERMINISTIC"
 # ---- CUDA MPS: a job that started its MPS daemon sets DECON_MPS=1 in its runs' environment,
 # else 0 with the reason (sweep.mps); each run records it in status.json and its start line
 MPS_STATE_ENV, MPS_REASON_ENV = "DECON_MPS", "DECON_MPS_REASON"
+# ---- a job inside a container: the batch script (on the host) sets this to a file under the
+# sweep's jobs/ folder; the job process writes it instead of calling `scontrol requeue`, and
+# the batch script requeues the job when it finds it (sweep.container)
+REQUEUE_FILE_ENV = "DECON_REQUEUE_FILE"
 
 
 def gpu_share(environ: dict[str, str] | None = None) -> int:

@@ -137,6 +137,12 @@ def _render_plan(console: Console, plan: SubmitPlan, dry_run: bool) -> None:
             f"{res.mem_gb_per_run * res.runs_per_gpu:g} GB, {res.time_limit_min} min"
             f"{', ' + where if where else ''}), max {res.max_attempts} attempts per run"
         )
+        if res.container is not None:
+            from deconcnn_cli.sweep.container import describe
+
+            command = describe(plan.root, SweepStore(plan.root).jobs_dir, res)
+            console.print(f"each job runs, inside {res.container.runtime}:", highlight=False)
+            console.print(f"  {command}", highlight=False, markup=False, soft_wrap=True)
     else:
         console.print(
             f"executor local, resources {res.name}: {res.parallel_runs} runs at a time, "

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from deconcnn_cli.cluster_options import sbatch_parameters
 from deconcnn_cli.config import ResourceProfile
 from deconcnn_cli.errors import SchedulerError, SweepError
 from deconcnn_cli.sweep.store import SweepStore
@@ -118,8 +119,12 @@ def slurm_parameters(resources: ResourceProfile, job_name: str) -> dict[str, Any
         "signal_delay_s": resources.signal_delay_s,
         "array_parallelism": resources.array_parallelism,
         "stderr_to_stdout": True,
-        # requeue after a node failure too; the runs resume from their checkpoints
-        "additional_parameters": {"requeue": True},
+        # no wckey unless the profile's [sbatch] sets one: submitit's default ("submitit")
+        # is refused by clusters that check wckeys ("Invalid wckey specification")
+        "wckey": None,
+        # the profile's [sbatch] options, then requeue after a node failure too (the runs
+        # resume from their checkpoints)
+        "additional_parameters": {**sbatch_parameters(resources.sbatch), "requeue": True},
     }
     if resources.gres:
         params["gres"] = resources.gres
@@ -182,10 +187,18 @@ def submit_slurm(
 
     max_size, _ = max_array_size(resources)
     store.jobs_dir.mkdir(parents=True, exist_ok=True)
+    params = slurm_parameters(resources, job_name)
+    python = None
+    if resources.container is not None:  # every job inside the image (sweep.container)
+        from deconcnn_cli.sweep.container import slurm_container_parameters
+
+        inside = slurm_container_parameters(store.root, store.jobs_dir, resources)
+        python = inside.pop("python")
+        params.update(inside)
     ex = submitit.SlurmExecutor(
-        folder=str(store.jobs_dir / "%j"), max_num_timeout=resources.max_attempts
+        folder=str(store.jobs_dir / "%j"), max_num_timeout=resources.max_attempts, python=python
     )
-    ex.update_parameters(**slurm_parameters(resources, job_name))
+    ex.update_parameters(**params)
     records: list[dict[str, Any]] = []
     for start, stop in array_chunks(len(groups), max_size):
         chunk = groups[start:stop]

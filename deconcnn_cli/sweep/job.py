@@ -152,6 +152,10 @@ class RunGroup:
                 f"attempt cap reached: this job started {restarts + 1} times "
                 f"(max_attempts {self.max_attempts}); its runs are left for `decon recover`"
             )
+        from deconcnn_cli.sweep.container import use_host_requeue
+
+        if use_host_requeue():  # inside a container: the batch script requeues
+            _log("in a container: a requeue is left to the batch script on the host")
         cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1)
         todo = []
         for d in map(Path, self.run_dirs):

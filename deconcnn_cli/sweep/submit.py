@@ -31,7 +31,7 @@ from deconcnn_cli.sweep.grid import (
     load_grid,
     load_resources,
 )
-from deconcnn_cli.sweep.manifest import job_run_ids, submissions
+from deconcnn_cli.sweep.manifest import MANIFEST_FILE, job_run_ids, submissions
 from deconcnn_cli.sweep.store import LOCK_FILE, SweepLockError, SweepStore
 
 FORCE_GRID = "grid"  # `--force grid`: adopt a changed grid for an existing sweep root
@@ -304,6 +304,12 @@ def plan_submit(
 
 def _layout(plan: SubmitPlan, chosen: list[tuple[str, str]], *, alone: bool) -> None:
     res = plan.resources
+    if plan.executor == "slurm" and res.container is not None:
+        from deconcnn_cli.sweep.container import check_root
+
+        why = check_root(plan.root.absolute())
+        if why:
+            raise SweepError(why, "give a --root whose path the container can bind")
     if plan.executor == "slurm":
         plan.groups = executors.group_for_gpus(chosen, res.runs_per_gpu, alone=alone)
         if plan.groups:
@@ -412,9 +418,13 @@ def _check_force(spec: GridSpec, force: list[str], ids: set[str] | None = None) 
 
 
 def _check_not_foreign(store: SweepStore) -> None:
+    """Refuse a folder that holds anything but a sweep being created: its lock and the
+    manifest's temporary file (another ``submit`` writing the first ``sweep.json`` at this
+    moment, or one that died doing so)."""
     if store.exists() or not store.root.exists():
         return
-    if any(p.name != LOCK_FILE for p in store.root.iterdir()):
+    being_created = (LOCK_FILE, f".{MANIFEST_FILE}.tmp")
+    if any(not p.name.startswith(being_created) for p in store.root.iterdir()):
         raise SweepError(
             f"{store.root} exists and is not a sweep root",
             "give an empty or new --root (decon never writes into a foreign folder)",

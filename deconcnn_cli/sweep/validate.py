@@ -11,7 +11,9 @@ Checks, each a :class:`Check` row of the pass/fail table (docs/validate.md):
    a run that diverges or whose loss does not fall is flagged (``warn``);
 3. its peak memory (process peak RSS on a CPU; ``torch.cuda.max_memory_allocated``, one
    curvature evaluation included, on a GPU) against the resource profile's figure, and on a
-   GPU whether ``runs_per_gpu`` such runs fit on the card.
+   GPU whether ``runs_per_gpu`` such runs fit on the card;
+4. with a ``[container]`` section: the runtime on PATH, the image and overlays present, and
+   the image's python importing decon, submitit and torch (:mod:`deconcnn_cli.sweep.container`);
 """
 
 from __future__ import annotations
@@ -389,6 +391,10 @@ def validate(
     except DeconError as exc:
         add([Check("short runs", FAIL, f"not run: {exc.message}")])
         return checks
+    if prof.executor == "slurm":  # the image the jobs run in (sweep.container)
+        from deconcnn_cli.sweep.container import check_container
+
+        add([Check(*row) for row in check_container(prof)])
     with tempfile.TemporaryDirectory(prefix="decon-validate-", dir=work_dir) as tmp:
         daemon = _start_mps(prof) if gpu else None
         try:

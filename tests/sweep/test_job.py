@@ -57,7 +57,7 @@ def test_the_runs_of_a_gpu_job_are_told_how_many_share_its_gpu(tmp_path, monkeyp
 
 def test_completes_grid_and_resource_names():
     assert complete_words("decon submit --grid ") == ["demo", "loss_lin_slope", "smoke"]
-    assert complete_words("decon submit --resources r") == ["rtx8000"]
+    assert complete_words("decon submit --resources r") == ["rtx8000", "rtx8000_singularity"]
     assert "submit" in complete_words("decon su")
 
 

@@ -287,6 +287,21 @@ def test_bad_input_is_refused_and_writes_nothing(tmp_path, args, message):
     assert not root.exists()
 
 
+def test_a_sweep_being_created_by_another_submit_is_not_foreign(tmp_path):
+    """Two first submits at once: the second may look while the first holds the lock and
+    writes ``sweep.json`` (its temporary file is there, not yet renamed). That is no foreign
+    folder: the second waits for the lock and finds the sweep (failed once in the SLURM
+    suite's concurrent-submit test under load)."""
+    from deconcnn_cli.sweep.submit import _check_not_foreign
+
+    (tmp_path / ".sweep.lock").touch()
+    (tmp_path / ".sweep.json.tmp4242").write_text("{")
+    _check_not_foreign(SweepStore(tmp_path))
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SweepError, match="not a sweep root"):
+        _check_not_foreign(SweepStore(tmp_path))
+
+
 def test_a_foreign_folder_is_not_a_sweep_root(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(SweepError, match="not a sweep root"):
