@@ -57,11 +57,12 @@ from _common import (  # noqa: E402  (bench/ sibling)
 from scipy.sparse.linalg import LinearOperator, eigsh
 
 from deconcnn_cli.analysis import hessian, noise
-from deconcnn_cli.config import RunConfig, prepare_run_dir
+from deconcnn_cli.config import RunConfig
 from deconcnn_cli.training import measure
 from deconcnn_cli.training.device import resolve_precision
 from deconcnn_cli.training.loop import train_run
 from deconcnn_cli.training.measure import evaluate
+from deconcnn_cli.training.rundir import prepare_run_dir
 
 OVERRIDES: list[str] = []  # --set KEY=VALUE: the analysis settings under test (default: none)
 

@@ -26,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from _common import cifar_shaped_loop, tiled_digits  # noqa: E402  (bench/ sibling)
 
-from deconcnn_cli.config import load_run_config, prepare_run_dir
+from deconcnn_cli.config import load_run_config
 from deconcnn_cli.training.data import steps_per_epoch, train_batch
 from deconcnn_cli.training.device import Precision
 from deconcnn_cli.training.loop import train_run
 from deconcnn_cli.training.measure import evaluate
 from deconcnn_cli.training.models import build_model
+from deconcnn_cli.training.rundir import prepare_run_dir
 from deconcnn_cli.training.schedule import lr_factor
 from deconcnn_cli.training.setup import build_optimizer
 

@@ -106,8 +106,8 @@ def worker(variant: str, steps: int, precision: str, run_dir: Path) -> None:
     import torch
     from _common import cifar_shaped_loop
 
-    from deconcnn_cli.config import prepare_run_dir
     from deconcnn_cli.training.loop import train_run
+    from deconcnn_cli.training.rundir import prepare_run_dir
 
     cfg = _cfg(variant, steps, precision)
     context = 0

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from deconcnn_cli.export import stats  # noqa: E402
 from deconcnn_cli.export.dataset import collect, verify_problem  # noqa: E402
 from deconcnn_cli.export.report import to_frame  # noqa: E402
-from deconcnn_cli.sweep.grid import expand_grid_runs, load_grid  # noqa: E402
+from deconcnn_cli.sweep.grid import expand_grid_runs  # noqa: E402
+from deconcnn_cli.sweep.profiles import load_grid
 
 AXES = (("step", "alpha_early"), ("lr", "alpha_early_lr"))
 

@@ -210,7 +210,8 @@ def test_submit_with_nothing_to_do_on_a_root_it_cannot_lock(tmp_path: Path) -> N
     grid = tmp_path / "g.toml"
     grid.write_text('name = "g"\nvariants = ["base"]\nprofiles = ["smoke"]\n'
                     "[axes]\nlr = [0.1]\nweight_decay = [0.001]\nseed = [0]\n")  # fmt: skip
-    from deconcnn_cli.sweep.grid import expand_grid_runs, grid_hash, load_grid
+    from deconcnn_cli.sweep.grid import expand_grid_runs, grid_hash
+    from deconcnn_cli.sweep.profiles import load_grid
     from deconcnn_cli.sweep.store import SweepStore
 
     (run,) = expand_grid_runs(load_grid(str(grid)))

@@ -100,9 +100,10 @@ def test_changing_a_runs_config_on_resume_is_refused_and_loses_nothing(tmp_path:
 
 def _completed_run(tmp_path: Path) -> Path:
     """A run directory whose status says completed (its config as `decon train` wrote it)."""
-    from deconcnn_cli.config import load_run_config, prepare_run_dir, run_id
+    from deconcnn_cli.config import load_run_config, run_id
     from deconcnn_cli.contract import STATUS_FILE
     from deconcnn_cli.fileio import atomic_write_json
+    from deconcnn_cli.training.rundir import prepare_run_dir
 
     cfg = load_run_config(variant="base", profiles=["smoke"], overrides=None, flags={})
     run = tmp_path / "runs" / run_id(cfg)

@@ -123,7 +123,8 @@ def test_a_file_named_like_a_profile_in_the_current_folder_is_not_used(tmp_path,
     """`smoke` is the shipped profile wherever the command runs; `./smoke.toml` or a path with
     a `/` is a file. (A bare name that existed in the folder used to win, silently changing
     the config and run id with the folder, or failing with 'profile file not found'.)"""
-    from deconcnn_cli.config import resolve_named, resolve_profile
+    from deconcnn_cli.config import resolve_profile
+    from deconcnn_cli.sweep.profiles import resolve_named
 
     shipped = resolve_profile("smoke")
     monkeypatch.chdir(tmp_path)
@@ -141,7 +142,7 @@ def test_a_file_named_like_a_profile_in_the_current_folder_is_not_used(tmp_path,
 def test_grid_axes_take_numbers_as_written_and_the_early_window_is_ordered(tmp_path):
     """`lr = ["0.1"]` or `seed = [true]` are refused (they were coerced into runs), and an
     early window [15, 5) is no window."""
-    from deconcnn_cli.sweep.grid import load_grid
+    from deconcnn_cli.sweep.profiles import load_grid
 
     grid = tmp_path / "g.toml"
     grid.write_text(

@@ -29,7 +29,8 @@ from typer.testing import CliRunner
 
 from deconcnn_cli import contract, fileio
 from deconcnn_cli.cli import app
-from deconcnn_cli.sweep.grid import expand_grid_runs, load_grid
+from deconcnn_cli.sweep.grid import expand_grid_runs
+from deconcnn_cli.sweep.profiles import load_grid
 from deconcnn_cli.sweep.store import SweepStore
 from tests.export.synthetic import write_run
 from tests.factories import tiny_grid

@@ -37,7 +37,8 @@ import pytest
 
 from deconcnn_cli.commands.train import _flags, resolve_config
 from deconcnn_cli.fileio import read_json
-from deconcnn_cli.sweep.grid import expand_grid, load_grid
+from deconcnn_cli.sweep.grid import expand_grid
+from deconcnn_cli.sweep.profiles import load_grid
 from tests.conftest import REPO, run_cli
 
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

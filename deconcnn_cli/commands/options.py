@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from deconcnn_cli.config import grid_names, profile_names, resource_names, variant_names
+from deconcnn_cli.config import profile_names, variant_names
+from deconcnn_cli.sweep.profiles import grid_names, resource_names
 
 
 def complete_variant(incomplete: str) -> list[str]:

@@ -23,19 +23,21 @@ from deconcnn_cli.commands.render import render_error
 from deconcnn_cli.config import (
     RunConfig,
     build_config,
-    dict_changes,
     identity_dict,
     load_run_config,
     load_saved_config,
     parse_override,
-    prepare_run_dir,
     run_id,
 )
 from deconcnn_cli.contract import CONFIG_FILE, EXIT_FAILED, STATUS_FILE, TERMINAL_STATES
 from deconcnn_cli.errors import ConfigError, DeconError, RunDirError
 from deconcnn_cli.fileio import read_json
 from deconcnn_cli.runenv import default_threads
-from deconcnn_cli.training.rundir import own_run  # torch-free
+from deconcnn_cli.training.rundir import (
+    dict_changes,
+    own_run,  # torch-free
+    prepare_run_dir,
+)
 
 if TYPE_CHECKING:
     from deconcnn_cli.training.loop import RunResult

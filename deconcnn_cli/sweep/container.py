@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from deconcnn_cli.cluster_options import ContainerConfig
-from deconcnn_cli.config import ResourceProfile
 from deconcnn_cli.runenv import REQUEUE_FILE_ENV
+from deconcnn_cli.sweep.profiles import ResourceProfile
 
 CHECK_TIMEOUT_S = 300.0  # the first exec of an image on a login node can take a while
 IMPORT_CHECK = (

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from deconcnn_cli.cluster_options import sbatch_parameters
-from deconcnn_cli.config import ResourceProfile
 from deconcnn_cli.errors import SchedulerError, SweepError
+from deconcnn_cli.sweep.profiles import ResourceProfile
 from deconcnn_cli.sweep.store import SweepStore
 
 DEFAULT_MAX_ARRAY_SIZE = 1001  # SLURM's default MaxArraySize (highest index 1000)

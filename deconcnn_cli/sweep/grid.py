@@ -16,20 +16,19 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from deconcnn_cli.config import (
-    GridSpec,
     Layer,
-    ResourceProfile,
     RunConfig,
     build_config,
     deep_merge,
     identity_json,
-    load_grid_spec,
-    load_resource_profile,
     read_toml,
     resolve_profile,
     run_id,
 )
 from deconcnn_cli.errors import ConfigError
+from deconcnn_cli.sweep.profiles import (
+    GridSpec,
+)
 
 
 @dataclass(frozen=True)
@@ -54,16 +53,6 @@ class GridRun:
             "seed": self.seed,
             "config": self.config.model_dump(mode="json"),
         }
-
-
-def load_grid(name_or_path: str) -> GridSpec:
-    """A grid by name (``profiles/grids/NAME.toml``) or path; errors name file and field."""
-    return load_grid_spec(name_or_path)
-
-
-def load_resources(name_or_path: str) -> ResourceProfile:
-    """A resource profile by name (``profiles/resources/NAME.toml``) or path."""
-    return load_resource_profile(name_or_path)
 
 
 # A grid is counted from its axis sizes before a single run is built; beyond this many runs it

@@ -214,7 +214,7 @@ def _local_slots(root: Path, job_id: str) -> int:
 
 def _array_parallelism(manifest: dict[str, Any]) -> dict[str, int]:
     """The %N of each submission's arrays, by job id, from the resource profile it used."""
-    from deconcnn_cli.sweep.grid import load_resources  # pydantic, loaded once per profile
+    from deconcnn_cli.sweep.profiles import load_resources  # pydantic, loaded once per profile
 
     by_profile: dict[str, int] = {}
     out: dict[str, int] = {}

@@ -274,7 +274,7 @@ def apply_recovery(plan: RecoverPlan, resources: str | None = None) -> dict[str,
     manifest with its reason and still skips a run that is live or queued.
     """
     from deconcnn_cli.sweep import submit  # the submission side: executors, manifest record
-    from deconcnn_cli.sweep.grid import load_resources
+    from deconcnn_cli.sweep.profiles import load_resources
 
     sweep = load_sweep(plan.root)
     store = SweepStore(plan.root)
@@ -339,7 +339,7 @@ def recover_sweep(
     if run_ids:
         sweep.check_run_ids(run_ids)
     if resources is not None:
-        from deconcnn_cli.sweep.grid import load_resources
+        from deconcnn_cli.sweep.profiles import load_resources
 
         load_resources(resources)  # an unknown or malformed profile: refused, nothing written
     first = plan_recovery(root, run_ids)

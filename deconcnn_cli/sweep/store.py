@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from deconcnn_cli import locking
-from deconcnn_cli.config import RunConfig, prepare_run_dir, run_id
+from deconcnn_cli.config import RunConfig, run_id
 from deconcnn_cli.errors import SweepError
 from deconcnn_cli.fileio import atomic_write_json
 from deconcnn_cli.sweep.manifest import (
@@ -25,6 +25,7 @@ from deconcnn_cli.sweep.manifest import (
     SCHEMA_VERSION,
     read_manifest,
 )
+from deconcnn_cli.training.rundir import prepare_run_dir
 from deconcnn_cli.version import code_version
 
 LOCK_FILE = ".sweep.lock"

@@ -20,19 +20,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from deconcnn_cli import contract
-from deconcnn_cli.config import GridSpec, ResourceProfile, RunConfig, dict_changes
+from deconcnn_cli.config import RunConfig
 from deconcnn_cli.errors import DeconError, SweepError
 from deconcnn_cli.sweep import executors
-from deconcnn_cli.sweep.grid import (
-    GridRun,
-    check_grid_size,
-    expand_grid_runs,
-    grid_hash,
-    load_grid,
-    load_resources,
-)
+from deconcnn_cli.sweep.grid import GridRun, check_grid_size, expand_grid_runs, grid_hash
 from deconcnn_cli.sweep.manifest import MANIFEST_FILE, job_run_ids, submissions
+from deconcnn_cli.sweep.profiles import GridSpec, ResourceProfile, load_grid, load_resources
 from deconcnn_cli.sweep.store import LOCK_FILE, SweepLockError, SweepStore
+from deconcnn_cli.training.rundir import dict_changes
 
 FORCE_GRID = "grid"  # `--force grid`: adopt a changed grid for an existing sweep root
 DEFAULT_RESOURCES = {"slurm": "rtx8000", "local": "local"}

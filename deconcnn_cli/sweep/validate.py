@@ -30,14 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from deconcnn_cli import contract, fileio
-from deconcnn_cli.config import (
-    GridSpec,
-    ResourceProfile,
-    grid_names,
-    load_run_config,
-    resource_names,
-    variant_names,
-)
+from deconcnn_cli.config import load_run_config, variant_names
 from deconcnn_cli.errors import DeconError
 from deconcnn_cli.sweep.gpu_figures import (
     FAIL,
@@ -50,7 +43,15 @@ from deconcnn_cli.sweep.gpu_figures import (
     judge,
     project_protocol_run,
 )
-from deconcnn_cli.sweep.grid import expand_grid_runs, grid_run_count, load_grid, load_resources
+from deconcnn_cli.sweep.grid import expand_grid_runs, grid_run_count
+from deconcnn_cli.sweep.profiles import (
+    GridSpec,
+    ResourceProfile,
+    grid_names,
+    load_grid,
+    load_resources,
+    resource_names,
+)
 from deconcnn_cli.sweep.validate_probe import GB
 
 STALL_RATIO = 0.98  # "stalls": mean loss of the last quarter of steps >= 98% of the first's

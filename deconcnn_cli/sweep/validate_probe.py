@@ -18,12 +18,12 @@ GB = 1024**3
 def main(argv: list[str]) -> int:
     import torch
 
-    from deconcnn_cli.config import RunConfig, prepare_run_dir
+    from deconcnn_cli.config import RunConfig
     from deconcnn_cli.fileio import atomic_write_json
     from deconcnn_cli.training.data import load_splits
     from deconcnn_cli.training.device import resolve_device
     from deconcnn_cli.training.loop import train_run
-    from deconcnn_cli.training.rundir import own_run
+    from deconcnn_cli.training.rundir import own_run, prepare_run_dir
 
     config_path, run_dir, steps, report = Path(argv[0]), Path(argv[1]), int(argv[2]), argv[3]
     cfg = RunConfig.model_validate(json.loads(config_path.read_text()))

@@ -1,4 +1,5 @@
-"""Owning a run directory: one process trains a run at a time, decidable from any host.
+"""A run directory: its config.json (created once, checked on every start) and its owner: one
+process trains a run at a time, decidable from any host.
 
 No torch here. The rule (docs/run-directory.md, "Ownership"):
 
@@ -28,9 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from deconcnn_cli.config import config_record, prepare_run_dir
-from deconcnn_cli.contract import LOCK_FILE, OWNER_FILE, STATUS_FILE
-from deconcnn_cli.errors import RunOwnedError
+from deconcnn_cli.config import RunConfig, config_hash, identity_dict, load_saved_config, run_id
+from deconcnn_cli.contract import CONFIG_FILE, LOCK_FILE, OWNER_FILE, STATUS_FILE
+from deconcnn_cli.errors import RunDirError, RunOwnedError
 from deconcnn_cli.fileio import atomic_write_json, read_json
 from deconcnn_cli.locking import owner_is_live, pid_alive
 
@@ -135,3 +136,51 @@ def own_run(run_dir: Path) -> Iterator[str]:
                 owner_path.unlink(missing_ok=True)
     finally:
         os.close(fd)  # releases the flock
+
+
+def config_record(cfg: RunConfig) -> dict[str, Any]:
+    """What ``config.json`` holds: ``{"run_id", "config_hash", "config"}``."""
+    return {
+        "run_id": run_id(cfg),
+        "config_hash": config_hash(cfg),
+        "config": cfg.model_dump(mode="json"),
+    }
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+    """Create ``run_dir`` with its ``config.json``, or check an existing one is the same run."""
+    path = run_dir / CONFIG_FILE
+    if path.exists():
+        saved = read_json(path)
+        if saved is None:
+            raise RunDirError(f"{path}: unreadable config", "inspect or move the run directory")
+        if saved.get("config_hash") != config_hash(cfg):
+            saved_identity = identity_dict(load_saved_config(path))
+            differing = [p for p, _, _ in dict_changes(saved_identity, identity_dict(cfg))]
+            raise RunDirError(
+                f"{run_dir} holds a different run (config differs in {', '.join(differing)})",
+                "use a different --root/--run-dir, or resume it without changing its config",
+            )
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, config_record(cfg))
+    except OSError as exc:  # a file where a folder belongs, a read-only filesystem, ...
+        raise RunDirError(
+            f"cannot create run directory {run_dir}: {exc.strerror or exc}",
+            "give a --root/--run-dir that is (or can be made) a writable folder",
+        ) from exc
+
+
+def dict_changes(
+    a: dict[str, Any], b: dict[str, Any], prefix: str = ""
+) -> list[tuple[str, Any, Any]]:
+    """``(dotted.path, value in a, value in b)`` for every leaf where two nested dicts differ."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += dict_changes(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append((f"{prefix}{key}", va, vb))
+    return out

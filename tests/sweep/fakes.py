@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from deconcnn_cli import contract, fileio
-from deconcnn_cli.sweep.grid import expand_grid_runs, grid_hash, load_grid
+from deconcnn_cli.sweep.grid import expand_grid_runs, grid_hash
+from deconcnn_cli.sweep.profiles import load_grid
 from deconcnn_cli.sweep.store import SweepStore
 from tests.factories import tiny_grid
 

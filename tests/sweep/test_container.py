@@ -16,7 +16,7 @@ import pytest
 
 from deconcnn_cli.errors import ConfigError
 from deconcnn_cli.sweep import container, executors
-from deconcnn_cli.sweep.grid import load_resources
+from deconcnn_cli.sweep.profiles import load_resources
 from deconcnn_cli.sweep.store import SweepStore
 from tests.conftest import run_cli
 from tests.sweep.container_fakes import calls, write_stand_in

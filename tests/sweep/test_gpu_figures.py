@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from deconcnn_cli import contract, fileio
-from deconcnn_cli.config import load_run_config, prepare_run_dir
+from deconcnn_cli.config import load_run_config
 from deconcnn_cli.sweep import gpu_figures as g
 from deconcnn_cli.sweep import validate as v
+from deconcnn_cli.training.rundir import prepare_run_dir
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,13 +10,8 @@ import pytest
 
 from deconcnn_cli.config import run_id
 from deconcnn_cli.errors import ConfigError
-from deconcnn_cli.sweep.grid import (
-    expand_grid,
-    expand_grid_runs,
-    grid_hash,
-    load_grid,
-    load_resources,
-)
+from deconcnn_cli.sweep.grid import expand_grid, expand_grid_runs, grid_hash
+from deconcnn_cli.sweep.profiles import load_grid, load_resources
 
 
 def test_demo_grid_is_every_variant_on_offline_data_with_a_sane_adamw_lr():

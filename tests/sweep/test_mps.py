@@ -176,7 +176,7 @@ def test_the_runs_see_the_jobs_card_as_the_server_numbers_it(
 
 def test_the_profiles_thread_percentage_reaches_the_jobs_daemon(tmp_path, monkeypatch):
     """From the resource profile to the job (and its requeue), checked where it loads."""
-    from deconcnn_cli.config import ResourceProfile
+    from deconcnn_cli.sweep.profiles import ResourceProfile
 
     base = {"name": "p", "executor": "slurm", "mps": True}
     assert ResourceProfile(**base, mps_active_thread_percentage=50).mps_active_thread_percentage

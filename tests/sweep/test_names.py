@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from deconcnn_cli.cli import app
-from deconcnn_cli.config import load_grid_spec, load_resource_profile
 from deconcnn_cli.errors import ConfigError
 from deconcnn_cli.sweep.manifest import manifest_name_problem
+from deconcnn_cli.sweep.profiles import load_grid, load_resources
 from tests.export.synthetic import write_manifest, write_run
 
 RUNS = {"done": {"variant": "base", "lr": 0.1, "weight_decay": 1e-3, "seed": 0}}
@@ -74,8 +74,8 @@ def test_grid_and_resource_names_in_toml_files(tmp_path: Path) -> None:
     grid.write_text('name = ".."\nvariants = ["base"]\n[axes]\nlr=[0.1]\nweight_decay=[0.0]\n'
                     "seed=[0]\n")  # fmt: skip
     with pytest.raises(ConfigError, match=rf"{grid}: name"):
-        load_grid_spec(str(grid))
+        load_grid(str(grid))
     res = tmp_path / "r.toml"
     res.write_text('name = "a b"\nexecutor = "local"\n')
     with pytest.raises(ConfigError, match=rf"{res}: name"):
-        load_resource_profile(str(res))
+        load_resources(str(res))

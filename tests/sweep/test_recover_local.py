@@ -128,7 +128,7 @@ def test_a_resource_profile_given_as_a_path_is_found_again_by_recover(tmp_path: 
 
 
 def test_a_shipped_resource_profile_is_recorded_by_name() -> None:
-    from deconcnn_cli.sweep.grid import load_resources
+    from deconcnn_cli.sweep.profiles import load_resources
 
     assert load_resources("local").reference == "local"
     shipped = REPO / "profiles" / "resources" / "local.toml"

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from deconcnn_cli import contract, runenv
-from deconcnn_cli.sweep.grid import expand_grid_runs, load_grid
+from deconcnn_cli.sweep.grid import expand_grid_runs
+from deconcnn_cli.sweep.profiles import load_grid
 from deconcnn_cli.sweep.store import SweepStore
 from deconcnn_cli.sweep.submit import wait_done
 from tests.conftest import REPO, run_cli

@@ -11,7 +11,8 @@ import pytest
 
 from deconcnn_cli.config import config_hash, run_id
 from deconcnn_cli.errors import RunDirError, SweepError
-from deconcnn_cli.sweep.grid import expand_grid_runs, grid_hash, load_grid
+from deconcnn_cli.sweep.grid import expand_grid_runs, grid_hash
+from deconcnn_cli.sweep.profiles import load_grid
 from deconcnn_cli.sweep.store import LOCK_FILE, SweepStore
 from deconcnn_cli.version import code_version
 
@@ -76,7 +77,7 @@ def test_run_config_is_written_like_train_and_checked(tmp_path, smoke_runs):
 
 
 def test_run_config_matches_the_trainers_record(smoke_runs, tmp_path):
-    from deconcnn_cli.config import config_record
+    from deconcnn_cli.training.rundir import config_record
 
     cfg = smoke_runs[0].config
     target = SweepStore(tmp_path).write_run_config(cfg)

@@ -15,7 +15,8 @@ import pytest
 from deconcnn_cli import contract, fileio
 from deconcnn_cli.errors import ConfigError, SweepError
 from deconcnn_cli.sweep import executors
-from deconcnn_cli.sweep.grid import expand_grid_runs, load_grid, load_resources
+from deconcnn_cli.sweep.grid import expand_grid_runs
+from deconcnn_cli.sweep.profiles import load_grid, load_resources
 from deconcnn_cli.sweep.store import SweepStore
 from deconcnn_cli.sweep.submit import (
     GridChangedError,

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from deconcnn_cli import contract
-from deconcnn_cli.config import load_resource_profile
 from deconcnn_cli.sweep import validate as v
-from deconcnn_cli.sweep.grid import grid_run_count, load_grid
+from deconcnn_cli.sweep.grid import grid_run_count
+from deconcnn_cli.sweep.profiles import load_grid, load_resources
 from tests.conftest import REPO
 from tests.export.synthetic import write_run
 from tests.factories import tiny_grid
@@ -97,10 +97,10 @@ def probe(profiles: Path, tmp_path: Path) -> v.ProbeResult:
 def test_short_run_memory_streams_and_dynamics(probe: v.ProbeResult, tmp_path: Path):
     assert probe.state == contract.INTERRUPTED and probe.steps_done == 14
     assert 0.05 < probe.peak_rss_gb < 8  # torch alone takes well over 50 MB
-    over = v.check_memory(probe, load_resource_profile("tight"), gpu=False)
+    over = v.check_memory(probe, load_resources("tight"), gpu=False)
     assert [(c.name, c.status) for c in over] == [("base: host memory", v.FAIL)]
     assert "> 0.05 GB" in over[0].detail
-    fits = v.check_memory(probe, load_resource_profile("roomy"), gpu=False)
+    fits = v.check_memory(probe, load_resources("roomy"), gpu=False)
     assert fits[0].status == v.PASS
     assert v.check_streams(probe.run_dir)[0] == v.PASS
     assert v.check_dynamics(probe.run_dir, probe.state)[0] == v.PASS
@@ -229,6 +229,6 @@ def test_gpu_probe_reports_cuda_peak_and_two_runs_per_card(tmp_path: Path):
     cfg["device"] = "cuda"
     result = v.run_probe(cfg, tmp_path / "base", 4, timeout_s=600)
     assert result.cuda_peak_allocated_gb and result.cuda_peak_allocated_gb > 0.05
-    checks = v.check_memory(result, load_resource_profile("rtx8000"), gpu=True)
+    checks = v.check_memory(result, load_resources("rtx8000"), gpu=True)
     names = [c.name for c in checks]
     assert names == ["base: GPU memory", "base: 2 runs per card"]

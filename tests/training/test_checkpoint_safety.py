@@ -85,7 +85,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_not_skipped(tmp_path: Path)
 def test_resuming_a_run_with_a_planted_checkpoint_runs_nothing_and_fails_it(tmp_path: Path):
     """`decon train --run-dir` (what `recover` and every job run): nothing executes, the run
     ends `failed` with a reason naming the file, no step is trained."""
-    from deconcnn_cli.config import prepare_run_dir
+    from deconcnn_cli.training.rundir import prepare_run_dir
 
     run, witness = tmp_path / "run", tmp_path / "pwned"
     prepare_run_dir(_cfg(), run)

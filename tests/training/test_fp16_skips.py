@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from deconcnn_cli.config import load_run_config, prepare_run_dir
+from deconcnn_cli.config import load_run_config
 from deconcnn_cli.contract import TENSORBOARD_DIR
 from deconcnn_cli.fileio import read_json, read_jsonl
 from deconcnn_cli.training import attempt, fp16, loop
 from deconcnn_cli.training.device import Precision
+from deconcnn_cli.training.rundir import prepare_run_dir
 from deconcnn_cli.training.setup import build_optimizer
 from tests.tensorboard_check import read_scalars
 

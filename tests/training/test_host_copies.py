@@ -9,7 +9,7 @@ import collections
 import torch
 
 from deconcnn_cli.analysis import hessian
-from deconcnn_cli.config import load_run_config, prepare_run_dir
+from deconcnn_cli.config import load_run_config
 from deconcnn_cli.training import attempt, data, loop
 from deconcnn_cli.training.data import (
     augment_batch,
@@ -19,6 +19,7 @@ from deconcnn_cli.training.data import (
     steps_per_epoch,
     train_batch,
 )
+from deconcnn_cli.training.rundir import prepare_run_dir
 from tests.training.device_copies import DeviceCopies
 
 CPU = torch.device("cpu")

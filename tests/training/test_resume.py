@@ -210,8 +210,8 @@ def _cfg(*overrides: str):
 
 
 def _segment(cfg, run: Path, stop_after: int | None):
-    from deconcnn_cli.config import prepare_run_dir
     from deconcnn_cli.training.loop import train_run
+    from deconcnn_cli.training.rundir import prepare_run_dir
 
     prepare_run_dir(cfg, run)
     return train_run(cfg, run, stop_after_steps=stop_after)
@@ -269,8 +269,8 @@ def test_failure_during_setup_is_recorded(tmp_path: Path, mocker):
     mocker.patch(
         "deconcnn_cli.training.attempt.load_splits", side_effect=OSError("data volume gone")
     )
-    from deconcnn_cli.config import prepare_run_dir
     from deconcnn_cli.training.loop import train_run
+    from deconcnn_cli.training.rundir import prepare_run_dir
 
     prepare_run_dir(cfg, run)
     threads_before = torch.get_num_threads()
@@ -377,7 +377,7 @@ def test_last_checkpoint_step_never_names_a_skipped_checkpoint(tmp_path: Path):
 
 def test_a_run_dir_holding_only_config_json_starts_with_threads(tmp_path: Path):
     """What `decon sweep submit` leaves (config.json only, written without torch) starts."""
-    from deconcnn_cli.config import prepare_run_dir
+    from deconcnn_cli.training.rundir import prepare_run_dir
 
     run = tmp_path / "run"
     prepare_run_dir(_cfg(), run)
@@ -398,7 +398,7 @@ def test_contract_and_run_dir_creation_do_not_import_torch():
     code = (
         "import sys\n"
         "import deconcnn_cli.contract, deconcnn_cli.config, deconcnn_cli.training.rundir\n"
-        "from deconcnn_cli.config import prepare_run_dir, config_record\n"
+        "from deconcnn_cli.training.rundir import prepare_run_dir, config_record\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)

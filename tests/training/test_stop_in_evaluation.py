@@ -106,8 +106,8 @@ def _cfg():
 
 @pytest.fixture(scope="module")
 def tiny_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from deconcnn_cli.config import prepare_run_dir
     from deconcnn_cli.training.loop import train_run
+    from deconcnn_cli.training.rundir import prepare_run_dir
 
     run = tmp_path_factory.mktemp("tiny") / "run"
     prepare_run_dir(_cfg(), run)
@@ -145,8 +145,8 @@ def _signal_self_during(mocker, target: str, *, at_call: int, signals: int = 1):
 def test_a_stop_inside_an_after_step_evaluation_is_repeated_by_the_resume(
     tiny_reference: Path, tmp_path: Path, mocker, target: str, at_call: int, pending: list[str]
 ):
-    from deconcnn_cli.config import prepare_run_dir
     from deconcnn_cli.training.loop import train_run
+    from deconcnn_cli.training.rundir import prepare_run_dir
 
     calls = _signal_self_during(mocker, target, at_call=at_call)
     cfg, run = _cfg(), tmp_path / "run"
@@ -170,8 +170,8 @@ def test_a_stop_inside_an_after_step_evaluation_is_repeated_by_the_resume(
 def test_a_second_sigint_ends_the_run_at_once_without_a_checkpoint(
     tiny_reference: Path, tmp_path: Path, mocker
 ):
-    from deconcnn_cli.config import prepare_run_dir
     from deconcnn_cli.training.loop import train_run
+    from deconcnn_cli.training.rundir import prepare_run_dir
 
     _signal_self_during(mocker, "train_step", at_call=6, signals=2)
     cfg, run = _cfg(), tmp_path / "run"

@@ -87,8 +87,8 @@ def _cfg(*overrides: str):
 
 
 def _train(cfg, run: Path):
-    from deconcnn_cli.config import prepare_run_dir
     from deconcnn_cli.training.loop import train_run
+    from deconcnn_cli.training.rundir import prepare_run_dir
 
     prepare_run_dir(cfg, run)
     return train_run(cfg, run)

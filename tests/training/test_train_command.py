@@ -8,9 +8,10 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from deconcnn_cli.cli import app
-from deconcnn_cli.config import load_run_config, prepare_run_dir
+from deconcnn_cli.config import load_run_config
 from deconcnn_cli.contract import read_attempts
 from deconcnn_cli.fileio import read_json
+from deconcnn_cli.training.rundir import prepare_run_dir
 from tests.conftest import run_cli
 
 
