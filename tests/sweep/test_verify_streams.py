@@ -42,7 +42,7 @@ CASES = {
 
 def _reference(monkeypatch: pytest.MonkeyPatch, *args: object) -> list[verify.Problem]:
     with monkeypatch.context() as m:
-        m.setattr(verify, "_regular_table", lambda path: None)
+        m.setattr(verify, "_regular_table", lambda path, limit: None)
         return verify._check_stream(*args)  # type: ignore[arg-type]
 
 
@@ -60,12 +60,12 @@ def test_fast_reading_matches_the_reference(
 def test_a_regular_stream_takes_the_fast_path(tmp_path: Path) -> None:
     path = tmp_path / "step.csv"
     path.write_text(CASES["partial last line"])
-    table = verify._regular_table(path)
+    table = verify._regular_table(path, 2**20)
     assert table is not None and table["step"].tolist() == list(range(6))
     assert verify._check_stream("r", "step", path, list(range(6)), None, set()) == []
     for irregular in ("ragged row", "blank line", "float step", "boolean column"):
         path.write_text(CASES[irregular])
-        assert verify._regular_table(path) is None, irregular
+        assert verify._regular_table(path, 2**20) is None, irregular
 
 
 def test_the_reference_finds_what_the_cases_break(
