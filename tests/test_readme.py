@@ -124,6 +124,15 @@ def _local_roots() -> set[str]:
             for r in _option(c.args, "--root")}  # fmt: skip
 
 
+def _copied_profiles() -> dict[str, str]:
+    """``cp profiles/resources/X.toml ~/Y.toml`` in the docs: ``{"~/Y.toml": <X's path>}``."""
+    out = {}
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for m in re.finditer(r"^cp (profiles/\S+\.toml) (~/\S+\.toml)", path.read_text(), re.M):
+            out[m.group(2)] = str(REPO / m.group(1))
+    return out
+
+
 def needs(shown: Shown) -> str | None:
     """What a shown line needs that this machine lacks (it is then checked as far as it can
     be here, see the module's docstring), or None: it runs as shown."""
@@ -223,6 +232,8 @@ def test_readme_sweep_command_runs_as_shown(
     shown: Shown, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     args, cmd, need = list(shown.args), shown.cmd, needs(shown)
+    copies = _copied_profiles()  # the user's copy of a shipped profile reads as its source
+    args = [copies.get(a, a) for a in args]
     if cmd == "submit" and need == "SLURM":  # a root in the scratch dir
         shown_root = _option(args, "--root")[0]
         root = tmp_path / "sweep" / Path(shown_root).name

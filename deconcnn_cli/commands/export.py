@@ -43,7 +43,7 @@ def export(
             "--tensorboard",
             metavar="DIR",
             help="Also write TensorBoard event files, DIR/<run_id>/, from the runs' streams "
-            "(a sweep that ran without them; needs the [tensorboard] extra).",
+            "(a sweep that ran without them; needs the \\[tensorboard] extra).",
         ),
     ] = None,
 ) -> None:
