@@ -133,6 +133,19 @@ def _copied_profiles() -> dict[str, str]:
     return out
 
 
+def _has_container(args: list[str]) -> bool:
+    """Whether the line's resource profile runs its jobs inside a container image."""
+    import tomllib
+
+    for name in _option(tuple(args), "--resources"):
+        path = (
+            Path(name) if name.endswith(".toml") else REPO / "profiles/resources" / f"{name}.toml"
+        )
+        if path.is_file() and "container" in tomllib.loads(path.read_text()):
+            return True
+    return False
+
+
 def needs(shown: Shown) -> str | None:
     """What a shown line needs that this machine lacks (it is then checked as far as it can
     be here, see the module's docstring), or None: it runs as shown."""
@@ -259,7 +272,9 @@ def test_readme_sweep_command_runs_as_shown(
         assert f"all {len(runs)} runs ended: {len(runs)} completed" in lines  # a line of its own
         for rid in runs:  # not a terminal: a line as each run changes state, in one word
             changes = [ln.split(f" {rid}: ")[1].split()[0] for ln in lines if f" {rid}: " in ln]
-            assert changes[-1] == "completed" and "running" in changes, (rid, stdout)
+            # in the order a run goes through them (a fast run may finish between two looks)
+            order = [c for c in ("pending", "running", "completed") if c in changes]
+            assert changes[-1] == "completed" and changes == order, (rid, stdout)
             assert "missing" not in changes
     elif cmd in ("monitor", "export", "report", "verify", "recover"):
         cwd, root, _ = request.getfixturevalue("local_sweep")
@@ -276,6 +291,11 @@ def test_readme_sweep_command_runs_as_shown(
             out = cwd / _option(args, "--out")[0]
             assert (out / "report.html").is_file()
             _check_figure_count(out)
+    elif cmd == "validate" and _has_container(args):  # checked on a login node, not here
+        proc = run_cli(*args[1:], cwd=tmp_path)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert re.search(r"warn\s+container runtime: \S+ not found on PATH", proc.stdout)
+        assert not re.search(r"pass\s+container", proc.stdout), proc.stdout
     else:  # validate: every variant trains a few steps here, memory against the profile
         proc = run_cli(*args[1:], cwd=tmp_path, timeout=SWEEP_LIMIT_S)
         assert proc.returncode == 0, proc.stdout + proc.stderr
