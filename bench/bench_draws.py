@@ -12,27 +12,18 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _common import median_time  # noqa: E402  (bench/ sibling)
+
 from deconcnn_cli.training.data import augment_draws, derive_seed, epoch_augment_draws  # noqa: E402
 
 N_PARAMS, N_TRAIN, BATCH = 11_173_962, 45_000, 128
-
-
-def _time(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -73,7 +64,7 @@ def main() -> None:
         ("crops: one epoch drawn step by step (before)", crops_per_step),
         ("crops: one epoch drawn at once (now)", crops_per_epoch),
     ]:
-        rows[name] = _time(fn, reps)
+        rows[name] = median_time(fn, reps)
     base = rows["probe: int64 draw + 2z-1 + cast on the host (before)"]
     for name, s in rows.items():
         ratio = f"{s / base:.2f} of before" if name.startswith("probe") else ""
