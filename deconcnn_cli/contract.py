@@ -168,13 +168,14 @@ def exit_code_for(state: str, signal_number: int | None = None) -> int:
     return EXIT_FAILED
 
 
-def read_stream(path: Path) -> list[dict[str, str]]:
-    """Rows of a metric stream as dicts of strings; tolerant of a partial last line.
+def read_stream(path: Path, limit: int | None = None) -> list[dict[str, str]]:
+    """Rows of a metric stream as dicts of strings; tolerant of a partial last line. With
+    ``limit``, a file larger than that many bytes reads as no rows (memory stays bounded).
 
     Cell encoding: ``""`` = not defined yet, ``"nan"`` = could not be computed (reason in
     events.jsonl), otherwise a Python ``repr`` float or an int.
     """
-    lines = complete_lines(path)
+    lines = complete_lines(path, limit)
     if not lines:
         return []
     return list(csv.DictReader(io.StringIO("\n".join(lines) + "\n")))

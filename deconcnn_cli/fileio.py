@@ -123,13 +123,14 @@ def read_jsonl_checked(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
     return out, bad
 
 
-def complete_lines(path: Path) -> list[str]:
+def complete_lines(path: Path, limit: int | None = None) -> list[str]:
     """The file's whole lines (a partial last line, from a crash mid-write, is dropped).
 
     Bytes that are not UTF-8 read as U+FFFD, so such a cell fails as a number where it is
-    parsed; a missing or unreadable file (a directory, no permission) has no lines."""
+    parsed; a missing or unreadable file (a directory, no permission) has no lines, and so
+    has one larger than ``limit`` bytes (:func:`read_regular`)."""
     try:
-        data = read_regular(path)
+        data = read_regular(path, limit)
     except OSError:
         return []
     return data.decode(errors="replace").split("\n")[:-1]  # "" after a final newline, or partial

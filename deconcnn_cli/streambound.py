@@ -11,15 +11,13 @@ rows from the stream's cadence, ``export`` and ``report`` from the run's total s
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from pathlib import Path
 from typing import Any
 
-from deconcnn_cli.contract import STREAMS
-from deconcnn_cli.fileio import open_regular, read_regular
+from deconcnn_cli.contract import STREAMS, read_stream
+from deconcnn_cli.fileio import open_regular
 
 MAX_CELL_BYTES = 25
 STREAM_SIZE_FACTOR = 2
@@ -52,13 +50,7 @@ def read_stream_within(path: Path, limit: int) -> list[dict[str, str]]:
     """:func:`deconcnn_cli.contract.read_stream` of a file of at most ``limit`` bytes; a
     larger one reads as no rows (the caller says why: :func:`stream_too_long`), so memory
     stays bounded even when the file grows after that check."""
-    try:
-        data = read_regular(path, limit)
-    except OSError:
-        return []
-    text = data.decode(errors="replace")
-    text = text[: text.rfind("\n") + 1]  # a partial last line is left out
-    return list(csv.DictReader(io.StringIO(text))) if text else []
+    return read_stream(path, limit)
 
 
 def run_stream_rows(total_steps: Any) -> int:
