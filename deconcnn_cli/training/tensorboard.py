@@ -43,6 +43,9 @@ class RunEvents:
             level = "warning" if self.mode == "on" else "info"
             self._log_event(level, f"no TensorBoard event files: {missing}")
             return
+        if self.log_dir.is_symlink():  # a link could point into someone else's folder
+            self._log_event("warning", f"no TensorBoard event files: {self.log_dir} is a link")
+            return
         try:
             self._file = tbevents.EventFile(self.log_dir, purge_step=purge_step)
         except Exception as exc:  # an unwritable or broken tb/ folder: the run goes on

@@ -109,6 +109,17 @@ def test_an_unwritable_tb_folder_leaves_the_run_going(tmp_path: Path):
     assert (run / TENSORBOARD_DIR).read_text() == "not a folder"  # nothing of it was lost
 
 
+def test_a_linked_tb_folder_is_not_written_through(tmp_path: Path):
+    run, elsewhere = tmp_path / "run", tmp_path / "someone_elses"
+    run.mkdir()
+    elsewhere.mkdir()
+    (run / TENSORBOARD_DIR).symlink_to(elsewhere)
+    assert _train(_cfg(), run).state == "completed"
+    assert list(elsewhere.iterdir()) == []  # nothing written through the link
+    (warning,) = _tb_warnings(run)
+    assert warning["level"] == "warning" and "is a link" in warning["message"]
+
+
 def test_a_full_disk_leaves_the_run_going(tmp_path: Path, mocker):
     """Every event write meets ENOSPC (/dev/full): one warning, the streams all there."""
     real_open = open
